@@ -1,0 +1,25 @@
+"""tome: training-free token merging for transformers (Bolya et al., ICLR 2023).
+
+>>> import torch, tome
+>>> tm = tome.TokenMerger(torch.randn(2, 10, 8), r=3)
+>>> tm(torch.randn(2, 10, 8)).shape
+torch.Size([2, 7, 8])
+"""
+
+from tome.merge import MODES, MergeHistory, attention_bias, max_r
+from tome.merger import TokenMerger
+from tome.patch import ToMeHandle, patch, unpatch
+from tome.schedule import resolve_schedule
+
+__all__ = [
+    "MODES",
+    "MergeHistory",
+    "ToMeHandle",
+    "TokenMerger",
+    "attention_bias",
+    "max_r",
+    "patch",
+    "resolve_schedule",
+    "unpatch",
+]
+__version__ = "0.1.0"

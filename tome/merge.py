@@ -1,0 +1,308 @@
+"""Pure tensor functions for token merging: matching, merging, unmerging, source maps.
+
+Nothing here is an ``nn.Module`` and nothing keeps state: a merge step is described by a
+:class:`MergePlan` (index tensors), and the history of a chain of merges by a
+:class:`MergeHistory` (an index map from original tokens to current tokens, and group sizes).
+
+All functions are free of host-device synchronisation and data-dependent shapes, so they run
+under ``torch.compile(fullgraph=True)`` and inside CUDA graphs.
+
+The algorithm is bipartite soft matching from Bolya et al., "Token Merging: Your ViT But
+Faster", ICLR 2023: split the tokens alternately into sets A and B, draw from every A token an
+edge to its most similar B token (cosine similarity of ``metric``), and merge the ``r`` A tokens
+with the strongest edges into their B partners.
+
+Surviving tokens keep their relative order, so the first ``protected`` tokens (class token,
+registers, ...) stay at the front, in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "MergeHistory",
+    "MergePlan",
+    "MODES",
+    "attention_bias",
+    "bipartite_soft_matching",
+    "dense_adjacency",
+    "max_r",
+    "merge",
+    "merge_original",
+    "start_history",
+    "unmerge",
+]
+
+MODES = ("mean", "sum", "amax", "amin", "drop", "mlerp")
+
+# Score given to a pair of padding tokens (ids == mask_id): above any cosine similarity (<= 1),
+# so padding merges with padding before anything else merges.
+_PAD_SCORE = 2.0
+
+
+@dataclass(frozen=True)
+class MergeHistory:
+    """What a chain of merges has done so far; pass it to the next layer's merger.
+
+    Attributes:
+        source: ``(B, N0)`` int64: for every original token, the index of the current token
+            that holds it.
+        sizes: ``(B, N)`` float32: how many original tokens each current token holds (exact
+            integers; they sum to ``N0`` per sample).
+    """
+
+    source: torch.Tensor
+    sizes: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        """Current sequence length ``N``."""
+        return self.sizes.shape[1]
+
+    @property
+    def num_original(self) -> int:
+        """Original sequence length ``N0``."""
+        return self.source.shape[1]
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The ``(B, N, N0)`` 0/1 matrix (the seed's "adjacency matrix"): entry ``[b, i, j]`` is
+        1 when original token ``j`` belongs to current token ``i``. Memory O(B·N·N0): only for
+        inspection, never used on the hot path."""
+        return dense_adjacency(self.source, self.num_tokens, dtype)
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """One merge step from ``N`` to ``N - r`` tokens, as index tensors.
+
+    Attributes:
+        index: ``(B, N)`` int64: position in the merged sequence of every input token.
+        kept: ``(B, N - r)`` int64: input token at each merged position before merging (the
+            destination, for positions that receive merged tokens).
+        src: ``(B, r)`` int64: input tokens that are merged away.
+        dst: ``(B, r)`` int64: merged position each ``src`` token goes into.
+        sizes: ``(B, N - r)`` float32: group sizes after the merge (counting original tokens).
+        in_sizes: ``(B, N)`` float32: group sizes before the merge.
+    """
+
+    index: torch.Tensor
+    kept: torch.Tensor
+    src: torch.Tensor
+    dst: torch.Tensor
+    sizes: torch.Tensor
+    in_sizes: torch.Tensor
+
+    @property
+    def r(self) -> int:
+        return self.src.shape[1]
+
+
+def start_history(batch: int, num_tokens: int, device: torch.device | str | None = None) -> MergeHistory:
+    """The history of a sequence nothing has been merged in yet: identity map, sizes 1.
+
+    >>> h = start_history(2, 5)
+    >>> h.source.shape, h.sizes.sum(1).tolist()
+    (torch.Size([2, 5]), [5.0, 5.0])
+    """
+    source = torch.arange(num_tokens, device=device).expand(batch, num_tokens)
+    sizes = torch.ones(batch, num_tokens, device=device)
+    return MergeHistory(source, sizes)
+
+
+def max_r(num_tokens: int, protected: int = 0) -> int:
+    """Largest ``r`` bipartite matching allows: half the unprotected tokens (set B's size).
+
+    >>> max_r(197, protected=1)
+    98
+    """
+    return max(num_tokens - protected, 0) // 2
+
+
+def _expand_index(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Broadcast a ``(B, K)`` token index over the trailing dims of ``like`` for gather/scatter."""
+    shape = index.shape + like.shape[2:]
+    return index.view(index.shape + (1,) * (like.dim() - 2)).expand(shape)
+
+
+def _normalize(metric: torch.Tensor) -> torch.Tensor:
+    # NaN/inf keys would poison every score they touch: treat them as 0. A zero vector then has
+    # cosine similarity 0 with every token (clamped norm), so it merges only when nothing is
+    # more similar, and never produces NaN.
+    metric = torch.nan_to_num(metric.float(), nan=0.0, posinf=0.0, neginf=0.0)
+    return metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+def best_edges(
+    metric: torch.Tensor,
+    protected: int = 0,
+    sequence_ids: torch.Tensor | None = None,
+    mask_id: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each A token's best edge into set B: ``(score, b_index)``, both ``(B, |A|)``.
+
+    Scores are cosine similarities; ``-inf`` where an A token has no B token with the same
+    sequence id; ``2`` for pairs of padding tokens.
+    """
+    metric = _normalize(metric[:, protected:])
+    a, b = metric[:, ::2], metric[:, 1::2]
+    scores = a @ b.transpose(-1, -2)
+    if sequence_ids is not None:
+        ids = sequence_ids[:, protected:]
+        ids_a, ids_b = ids[:, ::2, None], ids[:, None, 1::2]
+        scores = scores.masked_fill((ids_a == mask_id) & (ids_b == mask_id), _PAD_SCORE)
+        scores = scores.masked_fill(ids_a != ids_b, float("-inf"))
+    # argmax returns the first maximum: ties resolve to the lowest B index, deterministically.
+    return scores.max(dim=-1).values, scores.argmax(dim=-1)
+
+
+def bipartite_soft_matching(
+    metric: torch.Tensor,
+    r: int,
+    history: MergeHistory | None = None,
+    protected: int = 0,
+    sequence_ids: torch.Tensor | None = None,
+    mask_id: int = -100,
+) -> MergePlan:
+    """Plan the merge of the ``r`` most similar tokens (no argument checking: see TokenMerger).
+
+    Args:
+        metric: ``(B, N, D)`` similarity features (e.g. attention keys averaged over heads).
+        r: tokens to remove, ``0 <= r <= max_r(N, protected)``.
+        history: sizes of the current tokens; ``None`` means all 1.
+        protected: the first ``protected`` tokens are never merged.
+        sequence_ids: ``(B, N)`` integer ids; tokens with different ids never merge.
+        mask_id: id of padding tokens, which merge with each other first.
+
+    Returns:
+        The :class:`MergePlan`. Matching carries no gradient.
+
+    >>> plan = bipartite_soft_matching(torch.randn(2, 9, 4), r=3, protected=1)
+    >>> plan.kept.shape, plan.index[:, 0].tolist()
+    (torch.Size([2, 6]), [0, 0])
+    """
+    B, N = metric.shape[:2]
+    device = metric.device
+    in_sizes = history.sizes if history is not None else torch.ones(B, N, device=device)
+    if r == 0:
+        index = torch.arange(N, device=device).expand(B, N)
+        empty = torch.empty(B, 0, dtype=torch.long, device=device)
+        return MergePlan(index, index, empty, empty, in_sizes, in_sizes)
+
+    with torch.no_grad():
+        score, b_local = best_edges(metric, protected, sequence_ids, mask_id)
+        # Stable sort: equal scores merge in token order, so merges are deterministic.
+        order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+        src_local = order[:, :r]
+        src = protected + 2 * src_local
+        dst_in = protected + 1 + 2 * b_local.gather(1, src_local)
+
+        keep = torch.ones(B, N, dtype=torch.bool, device=device)
+        keep.scatter_(1, src, False)
+        position = keep.cumsum(1) - 1  # merged position of every kept token, order preserved
+        dst = position.gather(1, dst_in)
+        index = position.scatter(1, src, dst)
+
+        # kept[:, p] = the kept token at merged position p. Merged-away tokens write to a spare
+        # slot at the end, which is cut off: no boolean indexing, no data-dependent shape.
+        slot = torch.where(keep, position, N - r)
+        arange = torch.arange(N, device=device).expand(B, N)
+        kept = torch.empty(B, N - r + 1, dtype=torch.long, device=device)
+        kept = kept.scatter(1, slot, arange)[:, : N - r]
+
+        sizes = in_sizes.gather(1, kept).scatter_add(1, dst, in_sizes.gather(1, src))
+    return MergePlan(index, kept, src, dst, sizes, in_sizes)
+
+
+def _reduce_dtype(x: torch.Tensor) -> torch.dtype:
+    # Half-precision sums of many tokens lose precision (bf16) or overflow (fp16): accumulate in
+    # float32 and cast back.
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def _scatter_into_kept(plan: MergePlan, x: torch.Tensor, reduce: str) -> torch.Tensor:
+    out = x.gather(1, _expand_index(plan.kept, x))
+    moved = x.gather(1, _expand_index(plan.src, x))
+    dst = _expand_index(plan.dst, moved)
+    if reduce == "sum":
+        return out.scatter_add(1, dst, moved)
+    return out.scatter_reduce(1, dst, moved, reduce=reduce, include_self=True)
+
+
+def _feature_norm(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(2).norm(dim=-1) if x.dim() > 2 else x.abs()
+
+
+def merge(plan: MergePlan, x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+    """Apply a merge step to ``x`` of shape ``(B, N, ...)``; returns ``(B, N - r, ...)``.
+
+    Modes: ``"mean"`` (weighted by group sizes: the exact mean over the original tokens),
+    ``"sum"``, ``"amax"``, ``"amin"``, ``"drop"`` (merged-away tokens are discarded) and
+    ``"mlerp"`` (the mean, rescaled to the largest feature norm in its group: Kim et al.,
+    "Token Fusion", WACV 2024). Integer and bool tensors keep their dtype (``sum`` of bools is a
+    logical or); ``mean`` and ``mlerp`` need floating point. No argument checking: see
+    :meth:`tome.TokenMerger.merge`.
+    """
+    if plan.r == 0:
+        return x
+    if mode == "drop":
+        return x.gather(1, _expand_index(plan.kept, x))
+    if x.dtype == torch.bool:
+        reduce = "amin" if mode == "amin" else "amax"
+        return _scatter_into_kept(plan, x.to(torch.uint8), reduce).bool()
+    if mode in ("sum", "amax", "amin"):
+        work = x.to(_reduce_dtype(x))
+        return _scatter_into_kept(plan, work, mode).to(x.dtype)
+    # mean / mlerp: size-weighted sum of the group divided by its size.
+    work = x.to(_reduce_dtype(x))
+    weights = plan.in_sizes.to(work.dtype)
+    weights = weights.view(weights.shape + (1,) * (x.dim() - 2))
+    out = _scatter_into_kept(plan, work * weights, "sum")
+    sizes = plan.sizes.to(work.dtype).view(plan.sizes.shape + (1,) * (x.dim() - 2))
+    out = out / sizes
+    if mode == "mlerp":
+        largest = _scatter_into_kept(plan, _feature_norm(work), "amax")
+        scale = largest / _feature_norm(out).clamp_min(1e-6)
+        out = out * scale.view(scale.shape + (1,) * (x.dim() - 2))
+    return out.to(x.dtype)
+
+
+def advance(history: MergeHistory, plan: MergePlan) -> MergeHistory:
+    """The history after ``plan``: compose the source map by one gather (O(B·N0))."""
+    if plan.r == 0:
+        return history
+    return MergeHistory(plan.index.gather(1, history.source), plan.sizes)
+
+
+def unmerge(source: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Give every original token the value of the token that holds it: ``(B, N, ...)`` ->
+    ``(B, N0, ...)`` through a gather with the composed ``source`` map."""
+    return x.gather(1, _expand_index(source, x))
+
+
+def merge_original(history: MergeHistory, x: torch.Tensor) -> torch.Tensor:
+    """Average a per-original-token tensor ``(B, N0, ...)`` over the current groups:
+    ``(B, N, ...)``. E.g. the mean pixel colour of every group, for pictures."""
+    work = x.to(_reduce_dtype(x)) if x.is_floating_point() else x.float()
+    B, N = history.sizes.shape
+    out = work.new_zeros((B, N) + x.shape[2:])
+    out = out.scatter_add(1, _expand_index(history.source, work), work)
+    sizes = history.sizes.to(work.dtype).view(history.sizes.shape + (1,) * (x.dim() - 2))
+    out = out / sizes
+    return out.to(x.dtype) if x.is_floating_point() else out
+
+
+def dense_adjacency(source: torch.Tensor, num_tokens: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(B, num_tokens, N0)`` 0/1 matrix from a ``(B, N0)`` source map."""
+    B, N0 = source.shape
+    out = torch.zeros(B, num_tokens, N0, dtype=dtype, device=source.device)
+    return out.scatter_(1, source.unsqueeze(1), 1)
+
+
+def attention_bias(sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Proportional attention (ToMe): ``log(size)`` of every key token, as a float attention
+    mask of shape ``(B, 1, 1, N)`` for ``scaled_dot_product_attention``: a token that holds
+    ``s`` originals gets the attention weight of ``s`` copies."""
+    return sizes.log().to(dtype)[:, None, None, :]

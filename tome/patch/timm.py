@@ -1,0 +1,100 @@
+"""timm ``VisionTransformer``: merge between attention and MLP in every ``Block``.
+
+Each block is re-composed from its own submodules (norms, attention, LayerScale, drop-path,
+MLP), so whatever timm version built it, its parts run as they are. The attention module keeps
+its own fused/unfused path; proportional attention goes in as its float ``attn_mask``. Keys (the
+matching metric) are read from the output of ``attn.k_norm`` by a forward hook: nothing is
+computed twice.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from tome.patch import add_hook, replace_method
+from tome.patch.handle import ToMeHandle
+
+_BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+_ATTN_PARTS = ("qkv", "k_norm", "proj", "num_heads")
+
+
+def _check_block(index: int, block: nn.Module) -> None:
+    if type(block).__name__ != "Block" or not all(hasattr(block, p) for p in _BLOCK_PARTS):
+        raise TypeError(
+            f"tome: timm block {index} is a {type(block).__name__}; only the standard pre-norm "
+            "timm.models.vision_transformer.Block is supported"
+        )
+    attn = block.attn
+    if type(attn).__name__ != "Attention" or not all(hasattr(attn, p) for p in _ATTN_PARTS):
+        raise TypeError(
+            f"tome: timm block {index} uses attention {type(attn).__name__}; only "
+            "timm.layers.Attention (fused qkv) is supported"
+        )
+
+
+def _make_block_forward(index: int, handle: ToMeHandle, captured: dict):
+    def forward(
+        block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        if (attn_mask is not None or is_causal) and handle.r_per_layer[index] > 0:
+            raise ValueError(
+                "tome: a patched timm block cannot merge tokens under a user attn_mask/is_causal; "
+                "set model.tome.r = 0 or unpatch the model"
+            )
+        state = handle.begin_layer(index, x)
+        bias = handle.attention_bias(state, x.dtype)
+        if attn_mask is not None or is_causal:
+            bias = attn_mask
+        attn_out = block.attn(block.norm1(x), attn_mask=bias, is_causal=is_causal)
+        x = x + block.drop_path1(block.ls1(attn_out))
+        keys = captured.pop("keys")
+        x = handle.merge_layer(index, state, x, keys)
+        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+    return forward
+
+
+def _make_key_hook(captured: dict):
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        # k: (B, heads, N, head_dim) -> the metric: keys averaged over heads, (B, N, head_dim).
+        captured["keys"] = output.mean(dim=1)
+
+    return hook
+
+
+def _forward_features(model: nn.Module, *args, **kwargs) -> torch.Tensor:
+    x = type(model).forward_features(model, *args, **kwargs)
+    return model.tome.unmerge(x) if model.tome.unmerge_output else x
+
+
+def _pool(model: nn.Module, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+    # Reading the class token needs nothing; every other pooling (avg, max, attention pooling)
+    # is computed over the tokens brought back to the original length, so each original token
+    # counts once: the size-weighted average of the merged tokens.
+    kind = model.global_pool if pool_type is None else pool_type
+    if model.attn_pool is not None or kind != "token":
+        x = model.tome.unmerge(x)
+    return type(model).pool(model, x, pool_type)
+
+
+def apply(model: nn.Module, *, r, prop_attn: bool, unmerge_output: bool) -> ToMeHandle:
+    blocks = list(model.blocks)
+    for index, block in enumerate(blocks):
+        _check_block(index, block)
+    if not hasattr(type(model), "pool"):
+        raise TypeError("tome: this timm version's VisionTransformer has no pool(); please upgrade timm")
+    handle = ToMeHandle(
+        len(blocks),
+        r,
+        protected=model.num_prefix_tokens,
+        prop_attn=prop_attn,
+        unmerge_output=unmerge_output,
+    )
+    for index, block in enumerate(blocks):
+        captured: dict = {}
+        add_hook(block.attn.k_norm.register_forward_hook(_make_key_hook(captured)), handle)
+        replace_method(block, "forward", _make_block_forward(index, handle, captured), handle)
+    replace_method(model, "forward_features", _forward_features, handle)
+    replace_method(model, "pool", _pool, handle)
+    return handle
