@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "MODES",
     "MergeHistory",
     "MergePlan",
-    "MODES",
     "attention_bias",
     "bipartite_soft_matching",
     "dense_adjacency",
@@ -287,14 +287,16 @@ def merge_original(history: MergeHistory, x: torch.Tensor) -> torch.Tensor:
     ``(B, N, ...)``. E.g. the mean pixel colour of every group, for pictures."""
     work = x.to(_reduce_dtype(x)) if x.is_floating_point() else x.float()
     B, N = history.sizes.shape
-    out = work.new_zeros((B, N) + x.shape[2:])
+    out = work.new_zeros((B, N, *x.shape[2:]))
     out = out.scatter_add(1, _expand_index(history.source, work), work)
     sizes = history.sizes.to(work.dtype).view(history.sizes.shape + (1,) * (x.dim() - 2))
     out = out / sizes
     return out.to(x.dtype) if x.is_floating_point() else out
 
 
-def dense_adjacency(source: torch.Tensor, num_tokens: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dense_adjacency(
+    source: torch.Tensor, num_tokens: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """``(B, num_tokens, N0)`` 0/1 matrix from a ``(B, N0)`` source map."""
     B, N0 = source.shape
     out = torch.zeros(B, num_tokens, N0, dtype=dtype, device=source.device)

@@ -23,7 +23,8 @@ def _history_from_adm(adm: object, batch: int, num_tokens: int, device: torch.de
                 f"adm: expected a MergeHistory or a dense (B, N, N0) = ({batch}, {num_tokens}, N0) "
                 f"matrix, got a tensor of shape {tuple(adm.shape)}"
             )
-        source = adm.argmax(dim=1)
+        # argmax has no bool kernel: read a bool matrix as 0/1 bytes
+        source = (adm.to(torch.uint8) if adm.dtype == torch.bool else adm).argmax(dim=1)
         sizes = adm.float().sum(-1)
         adm = MergeHistory(source.to(device), sizes.to(device))
     if not isinstance(adm, MergeHistory):
@@ -106,7 +107,9 @@ class TokenMerger:
             )
         if sequence_ids is not None:
             self._check_sequence_ids(sequence_ids, keys)
-        history = M.start_history(B, N, keys.device) if adm is None else _history_from_adm(adm, B, N, keys.device)
+        history = (
+            M.start_history(B, N, keys.device) if adm is None else _history_from_adm(adm, B, N, keys.device)
+        )
 
         plan = M.bipartite_soft_matching(keys, r, history, protected, sequence_ids, mask_id)
         if sequence_ids is not None and r > 0:

@@ -34,6 +34,7 @@ _ADAPTERS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
             "Dinov2WithRegistersForImageClassification",
             "CLIPVisionModel",
             "CLIPVisionModelWithProjection",
+            "CLIPForImageClassification",
         ),
     ),
     ("torchvision", "torchvision.", "tome.patch.torchvision", ("VisionTransformer",)),
@@ -96,10 +97,18 @@ def patch(
             f"model: tome.patch does not support {type(model).__module__}.{type(model).__qualname__}. "
             f"Supported model classes:\n{supported_families()}"
         )
-    unpatch(model)
     family, adapter = found
     module = importlib.import_module(adapter)
-    handle: ToMeHandle = module.apply(model, r=r, prop_attn=prop_attn, unmerge_output=unmerge_output)
+    previous = model.__dict__.get("tome")
+    unpatch(model)
+    try:
+        handle: ToMeHandle = module.apply(model, r=r, prop_attn=prop_attn, unmerge_output=unmerge_output)
+    except Exception:
+        # Adapters check everything before changing the model; put the earlier patch back so a
+        # bad argument leaves the model as it was.
+        if isinstance(previous, ToMeHandle):
+            patch(model, previous.r, prop_attn=previous.prop_attn, unmerge_output=previous.unmerge_output)
+        raise
     handle.family = family
     model.tome = handle
     return model
@@ -114,9 +123,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     return model
 
 
-def replace_method(
-    module: nn.Module, name: str, method: Callable[..., object], handle: ToMeHandle
-) -> None:
+def replace_method(module: nn.Module, name: str, method: Callable[..., object], handle: ToMeHandle) -> None:
     """Give one ``module`` instance a new method ``name`` (``method(module, *args, **kwargs)``),
     shadowing the class's; ``unpatch`` deletes it again, which brings back the class's own."""
     if name in module.__dict__:

@@ -95,8 +95,9 @@ class ToMeHandle:
         B, N = x.shape[:2]
         if index == 0:
             # Slots are overwritten in order, never cleared: a block recomputed by gradient
-            # checkpointing still finds its predecessor's history.
-            self.tokens_per_layer = [N]
+            # checkpointing still finds its predecessor's history (and block 0 recomputed
+            # during backward keeps the later blocks' counts).
+            self.tokens_per_layer[:1] = [N]
             return LayerState(M.start_history(B, N, x.device), merged=False)
         previous = self._histories[index - 1]
         if previous is None or tuple(previous.sizes.shape) != (B, N):
@@ -119,15 +120,15 @@ class ToMeHandle:
         """Tokens block ``index`` removes: its schedule entry, capped at what it can merge."""
         return min(self._r_per_layer[index], M.max_r(num_tokens, self.protected))
 
-    def merge_layer(
-        self, index: int, state: LayerState, x: torch.Tensor, keys: torch.Tensor
-    ) -> torch.Tensor:
+    def merge_layer(self, index: int, state: LayerState, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Merge ``x`` (B, N, C) by the similarity of ``keys`` (B, N, D); record the history."""
         r = self.layer_r(index, x.shape[1])
         plan = M.bipartite_soft_matching(keys, r, state.history, self.protected)
         history = M.advance(state.history, plan)
         self._histories[index] = history
-        self.tokens_per_layer = self.tokens_per_layer[: index + 1] + [history.num_tokens]
+        # Slot assignment, not truncation: a block recomputed by gradient checkpointing (during
+        # backward, last block first) rewrites its own count and keeps the later ones.
+        self.tokens_per_layer[index + 1 : index + 2] = [history.num_tokens]
         return M.merge(plan, x, "mean")
 
     # -- results -------------------------------------------------------------------------------

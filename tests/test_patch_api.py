@@ -1,0 +1,113 @@
+"""tome.patch / tome.unpatch: errors, no-op unpatch, lazy framework imports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch.nn as nn
+
+import tome
+
+
+def test_unsupported_module_raises_type_error_listing_families():
+    model = nn.Linear(4, 4)
+    with pytest.raises(TypeError) as info:
+        tome.patch(model, r=4)
+    message = str(info.value)
+    assert "torch.nn.modules.linear.Linear" in message
+    for family in ("timm", "transformers", "torchvision"):
+        assert family in message
+    assert "VisionTransformer" in message
+    assert not hasattr(model, "tome")
+
+
+def test_torchvision_resnet_is_unsupported():
+    models = pytest.importorskip("torchvision.models")
+    model = models.resnet18(weights=None)
+    with pytest.raises(TypeError, match="Supported model classes"):
+        tome.patch(model)
+    assert not hasattr(model, "tome")
+
+
+def test_not_a_module():
+    with pytest.raises(TypeError, match="Module"):
+        tome.patch("vit_b_16", r=4)
+
+
+def _tiny_vit() -> nn.Module:
+    tv = pytest.importorskip("torchvision.models.vision_transformer")
+    return tv.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64
+    )
+
+
+@pytest.mark.parametrize(
+    ("r", "error"),
+    [
+        (-1, ValueError),
+        ([1, -2], ValueError),
+        ([1, 1.5], ValueError),
+        ((4, 2.0), ValueError),
+        ((-4, 0.0), ValueError),
+        ("16", TypeError),
+        (2.5, TypeError),
+        (None, TypeError),
+        ([1, 1, 1], ValueError),  # more entries than the model has layers
+    ],
+)
+def test_bad_r_raises(r, error):
+    model = _tiny_vit()
+    with pytest.raises(error):
+        tome.patch(model, r=r)
+    assert not hasattr(model, "tome")
+
+
+def test_bad_r_on_handle_keeps_old_value():
+    model = tome.patch(_tiny_vit(), r=2)
+    with pytest.raises(ValueError):
+        model.tome.r = -3
+    assert model.tome.r == 2
+    tome.unpatch(model)
+
+
+def test_unpatch_unpatched_is_noop():
+    model = _tiny_vit()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert tome.unpatch(model) is model
+    assert tome.unpatch(nn.Linear(2, 2)) is not None
+    assert not hasattr(model, "tome")
+    assert all(not m._forward_hooks and "forward" not in m.__dict__ for m in model.modules())
+    after = model.state_dict()
+    assert all((after[k] == state[k]).all() for k in state)
+
+
+def test_unpatch_twice_is_noop():
+    model = tome.patch(_tiny_vit(), r=2)
+    tome.unpatch(model)
+    tome.unpatch(model)
+    assert not hasattr(model, "tome")
+
+
+def test_patch_returns_model():
+    model = _tiny_vit()
+    assert tome.patch(model, r=2) is model
+    assert isinstance(model.tome, tome.ToMeHandle)
+    assert "torchvision" in repr(model.tome)
+
+
+def test_import_tome_imports_no_framework():
+    code = textwrap.dedent(
+        """
+        import sys
+        import tome
+        import tome.patch
+        frameworks = ("timm", "transformers", "torchvision", "open_clip", "diffusers")
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in frameworks)
+        print(",".join(loaded))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "", f"import tome imported: {result.stdout.strip()}"

@@ -1,0 +1,107 @@
+"""torchvision ``VisionTransformer``: merge between attention and MLP in every ``EncoderBlock``.
+
+Each block is re-composed from its own submodules (``ln_1``, ``self_attention``, ``dropout``,
+``ln_2``, ``mlp``). ``nn.MultiheadAttention`` does not expose its keys, so attention is computed
+here from the module's own parameters: one ``F.linear`` with ``in_proj_weight``/``in_proj_bias``
+gives q, k and v; ``scaled_dot_product_attention`` takes proportional attention as its float
+``attn_mask``; ``out_proj`` projects back. The keys, averaged over heads, are the metric.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tome.patch import add_hook, replace_method
+from tome.patch.handle import ToMeHandle
+
+_BLOCK_PARTS = ("ln_1", "self_attention", "dropout", "ln_2", "mlp")
+
+
+def _check_block(index: int, block: nn.Module) -> None:
+    if type(block).__name__ != "EncoderBlock" or not all(hasattr(block, p) for p in _BLOCK_PARTS):
+        raise TypeError(
+            f"tome: torchvision encoder layer {index} is a {type(block).__name__}; only "
+            "torchvision.models.vision_transformer.EncoderBlock is supported"
+        )
+    mha = block.self_attention
+    if not isinstance(mha, nn.MultiheadAttention):
+        raise TypeError(
+            f"tome: torchvision encoder layer {index} uses attention {type(mha).__name__}; only "
+            "torch.nn.MultiheadAttention is supported"
+        )
+    problems = []
+    if not mha.batch_first:
+        problems.append("batch_first=False")
+    if not mha._qkv_same_embed_dim:
+        problems.append("separate kdim/vdim projections")
+    if mha.bias_k is not None or mha.bias_v is not None:
+        problems.append("add_bias_kv=True")
+    if mha.add_zero_attn:
+        problems.append("add_zero_attn=True")
+    if problems:
+        raise TypeError(
+            f"tome: torchvision encoder layer {index}: nn.MultiheadAttention with "
+            f"{', '.join(problems)} is not supported (expected batch_first=True, one packed "
+            "in_proj, no bias_k/bias_v, no zero attention)"
+        )
+
+
+def _attention(
+    mha: nn.MultiheadAttention, x: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-attention of ``mha`` on ``x`` (B, N, C): ``(output, keys averaged over heads)``."""
+    B, N, C = x.shape
+    heads = mha.num_heads
+    qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
+    q, k, v = qkv.view(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    dropout_p = mha.dropout if mha.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+    out = mha.out_proj(out.transpose(1, 2).reshape(B, N, C))
+    return out, k.mean(dim=1)
+
+
+def _make_block_forward(index: int, handle: ToMeHandle):
+    def forward(block: nn.Module, input: torch.Tensor) -> torch.Tensor:
+        if input.dim() != 3:
+            raise ValueError(f"Expected (batch_size, seq_length, hidden_dim) got {tuple(input.shape)}")
+        state = handle.begin_layer(index, input)
+        bias = handle.attention_bias(state, input.dtype)
+        attn_out, keys = _attention(block.self_attention, block.ln_1(input), bias)
+        x = input + block.dropout(attn_out)
+        x = handle.merge_layer(index, state, x, keys)
+        return x + block.mlp(block.ln_2(x))
+
+    return forward
+
+
+def _make_output_hook(handle: ToMeHandle):
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        return handle.unmerge(output) if handle.unmerge_output else None
+
+    return hook
+
+
+def apply(model: nn.Module, *, r, prop_attn: bool, unmerge_output: bool) -> ToMeHandle:
+    encoder = getattr(model, "encoder", None)
+    layers = getattr(encoder, "layers", None)
+    if not isinstance(layers, nn.Sequential) or not isinstance(getattr(encoder, "ln", None), nn.Module):
+        raise TypeError(
+            "tome: expected a torchvision VisionTransformer with .encoder.layers (nn.Sequential) "
+            "and .encoder.ln"
+        )
+    blocks = list(layers)
+    for index, block in enumerate(blocks):
+        _check_block(index, block)
+    handle = ToMeHandle(
+        len(blocks),
+        r,
+        protected=1,  # the class token
+        prop_attn=prop_attn,
+        unmerge_output=unmerge_output,
+    )
+    for index, block in enumerate(blocks):
+        replace_method(block, "forward", _make_block_forward(index, handle), handle)
+    add_hook(encoder.ln.register_forward_hook(_make_output_hook(handle)), handle)
+    return handle
