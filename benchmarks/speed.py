@@ -3,10 +3,11 @@
 One command, one process; prints a markdown table::
 
     python benchmarks/speed.py            # the full suite: ~15-20 minutes on 2 CPU cores
-    python benchmarks/speed.py --quick    # a smoke run: ~3 minutes (224 px only, batch 8, 2 reps)
-    python benchmarks/speed.py --help     # options (batch sizes, repetitions, threads, --profile)
+    python benchmarks/speed.py --quick    # a smoke run: ~30 s (DINOv2 timm at 224 px, batch 8, 2 reps)
+    python benchmarks/speed.py --cases timm518,compile --reps 3     # a subset (see --help)
+    python benchmarks/speed.py --profile 518:64   # torch.profiler tables instead of the table
 
-Cases (``--quick`` keeps the first, at batch 8 and without compile):
+Cases (``--cases``; ``--quick`` runs only the first, at batch 8):
 
 - the shared DINOv2-S/14 (``../shared/models/dinov2-small-saliency``) in timm and in transformers
   (``Dinov2Model``, SDPA attention), at 224 px (257 tokens; r = 8, 13, 16, (16, -1.0)) and at

@@ -151,8 +151,13 @@ def _scores(
     a: torch.Tensor, b: torch.Tensor, ids_a: torch.Tensor | None, ids_b: torch.Tensor | None, mask_id: int
 ) -> torch.Tensor:
     """Cosine similarities A x B, ``(B, |A|, |B|)``: ``-inf`` between different sequence ids,
-    ``2`` between two padding tokens."""
-    scores = a @ b.transpose(-1, -2)
+    ``2`` between two padding tokens. Always float32, autocast or not (bfloat16 scores would
+    round the best edges of many tokens into ties)."""
+    if torch.is_autocast_enabled(a.device.type):
+        with torch.autocast(a.device.type, enabled=False):
+            scores = a @ b.transpose(-1, -2)
+    else:
+        scores = a @ b.transpose(-1, -2)
     if ids_a is not None:
         ids_a, ids_b = ids_a[:, :, None], ids_b[:, None, :]
         scores.masked_fill_((ids_a == mask_id) & (ids_b == mask_id), _PAD_SCORE)

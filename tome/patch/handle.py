@@ -120,14 +120,21 @@ class ToMeHandle:
         """Tokens block ``index`` removes: its schedule entry, capped at what it can merge."""
         return min(self._r_per_layer[index], M.max_r(num_tokens, self.protected))
 
-    def merge_layer(self, index: int, state: LayerState, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """Merge ``x`` (B, N, C) by the similarity of ``keys`` (B, N, D); record the history."""
+    def merge_layer(
+        self, index: int, state: LayerState, x: torch.Tensor, keys: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Merge ``x`` (B, N, C) by the similarity of ``keys`` (B, N, D); record the history.
+        ``keys`` may be ``None`` where the block removes nothing (``layer_r`` is 0)."""
         r = self.layer_r(index, x.shape[1])
+        # Slot assignments, not truncation: a block recomputed by gradient checkpointing (during
+        # backward, last block first) rewrites its own count and keeps the later ones.
+        if r == 0:
+            self._histories[index] = state.history
+            self.tokens_per_layer[index + 1 : index + 2] = [x.shape[1]]
+            return x
         plan = M.bipartite_soft_matching(keys, r, state.history, self.protected)
         history = M.advance(state.history, plan)
         self._histories[index] = history
-        # Slot assignment, not truncation: a block recomputed by gradient checkpointing (during
-        # backward, last block first) rewrites its own count and keeps the later ones.
         self.tokens_per_layer[index + 1 : index + 2] = [history.num_tokens]
         return M.merge(plan, x, "mean")
 

@@ -48,17 +48,18 @@ def _make_block_forward(index: int, handle: ToMeHandle, captured: dict):
             bias = attn_mask
         attn_out = block.attn(block.norm1(x), attn_mask=bias, is_causal=is_causal)
         x = x + block.drop_path1(block.ls1(attn_out))
-        keys = captured.pop("keys")
-        x = handle.merge_layer(index, state, x, keys)
+        x = handle.merge_layer(index, state, x, captured.pop("keys", None))
         return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
     return forward
 
 
-def _make_key_hook(captured: dict):
+def _make_key_hook(index: int, handle: ToMeHandle, captured: dict):
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        # k: (B, heads, N, head_dim) -> the metric: keys averaged over heads, (B, N, head_dim).
-        captured["keys"] = output.mean(dim=1)
+        # k: (B, heads, N, head_dim) -> the metric: keys averaged over heads, (B, N, head_dim);
+        # not computed for a block that removes nothing.
+        if handle.layer_r(index, output.shape[2]) > 0:
+            captured["keys"] = output.mean(dim=1)
 
     return hook
 
@@ -93,7 +94,7 @@ def apply(model: nn.Module, *, r, prop_attn: bool, unmerge_output: bool) -> ToMe
     )
     for index, block in enumerate(blocks):
         captured: dict = {}
-        add_hook(block.attn.k_norm.register_forward_hook(_make_key_hook(captured)), handle)
+        add_hook(block.attn.k_norm.register_forward_hook(_make_key_hook(index, handle, captured)), handle)
         replace_method(block, "forward", _make_block_forward(index, handle, captured), handle)
     replace_method(model, "forward_features", _forward_features, handle)
     replace_method(model, "pool", _pool, handle)

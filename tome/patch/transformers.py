@@ -171,7 +171,7 @@ def _make_layer_forward(index: int, handle: ToMeHandle, layout: _Layout, capture
         normed = getattr(layer, layout.norm1)(hidden_states)
         attn_out = attn(normed, attention_mask=attention_mask, **kwargs)[0]
         x = hidden_states + _branch(layer, (layout.ls1, layout.drop1), attn_out)
-        x = handle.merge_layer(index, state, x, captured.pop("keys"))
+        x = handle.merge_layer(index, state, x, captured.pop("keys", None))
         mlp_out = getattr(layer, layout.mlp)(getattr(layer, layout.norm2)(x))
         return x + _branch(layer, (layout.ls2, layout.drop2), mlp_out)
 
@@ -197,10 +197,12 @@ def _make_layer_forward(index: int, handle: ToMeHandle, layout: _Layout, capture
     return forward
 
 
-def _make_key_hook(captured: dict, head_dim: int):
+def _make_key_hook(index: int, handle: ToMeHandle, captured: dict, head_dim: int):
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        # (B, N, heads * head_dim) -> the metric: keys averaged over heads, (B, N, head_dim).
-        captured["keys"] = output.unflatten(-1, (-1, head_dim)).mean(dim=-2)
+        # (B, N, heads * head_dim) -> the metric: keys averaged over heads, (B, N, head_dim);
+        # not computed for a layer that removes nothing.
+        if handle.layer_r(index, output.shape[1]) > 0:
+            captured["keys"] = output.unflatten(-1, (-1, head_dim)).mean(dim=-2)
 
     return hook
 
@@ -246,7 +248,9 @@ def apply(model: nn.Module, *, r, prop_attn: bool, unmerge_output: bool) -> ToMe
     for index, layer in enumerate(layers):
         captured: dict = {}
         attn = getattr(layer, family.layout.attn)
-        add_hook(attn.k_proj.register_forward_hook(_make_key_hook(captured, attn.head_dim)), handle)
+        add_hook(
+            attn.k_proj.register_forward_hook(_make_key_hook(index, handle, captured, attn.head_dim)), handle
+        )
         replace_method(layer, "forward", _make_layer_forward(index, handle, family.layout, captured), handle)
     always = any(name in _POOLING_HEADS for name in _class_names(model))
     add_hook(output_module.register_forward_hook(_make_output_hook(handle, always)), handle)

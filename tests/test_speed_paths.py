@@ -1,0 +1,293 @@
+"""The fast paths of the merge engine against plain implementations; half precision; compiled
+patched models; the benchmark's reference ToMe and FLOP count."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import tome
+from tome import merge as M
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+# -- plain implementations ----------------------------------------------------------------------
+
+
+def plain_edges(metric, r, protected=0, sequence_ids=None, mask_id=-100):
+    """The r strongest edges read off every A token's best edge (the whole score matrix)."""
+    score, b_index = M.best_edges(metric, protected, sequence_ids, mask_id)
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :r]
+    return order, b_index.gather(1, order)
+
+
+def plain_mean(plan: M.MergePlan, x: torch.Tensor) -> torch.Tensor:
+    """The size-weighted mean as the textbook writes it, in float64: sum of s_i x_i over each
+    group, divided by the group's size."""
+    B, N = x.shape[:2]
+    work = x.to(torch.complex128 if x.is_complex() else torch.float64)
+    weights = plan.in_sizes.double().view(B, N, *(1,) * (x.dim() - 2))
+    out = work.new_zeros(B, N - plan.r, *x.shape[2:])
+    out = out.scatter_add(1, M._expand_index(plan.index, work), work * weights)
+    return out / plan.sizes.double().view(B, N - plan.r, *(1,) * (x.dim() - 2))
+
+
+def chain(keys: torch.Tensor, rs: list[int], protected: int = 1):
+    """Plans of a chain of merges on ``keys`` (sizes > 1 from the second plan on), and the
+    tokens entering each plan."""
+    history, plans, inputs = None, [], []
+    for r in rs:
+        plan = M.bipartite_soft_matching(keys, r, history, protected)
+        plans.append(plan)
+        inputs.append(keys)
+        history = M.advance(history or M.start_history(*keys.shape[:2]), plan)
+        keys = plain_mean(plan, keys).float()
+    return plans, inputs
+
+
+# -- matching -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("ties", [False, True])
+def test_strongest_edges_equal_plain_ranking(seed, ties):
+    gen = torch.Generator().manual_seed(seed)
+    B, N, D = 3, int(torch.randint(8, 60, (1,), generator=gen)), 5
+    protected = seed % 3
+    keys = torch.randn(B, N, D, generator=gen)
+    if ties:  # few distinct directions: many equal scores
+        keys = torch.randint(-1, 2, (B, N, D), generator=gen).float()
+    r = M.max_r(N, protected)
+    for rr in (1, r // 2, r):
+        got = M._match(keys, rr, protected, None, -100)
+        expected = plain_edges(keys, rr, protected)
+        assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
+
+
+def test_strongest_edges_with_sequence_ids_equal_plain():
+    gen = torch.Generator().manual_seed(3)
+    keys = torch.randn(2, 25, 4, generator=gen)
+    ids = torch.tensor([[0] * 13 + [1] * 12, [5] * 16 + [-100] * 9])
+    got = M._match(keys, 6, 1, ids, -100)
+    expected = plain_edges(keys, 6, 1, ids, -100)
+    assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
+
+
+def test_blockwise_matching_equals_whole_batch(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randint(-1, 2, (7, 41, 6), generator=gen).float()  # with ties
+    ids = torch.randint(0, 2, (7, 41), generator=gen)
+    whole = [M.bipartite_soft_matching(keys, 9, None, 1), M.bipartite_soft_matching(keys, 5, None, 1, ids)]
+    monkeypatch.setattr(M, "_CPU_SCORE_BLOCK_BYTES", 3 * 4 * 20 * 20)  # blocks of 3 samples
+    blocks = [M.bipartite_soft_matching(keys, 9, None, 1), M.bipartite_soft_matching(keys, 5, None, 1, ids)]
+    for a, b in zip(whole, blocks, strict=True):
+        for name in ("index", "kept", "src", "dst", "sizes"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_blockwise_matching_compiles_fullgraph(monkeypatch):
+    torch._dynamo.reset()
+    monkeypatch.setattr(M, "_CPU_SCORE_BLOCK_BYTES", 2 * 4 * 16 * 16)
+
+    def fn(keys, x):
+        plan = M.bipartite_soft_matching(keys, 7, None, 1)
+        return M.merge(plan, x), plan.index
+
+    keys, x = torch.randn(5, 33, 8), torch.randn(5, 33, 4)
+    got = torch.compile(fn, fullgraph=True, backend="eager")(keys, x)
+    expected = fn(keys, x)
+    torch.testing.assert_close(got[0], expected[0])
+    assert torch.equal(got[1], expected[1])
+
+
+# -- merging ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(), (6,), (3, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64])
+def test_mean_equals_plain_weighted_average(shape, dtype):
+    gen = torch.Generator().manual_seed(1)
+    keys = torch.randn(3, 40, 8, generator=gen)
+    plans, _ = chain(keys, [6, 9, 9])
+    for plan in plans:
+        x = torch.randn(3, plan.index.shape[1], *shape, generator=gen).to(dtype)
+        got = M.merge(plan, x, "mean")
+        assert got.dtype == dtype and got.shape == (3, plan.index.shape[1] - plan.r, *shape)
+        tol = 1e-12 if dtype == torch.float64 else 2e-6
+        torch.testing.assert_close(got, plain_mean(plan, x).to(dtype), rtol=tol, atol=tol)
+
+
+def _all_into_one(B: int = 2, N: int = 21) -> torch.Tensor:
+    """Keys for which every A token's best partner is the same B token (token 2)."""
+    keys = torch.randn(B, N, 4, generator=torch.Generator().manual_seed(5)) * 0.01
+    keys[:, 2] = 1.0
+    keys[:, 1::2] = 1.0 + keys[:, 1::2]  # A tokens (protected=1): all close to token 2
+    return keys
+
+
+def test_mean_many_into_one_destination_value_and_gradient():
+    keys = _all_into_one()
+    plan = M.bipartite_soft_matching(keys, 10, None, 1)
+    assert (plan.dst == plan.dst[:, :1]).all()  # every merged token lands in one destination
+    # a second merge on top, so that sizes differ
+    history = M.advance(M.start_history(2, 21), plan)
+    plan2 = M.bipartite_soft_matching(torch.randn(2, 11, 4), 4, history, 1)
+    for p in (plan, plan2):
+        x = torch.randn(2, p.index.shape[1], 3, dtype=torch.float64, requires_grad=True)
+        weight = torch.randn(2, p.index.shape[1] - p.r, 3, dtype=torch.float64)
+        got = M.merge(p, x, "mean")
+        torch.testing.assert_close(got, plain_mean(p, x))
+        (grad,) = torch.autograd.grad((got * weight).sum(), x)
+        (expected,) = torch.autograd.grad((plain_mean(p, x) * weight).sum(), x)
+        torch.testing.assert_close(grad, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_merge(dtype):
+    gen = torch.Generator().manual_seed(2)
+    keys = torch.randn(2, 33, 8, generator=gen)
+    plans, _ = chain(keys, [8, 6])
+    for plan in plans:
+        x = torch.randn(2, plan.index.shape[1], 16, generator=gen)
+        got = M.merge(plan, x.to(dtype), "mean")
+        assert got.dtype == dtype
+        expected = plain_mean(plan, x.to(dtype)).to(dtype)
+        # within rounding to the half type: the reduction itself runs in float32
+        torch.testing.assert_close(got, expected)
+    # values near fp16's limit: differences and sums of them would overflow in fp16
+    plan = plans[0]
+    big = torch.full((2, plan.index.shape[1], 4), 60000.0)
+    big[:, 1::2] = -60000.0
+    got = M.merge(plan, big.half(), "mean")
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), plain_mean(plan, big).float(), rtol=1e-3, atol=1.0)
+
+
+def test_half_precision_keys_match_like_float32():
+    # the similarity is computed in float32 whatever the keys' dtype
+    keys = torch.randn(2, 31, 8, generator=torch.Generator().manual_seed(4)).half()
+    a = M.bipartite_soft_matching(keys, 7, None, 1)
+    b = M.bipartite_soft_matching(keys.float(), 7, None, 1)
+    assert torch.equal(a.index, b.index)
+
+
+def test_matching_under_autocast_is_float32():
+    # autocast would run the similarity in bfloat16, rounding close scores into ties
+    keys = 1 + 0.05 * torch.randn(4, 197, 64, generator=torch.Generator().manual_seed(8))  # cos ~ 0.99
+    expected = M.bipartite_soft_matching(keys, 40, None, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = M.bipartite_soft_matching(keys, 40, None, 1)
+    assert torch.equal(got.index, expected.index)
+
+
+@pytest.mark.parametrize("mode", ["sum", "amax", "amin", "drop"])
+def test_other_modes_equal_plain(mode):
+    gen = torch.Generator().manual_seed(6)
+    keys = torch.randn(2, 30, 8, generator=gen)
+    plan = M.bipartite_soft_matching(keys, 9, None, 1)
+    x = torch.randn(2, 30, 5, generator=gen)
+    got = M.merge(plan, x, mode)
+    if mode == "drop":
+        expected = x.gather(1, M._expand_index(plan.kept, x))
+    else:
+        out = torch.zeros(2, 21, 5) if mode == "sum" else torch.full((2, 21, 5), float("nan"))
+        index = M._expand_index(plan.index, x)
+        if mode == "sum":
+            expected = out.scatter_add(1, index, x)
+        else:
+            expected = out.scatter_reduce(1, index, x, reduce=mode, include_self=False)
+    torch.testing.assert_close(got, expected)
+
+
+# -- compiled patched models --------------------------------------------------------------------
+
+
+def test_transformers_compile_matches_eager():
+    transformers = pytest.importorskip("transformers")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    config = transformers.Dinov2Config(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, mlp_ratio=2, image_size=48, patch_size=8
+    )
+    model = transformers.Dinov2Model(config).eval()
+    model.set_attn_implementation("sdpa")
+    tome.patch(model, r=4, unmerge_output=True)
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        expected = model(pixel_values=x).last_hidden_state
+        for fullgraph in (False, True):
+            torch._dynamo.reset()
+            compiled = torch.compile(model, fullgraph=fullgraph, backend="aot_eager")
+            got = compiled(pixel_values=x).last_hidden_state
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+            assert got.shape == (2, 37, 32)
+            assert model.tome.tokens_per_layer == [37, 33, 29, 25]
+
+
+# -- the benchmark's reference and FLOP count ---------------------------------------------------
+
+
+@pytest.fixture
+def benchmarks(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import reference_tome
+    import speed
+
+    return reference_tome, speed
+
+
+def _tiny_timm(depth: int = 3):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_small_patch14_dinov2", pretrained=False, img_size=56, embed_dim=64, num_heads=2, depth=depth
+    ).eval()
+    for module in model.modules():
+        if hasattr(module, "gamma"):
+            torch.nn.init.constant_(module.gamma, 0.5)
+    return model, torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+
+
+def test_reference_tome(benchmarks):
+    reference_tome, _ = benchmarks
+    model, x = _tiny_timm(depth=1)
+    with torch.no_grad():
+        plain = model(x)
+        state = reference_tome.apply(model, 0)
+        torch.testing.assert_close(model(x), plain)
+        reference_tome.remove(model)
+        # one block: the same tokens merge (order aside), so the class token comes out the same
+        state = reference_tome.apply(model, 6)
+        ref = model(x)
+        reference_tome.remove(model)
+        tome.patch(model, r=6)
+        ours = model(x)
+        assert model.tome.tokens_per_layer == state.tokens_per_layer == [17, 11]
+        tome.unpatch(model)
+    torch.testing.assert_close(ref, ours, atol=1e-5, rtol=1e-5)
+    assert torch.equal(state.source.sum(1), torch.ones(2, 17))  # every original token once
+    assert "forward" not in model.blocks[0].__dict__
+
+
+def test_flop_count_matches_torch_flop_counter(benchmarks):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _, speed = benchmarks
+    model, x = _tiny_timm()
+    for block in model.blocks:
+        block.attn.fused_attn = False  # explicit attention matmuls, which the counter sees
+    spec = speed._timm_model(model, 56)
+    B, D = x.shape[0], 32  # head_dim of the matching keys
+    for r in (0, 4):
+        tome.patch(model, r=r)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+        tokens = model.tome.tokens_per_layer
+        tome.unpatch(model)
+        # the matching similarity A x B is extra work, not part of the model's FLOPs
+        sets = [((n - 1 + 1) // 2, (n - 1) // 2) for n in tokens[:-1]]  # |A|, |B| (1 protected)
+        matching = sum(2 * B * a * b * D for a, b in sets) if r else 0
+        assert counter.get_total_flops() - matching == B * spec.flops(tokens)
