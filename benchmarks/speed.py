@@ -2,7 +2,7 @@
 
 One command, one process; prints a markdown table::
 
-    python benchmarks/speed.py            # the full suite: ~15-20 minutes on 2 CPU cores
+    python benchmarks/speed.py            # the full suite: ~13 minutes on 2 CPU cores
     python benchmarks/speed.py --quick    # a smoke run: ~30 s (DINOv2 timm at 224 px, batch 8, 2 reps)
     python benchmarks/speed.py --cases timm518,compile --reps 3     # a subset (see --help)
     python benchmarks/speed.py --profile 518:64   # torch.profiler tables instead of the table
@@ -346,22 +346,32 @@ def run_fixed(model: Model, settings: list[Setting], x: torch.Tensor, reps: int,
             log(f"    rep {rep + 1}/{reps}: " + ", ".join(f"{s.times[-1]:.2f}s" for s in settings))
 
 
-def profile(model: Model, settings: list[Setting], x: torch.Tensor, rows: int = 12) -> None:
-    """torch.profiler tables (self CPU time by operator) of one forward pass per setting."""
+def profile(model: Model, settings: list[Setting], x: torch.Tensor, rows: int = 25) -> None:
+    """Self CPU time by operator of one forward pass per setting, side by side (torch.profiler):
+    where the time goes, and which operators merging adds."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    times: list[dict[str, tuple[float, int]]] = []
     with torch.inference_mode():
         for setting in settings:
             setting.configure(model)
             setting.forward(model, x)
             with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
                 setting.forward(model, x)
-            print(f"\n#### profile: {setting.kind} r={_r_text(setting.r)}\n")
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+            times.append({e.key: (e.self_cpu_time_total / 1e3, e.count) for e in prof.key_averages()})
         tome.unpatch(model.module)
         if model.family == "timm":
             reference_tome.remove(model.module)
+    names = [f"{s.kind} r={_r_text(s.r)}" if s.r is not None else s.kind for s in settings]
+    print(f"| operator (self CPU ms, calls) | {' | '.join(names)} |")
+    print("|---|" + "---|" * len(names))
+    totals = [sum(ms for ms, _ in t.values()) for t in times]
+    print("| **total** | " + " | ".join(f"**{total:.1f}**" for total in totals) + " |")
+    ops = sorted(set().union(*times), key=lambda op: -sum(t.get(op, (0.0, 0))[0] for t in times))
+    for op in ops[:rows]:
+        cells = [f"{t[op][0]:.1f} ({t[op][1]})" if op in t else "–" for t in times]
+        print(f"| {op} | {' | '.join(cells)} |")
 
 
 def main() -> None:
