@@ -29,9 +29,12 @@ __all__ = [
     "attention_bias",
     "bipartite_soft_matching",
     "dense_adjacency",
+    "energy_score",
+    "isolation_bias",
     "max_r",
     "merge",
     "merge_original",
+    "outlier_bias",
     "start_history",
     "unmerge",
 ]
@@ -194,14 +197,18 @@ def _strongest_edges(
     ids_b: torch.Tensor | None,
     mask_id: int,
     r: int,
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``r`` strongest A->B edges of every sample: ``(a_index, b_index)``, both ``(B, r)``.
 
     The same edges as ranking :func:`best_edges` (stable sort: equal scores in token order),
     but the best B partner (``argmax``, a slow reduction) is found only for the ``r`` chosen A
-    tokens; ranking needs just the best scores (``amax``, a fast one).
+    tokens; ranking needs just the best scores (``amax``, a fast one). ``bias``: optional
+    ``(B, |A|)`` and ``(B, |B|)`` terms added to the scores of every A row and B column.
     """
     scores = _scores(a, b, ids_a, ids_b, mask_id)
+    if bias is not None:
+        scores = scores + bias[0][:, :, None] + bias[1][:, None, :]
     order = torch.sort(scores.amax(dim=-1), dim=-1, descending=True, stable=True).indices
     a_index = order[:, :r]
     chosen = scores.gather(1, a_index.unsqueeze(-1).expand(-1, -1, scores.shape[-1]))
@@ -209,14 +216,23 @@ def _strongest_edges(
 
 
 def _match(
-    metric: torch.Tensor, r: int, protected: int, sequence_ids: torch.Tensor | None, mask_id: int
+    metric: torch.Tensor,
+    r: int,
+    protected: int,
+    sequence_ids: torch.Tensor | None,
+    mask_id: int,
+    token_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     a, b, ids_a, ids_b = _split_ab(metric, protected, sequence_ids)
+    bias = None
+    if token_bias is not None:
+        token_bias = token_bias[:, protected:].float()
+        bias = (token_bias[:, ::2], token_bias[:, 1::2])
     batch, block = a.shape[0], a.shape[0]
     if a.device.type == "cpu":
         block = max(1, _CPU_SCORE_BLOCK_BYTES // max(1, 4 * a.shape[1] * b.shape[1]))
     if block >= batch:
-        return _strongest_edges(a, b, ids_a, ids_b, mask_id, r)
+        return _strongest_edges(a, b, ids_a, ids_b, mask_id, r, bias)
     # Samples are independent: match a few at a time (exactly the same result).
     parts = [
         _strongest_edges(
@@ -226,6 +242,7 @@ def _match(
             None if ids_b is None else ids_b[i : i + block],
             mask_id,
             r,
+            None if bias is None else (bias[0][i : i + block], bias[1][i : i + block]),
         )
         for i in range(0, batch, block)
     ]
@@ -239,6 +256,7 @@ def bipartite_soft_matching(
     protected: int = 0,
     sequence_ids: torch.Tensor | None = None,
     mask_id: int = -100,
+    token_bias: torch.Tensor | None = None,
 ) -> MergePlan:
     """Plan the merge of the ``r`` most similar tokens (no argument checking: see TokenMerger).
 
@@ -249,6 +267,9 @@ def bipartite_soft_matching(
         protected: the first ``protected`` tokens are never merged.
         sequence_ids: ``(B, N)`` integer ids; tokens with different ids never merge.
         mask_id: id of padding tokens, which merge with each other first.
+        token_bias: optional ``(B, N)`` float term added to the score of every edge that
+            touches a token (e.g. ``-4`` keeps a token out of every merge unless nothing else
+            is left; see :func:`energy_score`). ``None``: plain ToMe.
 
     Returns:
         The :class:`MergePlan`. Matching carries no gradient.
@@ -267,7 +288,7 @@ def bipartite_soft_matching(
 
     with torch.no_grad():
         # Stable ranking: equal scores merge in token order, so merges are deterministic.
-        src_local, dst_local = _match(metric, r, protected, sequence_ids, mask_id)
+        src_local, dst_local = _match(metric, r, protected, sequence_ids, mask_id, token_bias)
         src = protected + 2 * src_local
         dst_in = protected + 1 + 2 * dst_local
 
@@ -411,3 +432,60 @@ def attention_bias(sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     mask of shape ``(B, 1, 1, N)`` for ``scaled_dot_product_attention``: a token that holds
     ``s`` originals gets the attention weight of ``s`` copies."""
     return sizes.log().to(dtype)[:, None, None, :]
+
+
+def energy_score(
+    metric: torch.Tensor, protected: int = 0, margin: float = 0.5, alpha: float = 1.0
+) -> torch.Tensor:
+    """Energy of every token in the similarity graph of ``metric`` (B, N, D): ``(B, N)`` float32.
+
+    After PiToMe (Tran et al., "Accelerating Transformers with Spectrum-Preserving Token
+    Merging", NeurIPS 2024): ``E_i = mean_j f(cos(x_i, x_j))`` over the unprotected tokens, with
+    ``f(c) = c`` above ``margin`` and ``alpha * (exp(c - margin) - 1)`` below. Tokens in a large
+    group of similar tokens (background) have a high energy and can be merged with little loss;
+    isolated tokens (small objects, edges) have a low energy and are worth keeping apart.
+    Protected tokens get the maximum energy, 1 (they are never merged anyway). Computed without
+    gradient, in float32.
+    """
+    with torch.no_grad():
+        x = _normalize(metric[:, protected:])
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                sims = x @ x.transpose(-1, -2)
+        else:
+            sims = x @ x.transpose(-1, -2)
+        sims = torch.where(sims >= margin, sims, alpha * torch.expm1(sims - margin))
+        energy = sims.mean(dim=-1)
+        if protected:
+            energy = torch.cat([energy.new_ones(energy.shape[0], protected), energy], dim=1)
+    return energy
+
+
+def isolation_bias(energy: torch.Tensor, r: int, protected: int = 0, pool: float = 2.0) -> torch.Tensor:
+    """``(B, N)`` token bias for :func:`bipartite_soft_matching` that keeps the isolated tokens
+    out of the merge: only the ``pool * r`` unprotected tokens of highest :func:`energy_score`
+    may merge (PiToMe's merge set, ``pool = 2``); the others get ``-4`` (below any cosine
+    similarity), so they merge only if fewer than ``r`` edges are left among the candidates."""
+    B, N = energy.shape
+    count = min(max(int(pool * r), 2 * r), N - protected)
+    rank = energy[:, protected:].argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+    bias = torch.where(rank < count, 0.0, -4.0).to(torch.float32)
+    if protected:
+        bias = torch.cat([bias.new_zeros(B, protected), bias], dim=1)
+    return bias
+
+
+def outlier_bias(x: torch.Tensor, k: int, protected: int = 0) -> torch.Tensor:
+    """``(B, N)`` token bias for :func:`bipartite_soft_matching` that keeps the ``k``
+    unprotected tokens of largest feature norm out of the merge (``-4``, below any cosine
+    similarity). ViTs trained without registers store global information in a few high-norm
+    tokens (Darcet et al., "Vision Transformers Need Registers", ICLR 2024)."""
+    B, N = x.shape[:2]
+    with torch.no_grad():
+        norms = x[:, protected:].detach().float().flatten(2).norm(dim=-1)
+        k = min(k, N - protected)
+        rank = norms.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+        bias = torch.where(rank < k, -4.0, 0.0).to(torch.float32)
+        if protected:
+            bias = torch.cat([bias.new_zeros(B, protected), bias], dim=1)
+    return bias

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch.nn as nn
 
-from tome.patch.handle import ToMeHandle
+from tome.patch.handle import ToMeHandle, check_options
 from tome.schedule import Schedule, check_schedule
 
 __all__ = ["ToMeHandle", "add_hook", "patch", "replace_method", "supported_families", "unpatch"]
@@ -60,6 +60,12 @@ def patch(
     *,
     prop_attn: bool = True,
     unmerge_output: bool = False,
+    metric: str = "keys",
+    energy: bool | float = False,
+    unmerge_detail: bool = False,
+    mode: str = "mean",
+    size_penalty: float = 0.0,
+    keep_outliers: int = 0,
 ) -> nn.Module:
     """Make ``model`` merge tokens in every transformer block, in place; returns ``model``.
 
@@ -74,6 +80,25 @@ def patch(
             logits), as in ToMe.
         unmerge_output: return the model's token outputs (``last_hidden_state``,
             ``forward_features``, ...) at the original length, so dense heads work unchanged.
+        metric: the features whose cosine similarity decides what merges: ``"keys"`` (the
+            attention keys averaged over heads, as in ToMe) or ``"x"`` (the hidden states
+            being merged).
+        energy: protect informative/isolated tokens, after PiToMe (Tran et al., "Accelerating
+            Transformers with Spectrum-Preserving Token Merging", NeurIPS 2024): ``True`` lets
+            only the ``2 r`` tokens of highest energy (most redundant) merge in a block; a float
+            ``>= 2`` sets that factor. Costs one N x N similarity per merging block.
+        unmerge_detail: after the last block, give every original token back its own deviation
+            from its group's mean at the time it was merged (a residual-stream correction,
+            free in FLOPs, O(B N0 C) memory); the token output then always has the original
+            length. Improves dense outputs; pooled/CLS outputs are unchanged.
+        mode: ``"mean"`` (ToMe's size-weighted average) or ``"mlerp"`` (the mean rescaled to
+            the largest norm of its group, ToFu: Kim et al., WACV 2024).
+        size_penalty: ``beta >= 0``: an edge's score loses ``beta * log(size)`` of each of its
+            two tokens, so large groups grow more slowly (0: ToMe).
+        keep_outliers: ``k``: in every merging block the ``k`` unprotected tokens of largest
+            hidden-state norm are never merged. ViTs without registers keep global information
+            in a few high-norm tokens (Darcet et al., "Vision Transformers Need Registers",
+            ICLR 2024); averaging them away hurts the class token.
 
     Patching twice is one patch with the latest arguments; :func:`unpatch` restores the
     original behaviour exactly. Supported: timm ``VisionTransformer``; transformers ViT,
@@ -91,6 +116,19 @@ def patch(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     check_schedule(r)
+    options = dict(
+        prop_attn=prop_attn,
+        unmerge_output=unmerge_output,
+        metric=metric,
+        energy=energy,
+        unmerge_detail=unmerge_detail,
+        mode=mode,
+        size_penalty=size_penalty,
+        keep_outliers=keep_outliers,
+    )
+    check_options(
+        **{k: v for k, v in options.items() if k not in ("prop_attn", "unmerge_output", "unmerge_detail")}
+    )
     found = _find_adapter(model)
     if found is None:
         raise TypeError(
@@ -102,12 +140,12 @@ def patch(
     previous = model.__dict__.get("tome")
     unpatch(model)
     try:
-        handle: ToMeHandle = module.apply(model, r=r, prop_attn=prop_attn, unmerge_output=unmerge_output)
+        handle: ToMeHandle = module.apply(model, r=r, **options)
     except Exception:
         # Adapters check everything before changing the model; put the earlier patch back so a
         # bad argument leaves the model as it was.
         if isinstance(previous, ToMeHandle):
-            patch(model, previous.r, prop_attn=previous.prop_attn, unmerge_output=previous.unmerge_output)
+            patch(model, previous.r, **previous.options())
         raise
     handle.family = family
     model.tome = handle

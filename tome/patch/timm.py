@@ -49,7 +49,7 @@ def _make_block_forward(index: int, handle: ToMeHandle, captured: dict):
         attn_out = block.attn(block.norm1(x), attn_mask=bias, is_causal=is_causal)
         x = x + block.drop_path1(block.ls1(attn_out))
         x = handle.merge_layer(index, state, x, captured.pop("keys", None))
-        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        return handle.end_layer(index, x + block.drop_path2(block.ls2(block.mlp(block.norm2(x)))))
 
     return forward
 
@@ -58,7 +58,7 @@ def _make_key_hook(index: int, handle: ToMeHandle, captured: dict):
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         # k: (B, heads, N, head_dim) -> the metric: keys averaged over heads, (B, N, head_dim);
         # not computed for a block that removes nothing.
-        if handle.layer_r(index, output.shape[2]) > 0:
+        if handle.metric == "keys" and handle.layer_r(index, output.shape[2]) > 0:
             captured["keys"] = output.mean(dim=1)
 
     return hook
@@ -79,7 +79,7 @@ def _pool(model: nn.Module, x: torch.Tensor, pool_type: str | None = None) -> to
     return type(model).pool(model, x, pool_type)
 
 
-def apply(model: nn.Module, *, r, prop_attn: bool, unmerge_output: bool) -> ToMeHandle:
+def apply(model: nn.Module, *, r, **options) -> ToMeHandle:
     blocks = list(model.blocks)
     for index, block in enumerate(blocks):
         _check_block(index, block)
@@ -89,8 +89,7 @@ def apply(model: nn.Module, *, r, prop_attn: bool, unmerge_output: bool) -> ToMe
         len(blocks),
         r,
         protected=model.num_prefix_tokens,
-        prop_attn=prop_attn,
-        unmerge_output=unmerge_output,
+        **options,
     )
     for index, block in enumerate(blocks):
         captured: dict = {}

@@ -71,7 +71,7 @@ def _make_block_forward(index: int, handle: ToMeHandle):
         attn_out, keys = _attention(block.self_attention, block.ln_1(input), bias)
         x = input + block.dropout(attn_out)
         x = handle.merge_layer(index, state, x, keys)
-        return x + block.mlp(block.ln_2(x))
+        return handle.end_layer(index, x + block.mlp(block.ln_2(x)))
 
     return forward
 
@@ -83,7 +83,7 @@ def _make_output_hook(handle: ToMeHandle):
     return hook
 
 
-def apply(model: nn.Module, *, r, prop_attn: bool, unmerge_output: bool) -> ToMeHandle:
+def apply(model: nn.Module, *, r, **options) -> ToMeHandle:
     encoder = getattr(model, "encoder", None)
     layers = getattr(encoder, "layers", None)
     if not isinstance(layers, nn.Sequential) or not isinstance(getattr(encoder, "ln", None), nn.Module):
@@ -98,8 +98,7 @@ def apply(model: nn.Module, *, r, prop_attn: bool, unmerge_output: bool) -> ToMe
         len(blocks),
         r,
         protected=1,  # the class token
-        prop_attn=prop_attn,
-        unmerge_output=unmerge_output,
+        **options,
     )
     for index, block in enumerate(blocks):
         replace_method(block, "forward", _make_block_forward(index, handle), handle)

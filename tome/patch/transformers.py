@@ -173,7 +173,7 @@ def _make_layer_forward(index: int, handle: ToMeHandle, layout: _Layout, capture
         x = hidden_states + _branch(layer, (layout.ls1, layout.drop1), attn_out)
         x = handle.merge_layer(index, state, x, captured.pop("keys", None))
         mlp_out = getattr(layer, layout.mlp)(getattr(layer, layout.norm2)(x))
-        return x + _branch(layer, (layout.ls2, layout.drop2), mlp_out)
+        return handle.end_layer(index, x + _branch(layer, (layout.ls2, layout.drop2), mlp_out))
 
     def forward(
         layer: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
@@ -201,7 +201,7 @@ def _make_key_hook(index: int, handle: ToMeHandle, captured: dict, head_dim: int
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         # (B, N, heads * head_dim) -> the metric: keys averaged over heads, (B, N, head_dim);
         # not computed for a layer that removes nothing.
-        if handle.layer_r(index, output.shape[1]) > 0:
+        if handle.metric == "keys" and handle.layer_r(index, output.shape[1]) > 0:
             captured["keys"] = output.unflatten(-1, (-1, head_dim)).mean(dim=-2)
 
     return hook
@@ -230,7 +230,7 @@ def _make_output_hook(handle: ToMeHandle, always: bool):
     return hook
 
 
-def apply(model: nn.Module, *, r, prop_attn: bool, unmerge_output: bool) -> ToMeHandle:
+def apply(model: nn.Module, *, r, **options) -> ToMeHandle:
     backbone, family = _find_backbone(model)
     layers = list(_get(backbone, family.layers))
     for index, layer in enumerate(layers):
@@ -242,8 +242,7 @@ def apply(model: nn.Module, *, r, prop_attn: bool, unmerge_output: bool) -> ToMe
         len(layers),
         r,
         protected=protected,
-        prop_attn=prop_attn,
-        unmerge_output=unmerge_output,
+        **options,
     )
     for index, layer in enumerate(layers):
         captured: dict = {}

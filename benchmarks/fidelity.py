@@ -1,0 +1,206 @@
+"""Fidelity of merging options at equal FLOPs on the shared DINOv2-S/14 with its saliency head.
+
+Runs the unmerged model once over the photos (features cached), then, for every config (a
+schedule and ``tome.patch`` keyword options), one table row: the FLOP-ideal speedup (FLOPs
+counted from the tokens every block sees, as in ``benchmarks/speed.py``), the CLS cosine to the
+unmerged model (mean and min over the photos), the patch-feature cosine after unmerge, and the
+Pearson correlation of the saliency maps.
+
+    python benchmarks/fidelity.py                       # the default comparison, all 100 photos
+    python benchmarks/fidelity.py --set explore --limit 32
+    python benchmarks/fidelity.py --r 16 16:-1.0 --opt metric=x
+    python benchmarks/fidelity.py --set final --speed     # with measured speedups
+
+``--speed`` also times every config (backbone only, batch 32, interleaved runs, median), since
+``tome bench`` takes schedules but not the patch options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tome.eval import pearson  # noqa: E402
+from tome.models import find_images, load_model, open_image, parse_r, r_label  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+MODEL = SHARED / "models" / "dinov2-small-saliency"
+IMAGES = SHARED / "images" / "imagenet-samples"
+
+
+def ramp(first: int, last: int, layers: int = 12) -> list[int]:
+    """A linear per-layer schedule from ``first`` to ``last`` tokens removed."""
+    return [round(first + (last - first) * i / (layers - 1)) for i in range(layers)]
+
+
+# No merging in block 0 (its keys are mostly position and colour), then a ramp to 0: the same
+# FLOPs as (16, -1.0) at 224 px.
+SKIP0 = [0, 38, 34, 30, 26, 23, 19, 15, 11, 8, 4, 0]
+# A light block 0, then a ramp: the same FLOPs.
+LATE10 = [10, 34, 31, 27, 24, 21, 18, 15, 12, 9, 6, 3]
+BEST = {"mode": "mlerp", "keep_outliers": 4}
+
+# (label, schedule, tome.patch options)
+SETS: dict[str, list[tuple[str, object, dict]]] = {
+    "default": [
+        ("r=16", 16, {}),
+        ("(16,-1.0)", (16, -1.0), {}),
+        ("(16,-1.0) no prop_attn", (16, -1.0), {"prop_attn": False}),
+        ("(16,-1.0) metric=x", (16, -1.0), {"metric": "x"}),
+        ("(16,-1.0) energy", (16, -1.0), {"energy": True}),
+        ("(16,-1.0) size_penalty=0.02", (16, -1.0), {"size_penalty": 0.02}),
+        ("(16,-1.0) mlerp", (16, -1.0), {"mode": "mlerp"}),
+        ("(16,-1.0) keep_outliers=4", (16, -1.0), {"keep_outliers": 4}),
+        ("(16,-1.0) mlerp keep_outliers=4", (16, -1.0), BEST),
+        ("SKIP0", SKIP0, {}),
+        ("SKIP0 mlerp keep_outliers=4", SKIP0, BEST),
+        ("SKIP0 mlerp keep_outliers=4 detail", SKIP0, {**BEST, "unmerge_detail": True}),
+        ("LATE10 mlerp keep_outliers=4", LATE10, BEST),
+    ],
+    "final": [
+        ("(16,-1.0)", (16, -1.0), {}),
+        ("(16,-1.0) mlerp keep_outliers=4", (16, -1.0), BEST),
+        ("SKIP0 mlerp keep_outliers=4 detail", SKIP0, {**BEST, "unmerge_detail": True}),
+    ],
+    "explore": [
+        ("r=22", 22, {}),
+        ("[27..12]", ramp(27, 12), {}),
+        ("(16,-1.0) energy=4", (16, -1.0), {"energy": 4.0}),
+        ("(16,-1.0) keep_outliers=12", (16, -1.0), {"keep_outliers": 12}),
+        ("SKIP0 keep_outliers=4", SKIP0, {"keep_outliers": 4}),
+    ],
+}
+
+
+def flops(tokens: list[int], width: int = 384, hidden: int = 1536, patch: int = 14) -> float:
+    """FLOPs of one image (the model of benchmarks/speed.py): ``tokens`` entering block 0 and
+    left after each block."""
+    total = 2 * (tokens[0] - 1) * 3 * patch**2 * width
+    for n, m in itertools.pairwise(tokens):
+        total += 6 * n * width * width + 4 * n * n * width + 2 * n * width * width + 4 * m * width * hidden
+    return float(total)
+
+
+def run(model, batches, r, options) -> dict:
+    if r is None:
+        model.set_r(None)
+    else:
+        model.set_r(r, unmerge_output=True, **options)
+    pooled, patches, saliency, tokens = [], [], [], None
+    for pixels in batches:
+        out = model(pixels)
+        pooled.append(out.pooled.float())
+        patches.append(out.patches.float())
+        saliency.append(out.saliency.float())
+        if r is not None:
+            tokens = list(model.module.tome.tokens_per_layer)
+    model.set_r(None)
+    return {
+        "pooled": torch.cat(pooled),
+        "patches": torch.cat(patches),
+        "saliency": torch.cat(saliency),
+        "tokens": tokens,
+    }
+
+
+def measure(model, configs, batch: int = 32, reps: int = 5) -> list[float]:
+    """Measured speedup of every config over the unpatched model: backbone only (as ``tome
+    bench``), random pixels, interleaved runs, the fastest of ``reps`` runs (robust to other
+    processes on a shared machine)."""
+    pixels = torch.randn(batch, 3, model.img_size, model.img_size, generator=torch.Generator().manual_seed(0))
+    settings = [None] + [(r, options) for _, r, options in configs]
+    times: list[list[float]] = [[] for _ in settings]
+    for rep in range(reps + 1):
+        for i, setting in enumerate(settings):
+            if setting is None:
+                model.set_r(None)
+            else:
+                model.set_r(setting[0], unmerge_output=False, **setting[1])
+            start = time.perf_counter()
+            model.run_backbone(pixels)
+            if rep:  # the first round warms up
+                times[i].append(time.perf_counter() - start)
+    model.set_r(None)
+    best = [min(t) for t in times]
+    return [best[0] / b for b in best[1:]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--set", default="default", choices=sorted(SETS))
+    parser.add_argument("--r", nargs="*", help="schedules instead of a set (16, 16:-1.0, 0,8,... per layer)")
+    parser.add_argument(
+        "--layers", nargs="*", default=[], help="per-layer schedules, each as 12 comma-separated ints"
+    )
+    parser.add_argument("--opt", nargs="*", default=[], help="tome.patch options for --r/--layers: key=value")
+    parser.add_argument("--limit", type=int, default=100, help="number of photos (default 100)")
+    parser.add_argument("--batch", type=int, default=25)
+    parser.add_argument("--model", default=f"hf:{MODEL}")
+    parser.add_argument("--speed", action="store_true", help="also time every config (batch 32, 5 reps)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(args.model)
+    paths, _ = find_images([str(IMAGES)])
+    paths = paths[: args.limit]
+    pixels = model.preprocess([open_image(p) for p in paths])
+    batches = pixels.split(args.batch)
+
+    configs = SETS[args.set]
+    if args.r is not None or args.layers:
+        options = {}
+        for item in args.opt:
+            key, _, value = item.partition("=")
+            options[key] = {"true": True, "false": False}.get(value.lower(), value)
+            if isinstance(options[key], str):
+                with contextlib.suppress(ValueError):
+                    options[key] = float(value) if "." in value else int(value)
+        schedules = [s for text in (args.r or []) for s in parse_r(text)]
+        schedules += [[int(v) for v in text.split(",")] for text in args.layers]
+        suffix = " ".join(f"{k}={v}" for k, v in options.items())
+        configs = [
+            (f"{r_label(s) if not isinstance(s, list) else s} {suffix}".strip(), s, options)
+            for s in schedules
+        ]
+
+    start = time.perf_counter()
+    ref = run(model, batches, None, {})
+    base_tokens = [model.protected + model.num_patches] * (len(model.blocks) + 1)
+    base_flops = flops(base_tokens, model.width)
+    print(f"{model.describe()}; {len(paths)} photos; reference in {time.perf_counter() - start:.1f} s\n")
+    speed = measure(model, configs) if args.speed else [None] * len(configs)
+    print("| config | tokens | FLOP-ideal | measured | CLS cos | min CLS cos | patch cos | saliency corr |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (label, r, options), measured in zip(configs, speed, strict=True):
+        out = run(model, batches, r, options)
+        cls = F.cosine_similarity(out["pooled"], ref["pooled"], dim=-1)
+        patch = F.cosine_similarity(out["patches"], ref["patches"], dim=-1).mean(1)
+        sal = pearson(out["saliency"], ref["saliency"])
+        tokens = out["tokens"]
+        ideal = base_flops / flops(tokens, model.width)
+        print(
+            f"| {label} | {tokens[0]}→{tokens[-1]} | {ideal:.2f}x | "
+            f"{'–' if measured is None else f'{measured:.2f}x'} | {cls.mean():.4f} | {cls.min():.4f} "
+            f"| {patch.mean():.4f} | {sal.mean():.4f} |",
+            flush=True,
+        )
+    print(f"\n{time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
