@@ -10,16 +10,19 @@ from tome.merge import MODES, MergeHistory, attention_bias, max_r
 from tome.merger import TokenMerger
 from tome.patch import ToMeHandle, patch, unpatch
 from tome.schedule import resolve_schedule
+from tome.tune import TuneResult, tune
 
 __all__ = [
     "MODES",
     "MergeHistory",
     "ToMeHandle",
     "TokenMerger",
+    "TuneResult",
     "attention_bias",
     "max_r",
     "patch",
     "resolve_schedule",
+    "tune",
     "unpatch",
 ]
 __version__ = "0.1.0"

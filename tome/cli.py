@@ -1,4 +1,4 @@
-"""The ``tome`` command: ``tome demo | viz | bench | eval``.
+"""The ``tome`` command: ``tome demo | viz | bench | eval | tune``.
 
 See ``tome --help`` and ``tome COMMAND --help``. User errors (missing images, unknown model,
 weights that do not fit, bad ``--r``, an output folder that cannot be written) print one line to
@@ -318,6 +318,62 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# -- tune ------------------------------------------------------------------------------------
+
+
+def cmd_tune(args) -> int:
+    import json
+
+    from tome.models import open_image
+    from tome.tune import TuneError, tune
+
+    _positive("--limit", args.limit)
+    _positive("--max-evals", args.max_evals)
+    _positive("--batch", args.batch)
+    if not args.target > 1:
+        raise UserError(f"--target must be a speedup > 1 (e.g. 2.0), got {args.target:g}")
+    paths = _images(args.images)
+    if not paths:
+        raise UserError("no images found")
+    paths = _readable(paths, args)[: args.limit]
+    model = _load(args)
+    images = [open_image(path) for path in paths]
+    try:
+        result = tune(
+            model,
+            images,
+            args.target,
+            budget=args.budget,
+            patch_weight=args.patch_weight,
+            max_evals=args.max_evals,
+            batch=args.batch,
+            progress=not args.quiet,
+        )
+    except TuneError as error:
+        raise UserError(str(error)) from None
+    if args.json:
+        print(json.dumps({"model": model.name, "img_size": model.img_size, **result.to_dict()}, indent=2))
+        return 0
+    measured = "–" if result.measured_speedup is None else f"{result.measured_speedup:.2f}x"
+    print(
+        f"{model.name}, {model.img_size}px, {result.images} calibration images, target {result.target_speedup:g}x"
+    )
+    print(f"schedule: {result.r_text}")
+    print(f"tokens after each block: {' '.join(str(t) for t in result.tokens[1:])}")
+    print(f"speedup: {result.flops_speedup:.2f}x FLOP-ideal, {measured} measured")
+    print(
+        f"fidelity: CLS cosine {result.cls_cosine:.4f} (min {result.min_cls_cosine:.4f}), "
+        f"patch cosine {result.patch_cosine:.4f}"
+    )
+    print(
+        f"best ramp {result.start} = [{','.join(map(str, result.start_schedule))}]: "
+        f"CLS cosine {result.start_cls_cosine:.4f}, "
+        f"patch cosine {result.start_patch_cosine:.4f}"
+    )
+    print(f"{result.evaluations} evaluations in {result.seconds:.0f}s; use it with: --r '{result.r_text}'")
+    return 0
+
+
 # -- demo ------------------------------------------------------------------------------------
 
 
@@ -371,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  tome demo                                   # bundled photos, default model, offline\n"
         "  tome viz photos/ --r 16 --out pictures/\n"
         "  tome bench --r 0,8,13,16 --batch 32 --plot speed.png\n"
-        "  tome eval --images val/ --r 8,16:-1.0 --json > fidelity.json\n\n" + _EPILOG_MODELS,
+        "  tome eval --images val/ --r 8,16:-1.0 --json > fidelity.json\n"
+        "  tome tune --images photos/ --target 2.0\n\n" + _EPILOG_MODELS,
     )
     from tome import __version__
 
@@ -468,6 +525,45 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print JSON instead of the table")
     _add_model_args(ev)
     ev.set_defaults(func=cmd_eval)
+
+    tu = sub.add_parser(
+        "tune",
+        help="the per-layer schedule for a target speedup with the best fidelity",
+        formatter_class=_Formatter,
+        description="Search a per-layer r schedule that reaches the target speedup (FLOP-ideal, or measured "
+        "on this machine) with the best fidelity to the unmerged model on calibration images: ramps "
+        "(r, inflection) first, then moving merges between blocks. Prints the schedule for --r.",
+        epilog="examples:\n"
+        "  tome tune --images photos/ --target 2.0\n"
+        "  tome tune --images photos/ --target 1.5 --budget flops --limit 16 --json\n\n" + _EPILOG_MODELS,
+    )
+    tu.add_argument(
+        "--images", nargs="+", required=True, metavar="DIR", help="calibration image folder(s) or files"
+    )
+    tu.add_argument("--target", type=float, default=2.0, help="speedup to reach (default: 2.0)")
+    tu.add_argument(
+        "--budget",
+        choices=("measured", "flops"),
+        default="measured",
+        help="measured: time it on this machine (default); flops: FLOP-ideal speedup only",
+    )
+    tu.add_argument(
+        "--limit", type=int, default=32, metavar="N", help="calibration images used (default: 32)"
+    )
+    tu.add_argument(
+        "--max-evals", type=int, default=120, metavar="N", help="forward passes per round (default: 120)"
+    )
+    tu.add_argument(
+        "--patch-weight",
+        type=float,
+        default=1.0,
+        metavar="W",
+        help="weight of the patch-token cosine next to the CLS cosine (default: 1.0)",
+    )
+    tu.add_argument("--batch", type=int, default=16, help="batch size (default: 16)")
+    tu.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _add_model_args(tu)
+    tu.set_defaults(func=cmd_tune)
     return parser
 
 

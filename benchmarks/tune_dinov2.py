@@ -1,0 +1,76 @@
+"""``tome.tune`` on the shared DINOv2-S/14: search on calibration photos, check on all of them.
+
+    python benchmarks/tune_dinov2.py [--target 2.0] [--calibration 32] [--budget measured]
+
+1. ``tome.tune`` finds a per-layer schedule for the target speedup on the first N photos;
+2. ``tome.eval`` compares it with ToMe's decreasing ramp (16, -1.0) on every photo (CLS, patch
+   cosine, saliency correlation), and ``tome.bench`` times both (interleaved, median).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tome import tune  # noqa: E402
+from tome.bench import format_table as bench_table  # noqa: E402
+from tome.bench import run_bench  # noqa: E402
+from tome.eval import evaluate  # noqa: E402
+from tome.eval import format_table as eval_table  # noqa: E402
+from tome.models import DEFAULT_MODEL, find_images, load_model, open_image  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--images", default=str(ROOT.parent / "shared" / "images" / "imagenet-samples"))
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--target", type=float, default=2.0)
+    parser.add_argument("--calibration", type=int, default=32)
+    parser.add_argument("--budget", choices=("measured", "flops"), default="measured")
+    parser.add_argument("--max-evals", type=int, default=120)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--json", metavar="FILE")
+    args = parser.parse_args()
+
+    model = load_model(args.model)
+    paths, _ = find_images([args.images])
+    result = tune(
+        model,
+        [open_image(p) for p in paths[: args.calibration]],
+        args.target,
+        budget=args.budget,
+        max_evals=args.max_evals,
+    )
+    print(
+        f"schedule {result.r_text}: {result.flops_speedup:.2f}x FLOP-ideal, measured {result.measured_speedup}"
+    )
+    print(
+        f"calibration: CLS {result.cls_cosine:.4f}, patch {result.patch_cosine:.4f} ({result.seconds:.0f}s)"
+    )
+    rs = [(16, -1.0), list(result.schedule)]
+    rows = evaluate(model, lambda i: open_image(paths[i]), len(paths), rs)
+    print(eval_table(rows))
+    bench = run_bench(model, rs, batch=32, reps=args.reps)
+    print(bench_table(bench, per_layer=False))
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "tune": result.to_dict(),
+                    "eval": [row.__dict__ for row in rows],
+                    "bench": [row.__dict__ for row in bench],
+                },
+                indent=2,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""tome.tune / tome tune: per-layer schedules for a target speedup, on tiny random models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import tome
+from tome.cli import main
+from tome.data import demo_images
+from tome.models import from_module, parse_r, r_label
+from tome.tune import TuneError, schedule_flops, schedule_tokens
+
+timm = pytest.importorskip("timm")
+
+FAST = dict(budget="flops", progress=False, max_evals=12)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is faster, and immune to a busy machine's thread contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _timm(**kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    kwargs = {"img_size": 64, "depth": 4, **kwargs}
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs).eval()
+
+
+def _pixels(n: int = 8, size: int = 64) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def _state(model: nn.Module) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_reaches_flop_target_deterministically_and_restores_the_model():
+    model, pixels = _timm(), _pixels()
+    before = _state(model)
+    with torch.no_grad():
+        reference = model(pixels)
+    result = tome.tune(model, pixels, 2.0, **FAST)
+    again = tome.tune(model, pixels, 2.0, **FAST)
+    assert result.schedule == again.schedule and result.fidelity == again.fidelity
+    assert len(result.schedule) == 4 and all(isinstance(r, int) and r >= 0 for r in result.schedule)
+    assert result.flops_speedup >= 2.0 and result.measured_speedup is None
+    wrapper = from_module(model)
+    assert result.flops_speedup == pytest.approx(
+        schedule_flops(wrapper, [0] * 4) / schedule_flops(wrapper, result.schedule)
+    )
+    assert (
+        -1 <= result.cls_cosine <= 1
+        and result.fidelity >= result.start_cls_cosine + result.start_patch_cosine - 1e-6
+    )
+    assert "tome" not in model.__dict__  # unpatched again, bit-identical
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(pixels), reference)
+
+
+def test_apply_leaves_the_schedule_and_token_counts_match():
+    model, pixels = _timm(), _pixels()
+    result = tome.tune(model, pixels, 1.5, apply=True, **FAST)
+    assert model.tome.r == result.schedule
+    with torch.no_grad():
+        model(pixels)
+    assert model.tome.tokens_per_layer == result.tokens == schedule_tokens(result.schedule, 17, 1)
+
+
+def test_patched_model_keeps_its_settings():
+    model, pixels = _timm(), _pixels()
+    tome.patch(model, r=3, prop_attn=False)
+    tome.tune(model, pixels, 1.5, **FAST)
+    assert model.tome.r == 3 and model.tome.prop_attn is False
+    result = tome.tune(model, pixels, 1.5, apply=True, **FAST)
+    assert model.tome.r == result.schedule and model.tome.prop_attn is False
+
+
+def test_model_without_class_token_uses_pooled_output():
+    model = _timm(class_token=False, global_pool="avg")
+    result = tome.tune(model, _pixels(), 1.5, **FAST)
+    assert result.flops_speedup >= 1.5 and result.tokens[0] == 16
+
+
+def test_transformers_and_paths():
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("PIL")
+    config = transformers.Dinov2Config(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, mlp_ratio=2, image_size=48, patch_size=8
+    )
+    torch.manual_seed(0)
+    model = transformers.Dinov2Model(config).eval()
+    paths = [str(p) for p in demo_images()] * 3  # 9 images, read and preprocessed by tune
+    result = tome.tune(model, paths, 1.6, **FAST)
+    assert len(result.schedule) == 3 and result.flops_speedup >= 1.6 and result.images == 9
+
+
+def test_measured_budget_times_the_schedule():
+    result = tome.tune(
+        _timm(), _pixels(), 1.5, budget="measured", progress=False, max_evals=4, reps=1, rounds=1
+    )
+    assert result.measured_speedup > 0 and 1 <= len(result.history) <= 2
+    # tiny models time badly (overheads): the FLOP target is corrected at most by max_correction
+    assert all(1.5 / 1.15 - 1e-9 <= h["flop_target"] <= 1.5 * 1.15 + 1e-9 for h in result.history)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (dict(images=_pixels(3)), TuneError, "at least 8 calibration images, got 3"),
+        (dict(target_speedup=0.0), TuneError, "positive"),
+        (dict(target_speedup=-2.0), TuneError, "positive"),
+        (dict(target_speedup=1.0), TuneError, "> 1"),
+        (dict(target_speedup=50.0), TuneError, "at most"),
+        (dict(images=_pixels(8, 32)), TuneError, "64x64"),
+        (dict(images="photos/"), TypeError, "images"),
+        (dict(budget="fast"), ValueError, "budget"),
+    ],
+)
+def test_bad_input(kwargs, error, message):
+    args = {"model": _timm(), "images": _pixels(), "target_speedup": 2.0, **FAST, **kwargs}
+    with pytest.raises(error, match=message):
+        tome.tune(**args)
+
+
+def test_unsupported_model():
+    with pytest.raises(TypeError, match="does not support"):
+        tome.tune(nn.Linear(3, 3), _pixels(), 2.0, **FAST)
+
+
+def test_parse_r_per_layer_list():
+    assert parse_r("8,[4,2,0],16:-1.0") == [8, [4, 2, 0], (16, -1.0)]
+    assert r_label([4, 2, 0]) == "[4,2,0]"
+
+
+TINY = ["--model", "timm:vit_tiny_patch16_224", "--random-init", "--img-size", "64", "-q"]
+
+
+def test_cli_tune(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        for path in demo_images():
+            (folder / f"{i}_{path.name}").write_bytes(path.read_bytes())
+    args = [
+        "tune",
+        "--images",
+        str(folder),
+        "--target",
+        "1.5",
+        "--budget",
+        "flops",
+        "--max-evals",
+        "6",
+        *TINY,
+    ]
+    assert main([*args, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["schedule"]) == 12 and data["flops_speedup"] >= 1.5 and data["images"] == 9
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "schedule: [" in out and "CLS cosine" in out
+    # the printed schedule goes into eval as it is
+    assert (
+        main(["eval", "--images", str(folder), "--limit", "2", "--r", r_label(data["schedule"]), *TINY]) == 0
+    )
+    capsys.readouterr()
+
+    for extra, message in (
+        (["--limit", "4"], "at least 8"),
+        (["--target", "99"], "at most"),
+        (["--target", "0.5"], "--target"),
+    ):
+        assert main([*args, *extra]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tome: error:")]
+        assert len(err) == 1 and message in err[0]
