@@ -449,13 +449,18 @@ class Model:
 
     def set_r(self, r, **kwargs) -> None:
         """Patch with schedule ``r`` (None: unpatch, the exact original model)."""
-        if r is None:
-            tome.unpatch(self.module)
-        elif self.patched and not kwargs and self.module.tome.unmerge_output:
-            self.module.tome.r = r
-        else:
-            kwargs.setdefault("unmerge_output", True)
-            tome.patch(self.module, r, **kwargs)
+        try:
+            if r is None:
+                tome.unpatch(self.module)
+            elif self.patched and not kwargs and self.module.tome.unmerge_output:
+                self.module.tome.r = r
+            else:
+                kwargs.setdefault("unmerge_output", True)
+                tome.patch(self.module, r, **kwargs)
+        except (ValueError, TypeError) as error:
+            # A schedule that does not fit this model (e.g. more entries than layers) is a
+            # user error on the command line.
+            raise UserError(f"--r {r_label(r)}: {error}") from error
 
     # -- preprocessing ---------------------------------------------------------------------
 
