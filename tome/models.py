@@ -671,19 +671,13 @@ def _load_weights(module: nn.Module, path: Path, spec: str) -> None:
         raise UserError(f"--weights {path} do not fit {spec}: {detail[:300]}") from None
 
 
-def _timm_model(name: str, weights: Path | None, random_init: bool, img_size: int | None) -> Model:
-    _require("timm", "timm")
-    import timm
-
-    kwargs = {"img_size": img_size} if img_size else {}
-    spec = f"timm:{name}"
-    notes: list[str] = []
-    if not timm.is_model(name):
-        raise UserError(f"unknown timm model {name!r} (see timm.list_models())")
-    pretrained = weights is None and not random_init and not _offline()
-    _quiet_hub()
+def _build_vit(
+    spec: str, build, pretrained: bool, weights: Path | None, notes: list[str], library: str
+) -> nn.Module:
+    """Build a ViT with ``build()``, load local ``weights``, and turn failures into one-line
+    user errors (shared by the timm and torchvision loaders)."""
     try:
-        module = timm.create_model(name, pretrained=pretrained, **kwargs)
+        module = build()
     except Exception as error:
         if not pretrained:
             raise UserError(f"{spec}: {type(error).__name__}: {error}") from None
@@ -696,7 +690,31 @@ def _timm_model(name: str, weights: Path | None, random_init: bool, img_size: in
     elif not pretrained:
         notes.append("random weights")
     if type(module).__name__ != "VisionTransformer":
-        raise UserError(f"{spec}: a {type(module).__name__}; tome supports timm VisionTransformer models")
+        raise UserError(
+            f"{spec}: a {type(module).__name__}; tome supports {library} VisionTransformer models"
+        )
+    return module
+
+
+def _timm_model(name: str, weights: Path | None, random_init: bool, img_size: int | None) -> Model:
+    _require("timm", "timm")
+    import timm
+
+    kwargs = {"img_size": img_size} if img_size else {}
+    spec = f"timm:{name}"
+    notes: list[str] = []
+    if not timm.is_model(name):
+        raise UserError(f"unknown timm model {name!r} (see timm.list_models())")
+    pretrained = weights is None and not random_init and not _offline()
+    _quiet_hub()
+    module = _build_vit(
+        spec,
+        lambda: timm.create_model(name, pretrained=pretrained, **kwargs),
+        pretrained,
+        weights,
+        notes,
+        "timm",
+    )
     cfg = getattr(module, "pretrained_cfg", {}) or {}
     size = module.patch_embed.img_size
     patch = module.patch_embed.patch_size
@@ -831,21 +849,14 @@ def _torchvision_model(name: str, weights: Path | None, random_init: bool, img_s
     pretrained = weights is None and not random_init and not _offline()
     kwargs = {"image_size": img_size} if img_size else {}
     notes: list[str] = []
-    try:
-        module = builder(weights="DEFAULT" if pretrained else None, **kwargs)
-    except Exception as error:
-        if not pretrained:
-            raise UserError(f"{spec}: {type(error).__name__}: {error}") from None
-        raise UserError(
-            f"{spec}: cannot get pretrained weights ({type(error).__name__}); "
-            "pass --weights PATH for a local checkpoint or --random-init"
-        ) from None
-    if weights is not None:
-        _load_weights(module, weights, spec)
-    elif not pretrained:
-        notes.append("random weights")
-    if type(module).__name__ != "VisionTransformer":
-        raise UserError(f"{spec}: a {type(module).__name__}; tome supports torchvision VisionTransformer")
+    module = _build_vit(
+        spec,
+        lambda: builder(weights="DEFAULT" if pretrained else None, **kwargs),
+        pretrained,
+        weights,
+        notes,
+        "torchvision",
+    )
     labels = None
     if pretrained:
         enum = torchvision.models.get_model_weights(name)
