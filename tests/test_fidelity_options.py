@@ -1,5 +1,5 @@
-"""The fidelity options of tome.patch (metric, energy, unmerge_detail, mode, size_penalty,
-keep_outliers) on tiny random timm and transformers models: shapes, r=0 exactness, invariants."""
+"""The merging options of tome.patch (metric, mode, unmerge_detail, keep_outliers) on tiny random
+timm, transformers and torchvision models: shapes, r=0 exactness, invariants."""
 
 from __future__ import annotations
 
@@ -12,17 +12,21 @@ from tome import merge as M
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
 
+ORIGINAL = {"metric": "keys", "mode": "mean", "unmerge_detail": False}  # ToMe as published
+DENSE = {"metric": "head_keys", "unmerge_detail": True, "unmerge_output": True}
 OPTIONS = {
-    "metric_x": {"metric": "x"},
-    "energy": {"energy": True},
-    "energy_pool4": {"energy": 4.0},
+    "defaults": {},
+    "original": ORIGINAL,
+    "keys": {"metric": "keys"},
+    "mean": {"mode": "mean"},
+    "head_keys": {"metric": "head_keys"},
     "detail": {"unmerge_detail": True},
-    "mlerp": {"mode": "mlerp"},
-    "size_penalty": {"size_penalty": 0.05},
+    "dense": DENSE,
     "keep_outliers": {"keep_outliers": 3},
-    "all": {"metric": "x", "energy": True, "unmerge_detail": True, "mode": "mlerp", "size_penalty": 0.05,
-            "keep_outliers": 2},
-}  # fmt: skip
+    "unmerged_output": {"unmerge_output": True},
+    "original_unmerged": {**ORIGINAL, "unmerge_output": True},
+    "all": {**DENSE, "keep_outliers": 2},
+}
 
 
 def timm_model(depth: int = 3, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -68,68 +72,117 @@ def test_r0_exact_shapes_and_round_trip(family, name):
     n0 = ref.shape[1]
     merged = n0 - 3 * 4
     assert model.tome.tokens_per_layer == [n0, n0 - 4, n0 - 8, merged]
-    full = OPTIONS[name].get("unmerge_detail", False)
+    full = OPTIONS[name].get("unmerge_output", False)
     assert out.shape == (2, n0 if full else merged, ref.shape[2])
     assert torch.isfinite(out).all()
     assert model.tome.sizes.sum(1).tolist() == [float(n0)] * 2
     assert model.tome.unmerge(out).shape == ref.shape
     assert not torch.allclose(out[:, :1], ref[:, :1])  # something was merged
     for key, value in OPTIONS[name].items():
-        assert getattr(model.tome, key) == value
+        assert model.tome.patch_options()[key] == value
     tome.unpatch(model)
     assert torch.equal(run(model, x), ref)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
-def test_defaults_are_tome():
+def test_defaults_and_patch_options():
     model, x = timm_model()
     tome.patch(model, r=4)
+    assert model.tome.options == tome.MergeOptions()
+    assert model.tome.patch_options() == {
+        "prop_attn": True, "unmerge_output": False, "metric": "keys", "mode": "mlerp",
+        "unmerge_detail": False, "keep_outliers": 0,
+    }  # fmt: skip
     default = run(model, x)
-    tome.patch(model, r=4, metric="keys", energy=False, unmerge_detail=False, mode="mean", size_penalty=0.0,
-               keep_outliers=0)  # fmt: skip
+    tome.patch(model, r=4, metric="keys", mode="mlerp", unmerge_detail=False, keep_outliers=0)
     assert torch.equal(run(model, x), default)
+    tome.patch(model, r=4, **ORIGINAL)
+    assert not torch.equal(run(model, x), default)
 
 
-def test_metric_x_changes_the_merges_and_skips_keys():
+def test_head_keys_weigh_every_head_equally():
+    """One head with huge keys decides ``keys`` (their mean over heads) but not ``head_keys``."""
+    torch.manual_seed(0)
+    keys = torch.randn(2, 9, 3, 4)
+    keys[:, :, 0] *= 1000
+    mean = tome.MergeOptions(metric="keys").similarity_features(keys)
+    per_head = tome.MergeOptions(metric="head_keys").similarity_features(keys)
+    assert mean.shape == (2, 9, 4) and per_head.shape == (2, 9, 12)
+    cos = per_head @ per_head.transpose(1, 2) / 3  # mean over heads of the per-head cosines
+    expected = torch.nn.functional.cosine_similarity(keys[:, :, None], keys[:, None, :], dim=-1).mean(-1)
+    torch.testing.assert_close(cos, expected, atol=1e-5, rtol=1e-5)
+    # with metric="keys", head 0 alone decides
+    torch.testing.assert_close(M.best_edges(mean, 0)[1], M.best_edges(keys[:, :, 0], 0)[1])
+
+
+def test_metric_changes_the_merges():
     model, x = timm_model()
-    tome.patch(model, r=6)
+    tome.patch(model, r=6, metric="keys")
     run(model, x)
     keys_source = model.tome.source.clone()
-    tome.patch(model, r=6, metric="x")
+    tome.patch(model, r=6, metric="head_keys")
     run(model, x)
     assert not torch.equal(model.tome.source, keys_source)
 
 
 def test_patch_twice_keeps_the_new_options_and_bad_options_raise():
     model, _ = timm_model()
-    tome.patch(model, r=4, mode="mlerp", keep_outliers=2)
+    tome.patch(model, r=4, mode="mean", keep_outliers=2)
     with pytest.raises(ValueError, match="metric"):
         tome.patch(model, r=4, metric="queries")
     # the earlier patch is still in place, with its options
-    assert model.tome.mode == "mlerp" and model.tome.keep_outliers == 2
-    for bad in ({"energy": 1.5}, {"mode": "max"}, {"size_penalty": -1}, {"keep_outliers": -1},
-                {"keep_outliers": 1.5}):  # fmt: skip
+    assert model.tome.options.mode == "mean" and model.tome.options.keep_outliers == 2
+    for bad in ({"mode": "max"}, {"keep_outliers": -1}, {"keep_outliers": 1.5}, {"metric": "x"}):
         with pytest.raises(ValueError):
             tome.patch(model, r=4, **bad)
+    with pytest.raises(TypeError, match="unmerge_detail"):
+        tome.patch(model, r=4, unmerge_detail="yes")
     tome.unpatch(model)
     assert "tome" not in model.__dict__
 
 
-def test_unmerge_detail_keeps_the_group_means():
-    """With the final norm removed, the detail tokens average (over each final group, size-
-    weighted) to exactly the merged tokens: the detail only redistributes within groups."""
-    model, x = timm_model()
-    model.norm = torch.nn.Identity()
-    tome.patch(model, r=5)
-    merged = run(model, x)
-    tome.patch(model, r=5, unmerge_detail=True)
-    full = run(model, x)
-    assert full.shape[1] == model.tome.source.shape[1]
-    assert full.shape[1] > merged.shape[1]
+@pytest.mark.parametrize("family", ["timm", "transformers", "torchvision"])
+def test_unmerge_detail_only_with_unmerged_output(family):
+    """``unmerge_detail`` changes only what ``unmerge_output`` returns, and only within groups."""
+    if family == "torchvision":
+        torchvision = pytest.importorskip("torchvision")
+        torch.manual_seed(0)
+        model = torchvision.models.VisionTransformer(
+            image_size=32, patch_size=8, num_layers=3, num_heads=2, hidden_dim=16, mlp_dim=32
+        ).eval()
+        x = torch.randn(2, 3, 32, 32)
+        model.encoder.ln = torch.nn.Identity()
+
+        def forward(m):
+            with torch.no_grad():
+                patches = m._process_input(x)
+                return m.encoder(torch.cat([m.class_token.expand(2, -1, -1), patches], dim=1))
+
+    else:
+        model, x = timm_model() if family == "timm" else hf_model()
+        if family == "timm":
+            model.norm = torch.nn.Identity()
+        else:
+            model.layernorm = torch.nn.Identity()
+
+        def forward(m):
+            return run(m, x)
+
+    tome.patch(model, r=5, unmerge_output=True, unmerge_detail=False, mode="mean")
+    plain = forward(model)
+    tome.patch(model, r=5, unmerge_output=False, unmerge_detail=True, mode="mean")
+    merged = forward(model)
+    torch.testing.assert_close(model.tome.unmerge(merged), plain)
+    tome.patch(model, r=5, unmerge_output=True, unmerge_detail=True, mode="mean")
+    full = forward(model)
+    assert full.shape[1] == model.tome.source.shape[1] > merged.shape[1]
+    # mean mode: the detail tokens average (size-weighted, over each final group) to exactly the
+    # merged tokens: the detail only redistributes within groups
     torch.testing.assert_close(M.merge_original(model.tome.history, full), merged, atol=1e-4, rtol=1e-4)
+    assert full.shape == plain.shape
     # and the originals within a group now differ
-    assert not torch.allclose(full, model.tome.unmerge(merged))
-    # the pooled (class token) output does not change
+    assert not torch.allclose(full, plain)
+    # the class token does not change
     torch.testing.assert_close(full[:, 0], merged[:, 0])
 
 
@@ -143,21 +196,6 @@ def test_keep_outliers_never_merges_the_largest_tokens():
     plan = M.bipartite_soft_matching(x, 8, protected=1, token_bias=bias)
     moved = torch.cat([plan.src, plan.kept.gather(1, plan.dst)], dim=1)
     assert not (moved == 7).any() and not (moved == 12).any()
-
-
-def test_energy_merges_only_the_redundant_tokens():
-    torch.manual_seed(0)
-    metric = torch.randn(2, 1, 8).expand(2, 17, 8).clone() + 0.05 * torch.randn(2, 17, 8)
-    metric[:, 3] = torch.randn(2, 8)  # isolated tokens: low energy
-    metric[:, 10] = torch.randn(2, 8)
-    energy = M.energy_score(metric, protected=1)
-    assert energy.shape == (2, 17) and torch.equal(energy[:, 0], torch.ones(2))
-    assert (energy[:, 3] < energy[:, 5]).all() and (energy[:, 10] < energy[:, 5]).all()
-    bias = M.isolation_bias(energy, 4, protected=1)
-    assert bias[:, 3].eq(-4).all() and bias[:, 10].eq(-4).all()
-    plan = M.bipartite_soft_matching(metric, 4, protected=1, token_bias=bias)
-    moved = torch.cat([plan.src, plan.kept.gather(1, plan.dst)], dim=1)
-    assert not (moved == 3).any() and not (moved == 10).any()
 
 
 def test_token_bias_none_and_zero_are_plain_tome():

@@ -125,7 +125,7 @@ def test_patch_twice_is_one_patch():
 
 def test_unmerge_output():
     model, x = make()
-    tome.patch(model, r=4, unmerge_output=True)
+    tome.patch(model, r=4, unmerge_output=True, unmerge_detail=False)  # plain copies
     seq = torch.cat([model.class_token.expand(2, -1, -1), model._process_input(x)], dim=1)
     with torch.no_grad():
         logits = model(x)
@@ -176,7 +176,7 @@ def test_eval_matches_reference_attention():
 
         got, keys = _attention(model.encoder.layers[0].self_attention, y, None)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    assert keys.shape == (2, 9, 16)
+    assert keys.shape == (2, 9, 2, 16)  # per head
 
 
 @pytest.mark.parametrize(

@@ -163,7 +163,7 @@ def test_unpatch_round_trip(name):
 
 @pytest.mark.parametrize("name", SEQUENCE_CLASSES)
 def test_unmerge_output(name):
-    model, x = tome.patch(make(name), r=5), inputs()
+    model, x = tome.patch(make(name), r=5, unmerge_detail=False), inputs()  # plain copies
     n0, counts = num_tokens(name), expected_counts(num_tokens(name), 5, protected(name))
     with torch.no_grad():
         merged = model(x)
@@ -202,7 +202,8 @@ def _layer_norm(norm: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 def test_patch_mean_pooling_is_size_weighted(name, unmerge_output):
     """Heads averaging the patch tokens see each original token once: the size-weighted mean."""
     model, x = make(name), inputs()
-    tome.patch(model, r=7, unmerge_output=unmerge_output)
+    # (unmerge_detail would return the last layer's output at full length, with details)
+    tome.patch(model, r=7, unmerge_output=unmerge_output, unmerge_detail=False)
     with torch.no_grad():
         out = model(x, output_hidden_states=True)
         last = out.hidden_states[-1]  # output of the last layer: merged

@@ -280,7 +280,7 @@ def test_flop_count_matches_torch_flop_counter(benchmarks):
     for block in model.blocks:
         block.attn.fused_attn = False  # explicit attention matmuls, which the counter sees
     spec = speed._timm_model(model, 56)
-    B, D = x.shape[0], 32  # head_dim of the matching keys
+    B, D = x.shape[0], 32  # head_dim: the matching metric is the keys averaged over heads
     for r in (0, 4):
         tome.patch(model, r=r)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:

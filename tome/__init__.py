@@ -8,13 +8,14 @@ torch.Size([2, 7, 8])
 
 from tome.merge import MODES, MergeHistory, attention_bias, max_r
 from tome.merger import TokenMerger
-from tome.patch import ToMeHandle, patch, unpatch
+from tome.patch import MergeOptions, ToMeHandle, patch, unpatch
 from tome.schedule import resolve_schedule
 from tome.tune import TuneResult, tune
 
 __all__ = [
     "MODES",
     "MergeHistory",
+    "MergeOptions",
     "ToMeHandle",
     "TokenMerger",
     "TuneResult",

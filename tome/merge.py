@@ -29,8 +29,6 @@ __all__ = [
     "attention_bias",
     "bipartite_soft_matching",
     "dense_adjacency",
-    "energy_score",
-    "isolation_bias",
     "max_r",
     "merge",
     "merge_original",
@@ -269,7 +267,7 @@ def bipartite_soft_matching(
         mask_id: id of padding tokens, which merge with each other first.
         token_bias: optional ``(B, N)`` float term added to the score of every edge that
             touches a token (e.g. ``-4`` keeps a token out of every merge unless nothing else
-            is left; see :func:`energy_score`). ``None``: plain ToMe.
+            is left; see :func:`outlier_bias`). ``None``: plain ToMe.
 
     Returns:
         The :class:`MergePlan`. Matching carries no gradient.
@@ -386,11 +384,28 @@ def merge(plan: MergePlan, x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
         return _scatter_into_kept(plan, work, mode).to(x.dtype)
     out = _mean(plan, x)
     if mode == "mlerp":
-        work = x.to(_reduce_dtype(x))
-        largest = _scatter_into_kept(plan, _feature_norm(work), "amax")
-        scale = largest / _feature_norm(out).clamp_min(1e-6)
-        out = out * scale.view(scale.shape + (1,) * (x.dim() - 2))
+        _rescale_destinations(plan, x, out)
     return out.to(x.dtype)
+
+
+def _rescale_destinations(plan: MergePlan, x: torch.Tensor, out: torch.Tensor) -> None:
+    """mlerp, in place on ``out`` (the group means): every group that received tokens gets the
+    largest norm among the tokens it combined. Only the ``r`` destination rows are touched:
+    any other group is one token, already its own largest."""
+    B, kept = out.shape[:2]
+    target = plan.kept.gather(1, plan.dst)  # input index of each moved token's destination
+    moved_norm = _feature_norm(_gather_tokens(x, plan.src).to(out.dtype))
+    target_norm = _feature_norm(_gather_tokens(x, target).to(out.dtype))
+    largest = out.new_zeros((B, kept), dtype=moved_norm.dtype)
+    largest = largest.scatter_reduce(1, plan.dst, torch.maximum(moved_norm, target_norm), reduce="amax")
+    rows = _gather_tokens(out, plan.dst)
+    scale = largest.gather(1, plan.dst) / _feature_norm(rows).clamp_min(1e-6)
+    # A destination that received several tokens appears several times, always with the same
+    # rescaled value, so the order of the writes does not matter.
+    flat = out.view(B * kept, *out.shape[2:])
+    flat.index_copy_(
+        0, _rows(plan.dst, kept), (rows * scale.view(scale.shape + (1,) * (x.dim() - 2))).flatten(0, 1)
+    )
 
 
 def advance(history: MergeHistory, plan: MergePlan) -> MergeHistory:
@@ -432,47 +447,6 @@ def attention_bias(sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     mask of shape ``(B, 1, 1, N)`` for ``scaled_dot_product_attention``: a token that holds
     ``s`` originals gets the attention weight of ``s`` copies."""
     return sizes.log().to(dtype)[:, None, None, :]
-
-
-def energy_score(
-    metric: torch.Tensor, protected: int = 0, margin: float = 0.5, alpha: float = 1.0
-) -> torch.Tensor:
-    """Energy of every token in the similarity graph of ``metric`` (B, N, D): ``(B, N)`` float32.
-
-    After PiToMe (Tran et al., "Accelerating Transformers with Spectrum-Preserving Token
-    Merging", NeurIPS 2024): ``E_i = mean_j f(cos(x_i, x_j))`` over the unprotected tokens, with
-    ``f(c) = c`` above ``margin`` and ``alpha * (exp(c - margin) - 1)`` below. Tokens in a large
-    group of similar tokens (background) have a high energy and can be merged with little loss;
-    isolated tokens (small objects, edges) have a low energy and are worth keeping apart.
-    Protected tokens get the maximum energy, 1 (they are never merged anyway). Computed without
-    gradient, in float32.
-    """
-    with torch.no_grad():
-        x = _normalize(metric[:, protected:])
-        if torch.is_autocast_enabled(x.device.type):
-            with torch.autocast(x.device.type, enabled=False):
-                sims = x @ x.transpose(-1, -2)
-        else:
-            sims = x @ x.transpose(-1, -2)
-        sims = torch.where(sims >= margin, sims, alpha * torch.expm1(sims - margin))
-        energy = sims.mean(dim=-1)
-        if protected:
-            energy = torch.cat([energy.new_ones(energy.shape[0], protected), energy], dim=1)
-    return energy
-
-
-def isolation_bias(energy: torch.Tensor, r: int, protected: int = 0, pool: float = 2.0) -> torch.Tensor:
-    """``(B, N)`` token bias for :func:`bipartite_soft_matching` that keeps the isolated tokens
-    out of the merge: only the ``pool * r`` unprotected tokens of highest :func:`energy_score`
-    may merge (PiToMe's merge set, ``pool = 2``); the others get ``-4`` (below any cosine
-    similarity), so they merge only if fewer than ``r`` edges are left among the candidates."""
-    B, N = energy.shape
-    count = min(max(int(pool * r), 2 * r), N - protected)
-    rank = energy[:, protected:].argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
-    bias = torch.where(rank < count, 0.0, -4.0).to(torch.float32)
-    if protected:
-        bias = torch.cat([bias.new_zeros(B, protected), bias], dim=1)
-    return bias
 
 
 def outlier_bias(x: torch.Tensor, k: int, protected: int = 0) -> torch.Tensor:

@@ -5,9 +5,11 @@ submodules and call the handle at three points of every block::
 
     state = handle.begin_layer(i, x)                  # history of the tokens entering block i
     bias = handle.attention_bias(state, x.dtype)      # log(size) mask, or None
-    ... attention(x, mask=bias), residual ...
-    x = handle.merge_layer(i, state, x, keys)         # between attention and MLP
+    ... attention(x, mask=bias), residual ...         # per-head keys k: (B, N, heads, head_dim)
+    metric = handle.similarity_features(k) if handle.wants_keys(i, N) else None
+    x = handle.merge_layer(i, state, x, metric)       # between attention and MLP
     ... MLP, residual ...
+    x = handle.end_layer(i, x)                        # after the last block: unmerge + detail
 
 State lives per model and per forward pass: block 0 starts a fresh history, block i reads what
 block i - 1 wrote. Because each block writes its own slot (never pops a shared list), recomputing
@@ -17,39 +19,70 @@ a block (gradient checkpointing) gives the same result.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 
 from tome import merge as M
 from tome.merge import MergeHistory
 from tome.schedule import Schedule, check_schedule, resolve_schedule
 
-__all__ = ["LayerState", "ToMeHandle", "check_options"]
+__all__ = ["LayerState", "MergeOptions", "ToMeHandle"]
 
-METRICS = ("keys", "x")
-MERGE_MODES = ("mean", "mlerp")
+METRICS = ("keys", "head_keys")
+MERGE_MODES = ("mlerp", "mean")
 
 
-def check_options(
-    *,
-    metric: str = "keys",
-    energy: bool | float = False,
-    mode: str = "mean",
-    size_penalty: float = 0.0,
-    keep_outliers: int = 0,
-) -> None:
-    """Raise a clear error for a bad keyword option of :func:`tome.patch`."""
-    if metric not in METRICS:
-        raise ValueError(f"metric: expected one of {', '.join(METRICS)}, got {metric!r}")
-    if mode not in MERGE_MODES:
-        raise ValueError(f"mode: expected one of {', '.join(MERGE_MODES)}, got {mode!r}")
-    if not isinstance(energy, bool) and (not isinstance(energy, int | float) or not energy >= 2):
-        raise ValueError(f"energy: expected False, True or a merge-pool factor >= 2, got {energy!r}")
-    if isinstance(size_penalty, bool) or not isinstance(size_penalty, int | float) or not size_penalty >= 0:
-        raise ValueError(f"size_penalty: expected a number >= 0, got {size_penalty!r}")
-    if isinstance(keep_outliers, bool) or not isinstance(keep_outliers, int) or keep_outliers < 0:
-        raise ValueError(f"keep_outliers: expected an int >= 0, got {keep_outliers!r}")
+@dataclass(frozen=True)
+class MergeOptions:
+    """How a patched model merges: the keyword options of :func:`tome.patch` that are fixed
+    when patching (``r``, ``prop_attn`` and ``unmerge_output`` stay settable on the handle).
+
+    The defaults are the best measured at equal *measured* speed on a real model
+    (``benchmarks/fidelity.py``, README): ToMe with ``mode="mlerp"``.
+    ``MergeOptions(mode="mean")`` is the original ToMe.
+
+    Attributes:
+        metric: what similarity decides the merges: ``"keys"`` (the cosine similarity of the
+            keys averaged over heads, as in ToMe) or ``"head_keys"`` (the mean over heads of
+            each head's key cosine similarity: better dense outputs at equal FLOPs, but a
+            matching product ``heads`` times wider, which costs ~3% of a ViT-S forward on CPU).
+        mode: ``"mlerp"`` (the size-weighted mean, rescaled to the largest norm among the
+            tokens it combines: ToFu, Kim et al., WACV 2024) or ``"mean"`` (ToMe).
+        unmerge_detail: when the output is unmerged (``unmerge_output``), give every original
+            token back its own deviation from what its group became at each merge (better
+            dense outputs at equal FLOPs; ~2% of a ViT-S forward on CPU in memory traffic).
+        keep_outliers: in every merging block, the ``k`` unprotected tokens of largest norm are
+            kept out of the merge (Darcet et al., "Vision Transformers Need Registers", 2024).
+    """
+
+    metric: str = "keys"
+    mode: str = "mlerp"
+    unmerge_detail: bool = False
+    keep_outliers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ValueError(f"metric: expected one of {', '.join(METRICS)}, got {self.metric!r}")
+        if self.mode not in MERGE_MODES:
+            raise ValueError(f"mode: expected one of {', '.join(MERGE_MODES)}, got {self.mode!r}")
+        if not isinstance(self.unmerge_detail, bool):
+            raise TypeError(f"unmerge_detail: expected True or False, got {self.unmerge_detail!r}")
+        if (
+            isinstance(self.keep_outliers, bool)
+            or not isinstance(self.keep_outliers, int)
+            or self.keep_outliers < 0
+        ):
+            raise ValueError(f"keep_outliers: expected an int >= 0, got {self.keep_outliers!r}")
+
+    def similarity_features(self, keys: torch.Tensor) -> torch.Tensor:
+        """The matching metric from per-head keys ``(B, N, heads, head_dim)``: ``(B, N, D)``."""
+        if self.metric == "keys":
+            return keys.mean(dim=-2)
+        # Every head normalized on its own, then concatenated: the cosine similarity of the
+        # result is the mean of the per-head cosines, so no head dominates by its key norm.
+        return F.normalize(keys.float(), dim=-1).flatten(-2)
 
 
 @dataclass(frozen=True)
@@ -66,21 +99,10 @@ class ToMeHandle:
 
     Attributes:
         r: the schedule (int, per-layer list or ``(r, inflection)``); settable.
-        prop_attn: add ``log(size)`` to attention logits (proportional attention).
-        unmerge_output: return the model's token outputs at the original length.
-        metric: what similarity is measured on: ``"keys"`` (attention keys averaged over
-            heads, ToMe) or ``"x"`` (the hidden states being merged).
-        energy: keep isolated tokens out of the merge (PiToMe's energy score): ``False``, or
-            ``True`` / a float ``pool >= 2``: only the ``pool * r`` tokens of highest energy
-            may merge (``True`` is ``pool = 2``, as in PiToMe).
-        unmerge_detail: after the last block, return the tokens at the original length, every
-            original token with its own deviation from its group's mean at the time it was
-            merged added back (memory O(B N0 C) per merging block).
-        mode: how tokens are merged: ``"mean"`` (ToMe) or ``"mlerp"`` (ToFu).
-        size_penalty: ``beta``: every edge's score loses ``beta * log(size)`` of its tokens, so
-            large groups grow more slowly.
-        keep_outliers: in every merging block, the ``k`` unprotected tokens of largest norm
-            (DINOv2's high-norm "register-like" tokens) are kept out of the merge.
+        prop_attn: add ``log(size)`` to attention logits (proportional attention); settable.
+        unmerge_output: return the model's token outputs at the original length; settable.
+        options: the :class:`MergeOptions` the model was patched with (fixed; patch again to
+            change them).
         protected: leading tokens never merged (class/distillation/register tokens).
         num_layers: number of patched blocks.
         tokens_per_layer: after a forward pass, the token count each block saw (input), plus
@@ -95,34 +117,22 @@ class ToMeHandle:
         protected: int,
         prop_attn: bool = True,
         unmerge_output: bool = False,
-        metric: str = "keys",
-        energy: bool | float = False,
-        unmerge_detail: bool = False,
-        mode: str = "mean",
-        size_penalty: float = 0.0,
-        keep_outliers: int = 0,
+        options: MergeOptions | None = None,
         family: str = "",
     ) -> None:
-        check_options(
-            metric=metric, energy=energy, mode=mode, size_penalty=size_penalty, keep_outliers=keep_outliers
-        )
         self.num_layers = num_layers
         self.protected = protected
         self.prop_attn = bool(prop_attn)
         self.unmerge_output = bool(unmerge_output)
-        self.metric = metric
-        self.energy = energy
-        self.unmerge_detail = bool(unmerge_detail)
-        self.mode = mode
-        self.size_penalty = float(size_penalty)
-        self.keep_outliers = int(keep_outliers)
-        # Per block: the summed deviations of every original token from its group after that
-        # block (unmerge_detail). Slots, like the histories, so that a block recomputed by
-        # gradient checkpointing sees exactly what it saw in its forward pass.
-        self._details: list[torch.Tensor | None] = [None] * num_layers
+        self.options = MergeOptions() if options is None else options
         self.family = family
         self.r = r
+        # Per block, slots (never a shared list that is popped): a block recomputed by gradient
+        # checkpointing sees exactly what it saw in its forward pass.
         self._histories: list[MergeHistory | None] = [None] * num_layers
+        # unmerge_detail: per merging block, (each input token's deviation from what its group
+        # became, the plan's index map); None for blocks that merged nothing.
+        self._deviations: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
         self.tokens_per_layer: list[int] = []
         self._undo: list[Callable[[], None]] = []
 
@@ -143,6 +153,10 @@ class ToMeHandle:
         """The schedule resolved to one int per layer (before capping at what each layer can
         merge)."""
         return list(self._r_per_layer)
+
+    def patch_options(self) -> dict:
+        """The keyword options of :func:`tome.patch` this handle has now (for patching again)."""
+        return {"prop_attn": self.prop_attn, "unmerge_output": self.unmerge_output, **asdict(self.options)}
 
     # -- the block protocol (used by adapters) -------------------------------------------------
 
@@ -176,53 +190,68 @@ class ToMeHandle:
         """Tokens block ``index`` removes: its schedule entry, capped at what it can merge."""
         return min(self._r_per_layer[index], M.max_r(num_tokens, self.protected))
 
+    def wants_keys(self, index: int, num_tokens: int) -> bool:
+        """Whether block ``index`` (with ``num_tokens`` tokens) needs the keys: it merges."""
+        return self.layer_r(index, num_tokens) > 0
+
+    def similarity_features(self, keys: torch.Tensor) -> torch.Tensor:
+        """The matching metric from per-head keys ``(B, N, heads, head_dim)``."""
+        return self.options.similarity_features(keys)
+
+    def _tracks_detail(self) -> bool:
+        return self.options.unmerge_detail and self.unmerge_output
+
     def merge_layer(
-        self, index: int, state: LayerState, x: torch.Tensor, keys: torch.Tensor | None
+        self, index: int, state: LayerState, x: torch.Tensor, metric: torch.Tensor | None
     ) -> torch.Tensor:
-        """Merge ``x`` (B, N, C) by the similarity of ``keys`` (B, N, D); record the history.
-        ``keys`` may be ``None`` where the block removes nothing (``layer_r`` is 0)."""
+        """Merge ``x`` (B, N, C) by the similarity of ``metric`` (B, N, D), from
+        :meth:`similarity_features`; record the history. ``metric`` may be ``None`` where the
+        block removes nothing (:meth:`wants_keys` is False)."""
         r = self.layer_r(index, x.shape[1])
-        detail = self._details[index - 1] if index > 0 and state.merged else None
-        self._details[index] = detail
         # Slot assignments, not truncation: a block recomputed by gradient checkpointing (during
         # backward, last block first) rewrites its own count and keeps the later ones.
+        self._deviations[index] = None
         if r == 0:
             self._histories[index] = state.history
             self.tokens_per_layer[index + 1 : index + 2] = [x.shape[1]]
             return x
-        metric = x if self.metric == "x" or keys is None else keys
+        if metric is None:
+            raise RuntimeError(f"tome: block {index} merges {r} tokens but its adapter passed no keys")
         bias = None
-        if self.energy is not False:
-            pool = 2.0 if self.energy is True else float(self.energy)
-            energy = M.energy_score(metric, self.protected)
-            bias = M.isolation_bias(energy, r, self.protected, pool)
-        if self.size_penalty and state.merged:
-            penalty = -self.size_penalty * state.history.sizes.log()
-            bias = penalty if bias is None else bias + penalty
-        if self.keep_outliers:
-            outliers = M.outlier_bias(x, self.keep_outliers, self.protected)
-            bias = outliers if bias is None else bias + outliers
+        if self.options.keep_outliers:
+            bias = M.outlier_bias(x, self.options.keep_outliers, self.protected)
         plan = M.bipartite_soft_matching(metric, r, state.history, self.protected, token_bias=bias)
         history = M.advance(state.history, plan)
         self._histories[index] = history
         self.tokens_per_layer[index + 1 : index + 2] = [history.num_tokens]
-        merged = M.merge(plan, x, self.mode)
-        if self.unmerge_detail:
-            # Each token's deviation from its group, in original-token order, summed over layers.
-            deviation = M.unmerge(state.history.source, x - M.unmerge(plan.index, merged))
-            self._details[index] = deviation if detail is None else detail + deviation
+        merged = M.merge(plan, x, self.options.mode)
+        if self._tracks_detail():
+            self._deviations[index] = (x - M.unmerge(plan.index, merged), plan.index)
         return merged
 
     def end_layer(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """The output ``x`` of block ``index``; after the last block with ``unmerge_detail``,
-        the tokens at the original length, each with its own detail added back."""
-        detail = self._details[index]
-        if index != self.num_layers - 1 or not self.unmerge_detail or detail is None:
+        """The output ``x`` of block ``index``; after the last block, with ``unmerge_output``
+        and ``unmerge_detail``, the tokens at the original length, each with its detail."""
+        if index != self.num_layers - 1 or not self._tracks_detail():
             return x
         history = self._histories[index]
         if history is None or history.num_tokens == history.num_original:
             return x
-        return M.unmerge(history.source, x) + detail.to(x.dtype)
+        return M.unmerge(history.source, x) + self._detail().to(x.dtype)
+
+    def _detail(self) -> torch.Tensor:
+        """Every original token's summed deviations ``(B, N0, C)``: from the last block down,
+        each block's sum is carried to its input tokens (one gather by the plan's index) and
+        that block's own deviations are added; block 0's input tokens are the originals."""
+        total = None
+        for entry in reversed(self._deviations):
+            if entry is None:
+                continue  # nothing merged: this block's input tokens are its output tokens
+            deviation, index = entry
+            total = deviation if total is None else M.unmerge(index, total) + deviation
+        if total is None:
+            raise RuntimeError("tome: no block of this forward pass recorded merge details")
+        return total
 
     # -- results -------------------------------------------------------------------------------
 
@@ -242,7 +271,8 @@ class ToMeHandle:
         return None if self.history is None else self.history.sizes
 
     def unmerge(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Bring the model's merged tokens ``(B, N, ...)`` back to ``(B, N0, ...)``."""
+        """Bring the model's merged tokens ``(B, N, ...)`` back to ``(B, N0, ...)`` (every
+        original token gets its group's value; no detail)."""
         history = self.history
         if history is None:
             raise RuntimeError("tome: run a forward pass of the patched model before unmerge()")
@@ -267,21 +297,9 @@ class ToMeHandle:
         while self._undo:
             self._undo.pop()()
 
-    def options(self) -> dict:
-        """The keyword options of :func:`tome.patch` this handle was made with."""
-        return {
-            "prop_attn": self.prop_attn,
-            "unmerge_output": self.unmerge_output,
-            "metric": self.metric,
-            "energy": self.energy,
-            "unmerge_detail": self.unmerge_detail,
-            "mode": self.mode,
-            "size_penalty": self.size_penalty,
-            "keep_outliers": self.keep_outliers,
-        }
-
     def __repr__(self) -> str:
         return (
             f"ToMeHandle(family={self.family!r}, r={self.r!r}, layers={self.num_layers}, "
-            f"protected={self.protected}, prop_attn={self.prop_attn}, unmerge_output={self.unmerge_output})"
+            f"protected={self.protected}, prop_attn={self.prop_attn}, unmerge_output={self.unmerge_output}, "
+            f"options={self.options})"
         )

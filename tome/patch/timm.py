@@ -56,10 +56,10 @@ def _make_block_forward(index: int, handle: ToMeHandle, captured: dict):
 
 def _make_key_hook(index: int, handle: ToMeHandle, captured: dict):
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        # k: (B, heads, N, head_dim) -> the metric: keys averaged over heads, (B, N, head_dim);
-        # not computed for a block that removes nothing.
-        if handle.metric == "keys" and handle.layer_r(index, output.shape[2]) > 0:
-            captured["keys"] = output.mean(dim=1)
+        # k: (B, heads, N, head_dim) -> the matching metric; not computed for a block that
+        # removes nothing.
+        if handle.wants_keys(index, output.shape[2]):
+            captured["keys"] = handle.similarity_features(output.transpose(1, 2))
 
     return hook
 
@@ -79,7 +79,7 @@ def _pool(model: nn.Module, x: torch.Tensor, pool_type: str | None = None) -> to
     return type(model).pool(model, x, pool_type)
 
 
-def apply(model: nn.Module, *, r, **options) -> ToMeHandle:
+def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
     blocks = list(model.blocks)
     for index, block in enumerate(blocks):
         _check_block(index, block)
@@ -89,7 +89,7 @@ def apply(model: nn.Module, *, r, **options) -> ToMeHandle:
         len(blocks),
         r,
         protected=model.num_prefix_tokens,
-        **options,
+        **settings,
     )
     for index, block in enumerate(blocks):
         captured: dict = {}

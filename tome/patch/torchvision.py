@@ -4,7 +4,7 @@ Each block is re-composed from its own submodules (``ln_1``, ``self_attention``,
 ``ln_2``, ``mlp``). ``nn.MultiheadAttention`` does not expose its keys, so attention is computed
 here from the module's own parameters: one ``F.linear`` with ``in_proj_weight``/``in_proj_bias``
 gives q, k and v; ``scaled_dot_product_attention`` takes proportional attention as its float
-``attn_mask``; ``out_proj`` projects back. The keys, averaged over heads, are the metric.
+``attn_mask``; ``out_proj`` projects back. The keys give the matching metric.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _check_block(index: int, block: nn.Module) -> None:
 def _attention(
     mha: nn.MultiheadAttention, x: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Self-attention of ``mha`` on ``x`` (B, N, C): ``(output, keys averaged over heads)``."""
+    """Self-attention of ``mha`` on ``x`` (B, N, C): ``(output, keys (B, N, heads, head_dim))``."""
     B, N, C = x.shape
     heads = mha.num_heads
     qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
@@ -59,7 +59,7 @@ def _attention(
     dropout_p = mha.dropout if mha.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
     out = mha.out_proj(out.transpose(1, 2).reshape(B, N, C))
-    return out, k.mean(dim=1)
+    return out, k.transpose(1, 2)
 
 
 def _make_block_forward(index: int, handle: ToMeHandle):
@@ -70,7 +70,8 @@ def _make_block_forward(index: int, handle: ToMeHandle):
         bias = handle.attention_bias(state, input.dtype)
         attn_out, keys = _attention(block.self_attention, block.ln_1(input), bias)
         x = input + block.dropout(attn_out)
-        x = handle.merge_layer(index, state, x, keys)
+        metric = handle.similarity_features(keys) if handle.wants_keys(index, x.shape[1]) else None
+        x = handle.merge_layer(index, state, x, metric)
         return handle.end_layer(index, x + block.mlp(block.ln_2(x)))
 
     return forward
@@ -83,7 +84,7 @@ def _make_output_hook(handle: ToMeHandle):
     return hook
 
 
-def apply(model: nn.Module, *, r, **options) -> ToMeHandle:
+def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
     encoder = getattr(model, "encoder", None)
     layers = getattr(encoder, "layers", None)
     if not isinstance(layers, nn.Sequential) or not isinstance(getattr(encoder, "ln", None), nn.Module):
@@ -98,7 +99,7 @@ def apply(model: nn.Module, *, r, **options) -> ToMeHandle:
         len(blocks),
         r,
         protected=1,  # the class token
-        **options,
+        **settings,
     )
     for index, block in enumerate(blocks):
         replace_method(block, "forward", _make_block_forward(index, handle), handle)

@@ -199,10 +199,10 @@ def _make_layer_forward(index: int, handle: ToMeHandle, layout: _Layout, capture
 
 def _make_key_hook(index: int, handle: ToMeHandle, captured: dict, head_dim: int):
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        # (B, N, heads * head_dim) -> the metric: keys averaged over heads, (B, N, head_dim);
-        # not computed for a layer that removes nothing.
-        if handle.metric == "keys" and handle.layer_r(index, output.shape[1]) > 0:
-            captured["keys"] = output.unflatten(-1, (-1, head_dim)).mean(dim=-2)
+        # (B, N, heads * head_dim) -> the matching metric; not computed for a layer that
+        # removes nothing.
+        if handle.wants_keys(index, output.shape[1]):
+            captured["keys"] = handle.similarity_features(output.unflatten(-1, (-1, head_dim)))
 
     return hook
 
@@ -230,7 +230,7 @@ def _make_output_hook(handle: ToMeHandle, always: bool):
     return hook
 
 
-def apply(model: nn.Module, *, r, **options) -> ToMeHandle:
+def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
     backbone, family = _find_backbone(model)
     layers = list(_get(backbone, family.layers))
     for index, layer in enumerate(layers):
@@ -242,7 +242,7 @@ def apply(model: nn.Module, *, r, **options) -> ToMeHandle:
         len(layers),
         r,
         protected=protected,
-        **options,
+        **settings,
     )
     for index, layer in enumerate(layers):
         captured: dict = {}
