@@ -100,7 +100,8 @@ def test_transformers_and_paths():
     model = transformers.Dinov2Model(config).eval()
     paths = [str(p) for p in demo_images()] * 3  # 9 images, read and preprocessed by tune
     result = tome.tune(model, paths, 1.6, **FAST)
-    assert len(result.schedule) == 3 and result.flops_speedup >= 1.6 and result.images == 9
+    assert len(result.schedule) == 3 and result.flops_speedup >= 1.6
+    assert result.images == 7 and result.heldout_images == 2  # holdout=0.25 of 9
 
 
 def test_measured_budget_times_the_schedule():
@@ -129,6 +130,22 @@ def test_bad_input(kwargs, error, message):
     args = {"model": _timm(), "images": _pixels(), "target_speedup": 2.0, **FAST, **kwargs}
     with pytest.raises(error, match=message):
         tome.tune(**args)
+
+
+def test_heldout_check():
+    """The search's schedule is kept only if it does no worse than its starting ramp on images
+    the search never saw; holdout=0 searches on every image, unchecked."""
+    model, pixels = _timm(), _pixels(12)
+    result = tome.tune(model, pixels, 2.0, **FAST)
+    assert result.images == 9 and result.heldout_images == 3
+    assert result.heldout_fidelity >= result.heldout_start_fidelity - 1e-6
+    if not result.search_kept:
+        assert result.schedule == result.start_schedule
+    unchecked = tome.tune(model, pixels, 2.0, holdout=0, **FAST)
+    assert unchecked.images == 12 and unchecked.heldout_images == 0 and unchecked.heldout_fidelity is None
+    for bad in (1.0, -0.1, True, "0.2"):
+        with pytest.raises(ValueError, match="holdout"):
+            tome.tune(model, pixels, 2.0, holdout=bad, **FAST)
 
 
 def test_unsupported_model():
@@ -164,10 +181,11 @@ def test_cli_tune(tmp_path, capsys):
     ]
     assert main([*args, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert len(data["schedule"]) == 12 and data["flops_speedup"] >= 1.5 and data["images"] == 9
+    assert len(data["schedule"]) == 12 and data["flops_speedup"] >= 1.5
+    assert data["images"] == 7 and data["heldout_images"] == 2  # --holdout 0.25 of 9
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "schedule: [" in out and "CLS cosine" in out
+    assert "schedule: [" in out and "CLS cosine" in out and "held-out check" in out
     # the printed schedule goes into eval as it is
     assert (
         main(["eval", "--images", str(folder), "--limit", "2", "--r", r_label(data["schedule"]), *TINY]) == 0

@@ -347,6 +347,7 @@ def cmd_tune(args) -> int:
             patch_weight=args.patch_weight,
             max_evals=args.max_evals,
             batch=args.batch,
+            holdout=args.holdout,
             progress=not args.quiet,
         )
     except TuneError as error:
@@ -356,7 +357,8 @@ def cmd_tune(args) -> int:
         return 0
     measured = "–" if result.measured_speedup is None else f"{result.measured_speedup:.2f}x"
     print(
-        f"{model.name}, {model.img_size}px, {result.images} calibration images, target {result.target_speedup:g}x"
+        f"{model.name}, {model.img_size}px, {result.images} calibration + {result.heldout_images} held-out "
+        f"images, target {result.target_speedup:g}x"
     )
     print(f"schedule: {result.r_text}")
     print(f"tokens after each block: {' '.join(str(t) for t in result.tokens[1:])}")
@@ -370,6 +372,12 @@ def cmd_tune(args) -> int:
         f"CLS cosine {result.start_cls_cosine:.4f}, "
         f"patch cosine {result.start_patch_cosine:.4f}"
     )
+    if result.heldout_fidelity is not None:
+        verdict = "kept" if result.search_kept else "not kept: the ramp did better on held-out images"
+        print(
+            f"held-out check: objective {result.heldout_fidelity:.4f} vs ramp {result.heldout_start_fidelity:.4f} "
+            f"(search {verdict})"
+        )
     print(f"{result.evaluations} evaluations in {result.seconds:.0f}s; use it with: --r '{result.r_text}'")
     return 0
 
@@ -559,6 +567,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         metavar="W",
         help="weight of the patch-token cosine next to the CLS cosine (default: 1.0)",
+    )
+    tu.add_argument(
+        "--holdout",
+        type=float,
+        default=0.25,
+        metavar="F",
+        help="fraction of the images kept out of the search to check it (default: 0.25; 0: none)",
     )
     tu.add_argument("--batch", type=int, default=16, help="batch size (default: 16)")
     tu.add_argument("--json", action="store_true", help="print JSON instead of text")

@@ -12,6 +12,10 @@ The search, all forward passes under ``torch.inference_mode`` on a small calibra
    block ``j`` (|i - j| <= ``span``) the fewest extra merges that keep the FLOPs within budget
    (or none, when there is slack). A move is kept when it raises the fidelity; steps shrink from
    coarse to 1 merge; the search stops when no move helps or ``max_evals`` is spent.
+   **Held-out check.** The last ``holdout`` fraction of the images takes no part in the search;
+   the searched schedule is kept only if it is at least as faithful on them as the parametric
+   start (small moves can fit the calibration images' noise: on a real DINOv2, moving one merge
+   changes the mean CLS cosine of 100 photos by up to 0.004).
 4. **Measured** (``budget="measured"``): the found schedule and merging switched off are timed
    in interleaved runs on this machine; when the measured speedup misses the target (or beats it
    by more than ``tolerance``), the FLOP target is corrected by ``target / measured`` and steps
@@ -72,10 +76,14 @@ class TuneResult:
     start_schedule: list[int]  # ... resolved per layer (the local search starts here)
     start_cls_cosine: float
     start_patch_cosine: float
-    images: int
+    images: int  # calibration images the search used
     evaluations: int
     seconds: float
     history: list[dict] = field(default_factory=list)  # one entry per measured round
+    heldout_images: int = 0
+    heldout_fidelity: float | None = None  # the objective on the held-out images
+    heldout_start_fidelity: float | None = None  # ... of the parametric start
+    search_kept: bool = True  # False: the held-out check fell back to the parametric start
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -373,6 +381,7 @@ def tune(
     rounds: int = 2,
     tolerance: float = 0.02,
     max_correction: float = 0.15,
+    holdout: float = 0.25,
     patch_kwargs: dict | None = None,
     progress: bool = True,
 ) -> TuneResult:
@@ -400,6 +409,8 @@ def tune(
         max_evals: forward passes over the calibration images spent on the local search (a
             measured correction round spends a quarter of it).
         span: a move shifts merges between blocks at most this far apart.
+        holdout: fraction of the images (the last ones) kept out of the search to check it
+            (at least 2 images when > 0); 0 uses every image for the search, unchecked.
         batch: images per forward pass. reps: timed runs per setting (measured).
         progress: a tqdm bar on stderr (off when not a TTY).
 
@@ -432,10 +443,18 @@ def tune(
             raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
     if span < 1 or rounds < 0 or patch_weight < 0 or max_correction < 0:
         raise ValueError("span must be >= 1; rounds, patch_weight and max_correction >= 0")
+    if isinstance(holdout, bool) or not isinstance(holdout, int | float) or not 0 <= holdout < 1:
+        raise ValueError(f"holdout: expected a fraction in [0, 1), got {holdout!r}")
 
     wrapper = _wrap(model)
     module = wrapper.module
     pixels = _pixels(wrapper, images, min_images)
+    held = max(2, round(holdout * len(pixels))) if holdout > 0 else 0
+    if held and len(pixels) - held < 2:
+        raise TuneError(
+            f"images: {len(pixels)} images leave too few for the search after holdout={holdout:g}"
+        )
+    pixels, heldout_pixels = pixels[: len(pixels) - held], pixels[len(pixels) - held :]
     layers = len(wrapper.blocks)
     flops = _Flops(wrapper)
     reachable = _best_reachable(flops, layers)
@@ -450,16 +469,19 @@ def tune(
     module.eval()
     previous = module.__dict__.get("tome")
     previous_r = previous.r if previous is not None else None
-    extra = (max(max_evals // 4, 8) + 8) * (rounds if budget == "measured" else 0)
-    bar = _progress(max_evals + 9 + extra, progress, "tune")
+    extra = (max(max_evals // 4, 8) + 10) * (rounds if budget == "measured" else 0)
+    bar = _progress(max_evals + 11 + extra, progress, "tune")
     try:
         if previous is None:
             # Reference first, from the untouched model; then patch once and only change r.
             scorer = _Scorer(wrapper, pixels, batch, patch_weight, bar)
+            checker = _Scorer(wrapper, heldout_pixels, batch, patch_weight, bar) if held else None
             tome.patch(module, 0, **(patch_kwargs or {}))
         else:
             module.tome.r = 0
             scorer = _Scorer(wrapper, pixels, batch, patch_weight, bar)
+            checker = _Scorer(wrapper, heldout_pixels, batch, patch_weight, bar) if held else None
+        search_kept = True
         round_start = 0
 
         def counter() -> int:
@@ -485,7 +507,11 @@ def tune(
             start = max(candidates, key=lambda s: scorer(s)[0])
             # A correction round starts from the best schedule so far, rescaled: a shorter search.
             evals = max_evals if round_start == 0 else max(max_evals // 4, 8)
-            best = _local_search(start, flops, limit, scorer, span=span, max_evals=evals, counter=counter)
+            searched = _local_search(start, flops, limit, scorer, span=span, max_evals=evals, counter=counter)
+            # The held-out check: a searched schedule that does worse than where it started on
+            # images it never saw fitted noise.
+            search_kept = checker is None or checker(searched)[0] >= checker(start)[0] - _TOL
+            best = searched if search_kept else start
             round_start = scorer.evaluations
             if budget == "flops":
                 break
@@ -531,6 +557,10 @@ def tune(
             evaluations=scorer.evaluations,
             seconds=time.perf_counter() - started,
             history=history,
+            heldout_images=held,
+            heldout_fidelity=checker(best)[0] if checker is not None else None,
+            heldout_start_fidelity=checker(start_schedule)[0] if checker is not None else None,
+            search_kept=search_kept,
         )
     except BaseException:
         apply = False
