@@ -2,9 +2,11 @@
 
     python benchmarks/tune_dinov2.py [--target 2.0] [--calibration 32] [--budget measured]
 
-1. ``tome.tune`` finds a per-layer schedule for the target speedup on the first N photos;
-2. ``tome.eval`` compares it with ToMe's decreasing ramp (16, -1.0) on every photo (CLS, patch
-   cosine, saliency correlation), and ``tome.bench`` times both (interleaved, median).
+1. ``tome.tune`` finds a per-layer schedule for the target speedup on the first N photos (of
+   which it holds out a quarter to check its own search);
+2. ``tome.eval`` compares it with the ramps (16, -1.0) and (16, -0.75) on the photos tune never
+   saw and on every photo (CLS, patch cosine, saliency correlation), and ``tome.bench`` times
+   them (interleaved, median).
 """
 
 from __future__ import annotations
@@ -52,9 +54,15 @@ def main() -> None:
         f"schedule {result.r_text}: {result.flops_speedup:.2f}x FLOP-ideal, measured {result.measured_speedup}"
     )
     print(
-        f"calibration: CLS {result.cls_cosine:.4f}, patch {result.patch_cosine:.4f} ({result.seconds:.0f}s)"
+        f"calibration: CLS {result.cls_cosine:.4f}, patch {result.patch_cosine:.4f} ({result.seconds:.0f}s); "
+        f"held-out check: {result.heldout_fidelity} vs ramp {result.heldout_start_fidelity} "
+        f"(search kept: {result.search_kept}); start {result.start}"
     )
-    rs = [(16, -1.0), list(result.schedule)]
+    rs = [(16, -1.0), (16, -0.75), list(result.schedule)]
+    unseen = paths[args.calibration :]
+    print(f"\n{len(unseen)} photos tune never saw:")
+    print(eval_table(evaluate(model, lambda i: open_image(unseen[i]), len(unseen), rs)))
+    print(f"\nall {len(paths)} photos:")
     rows = evaluate(model, lambda i: open_image(paths[i]), len(paths), rs)
     print(eval_table(rows))
     bench = run_bench(model, rs, batch=32, reps=args.reps)
