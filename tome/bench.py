@@ -10,7 +10,9 @@ layer sizes.
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -152,7 +154,15 @@ def _progress(total: int, enabled: bool, desc: str):
         from tqdm import tqdm
     except ImportError:
         return _NoBar()
-    return tqdm(total=total, desc=desc, leave=False, unit="run", disable=None)  # off when not a TTY
+    # A terminal that reports a size of 0 (e.g. a pty opened without one) would hide the bar.
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+        blank = size.columns == 0 or size.lines == 0
+    except (OSError, ValueError, AttributeError):
+        blank = False
+    fallback = {"ncols": 80, "nrows": 24} if blank else {}
+    # disable=None: no bar when stderr is not a TTY
+    return tqdm(total=total, desc=desc, leave=False, unit="run", disable=None, **fallback)
 
 
 def format_table(rows: Sequence[BenchRow], per_layer: bool = True) -> str:
