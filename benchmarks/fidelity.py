@@ -10,6 +10,7 @@ Pearson correlation of the saliency maps.
     python benchmarks/fidelity.py --set ablation        # one option at a time, at ~2.0x
     python benchmarks/fidelity.py --r 16 16:-1.0 --opt metric=head_keys mode=mean
     python benchmarks/fidelity.py --set final --speed   # with measured speedups
+    python benchmarks/fidelity.py --set final --overhead  # ms spent in the merge step
 
 ``--speed`` also times every config (batch 32, output unmerged, interleaved runs, median of
 ``--reps``), since ``tome bench`` takes schedules but not the patch options.
@@ -159,6 +160,41 @@ def measure(model, configs, batch: int = 32, reps: int = 5) -> list[float]:
     return [median[0] / m for m in median[1:]]
 
 
+def _timed(function, spent: list[float]):
+    """``function``, adding the seconds each call takes to ``spent[0]``."""
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        out = function(*args, **kwargs)
+        spent[0] += time.perf_counter() - start
+        return out
+
+    return timed
+
+
+def overhead(model, configs, batch: int = 32, reps: int = 5) -> list[float]:
+    """Milliseconds per forward (batch 32, output unmerged, median of ``reps``) spent in the
+    handle's merge step: matching features, merging, and the end-of-model unmerge with detail.
+    Less noisy than whole-forward timings for comparing options."""
+    pixels = torch.randn(batch, 3, model.img_size, model.img_size, generator=torch.Generator().manual_seed(0))
+    result = []
+    for _, r, options in configs:
+        model.set_r(r, unmerge_output=True, **options)
+        handle = model.module.tome
+        spent = [0.0]
+        for name in ("similarity_features", "merge_layer", "end_layer"):
+            setattr(handle, name, _timed(getattr(handle, name), spent))
+        per_run = []
+        for rep in range(reps + 1):
+            spent[0] = 0.0
+            model.run_backbone(pixels)
+            if rep:  # the first run warms up
+                per_run.append(spent[0] * 1000)
+        result.append(statistics.median(per_run))
+        model.set_r(None)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -174,6 +210,9 @@ def main() -> None:
     parser.add_argument("--model", default=f"hf:{MODEL}")
     parser.add_argument("--speed", action="store_true", help="also time every config (batch 32, --reps runs)")
     parser.add_argument("--reps", type=int, default=7, help="timed runs per config for --speed")
+    parser.add_argument(
+        "--overhead", action="store_true", help="also time the merge step itself (ms per batch-32 forward)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
 
@@ -209,10 +248,14 @@ def main() -> None:
     base_flops = flops(base_tokens, model.width)
     print(f"{model.describe()}; {len(paths)} photos; reference in {time.perf_counter() - start:.1f} s\n")
     speed = measure(model, configs, reps=args.reps) if args.speed else [None] * len(configs)
-    print("| config | tokens | FLOP-ideal | measured | CLS cos | min CLS cos | patch cos | saliency corr |")
-    print("|---|---|---|---|---|---|---|---|")
+    cost = overhead(model, configs) if args.overhead else [None] * len(configs)
+    print(
+        "| config | tokens | FLOP-ideal | measured | merge step ms | CLS cos | min CLS cos | patch cos "
+        "| saliency corr |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     results: dict[str, tuple[float, float]] = {}
-    for (label, r, options), measured in zip(configs, speed, strict=True):
+    for (label, r, options), measured, ms in zip(configs, speed, cost, strict=True):
         out = run(model, batches, r, options)
         cls = F.cosine_similarity(out["pooled"], ref["pooled"], dim=-1)
         patch = F.cosine_similarity(out["patches"], ref["patches"], dim=-1).mean(1)
@@ -221,7 +264,8 @@ def main() -> None:
         ideal = base_flops / flops(tokens, model.width)
         print(
             f"| {label} | {tokens[0]}→{tokens[-1]} | {ideal:.2f}x | "
-            f"{'–' if measured is None else f'{measured:.2f}x'} | {cls.mean():.4f} | {cls.min():.4f} "
+            f"{'–' if measured is None else f'{measured:.2f}x'} | {'–' if ms is None else f'{ms:.1f}'} "
+            f"| {cls.mean():.4f} | {cls.min():.4f} "
             f"| {patch.mean():.4f} | {sal.mean():.4f} |",
             flush=True,
         )

@@ -433,8 +433,12 @@ def detail_before(handle, num_blocks: int) -> torch.Tensor | None:
     total = None
     for entry in reversed(handle._deviations[:num_blocks]):
         if entry is not None:
-            deviation, index = entry
-            total = deviation if total is None else M.unmerge(index, total) + deviation
+            rows, residuals, index = entry
+            if total is None:
+                total = residuals.new_zeros((index.shape[0], index.shape[1], *residuals.shape[2:]))
+            else:
+                total = M.unmerge(index, total)
+            total = M.add_rows(total, rows, residuals)
     if total is not None:
         for i in range(num_blocks):
             handle._deviations[i] = None

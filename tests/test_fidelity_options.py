@@ -186,6 +186,29 @@ def test_unmerge_detail_only_with_unmerged_output(family):
     torch.testing.assert_close(full[:, 0], merged[:, 0])
 
 
+@pytest.mark.parametrize("mode", ["mean", "mlerp"])
+def test_sparse_residuals_carried_back_equal_the_dense_sum(mode):
+    """unmerge_detail keeps only the rows a merge changed, then carries the sums back from the
+    last block: the same as summing every block's dense residuals in original-token order."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 17, 5)
+    history = M.start_history(3, 17)
+    dense = torch.zeros(3, 17, 5)
+    entries = []
+    for r in (4, 3, 0, 2):
+        plan = M.bipartite_soft_matching(torch.randn(3, x.shape[1], 6), r, history, protected=1)
+        merged = M.merge(plan, x, mode)
+        dense += M.unmerge(history.source, x - M.unmerge(plan.index, merged))
+        if r:
+            entries.append((*M.merge_residuals(plan, x, merged), plan.index))
+        history, x = M.advance(history, plan), merged
+    total = None
+    for rows, residuals, index in reversed(entries):
+        total = residuals.new_zeros(3, index.shape[1], 5) if total is None else M.unmerge(index, total)
+        total = M.add_rows(total, rows, residuals)
+    torch.testing.assert_close(total, dense)
+
+
 def test_keep_outliers_never_merges_the_largest_tokens():
     torch.manual_seed(0)
     x = torch.randn(3, 21, 8)

@@ -26,12 +26,14 @@ __all__ = [
     "MODES",
     "MergeHistory",
     "MergePlan",
+    "add_rows",
     "attention_bias",
     "bipartite_soft_matching",
     "dense_adjacency",
     "max_r",
     "merge",
     "merge_original",
+    "merge_residuals",
     "outlier_bias",
     "start_history",
     "unmerge",
@@ -406,6 +408,39 @@ def _rescale_destinations(plan: MergePlan, x: torch.Tensor, out: torch.Tensor) -
     flat.index_copy_(
         0, _rows(plan.dst, kept), (rows * scale.view(scale.shape + (1,) * (x.dim() - 2))).flatten(0, 1)
     )
+
+
+def merge_residuals(
+    plan: MergePlan, x: torch.Tensor, merged: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a merge step took from every token: ``x[i] - merged[plan.index[i]]``, sparse.
+
+    Only the moved tokens and their destinations change (every other token is its own group's
+    value), so this returns ``(rows, residuals)``: ``(B, 2r)`` token indices into ``x`` and
+    their ``(B, 2r, ...)`` residuals. A destination that received several tokens appears
+    several times, always with the same residual.
+
+    >>> x = torch.randn(2, 9, 4)
+    >>> plan = bipartite_soft_matching(torch.randn(2, 9, 4), 3)
+    >>> merged = merge(plan, x)
+    >>> rows, residuals = merge_residuals(plan, x, merged)
+    >>> dense = x - unmerge(plan.index, merged)
+    >>> torch.allclose(add_rows(torch.zeros_like(x), rows, residuals), dense)
+    True
+    """
+    rows = torch.cat([plan.src, plan.kept.gather(1, plan.dst)], dim=1)
+    groups = torch.cat([plan.dst, plan.dst], dim=1)
+    return rows, _gather_tokens(x, rows) - _gather_tokens(merged, groups)
+
+
+def add_rows(x: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``x[b, rows[b, k]] += values[b, k]``, in place on ``x`` (contiguous ``(B, N, ...)``);
+    returns ``x``. A row repeated within a sample must come with the same value each time
+    (it is added once), as :func:`merge_residuals` gives."""
+    B, N = x.shape[:2]
+    flat = x.view(B * N, *x.shape[2:])
+    index = _rows(rows, N)
+    return flat.index_copy_(0, index, flat.index_select(0, index) + values.flatten(0, 1)).view(x.shape)
 
 
 def advance(history: MergeHistory, plan: MergePlan) -> MergeHistory:

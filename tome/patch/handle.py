@@ -130,9 +130,9 @@ class ToMeHandle:
         # Per block, slots (never a shared list that is popped): a block recomputed by gradient
         # checkpointing sees exactly what it saw in its forward pass.
         self._histories: list[MergeHistory | None] = [None] * num_layers
-        # unmerge_detail: per merging block, (each input token's deviation from what its group
-        # became, the plan's index map); None for blocks that merged nothing.
-        self._deviations: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+        # unmerge_detail: per merging block, (the rows of its input tokens the merge changed,
+        # their residuals, the plan's index map); None for blocks that merged nothing.
+        self._deviations: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * num_layers
         self.tokens_per_layer: list[int] = []
         self._undo: list[Callable[[], None]] = []
 
@@ -226,7 +226,7 @@ class ToMeHandle:
         self.tokens_per_layer[index + 1 : index + 2] = [history.num_tokens]
         merged = M.merge(plan, x, self.options.mode)
         if self._tracks_detail():
-            self._deviations[index] = (x - M.unmerge(plan.index, merged), plan.index)
+            self._deviations[index] = (*M.merge_residuals(plan, x, merged), plan.index)
         return merged
 
     def end_layer(self, index: int, x: torch.Tensor) -> torch.Tensor:
@@ -240,15 +240,20 @@ class ToMeHandle:
         return M.unmerge(history.source, x) + self._detail().to(x.dtype)
 
     def _detail(self) -> torch.Tensor:
-        """Every original token's summed deviations ``(B, N0, C)``: from the last block down,
+        """Every original token's summed residuals ``(B, N0, C)``: from the last block down,
         each block's sum is carried to its input tokens (one gather by the plan's index) and
-        that block's own deviations are added; block 0's input tokens are the originals."""
+        that block's own residuals are added to the rows its merge changed; block 0's input
+        tokens are the originals."""
         total = None
         for entry in reversed(self._deviations):
             if entry is None:
                 continue  # nothing merged: this block's input tokens are its output tokens
-            deviation, index = entry
-            total = deviation if total is None else M.unmerge(index, total) + deviation
+            rows, residuals, index = entry
+            if total is None:
+                total = residuals.new_zeros((index.shape[0], index.shape[1], *residuals.shape[2:]))
+            else:
+                total = M.unmerge(index, total)
+            total = M.add_rows(total, rows, residuals)
         if total is None:
             raise RuntimeError("tome: no block of this forward pass recorded merge details")
         return total
