@@ -410,10 +410,9 @@ def group_refine(b: Bench) -> None:
             def full_length(hidden_states, attention_mask=None, **kwargs):
                 history = handle._histories[-2]
                 if history.num_tokens != history.num_original:
-                    carried = detail_before(handle, len(layers) - 1) if detail else None
                     hidden_states = M.unmerge(history.source, hidden_states)
-                    if carried is not None:
-                        hidden_states = hidden_states + carried
+                    if detail:
+                        hidden_states = hidden_states + detail_before(handle, len(layers) - 1)
                     handle._histories[-2] = M.start_history(hidden_states.shape[0], history.num_original)
                 return forward(hidden_states, attention_mask, **kwargs)
 
@@ -428,20 +427,11 @@ def group_refine(b: Bench) -> None:
         )
 
 
-def detail_before(handle, num_blocks: int) -> torch.Tensor | None:
-    """The summed deviations of the first ``num_blocks`` blocks, per original token."""
-    total = None
-    for entry in reversed(handle._deviations[:num_blocks]):
-        if entry is not None:
-            rows, residuals, index = entry
-            if total is None:
-                total = residuals.new_zeros((index.shape[0], index.shape[1], *residuals.shape[2:]))
-            else:
-                total = M.unmerge(index, total)
-            total = M.add_rows(total, rows, residuals)
-    if total is not None:
-        for i in range(num_blocks):
-            handle._deviations[i] = None
+def detail_before(handle, num_blocks: int) -> torch.Tensor:
+    """The summed residuals of the first ``num_blocks`` blocks, per original token; they are
+    then cleared, so that the handle does not add them again after the last block."""
+    total = handle._detail(num_blocks)
+    handle._deviations[:num_blocks] = [None] * num_blocks
     return total
 
 

@@ -239,13 +239,13 @@ class ToMeHandle:
             return x
         return M.unmerge(history.source, x) + self._detail().to(x.dtype)
 
-    def _detail(self) -> torch.Tensor:
-        """Every original token's summed residuals ``(B, N0, C)``: from the last block down,
-        each block's sum is carried to its input tokens (one gather by the plan's index) and
-        that block's own residuals are added to the rows its merge changed; block 0's input
-        tokens are the originals."""
+    def _detail(self, num_blocks: int | None = None) -> torch.Tensor:
+        """Every original token's summed residuals ``(B, N0, C)`` over the first ``num_blocks``
+        blocks (all by default): from the last block down, each block's sum is carried to its
+        input tokens (one gather by the plan's index) and that block's own residuals are added
+        to the rows its merge changed; block 0's input tokens are the originals."""
         total = None
-        for entry in reversed(self._deviations):
+        for entry in reversed(self._deviations[:num_blocks]):
             if entry is None:
                 continue  # nothing merged: this block's input tokens are its output tokens
             rows, residuals, index = entry
