@@ -55,6 +55,11 @@ class MergeOptions:
             dense outputs at equal FLOPs; ~2% of a ViT-S forward on CPU in memory traffic).
         keep_outliers: in every merging block, the ``k`` unprotected tokens of largest norm are
             kept out of the merge (Darcet et al., "Vision Transformers Need Registers", 2024).
+
+    >>> MergeOptions(mode="mean")  # the original ToMe
+    MergeOptions(metric='keys', mode='mean', unmerge_detail=False, keep_outliers=0)
+    >>> MergeOptions(metric="head_keys").similarity_features(torch.randn(2, 5, 6, 64)).shape
+    torch.Size([2, 5, 384])
     """
 
     metric: str = "keys"
