@@ -13,7 +13,7 @@ Pearson correlation of the saliency maps.
     python benchmarks/fidelity.py --set final --overhead  # ms spent in the merge step
 
 ``--speed`` also times every config (batch 32, output unmerged, interleaved runs, median of
-``--reps``), since ``tome bench`` takes schedules but not the patch options.
+``--reps``); ``--overhead`` times only the merge step.
 """
 
 from __future__ import annotations

@@ -163,6 +163,29 @@ def test_eval_on_labelled_folder(tmp_path, capsys):
     assert data["images"] == 6
 
 
+def test_merge_options_on_the_command_line(tmp_path, photos, capsys):
+    """--mode/--metric/--unmerge-detail/--keep-outliers reach tome.patch in eval and bench."""
+    args = ["eval", "--images", str(photos), "--r", "4", "--json", *TINY]
+    assert main(args) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert default["mode"] == "mlerp" and default["metric"] == "keys"
+    assert (
+        main([*args, "--mode", "mean", "--metric", "head_keys", "--unmerge-detail", "--keep-outliers", "1"])
+        == 0
+    )
+    changed = json.loads(capsys.readouterr().out)
+    assert changed["mode"] == "mean" and changed["metric"] == "head_keys" and changed["unmerge_detail"]
+    assert changed["rows"][1]["cls_cosine"] != default["rows"][1]["cls_cosine"]
+    assert main(["eval", "--images", str(photos), "--r", "4", "--mode", "mean", *TINY]) == 0
+    assert "fidelity vs the unmerged model; mode=mean" in capsys.readouterr().out
+    assert main(["bench", "--r", "2", "--batch", "2", "--reps", "1", "--metric", "head_keys", *TINY]) == 0
+    assert "metric=head_keys" in capsys.readouterr().out
+    assert main([*args, "--keep-outliers", "-1"]) == 2
+    assert "--keep-outliers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--mode", "max"])
+
+
 def test_eval_classifier_accuracy_on_wordnet_folders(tmp_path, capsys):
     """ImageNet classifiers are scored on folders named by WordNet id (random weights here:
     the number is meaningless, the path is what is tested)."""

@@ -88,18 +88,20 @@ def run_bench(
     warmup: int = 1,
     progress: bool = True,
     seed: int = 0,
+    patch_kwargs: dict | None = None,
 ) -> list[BenchRow]:
     """Time ``model`` (a :class:`tome.models.Model`) unpatched and patched with each schedule in
-    ``rs``; returns the unpatched row first. Inputs are random normal pixels (merging decisions
+    ``rs`` (and the :func:`tome.patch` options ``patch_kwargs``); returns the unpatched row first. Inputs are random normal pixels (merging decisions
     on noise are as costly as on photos: the work depends only on token counts)."""
     from tome.models import r_label
 
     configs: list = [None] + [r for r in rs if r != 0]
+    options = patch_kwargs or {}
     generator = torch.Generator().manual_seed(seed)
     pixels = torch.randn(batch, 3, model.img_size, model.img_size, generator=generator)
     tokens: dict[int, list[int]] = {}
     for index, r in enumerate(configs):
-        model.set_r(r, unmerge_output=False) if r is not None else model.set_r(None)
+        model.set_r(r, unmerge_output=False, **options) if r is not None else model.set_r(None)
         for _ in range(max(warmup, 1)):
             model.run_backbone(pixels)
         if r is None:
@@ -111,7 +113,7 @@ def run_bench(
     bar = _progress(reps * len(configs), progress, "bench")
     for _ in range(reps):
         for index, r in enumerate(configs):
-            model.set_r(r, unmerge_output=False) if r is not None else model.set_r(None)
+            model.set_r(r, unmerge_output=False, **options) if r is not None else model.set_r(None)
             times[index].append(_time_once(model, pixels))
             bar.update(1)
     bar.close()

@@ -65,6 +65,58 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes on stderr")
 
 
+def _add_merge_args(parser: argparse.ArgumentParser) -> None:
+    from tome.patch.handle import MERGE_MODES, METRICS, MergeOptions
+
+    default = MergeOptions()
+    group = parser.add_argument_group("merging (tome.patch options)")
+    group.add_argument(
+        "--mode",
+        choices=MERGE_MODES,
+        default=default.mode,
+        help=f"how tokens merge (default: {default.mode})",
+    )
+    group.add_argument(
+        "--metric",
+        choices=METRICS,
+        default=default.metric,
+        help=f"matching similarity (default: {default.metric})",
+    )
+    group.add_argument(
+        "--unmerge-detail",
+        action="store_true",
+        help="unmerged outputs keep each token's detail (dense heads)",
+    )
+    group.add_argument(
+        "--keep-outliers", type=int, default=default.keep_outliers, metavar="K",
+        help=f"never merge the K largest-norm tokens per block (default: {default.keep_outliers})",
+    )  # fmt: skip
+
+
+def _merge_kwargs(args) -> dict:
+    """The tome.patch options given on the command line (none for commands without them)."""
+    if not hasattr(args, "mode"):
+        return {}
+    if args.keep_outliers < 0:
+        raise UserError(f"--keep-outliers: expected an int >= 0, got {args.keep_outliers}")
+    return {
+        "mode": args.mode,
+        "metric": args.metric,
+        "unmerge_detail": args.unmerge_detail,
+        "keep_outliers": args.keep_outliers,
+    }
+
+
+def _options_note(args) -> str:
+    """``"; mode=mean"``-style suffix for captions when options differ from the defaults."""
+    from tome.patch.handle import MergeOptions
+
+    chosen = _merge_kwargs(args)
+    default = MergeOptions()
+    changed = [f"{k}={v}" for k, v in chosen.items() if getattr(default, k) != v]
+    return "; " + ", ".join(changed) if changed else ""
+
+
 def _load(args):
     import torch
 
@@ -234,7 +286,15 @@ def _bench(model, rs, args, *, batch: int, reps: int, warmup: int):
             import matplotlib  # noqa: F401
         except ImportError:
             raise UserError("--plot needs matplotlib: pip install 'tome-merging[vis]'") from None
-    rows = run_bench(model, rs, batch=batch, reps=reps, warmup=warmup, progress=not args.quiet)
+    rows = run_bench(
+        model,
+        rs,
+        batch=batch,
+        reps=reps,
+        warmup=warmup,
+        progress=not args.quiet,
+        patch_kwargs=_merge_kwargs(args),
+    )
     meta = {
         "model": model.name,
         "img_size": model.img_size,
@@ -246,7 +306,7 @@ def _bench(model, rs, args, *, batch: int, reps: int, warmup: int):
     }
     caption = (
         f"{model.name}, {model.img_size}px, batch {batch}, fp32, CPU {torch.get_num_threads()} threads, "
-        f"median of {reps} interleaved runs"
+        f"median of {reps} interleaved runs{_options_note(args)}"
     )
     if args.plot:
         plot(rows, plot_path, title=caption)
@@ -289,11 +349,20 @@ def _eval(model, paths: Sequence[Path], root: Path | None, rs, args, *, batch: i
             raise UserError(f"cannot read {paths[i]}")
         return image
 
+    options = _merge_kwargs(args)
     rows = evaluate(
-        model, load, len(paths), rs, batch=batch, labels=labels, knn_k=args.knn_k, progress=not args.quiet
+        model,
+        load,
+        len(paths),
+        rs,
+        batch=batch,
+        labels=labels,
+        knn_k=args.knn_k,
+        progress=not args.quiet,
+        patch_kwargs=options,
     )
-    meta = {"model": model.name, "img_size": model.img_size, "images": len(paths)}
-    caption = f"{model.name}, {model.img_size}px, {len(paths)} images, fidelity vs the unmerged model"
+    meta = {"model": model.name, "img_size": model.img_size, "images": len(paths), **options}
+    caption = f"{model.name}, {model.img_size}px, {len(paths)} images, fidelity vs the unmerged model{_options_note(args)}"
     return rows, caption, format_table(rows), to_json(rows, **meta)
 
 
@@ -348,6 +417,7 @@ def cmd_tune(args) -> int:
             max_evals=args.max_evals,
             batch=args.batch,
             holdout=args.holdout,
+            patch_kwargs=_merge_kwargs(args),
             progress=not args.quiet,
         )
     except TuneError as error:
@@ -508,6 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=1, help="untimed runs per setting first (default: 1)")
     bench.add_argument("--plot", metavar="FILE", help="also write a PNG plot")
     bench.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    _add_merge_args(bench)
     _add_model_args(bench)
     bench.set_defaults(func=cmd_bench)
 
@@ -531,6 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, metavar="N", help="only the first N images")
     ev.add_argument("--knn-k", type=int, default=20, help="neighbours of the k-NN classifier (default: 20)")
     ev.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    _add_merge_args(ev)
     _add_model_args(ev)
     ev.set_defaults(func=cmd_eval)
 
@@ -577,6 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tu.add_argument("--batch", type=int, default=16, help="batch size (default: 16)")
     tu.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _add_merge_args(tu)
     _add_model_args(tu)
     tu.set_defaults(func=cmd_tune)
     return parser

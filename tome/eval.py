@@ -136,10 +136,12 @@ def evaluate(
     labels: Labels | None = None,
     knn_k: int = 20,
     progress: bool = True,
+    patch_kwargs: dict | None = None,
 ) -> list[EvalRow]:
     """Compare ``model`` (a :class:`tome.models.Model`) patched with each ``r`` against the
-    unpatched model on ``count`` images, ``load(i)`` giving image i (a PIL image). Returns the
-    unmerged reference row (``r="0"``) first, then one row per schedule."""
+    unpatched model on ``count`` images, ``load(i)`` giving image i (a PIL image), with the
+    :func:`tome.patch` options ``patch_kwargs``. Returns the unmerged reference row (``r="0"``)
+    first, then one row per schedule."""
     from tome.models import r_label
 
     configs = [None] + [r for r in rs if r != 0]
@@ -157,7 +159,7 @@ def evaluate(
         pixels = model.preprocess(images)
         reference = None
         for index, r in enumerate(configs):
-            model.set_r(r)
+            model.set_r(r, **(patch_kwargs or {})) if r is not None else model.set_r(None)
             out = model(pixels)
             bar.update(1)
             final_tokens[index] = (
