@@ -91,8 +91,9 @@ def run_bench(
     patch_kwargs: dict | None = None,
 ) -> list[BenchRow]:
     """Time ``model`` (a :class:`tome.models.Model`) unpatched and patched with each schedule in
-    ``rs`` (and the :func:`tome.patch` options ``patch_kwargs``); returns the unpatched row first. Inputs are random normal pixels (merging decisions
-    on noise are as costly as on photos: the work depends only on token counts)."""
+    ``rs`` (with the :func:`tome.patch` options ``patch_kwargs``); returns the unpatched row
+    first. Inputs are random normal pixels (merging decisions on noise are as costly as on
+    photos: the work depends only on token counts)."""
     from tome.models import r_label
 
     configs: list = [None] + [r for r in rs if r != 0]

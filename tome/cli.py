@@ -95,16 +95,23 @@ def _add_merge_args(parser: argparse.ArgumentParser) -> None:
 
 def _merge_kwargs(args) -> dict:
     """The tome.patch options given on the command line (none for commands without them)."""
+    from dataclasses import asdict
+
+    from tome.patch.handle import MergeOptions
+
     if not hasattr(args, "mode"):
         return {}
-    if args.keep_outliers < 0:
-        raise UserError(f"--keep-outliers: expected an int >= 0, got {args.keep_outliers}")
-    return {
-        "mode": args.mode,
-        "metric": args.metric,
-        "unmerge_detail": args.unmerge_detail,
-        "keep_outliers": args.keep_outliers,
-    }
+    try:  # MergeOptions checks the values (one place for the rules)
+        options = MergeOptions(
+            metric=args.metric,
+            mode=args.mode,
+            unmerge_detail=args.unmerge_detail,
+            keep_outliers=args.keep_outliers,
+        )
+    except (ValueError, TypeError) as error:
+        name, _, message = str(error).partition(": ")  # "keep_outliers: expected ..."
+        raise UserError(f"--{name.replace('_', '-')}: {message}") from None
+    return asdict(options)
 
 
 def _options_note(args) -> str:

@@ -448,14 +448,16 @@ class Model:
         return isinstance(self.module.__dict__.get("tome"), tome.ToMeHandle)
 
     def set_r(self, r, **kwargs) -> None:
-        """Patch with schedule ``r`` (None: unpatch, the exact original model)."""
+        """Patch with schedule ``r`` and :func:`tome.patch` options ``kwargs`` (output unmerged
+        unless said otherwise); None: unpatch, the exact original model. A model already patched
+        with those options only gets its schedule changed."""
+        kwargs.setdefault("unmerge_output", True)
         try:
             if r is None:
                 tome.unpatch(self.module)
-            elif self.patched and not kwargs and self.module.tome.unmerge_output:
+            elif self.patched and kwargs.items() <= self.module.tome.patch_options().items():
                 self.module.tome.r = r
             else:
-                kwargs.setdefault("unmerge_output", True)
                 tome.patch(self.module, r, **kwargs)
         except (ValueError, TypeError) as error:
             # A schedule that does not fit this model (e.g. more entries than layers) is a
