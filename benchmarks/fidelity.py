@@ -11,9 +11,10 @@ Pearson correlation of the saliency maps.
     python benchmarks/fidelity.py --r 16 16:-1.0 --opt metric=head_keys mode=mean
     python benchmarks/fidelity.py --set final --speed   # with measured speedups
     python benchmarks/fidelity.py --set final --overhead  # ms spent in the merge step
+    python benchmarks/fidelity.py --img-size 518 --r 102 --opt metric=head_keys --overhead --limit 8
 
 ``--speed`` also times every config (batch 32, output unmerged, interleaved runs, median of
-``--reps``); ``--overhead`` times only the merge step.
+``--reps``); ``--overhead`` times only the merge step (batch 32; batch 8 above 224 px).
 """
 
 from __future__ import annotations
@@ -47,14 +48,15 @@ def ramp(first: int, last: int, layers: int = 12) -> list[int]:
 
 # The original ToMe (Bolya et al. 2023) within tome.patch; {} is tome's defaults (mode="mlerp").
 ORIGINAL = {"mode": "mean"}
-# The options that help dense outputs at equal FLOPs, at a cost in time (see the final set).
-DENSE = {"metric": "head_keys", "unmerge_detail": True}
+# The option that helps dense outputs at equal FLOPs, at a small cost in time (see the final
+# set); unmerge_detail adds little at ~2x (robustness set) and is left out.
+DENSE = {"metric": "head_keys"}
 # A linear ramp that measures ~2.0x on the shared DINOv2-S/14 at 224 px (FLOP-ideal 1.98x), and
-# one ~3% faster in FLOPs, to pay for DENSE's extra time.
+# one ~1% faster in FLOPs, to pay for DENSE's extra time.
 RAMP_28_4 = ramp(28, 4)
 RAMP_29_4 = ramp(29, 4)
 ROBUSTNESS_SCHEDULES = (
-    ("ramp 29→4", [29, 26, 24, 22, 19, 17, 15, 13, 10, 8, 6, 4]),  # the tuned schedule of the README
+    ("[29,26,…,6,4]", [29, 26, 24, 22, 19, 17, 15, 13, 10, 8, 6, 4]),  # a schedule tune found earlier
     ("ramp 28→4", RAMP_28_4),
     ("ramp 28→3", ramp(28, 3)),
     ("ramp 27→4", ramp(27, 4)),
@@ -69,7 +71,7 @@ SETS: dict[str, list[tuple[str, object, dict]]] = {
     "default": [
         (f"{label} {name}", r, options)
         for label, r in (("r=16", 16), ("(16,-1.0)", (16, -1.0)), ("ramp 28→4", RAMP_28_4), ("r=20", 20))
-        for name, options in (("original ToMe", ORIGINAL), ("tome defaults", {}), ("+ dense options", DENSE))
+        for name, options in (("original ToMe", ORIGINAL), ("tome defaults", {}), ("+ head_keys", DENSE))
     ],
     # one option at a time, from the original algorithm, at equal FLOPs (~2.0x measured)
     "ablation": [
@@ -77,7 +79,8 @@ SETS: dict[str, list[tuple[str, object, dict]]] = {
         ("+ mode=mlerp (tome defaults)", RAMP_28_4, {}),
         ("+ metric=head_keys", RAMP_28_4, {**ORIGINAL, "metric": "head_keys"}),
         ("+ unmerge_detail", RAMP_28_4, {**ORIGINAL, "unmerge_detail": True}),
-        ("+ mlerp, head_keys, unmerge_detail", RAMP_28_4, DENSE),
+        ("+ mlerp, head_keys", RAMP_28_4, DENSE),
+        ("+ mlerp, head_keys, unmerge_detail", RAMP_28_4, {**DENSE, "unmerge_detail": True}),
         ("+ mlerp, keep_outliers=4", RAMP_28_4, {"keep_outliers": 4}),
         ("tome defaults, prop_attn=False", RAMP_28_4, {"prop_attn": False}),
     ],
@@ -90,19 +93,24 @@ SETS: dict[str, list[tuple[str, object, dict]]] = {
             ("mlerp", {}),
             ("head_keys", {**ORIGINAL, "metric": "head_keys"}),
             ("unmerge_detail", {**ORIGINAL, "unmerge_detail": True}),
-            ("mlerp+head_keys+detail", DENSE),
+            ("mlerp+head_keys", DENSE),
+            ("mlerp+head_keys+detail", {**DENSE, "unmerge_detail": True}),
         )
     ],
     # at ~2.0x measured, with timings
     "final": [
         ("(16,-1.0) original ToMe", (16, -1.0), ORIGINAL),
         ("(16,-1.0) tome defaults", (16, -1.0), {}),
+        ("(16,-1.0) + head_keys", (16, -1.0), DENSE),
+        ("ramp 29→4 original ToMe", RAMP_29_4, ORIGINAL),
+        ("ramp 29→4 tome defaults", RAMP_29_4, {}),
+        ("ramp 29→4 + head_keys", RAMP_29_4, DENSE),
         ("ramp 28→4 original ToMe", RAMP_28_4, ORIGINAL),
         ("ramp 28→4 tome defaults", RAMP_28_4, {}),
-        ("ramp 28→4 + dense options", RAMP_28_4, DENSE),
+        ("ramp 28→4 + head_keys", RAMP_28_4, DENSE),
         ("(16,-0.75) original ToMe", (16, -0.75), ORIGINAL),
         ("(16,-0.75) tome defaults", (16, -0.75), {}),
-        ("(16,-0.75) + dense options", (16, -0.75), DENSE),
+        ("(16,-0.75) + head_keys", (16, -0.75), DENSE),
     ],
 }
 
@@ -172,10 +180,13 @@ def _timed(function, spent: list[float]):
     return timed
 
 
-def overhead(model, configs, batch: int = 32, reps: int = 5) -> list[float]:
-    """Milliseconds per forward (batch 32, output unmerged, median of ``reps``) spent in the
-    handle's merge step: matching features, merging, and the end-of-model unmerge with detail.
-    Less noisy than whole-forward timings for comparing options."""
+def overhead(model, configs, batch: int = 32, reps: int = 5) -> list[tuple[float, float]]:
+    """Per config: milliseconds per forward spent in the handle's merge step (matching
+    features, merging, and the end-of-model unmerge with detail) and their share of the whole
+    forward in percent (batch 32, 8 above 224 px; output unmerged; medians of ``reps``). Less
+    noisy than whole-forward timings for comparing options."""
+    if model.img_size > 224:
+        batch = 8  # batch 32 at 518 px takes ~10 s per forward
     pixels = torch.randn(batch, 3, model.img_size, model.img_size, generator=torch.Generator().manual_seed(0))
     result = []
     for _, r, options in configs:
@@ -187,10 +198,11 @@ def overhead(model, configs, batch: int = 32, reps: int = 5) -> list[float]:
         per_run = []
         for rep in range(reps + 1):
             spent[0] = 0.0
+            start = time.perf_counter()
             model.run_backbone(pixels)
             if rep:  # the first run warms up
-                per_run.append(spent[0] * 1000)
-        result.append(statistics.median(per_run))
+                per_run.append((spent[0] * 1000, 100 * spent[0] / (time.perf_counter() - start)))
+        result.append((statistics.median(m for m, _ in per_run), statistics.median(p for _, p in per_run)))
         model.set_r(None)
     return result
 
@@ -208,10 +220,11 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=100, help="number of photos (default 100)")
     parser.add_argument("--batch", type=int, default=25)
     parser.add_argument("--model", default=f"hf:{MODEL}")
+    parser.add_argument("--img-size", type=int, default=None, help="input size in pixels (default 224)")
     parser.add_argument("--speed", action="store_true", help="also time every config (batch 32, --reps runs)")
     parser.add_argument("--reps", type=int, default=7, help="timed runs per config for --speed")
     parser.add_argument(
-        "--overhead", action="store_true", help="also time the merge step itself (ms per batch-32 forward)"
+        "--overhead", action="store_true", help="also time the merge step itself (ms per forward, %% of it)"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
@@ -219,7 +232,7 @@ def main() -> None:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.model)
+    model = load_model(args.model, img_size=args.img_size)
     paths, _ = find_images([str(IMAGES)])
     paths = paths[: args.limit]
     pixels = model.preprocess([open_image(p) for p in paths])
@@ -250,7 +263,7 @@ def main() -> None:
     speed = measure(model, configs, reps=args.reps) if args.speed else [None] * len(configs)
     cost = overhead(model, configs) if args.overhead else [None] * len(configs)
     print(
-        "| config | tokens | FLOP-ideal | measured | merge step ms | CLS cos | min CLS cos | patch cos "
+        "| config | tokens | FLOP-ideal | measured | merge step ms (% of forward) | CLS cos | min CLS cos | patch cos "
         "| saliency corr |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
@@ -264,7 +277,7 @@ def main() -> None:
         ideal = base_flops / flops(tokens, model.width)
         print(
             f"| {label} | {tokens[0]}→{tokens[-1]} | {ideal:.2f}x | "
-            f"{'–' if measured is None else f'{measured:.2f}x'} | {'–' if ms is None else f'{ms:.1f}'} "
+            f"{'–' if measured is None else f'{measured:.2f}x'} | {'–' if ms is None else f'{ms[0]:.1f} ({ms[1]:.1f}%)'} "
             f"| {cls.mean():.4f} | {cls.min():.4f} "
             f"| {patch.mean():.4f} | {sal.mean():.4f} |",
             flush=True,

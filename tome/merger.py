@@ -48,7 +48,8 @@ class TokenMerger:
 
     Args:
         keys: ``(B, N, D)`` similarity features, e.g. attention keys averaged over heads.
-            NaN/inf entries count as 0; an all-zero key has similarity 0 to every token.
+            A key with a NaN/inf entry counts as all 0; an all-zero key has similarity 0 to
+            every token.
         r: number of tokens to remove; at most half the unprotected tokens.
         adm: the ``.adm`` of the merger that produced these tokens, to chain layers: sizes make
             repeated means exact and ``unmerge`` goes back to the very first sequence. The
