@@ -334,6 +334,14 @@ def test_all_nan_keys():
     assert torch.isfinite(tm(x)).all()
 
 
+def test_key_with_a_nan_entry_counts_as_all_zero():
+    # Token 0 would equal token 1 if only its NaN entry were zeroed; as a whole zero key it has
+    # similarity 0 with everything, so the one merge joins tokens 2 and 3 instead.
+    keys = torch.tensor([[[float("nan"), 1.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.1], [1.0, 0.0, 0.0]]])
+    tm = TokenMerger(keys, 1)
+    assert tm.sizes.tolist() == [[1.0, 1.0, 2.0]]
+
+
 def test_mlerp_zero_mean_group_is_finite():
     # two exactly opposite values merged: the mean is zero, rescaling must not produce NaN
     keys = torch.ones(1, 2, 4)
