@@ -14,6 +14,7 @@ Groups:
     split      which tokens form set A: the plain result moves by up to 0.005 when only the
                parity of the alternating split changes (the noise floor of any comparison)
     protect    keep the tokens the class token attends to most out of the merge (EViT-like)
+    weighting  merge by a mean weighted by the class token's attention (MCTF-like)
     prop_attn  scale proportional attention's log(size) (1 is ToMe)
     matching   several bipartite rounds per block; one-to-one matching; Ward-style size costs
     metric     keys centred on their mean; queries/values in the metric; per-head key norms
@@ -187,8 +188,9 @@ class Probe:
             h.remove()
 
 
-def replace_merge(handle, probe: Probe, metric_fn=None, bias_fn=None) -> None:
-    """Swap the handle's merge step for one whose metric and token bias come from the probe."""
+def replace_merge(handle, probe: Probe, metric_fn=None, bias_fn=None, merge_fn=None) -> None:
+    """Swap the handle's merge step for one whose metric and token bias come from the probe
+    (``merge_fn(index, plan, x, keys, state)``: the merged tokens, default ``M.merge``)."""
 
     def merge_layer(index, state, x, metric):
         r = handle.layer_r(index, x.shape[1])
@@ -202,6 +204,8 @@ def replace_merge(handle, probe: Probe, metric_fn=None, bias_fn=None) -> None:
         history = M.advance(state.history, plan)
         handle._histories[index] = history
         handle.tokens_per_layer[index + 1 : index + 2] = [history.num_tokens]
+        if merge_fn is not None:
+            return merge_fn(index, plan, x, keys, state)
         return M.merge(plan, x, handle.options.mode)
 
     original = handle.merge_layer
@@ -305,6 +309,25 @@ def group_protect(b: Bench) -> None:
             replace_merge(handle, probe, metric_fn=lambda i, keys, s: keys.mean(-2), bias_fn=bias)
 
         b.row(f"edge score - {weight} x class attention (relative)", setup)
+
+
+def group_weighting(b: Bench) -> None:
+    # Merge by a weighted mean, each token weighted by its size x (the class token's attention
+    # per original token)^gamma: informative tokens dominate their group (as in MCTF, Lee et
+    # al., CVPR 2024, which fuses tokens by attentiveness). gamma=0 is the plain size-weighted mean.
+    for gamma in (0.25, 0.5, 1.0):
+
+        def setup(handle, probe, module, gamma=gamma):
+            def merge_fn(index, plan, x, keys, state):
+                attn = class_attention(probe, index, keys, state)
+                sizes = state.history.sizes.to(attn.dtype)
+                weight = (sizes * (attn / sizes).pow(gamma)).unsqueeze(-1)
+                total = M._scatter_into_kept(plan, x * weight, "sum")
+                return total / M._scatter_into_kept(plan, weight, "sum")
+
+            replace_merge(handle, probe, metric_fn=lambda i, keys, s: keys.mean(-2), merge_fn=merge_fn)
+
+        b.row(f"weighted by class attention^{gamma}", setup)
 
 
 def group_prop_attn(b: Bench) -> None:
@@ -470,6 +493,7 @@ def group_restream(b: Bench) -> None:
 GROUPS = {
     "split": group_split,
     "protect": group_protect,
+    "weighting": group_weighting,
     "prop_attn": group_prop_attn,
     "matching": group_matching,
     "metric": group_metric,
