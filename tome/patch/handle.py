@@ -53,7 +53,7 @@ class MergeOptions:
             tokens it combines: ToFu, Kim et al., WACV 2024) or ``"mean"`` (ToMe).
         unmerge_detail: when the output is unmerged (``unmerge_output``), give every original
             token back its own deviation from what its group became at each merge (better
-            dense outputs at equal FLOPs, mostly when few tokens are left; ~1% of a ViT-S
+            dense outputs at equal FLOPs, mostly when few tokens are left; ~0.7% of a ViT-S
             forward on CPU in memory traffic).
         keep_outliers: in every merging block, the ``k`` unprotected tokens of largest norm are
             kept out of the merge (Darcet et al., "Vision Transformers Need Registers", 2024).
