@@ -16,7 +16,8 @@ Groups:
     protect    keep the tokens the class token attends to most out of the merge (EViT-like)
     weighting  merge by a mean weighted by the class token's attention (MCTF-like)
     prop_attn  scale proportional attention's log(size) (1 is ToMe)
-    matching   several bipartite rounds per block; one-to-one matching; Ward-style size costs
+    matching   several bipartite rounds per block; one-to-one matching; Ward-style size costs;
+               a penalty on the spatial distance of the merged tokens
     metric     keys centred on their mean; queries/values in the metric; per-head key norms
     refine     run the last block at full length on the unmerged tokens (with detail)
     restream   per-block merging with a full-resolution residual stream (ToMe-for-SD style:
@@ -130,6 +131,37 @@ def scored_matching(score: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], 
         a, b, _, _ = M._split_ab(metric, protected, None)
         s = sizes[:, protected:]
         scores = score(a @ b.transpose(-1, -2), s[:, ::2, None], s[:, 1::2][:, None, :])
+        a_index = scores.amax(-1).sort(dim=-1, descending=True, stable=True).indices[:, :r]
+        chosen = scores.gather(1, a_index[..., None].expand(-1, -1, scores.shape[-1]))
+        src = protected + 2 * a_index
+        dst_in = protected + 1 + 2 * chosen.argmax(-1)
+        return plan_from_edges(src, dst_in, N, history, metric.device)
+
+    return matching
+
+
+def centroids(history, N: int, protected: int, B: int) -> torch.Tensor:
+    """(B, N, 2): every current token's mean patch position (grid units / side; protected: 0)."""
+    N0 = history.source.shape[1] if history is not None else N
+    side = round((N0 - protected) ** 0.5)
+    i = torch.arange(N0 - protected)
+    pos = torch.cat([torch.zeros(protected, 2), torch.stack([i // side, i % side], -1).float() / side])
+    if history is None:
+        return pos.expand(B, N, 2)
+    index = history.source[..., None].expand(-1, -1, 2)
+    total = torch.zeros(B, N, 2).scatter_add_(1, index, pos.expand(B, N0, 2))
+    return total / history.sizes[..., None]
+
+
+def locality_matching(weight: float):
+    """ToMe's ranking with edge score ``cos - weight x distance`` between the tokens' mean patch
+    positions: merged groups stay compact, like superpixels."""
+
+    def matching(metric, r, history=None, protected=0, sequence_ids=None, mask_id=-100, token_bias=None):
+        B, N = metric.shape[:2]
+        a, b, _, _ = M._split_ab(metric, protected, None)
+        c = centroids(history, N, protected, B)[:, protected:]
+        scores = a @ b.transpose(-1, -2) - weight * torch.cdist(c[:, ::2], c[:, 1::2])
         a_index = scores.amax(-1).sort(dim=-1, descending=True, stable=True).indices[:, :r]
         chosen = scores.gather(1, a_index[..., None].expand(-1, -1, scores.shape[-1]))
         src = protected + 2 * a_index
@@ -388,6 +420,11 @@ def group_matching(b: Bench) -> None:
         ("cos - 0.01 log(sa + sb)", lambda c, sa, sb: c - 0.01 * torch.log(sa + sb)),
     ):
         b.row(label, in_context(swapped(M, "bipartite_soft_matching", scored_matching(score))))
+    for weight in (0.05, 0.2):
+        b.row(
+            f"cos - {weight} x distance of mean positions (locality)",
+            in_context(swapped(M, "bipartite_soft_matching", locality_matching(weight))),
+        )
 
 
 def group_metric(b: Bench) -> None:
