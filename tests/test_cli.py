@@ -86,6 +86,14 @@ def test_viz_fails_when_no_image_is_readable(tmp_path, capsys):
     assert "no images found" in _one_error_line(capsys)
 
 
+def test_limit_must_be_positive(tmp_path, photos, capsys):
+    tiny = ["--model", "timm:vit_tiny_patch16_224", "--random-init", "--img-size", "64", "-q"]
+    for command in (["eval", "--images", str(photos)], ["viz", str(photos), "--out", str(tmp_path)]):
+        for limit in ("0", "-1"):
+            assert main([*command, "--limit", limit, *tiny]) == 2
+            assert "--limit" in _one_error_line(capsys)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

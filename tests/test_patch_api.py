@@ -84,6 +84,30 @@ def test_unpatch_unpatched_is_noop():
     assert all((after[k] == state[k]).all() for k in state)
 
 
+def test_unpatch_not_a_module():
+    with pytest.raises(TypeError, match=r"model: expected a torch\.nn\.Module, got str"):
+        tome.unpatch("vit_b_16")
+
+
+@pytest.mark.parametrize("name", ["prop_attn", "unmerge_output"])
+@pytest.mark.parametrize("value", ["no", 1, None])
+def test_flags_must_be_bools(name, value):
+    model = _tiny_vit()
+    with pytest.raises(TypeError, match=f"{name}: expected True or False"):
+        tome.patch(model, r=2, **{name: value})
+    assert not hasattr(model, "tome")
+    tome.patch(model, r=2)
+    with pytest.raises(TypeError, match=name):
+        setattr(model.tome, name, value)
+    assert getattr(model.tome, name) is (name == "prop_attn")
+    tome.unpatch(model)
+
+
+def test_a_two_tuple_is_a_ramp_with_a_hint():
+    with pytest.raises(ValueError, match="pass a list for one r per layer"):
+        tome.patch(_tiny_vit(), r=(8, 4))
+
+
 def test_unpatch_twice_is_noop():
     model = tome.patch(_tiny_vit(), r=2)
     tome.unpatch(model)

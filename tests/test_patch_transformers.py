@@ -535,3 +535,34 @@ def test_real_dinov2_agrees_with_timm(real):
         finally:
             tome.unpatch(model)
             tome.unpatch(timm_model)
+
+
+def _hooks_and_forwards(model: torch.nn.Module) -> list[tuple[int, bool]]:
+    return [(len(m._forward_hooks), "forward" in m.__dict__) for m in model.modules()]
+
+
+def test_patching_a_model_and_its_backbone_fails_cleanly():
+    """Patching the classifier when its backbone is patched (or the other way round) is a clear
+    error that leaves every hook and forward as it was."""
+    pixels = torch.randn(2, 3, IMG, IMG)
+    clf = make("ViTForImageClassification")
+    tome.patch(clf.vit, r=4)
+    with torch.no_grad():
+        before, state = clf(pixel_values=pixels).logits, _hooks_and_forwards(clf)
+    with pytest.raises(ValueError, match=r"submodule 'vit' is already patched.*tome.unpatch\(model.vit\)"):
+        tome.patch(clf, r=4)
+    assert _hooks_and_forwards(clf) == state and not hasattr(clf, "tome")
+    with torch.no_grad():
+        assert torch.equal(clf(pixel_values=pixels).logits, before)
+    tome.unpatch(clf.vit)
+
+    tome.patch(clf, r=4)
+    with torch.no_grad():
+        before, state = clf(pixel_values=pixels).logits, _hooks_and_forwards(clf)
+    with pytest.raises(RuntimeError, match=r"already replaced.*unpatch it first"):
+        tome.patch(clf.vit, r=2)
+    assert _hooks_and_forwards(clf) == state and not hasattr(clf.vit, "tome")
+    with torch.no_grad():
+        assert torch.equal(clf(pixel_values=pixels).logits, before)
+    tome.unpatch(clf)
+    assert all(hooks == 0 and not replaced for hooks, replaced in _hooks_and_forwards(clf))

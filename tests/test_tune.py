@@ -124,6 +124,9 @@ def test_measured_budget_times_the_schedule():
         (dict(images=_pixels(8, 32)), TuneError, "64x64"),
         (dict(images="photos/"), TypeError, "images"),
         (dict(budget="fast"), ValueError, "budget"),
+        (dict(patch_weight=-1.0), ValueError, "patch_weight: expected a number >= 0, got -1.0"),
+        (dict(span=0), ValueError, "span: expected an int >= 1, got 0"),
+        (dict(rounds=1.5), ValueError, "rounds: expected an int >= 0, got 1.5"),
     ],
 )
 def test_bad_input(kwargs, error, message):
@@ -146,6 +149,25 @@ def test_heldout_check():
     for bad in (1.0, -0.1, True, "0.2"):
         with pytest.raises(ValueError, match="holdout"):
             tome.tune(model, pixels, 2.0, holdout=bad, **FAST)
+
+
+def test_keeps_the_training_mode():
+    model = _timm().train()
+    tome.tune(model, _pixels(), 1.5, **FAST)
+    assert model.training and all(m.training for m in model.modules())
+    model.eval()
+    tome.tune(model, _pixels(), 1.5, **FAST)
+    assert not model.training
+
+
+def test_subclass_of_a_supported_model():
+    class MyViT(timm.models.vision_transformer.VisionTransformer):
+        pass
+
+    torch.manual_seed(0)
+    model = MyViT(img_size=64, patch_size=16, embed_dim=48, depth=2, num_heads=3).eval()
+    result = tome.tune(model, _pixels(), 1.3, **FAST)
+    assert len(result.schedule) == 2 and result.flops_speedup >= 1.3
 
 
 def test_unsupported_model():
@@ -196,6 +218,9 @@ def test_cli_tune(tmp_path, capsys):
         (["--limit", "4"], "at least 8"),
         (["--target", "99"], "at most"),
         (["--target", "0.5"], "--target"),
+        (["--holdout", "1.5"], "--holdout"),
+        (["--holdout", "-0.1"], "--holdout"),
+        (["--patch-weight", "-1"], "--patch-weight"),
     ):
         assert main([*args, *extra]) == 2
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tome: error:")]

@@ -89,7 +89,7 @@ def _add_merge_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--keep-outliers", type=int, default=default.keep_outliers, metavar="K",
-        help=f"never merge the K largest-norm tokens per block (default: {default.keep_outliers})",
+        help=f"keep the K largest-norm tokens per block out of the merge (default: {default.keep_outliers})",
     )  # fmt: skip
 
 
@@ -268,8 +268,8 @@ def cmd_viz(args) -> int:
     paths = _images(args.inputs)
     if not paths:
         raise UserError("no images found")
-    if args.limit:
-        paths = paths[: args.limit]
+    if args.limit is not None:
+        paths = paths[: _positive("--limit", args.limit)]
     model = _load(args)
     start = time.perf_counter()
     written = _viz(model, paths, rs, out, args)
@@ -378,8 +378,8 @@ def cmd_eval(args) -> int:
     _positive("--batch", args.batch)
     _positive("--knn-k", args.knn_k)
     paths = _images(args.images)
-    if args.limit:
-        paths = paths[: args.limit]
+    if args.limit is not None:
+        paths = paths[: _positive("--limit", args.limit)]
     if not paths:
         raise UserError("no images found")
     paths = _readable(paths, args)
@@ -408,6 +408,10 @@ def cmd_tune(args) -> int:
     _positive("--batch", args.batch)
     if not args.target > 1:
         raise UserError(f"--target must be a speedup > 1 (e.g. 2.0), got {args.target:g}")
+    if not args.patch_weight >= 0:
+        raise UserError(f"--patch-weight must be >= 0, got {args.patch_weight:g}")
+    if not 0 <= args.holdout < 1:
+        raise UserError(f"--holdout must be a fraction in [0, 1), got {args.holdout:g}")
     paths = _images(args.images)
     if not paths:
         raise UserError("no images found")

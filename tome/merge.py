@@ -490,7 +490,7 @@ def attention_bias(sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def outlier_bias(x: torch.Tensor, k: int, protected: int = 0) -> torch.Tensor:
     """``(B, N)`` token bias for :func:`bipartite_soft_matching` that keeps the ``k``
     unprotected tokens of largest feature norm out of the merge (``-4``, below any cosine
-    similarity). ViTs trained without registers store global information in a few high-norm
+    similarity: they still merge where ``r`` needs more tokens than the others give). ViTs trained without registers store global information in a few high-norm
     tokens (Darcet et al., "Vision Transformers Need Registers", ICLR 2024)."""
     B, N = x.shape[:2]
     with torch.no_grad():

@@ -914,9 +914,18 @@ def load_model(
     raise UserError(f"--model {spec!r}: unknown kind {kind!r}; expected timm:, hf: or torchvision:")
 
 
+def _library_module(module: nn.Module) -> str:
+    """The module path of the first timm / transformers / torchvision class in the model's class
+    hierarchy (so a user's subclass of a supported model counts as that library)."""
+    for cls in type(module).__mro__:
+        if cls.__module__.startswith(("timm.", "transformers.", "torchvision.")):
+            return cls.__module__
+    return type(module).__module__
+
+
 def from_module(module: nn.Module, *, img_size: int | None = None, name: str = "") -> Model:
     """Wrap a model you already built (timm, transformers or torchvision ViT)."""
-    mod = type(module).__module__
+    mod = _library_module(module)
     if mod.startswith("timm."):
         size = module.patch_embed.img_size
         return Model(
@@ -954,4 +963,4 @@ def from_module(module: nn.Module, *, img_size: int | None = None, name: str = "
             1,
             num_classes=int(module.heads[-1].out_features),
         )
-    raise TypeError(f"unsupported model {mod}.{type(module).__name__}")
+    raise TypeError(f"unsupported model {type(module).__module__}.{type(module).__qualname__}")

@@ -41,7 +41,8 @@ def check_schedule(r: object) -> None:
             raise ValueError(f"r: in an (r, inflection) schedule r must be a number >= 0, got {base!r}")
         if isinstance(inflection, bool) or not isinstance(inflection, int | float) or abs(inflection) > 1:
             raise ValueError(
-                f"r: in an (r, inflection) schedule inflection must be in [-1, 1], got {inflection!r}"
+                f"r: in an (r, inflection) schedule inflection must be in [-1, 1], got {inflection!r} "
+                "(a 2-tuple is always (r, inflection); pass a list for one r per layer)"
             )
         return
     if isinstance(r, Sequence) and not isinstance(r, str | bytes):

@@ -441,11 +441,22 @@ def tune(
     ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-    if span < 1 or rounds < 0 or patch_weight < 0 or max_correction < 0:
-        raise ValueError("span must be >= 1; rounds, patch_weight and max_correction >= 0")
+    for name, value, low, kind in (
+        ("span", span, 1, int),
+        ("rounds", rounds, 0, int),
+        ("patch_weight", patch_weight, 0, int | float),
+        ("max_correction", max_correction, 0, int | float),
+    ):
+        if isinstance(value, bool) or not isinstance(value, kind) or not value >= low:
+            what = "an int" if kind is int else "a number"
+            raise ValueError(f"{name}: expected {what} >= {low}, got {value!r}")
     if isinstance(holdout, bool) or not isinstance(holdout, int | float) or not 0 <= holdout < 1:
         raise ValueError(f"holdout: expected a fraction in [0, 1), got {holdout!r}")
 
+    from tome.models import Model
+
+    # Read before wrapping: wrapping a bare module puts it in eval mode.
+    was_training = bool(getattr(model.module if isinstance(model, Model) else model, "training", False))
     wrapper = _wrap(model)
     module = wrapper.module
     pixels = _pixels(wrapper, images, min_images)
@@ -465,7 +476,6 @@ def tune(
         )
 
     started = time.perf_counter()
-    was_training = module.training
     module.eval()
     previous = module.__dict__.get("tome")
     previous_r = previous.r if previous is not None else None

@@ -78,7 +78,8 @@ def patch(
     Important args:
         r: tokens removed per block: an int, a per-layer list, or ``(r, inflection)`` (a ramp
             as in ToMe: ``(16, -1.0)`` removes 32 tokens in the first block, 0 in the last).
-            A block never removes more than half its unprotected tokens. Settable later as
+            A list shorter than the number of blocks leaves the last blocks at 0. A block
+            never removes more than half its unprotected tokens. Settable later as
             ``model.tome.r``.
         unmerge_output: return the model's token outputs (``last_hidden_state``,
             ``forward_features``, ...) at the original length, so dense heads work unchanged.
@@ -98,7 +99,8 @@ def patch(
             deviation from what its group became at each merge (memory O(B N C) per merging
             block during the pass; no FLOPs). Better dense outputs; the class token is unchanged.
         keep_outliers: ``k``: in every merging block the ``k`` unprotected tokens of largest
-            hidden-state norm are never merged (ViTs without registers keep global information
+            hidden-state norm are kept out of the merge, unless a block has to merge more
+            tokens than the others can give (ViTs without registers keep global information
             in a few high-norm tokens: Darcet et al., "Vision Transformers Need Registers",
             ICLR 2024).
 
@@ -128,6 +130,12 @@ def patch(
             f"Supported model classes:\n{supported_families()}"
         )
     family, adapter = found
+    for name, sub in model.named_modules():
+        if sub is not model and isinstance(sub.__dict__.get("tome"), ToMeHandle):
+            raise ValueError(
+                f"model: its submodule {name!r} is already patched by tome; call "
+                f"tome.unpatch(model.{name}) first, or patch only one of the two"
+            )
     module = importlib.import_module(adapter)
     previous = model.__dict__.get("tome")
     unpatch(model)
@@ -148,6 +156,8 @@ def patch(
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch`: original forwards, no hooks, no ``model.tome``. No-op if unpatched."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     handle = model.__dict__.get("tome")
     if isinstance(handle, ToMeHandle):
         handle._restore()
@@ -159,7 +169,10 @@ def replace_method(module: nn.Module, name: str, method: Callable[..., object], 
     """Give one ``module`` instance a new method ``name`` (``method(module, *args, **kwargs)``),
     shadowing the class's; ``unpatch`` deletes it again, which brings back the class's own."""
     if name in module.__dict__:
-        raise RuntimeError(f"tome: {type(module).__name__}.{name} is already replaced on this instance")
+        raise RuntimeError(
+            f"tome: {type(module).__name__}.{name} is already replaced on this instance (is a model "
+            "containing this one already patched by tome? unpatch it first)"
+        )
     setattr(module, name, types.MethodType(method, module))
     handle.on_unpatch(lambda: module.__dict__.pop(name, None))
 

@@ -18,7 +18,8 @@ a block (gradient checkpointing) gives the same result.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -56,7 +57,8 @@ class MergeOptions:
             dense outputs at equal FLOPs, mostly when few tokens are left; ~0.7% of a ViT-S
             forward on CPU in memory traffic).
         keep_outliers: in every merging block, the ``k`` unprotected tokens of largest norm are
-            kept out of the merge (Darcet et al., "Vision Transformers Need Registers", 2024).
+            kept out of the merge, unless a block has to merge more tokens than the others can
+            give (Darcet et al., "Vision Transformers Need Registers", 2024).
 
     >>> MergeOptions(mode="mean")  # the original ToMe
     MergeOptions(metric='keys', mode='mean', unmerge_detail=False, keep_outliers=0)
@@ -90,6 +92,13 @@ class MergeOptions:
         # Every head normalized on its own, then concatenated: the cosine similarity of the
         # result is the mean of the per-head cosines, so no head dominates by its key norm.
         return F.normalize(keys.float(), dim=-1).flatten(-2)
+
+
+def _check_flag(name: str, value: object) -> bool:
+    # bool("no") is True: a string or a number would silently mean something else.
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -129,8 +138,8 @@ class ToMeHandle:
     ) -> None:
         self.num_layers = num_layers
         self.protected = protected
-        self.prop_attn = bool(prop_attn)
-        self.unmerge_output = bool(unmerge_output)
+        self.prop_attn = prop_attn
+        self.unmerge_output = unmerge_output
         self.options = MergeOptions() if options is None else options
         self.family = family
         self.r = r
@@ -154,6 +163,22 @@ class ToMeHandle:
         check_schedule(value)
         self._r_per_layer = resolve_schedule(value, self.num_layers)
         self._r = value
+
+    @property
+    def prop_attn(self) -> bool:
+        return self._prop_attn
+
+    @prop_attn.setter
+    def prop_attn(self, value: bool) -> None:
+        self._prop_attn = _check_flag("prop_attn", value)
+
+    @property
+    def unmerge_output(self) -> bool:
+        return self._unmerge_output
+
+    @unmerge_output.setter
+    def unmerge_output(self, value: bool) -> None:
+        self._unmerge_output = _check_flag("unmerge_output", value)
 
     @property
     def r_per_layer(self) -> list[int]:
@@ -308,6 +333,16 @@ class ToMeHandle:
     def _restore(self) -> None:
         while self._undo:
             self._undo.pop()()
+
+    @contextlib.contextmanager
+    def undone_on_error(self) -> Iterator[ToMeHandle]:
+        """Adapters make their changes inside this block: if one fails, the ones already made
+        are undone, so a failed patch never leaves a hook or a replaced forward behind."""
+        try:
+            yield self
+        except BaseException:
+            self._restore()
+            raise
 
     def __repr__(self) -> str:
         return (

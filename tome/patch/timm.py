@@ -91,10 +91,11 @@ def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
         protected=model.num_prefix_tokens,
         **settings,
     )
-    for index, block in enumerate(blocks):
-        captured: dict = {}
-        add_hook(block.attn.k_norm.register_forward_hook(_make_key_hook(index, handle, captured)), handle)
-        replace_method(block, "forward", _make_block_forward(index, handle, captured), handle)
-    replace_method(model, "forward_features", _forward_features, handle)
-    replace_method(model, "pool", _pool, handle)
+    with handle.undone_on_error():
+        for index, block in enumerate(blocks):
+            captured: dict = {}
+            add_hook(block.attn.k_norm.register_forward_hook(_make_key_hook(index, handle, captured)), handle)
+            replace_method(block, "forward", _make_block_forward(index, handle, captured), handle)
+        replace_method(model, "forward_features", _forward_features, handle)
+        replace_method(model, "pool", _pool, handle)
     return handle

@@ -101,7 +101,8 @@ def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
         protected=1,  # the class token
         **settings,
     )
-    for index, block in enumerate(blocks):
-        replace_method(block, "forward", _make_block_forward(index, handle), handle)
-    add_hook(encoder.ln.register_forward_hook(_make_output_hook(handle)), handle)
+    with handle.undone_on_error():
+        for index, block in enumerate(blocks):
+            replace_method(block, "forward", _make_block_forward(index, handle), handle)
+        add_hook(encoder.ln.register_forward_hook(_make_output_hook(handle)), handle)
     return handle

@@ -244,13 +244,14 @@ def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
         protected=protected,
         **settings,
     )
-    for index, layer in enumerate(layers):
-        captured: dict = {}
-        attn = getattr(layer, family.layout.attn)
-        add_hook(
-            attn.k_proj.register_forward_hook(_make_key_hook(index, handle, captured, attn.head_dim)), handle
-        )
-        replace_method(layer, "forward", _make_layer_forward(index, handle, family.layout, captured), handle)
     always = any(name in _POOLING_HEADS for name in _class_names(model))
-    add_hook(output_module.register_forward_hook(_make_output_hook(handle, always)), handle)
+    with handle.undone_on_error():
+        for index, layer in enumerate(layers):
+            captured: dict = {}
+            attn = getattr(layer, family.layout.attn)
+            key_hook = _make_key_hook(index, handle, captured, attn.head_dim)
+            add_hook(attn.k_proj.register_forward_hook(key_hook), handle)
+            layer_forward = _make_layer_forward(index, handle, family.layout, captured)
+            replace_method(layer, "forward", layer_forward, handle)
+        add_hook(output_module.register_forward_hook(_make_output_hook(handle, always)), handle)
     return handle
