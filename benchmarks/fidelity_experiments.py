@@ -122,6 +122,16 @@ def random_split(B: int, N: int, p: int, call: int) -> torch.Tensor:
     return torch.cat([torch.arange(p), torch.randperm(N - p, generator=g) + p]).expand(B, N)
 
 
+def plan_from_scores(scores: torch.Tensor, r: int, protected: int, N: int, history) -> M.MergePlan:
+    """ToMe's ranking on A x B edge ``scores`` (B, |A|, |B|): the r A tokens with the best edges
+    merge into their best B partner."""
+    a_index = scores.amax(-1).sort(dim=-1, descending=True, stable=True).indices[:, :r]
+    chosen = scores.gather(1, a_index[..., None].expand(-1, -1, scores.shape[-1]))
+    src = protected + 2 * a_index
+    dst_in = protected + 1 + 2 * chosen.argmax(-1)
+    return plan_from_edges(src, dst_in, N, history, scores.device)
+
+
 def scored_matching(score: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]):
     """ToMe's ranking with a different edge score ``score(cos (B,A,B), size_a, size_b)``."""
 
@@ -131,11 +141,7 @@ def scored_matching(score: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], 
         a, b, _, _ = M._split_ab(metric, protected, None)
         s = sizes[:, protected:]
         scores = score(a @ b.transpose(-1, -2), s[:, ::2, None], s[:, 1::2][:, None, :])
-        a_index = scores.amax(-1).sort(dim=-1, descending=True, stable=True).indices[:, :r]
-        chosen = scores.gather(1, a_index[..., None].expand(-1, -1, scores.shape[-1]))
-        src = protected + 2 * a_index
-        dst_in = protected + 1 + 2 * chosen.argmax(-1)
-        return plan_from_edges(src, dst_in, N, history, metric.device)
+        return plan_from_scores(scores, r, protected, N, history)
 
     return matching
 
@@ -162,11 +168,7 @@ def locality_matching(weight: float):
         a, b, _, _ = M._split_ab(metric, protected, None)
         c = centroids(history, N, protected, B)[:, protected:]
         scores = a @ b.transpose(-1, -2) - weight * torch.cdist(c[:, ::2], c[:, 1::2])
-        a_index = scores.amax(-1).sort(dim=-1, descending=True, stable=True).indices[:, :r]
-        chosen = scores.gather(1, a_index[..., None].expand(-1, -1, scores.shape[-1]))
-        src = protected + 2 * a_index
-        dst_in = protected + 1 + 2 * chosen.argmax(-1)
-        return plan_from_edges(src, dst_in, N, history, metric.device)
+        return plan_from_scores(scores, r, protected, N, history)
 
     return matching
 
