@@ -162,12 +162,14 @@ def test_eval_on_labelled_folder(tmp_path, capsys):
     assert main(["eval", "--images", str(root), "--r", "2,4", "--batch", "4", *TINY]) == 0
     table = capsys.readouterr().out
     assert "CLS cosine" in table and "top-1 agreement" in table and "k-NN acc." in table
+    assert "| r | tokens left | speedup |" in table and "| 0 | 17 | 1.00x |" in table
 
     assert main(["eval", "--images", str(root), "--r", "3", "--json", *TINY]) == 0
     data = json.loads(capsys.readouterr().out)
     reference, merged = data["rows"]
     assert reference["r"] == "0" and reference["cls_cosine"] == 1.0
     assert merged["r"] == "3" and -1 <= merged["cls_cosine"] <= 1 and merged["knn_accuracy"] is not None
+    assert reference["speedup"] == 1.0 and merged["speedup"] > 0
     assert data["images"] == 6
 
 

@@ -369,7 +369,11 @@ def _eval(model, paths: Sequence[Path], root: Path | None, rs, args, *, batch: i
         patch_kwargs=options,
     )
     meta = {"model": model.name, "img_size": model.img_size, "images": len(paths), **options}
-    caption = f"{model.name}, {model.img_size}px, {len(paths)} images, fidelity vs the unmerged model{_options_note(args)}"
+    caption = (
+        f"{model.name}, {model.img_size}px, {len(paths)} images, fidelity vs the unmerged model"
+        f"{_options_note(args)}; speedup = time of these passes, interleaved per batch of {batch} "
+        "(tome bench times more precisely)"
+    )
     return rows, caption, format_table(rows), to_json(rows, **meta)
 
 

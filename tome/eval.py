@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ class EvalRow:
     knn_accuracy: float | None = None
     min_cls_cosine: float = math.nan
     tokens: int = 0  # tokens left after the last block
+    speedup: float | None = None  # unmerged time / this schedule's time over the same passes
     extra: dict = field(default_factory=dict)
 
 
@@ -141,11 +143,19 @@ def evaluate(
     """Compare ``model`` (a :class:`tome.models.Model`) patched with each ``r`` against the
     unpatched model on ``count`` images, ``load(i)`` giving image i (a PIL image), with the
     :func:`tome.patch` options ``patch_kwargs``. Returns the unmerged reference row (``r="0"``)
-    first, then one row per schedule."""
+    first, then one row per schedule.
+
+    ``speedup`` is measured on the evaluation passes themselves: every batch runs the unmerged
+    model and each schedule one after the other (interleaved, so a machine slowing down hits
+    all alike), and the speedup is the unmerged model's total time over the schedule's, the
+    first batch left out as warm-up when there are several. Less precise than ``tome bench``
+    (one timed pass per batch; small batches time overheads too), but in the same table."""
     from tome.models import r_label
 
     configs = [None] + [r for r in rs if r != 0]
     sums = {i: {"cls": [], "patch": [], "agree": [], "sal": [], "correct": []} for i in range(len(configs))}
+    seconds = [0.0] * len(configs)
+    timed_from = batch if count > batch else 0  # the first batch warms up (when there are more)
     feats: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(configs))}
     final_tokens: dict[int, int] = {}
     targets = torch.tensor(labels.targets) if labels is not None else None
@@ -160,7 +170,10 @@ def evaluate(
         reference = None
         for index, r in enumerate(configs):
             model.set_r(r, **(patch_kwargs or {})) if r is not None else model.set_r(None)
+            started = time.perf_counter()
             out = model(pixels)
+            if start >= timed_from:
+                seconds[index] += time.perf_counter() - started
             bar.update(1)
             final_tokens[index] = (
                 model.protected + model.num_patches if r is None else model.module.tome.tokens_per_layer[-1]
@@ -203,6 +216,7 @@ def evaluate(
             accuracy=mean(acc["correct"]),
             min_cls_cosine=1.0 if is_ref else cls.min().item(),
             tokens=final_tokens.get(index, 0),
+            speedup=seconds[0] / seconds[index] if seconds[index] > 0 else None,
         )
         if labels is not None:
             x = torch.cat(feats[index])
@@ -230,6 +244,7 @@ def format_table(rows: Sequence[EvalRow]) -> str:
     columns: list[tuple[str, Callable[[EvalRow], str]]] = [
         ("r", lambda row: row.r),
         ("tokens left", lambda row: str(row.tokens)),
+        ("speedup", lambda row: "–" if row.speedup is None else f"{row.speedup:.2f}x"),
         ("CLS cosine", lambda row: _fmt(row.cls_cosine)),
         ("min CLS cosine", lambda row: _fmt(row.min_cls_cosine)),
         ("patch cosine", lambda row: _fmt(row.patch_cosine)),
