@@ -163,6 +163,7 @@ def test_eval_on_labelled_folder(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "CLS cosine" in table and "top-1 agreement" in table and "k-NN acc." in table
     assert "| r | tokens left | speedup |" in table and "| 0 | 17 | 1.00x |" in table
+    assert "speedup as tome bench --batch 4 --reps 3" in table
 
     assert main(["eval", "--images", str(root), "--r", "3", "--json", *TINY]) == 0
     data = json.loads(capsys.readouterr().out)
@@ -170,6 +171,10 @@ def test_eval_on_labelled_folder(tmp_path, capsys):
     assert reference["r"] == "0" and reference["cls_cosine"] == 1.0
     assert merged["r"] == "3" and -1 <= merged["cls_cosine"] <= 1 and merged["knn_accuracy"] is not None
     assert reference["speedup"] == 1.0 and merged["speedup"] > 0
+    assert main(["eval", "--images", str(root), "--r", "3", "--json", "--speed-reps", "0", *TINY]) == 0
+    assert all(row["speedup"] is None for row in json.loads(capsys.readouterr().out)["rows"])
+    assert main(["eval", "--images", str(root), "--speed-reps", "-1", *TINY]) == 2
+    assert "--speed-reps" in capsys.readouterr().err
     assert data["images"] == 6
 
 

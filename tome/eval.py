@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,7 +46,7 @@ class EvalRow:
     knn_accuracy: float | None = None
     min_cls_cosine: float = math.nan
     tokens: int = 0  # tokens left after the last block
-    speedup: float | None = None  # unmerged time / this schedule's time over the same passes
+    speedup: float | None = None  # measured, as tome bench (evaluate(speed_reps=...))
     extra: dict = field(default_factory=dict)
 
 
@@ -139,23 +138,20 @@ def evaluate(
     knn_k: int = 20,
     progress: bool = True,
     patch_kwargs: dict | None = None,
+    speed_reps: int = 0,
 ) -> list[EvalRow]:
     """Compare ``model`` (a :class:`tome.models.Model`) patched with each ``r`` against the
     unpatched model on ``count`` images, ``load(i)`` giving image i (a PIL image), with the
     :func:`tome.patch` options ``patch_kwargs``. Returns the unmerged reference row (``r="0"``)
     first, then one row per schedule.
 
-    ``speedup`` is measured on the evaluation passes themselves: every batch runs the unmerged
-    model and each schedule one after the other (interleaved, so a machine slowing down hits
-    all alike), and the speedup is the unmerged model's total time over the schedule's, the
-    first batch left out as warm-up when there are several. Less precise than ``tome bench``
-    (one timed pass per batch; small batches time overheads too), but in the same table."""
+    With ``speed_reps > 0``, every row also gets its measured ``speedup``, timed as
+    :func:`tome.bench.run_bench` does (the backbone on a batch of ``batch`` random images,
+    one warm-up pass, median of ``speed_reps`` interleaved runs)."""
     from tome.models import r_label
 
     configs = [None] + [r for r in rs if r != 0]
     sums = {i: {"cls": [], "patch": [], "agree": [], "sal": [], "correct": []} for i in range(len(configs))}
-    seconds = [0.0] * len(configs)
-    timed_from = batch if count > batch else 0  # the first batch warms up (when there are more)
     feats: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(configs))}
     final_tokens: dict[int, int] = {}
     targets = torch.tensor(labels.targets) if labels is not None else None
@@ -170,10 +166,7 @@ def evaluate(
         reference = None
         for index, r in enumerate(configs):
             model.set_r(r, **(patch_kwargs or {})) if r is not None else model.set_r(None)
-            started = time.perf_counter()
             out = model(pixels)
-            if start >= timed_from:
-                seconds[index] += time.perf_counter() - started
             bar.update(1)
             final_tokens[index] = (
                 model.protected + model.num_patches if r is None else model.module.tome.tokens_per_layer[-1]
@@ -197,6 +190,14 @@ def evaluate(
                 acc["sal"].append(pearson(out.saliency, reference.saliency))
     bar.close()
     model.set_r(None)
+    speedups = [None] * len(configs)
+    if speed_reps > 0:
+        from tome.bench import run_bench
+
+        timed = run_bench(
+            model, rs, batch=batch, reps=speed_reps, progress=progress, patch_kwargs=patch_kwargs
+        )
+        speedups = [row.speedup for row in timed]
 
     def mean(values: list[torch.Tensor]) -> float | None:
         return torch.cat(values).mean().item() if values else None
@@ -216,7 +217,7 @@ def evaluate(
             accuracy=mean(acc["correct"]),
             min_cls_cosine=1.0 if is_ref else cls.min().item(),
             tokens=final_tokens.get(index, 0),
-            speedup=seconds[0] / seconds[index] if seconds[index] > 0 else None,
+            speedup=speedups[index],
         )
         if labels is not None:
             x = torch.cat(feats[index])
@@ -244,7 +245,10 @@ def format_table(rows: Sequence[EvalRow]) -> str:
     columns: list[tuple[str, Callable[[EvalRow], str]]] = [
         ("r", lambda row: row.r),
         ("tokens left", lambda row: str(row.tokens)),
-        ("speedup", lambda row: "–" if row.speedup is None else f"{row.speedup:.2f}x"),
+    ]
+    if any(row.speedup is not None for row in rows):
+        columns.append(("speedup", lambda row: "–" if row.speedup is None else f"{row.speedup:.2f}x"))
+    columns += [
         ("CLS cosine", lambda row: _fmt(row.cls_cosine)),
         ("min CLS cosine", lambda row: _fmt(row.min_cls_cosine)),
         ("patch cosine", lambda row: _fmt(row.patch_cosine)),
