@@ -163,7 +163,7 @@ def test_eval_on_labelled_folder(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "CLS cosine" in table and "top-1 agreement" in table and "k-NN acc." in table
     assert "| r | tokens left | speedup |" in table and "| 0 | 17 | 1.00x |" in table
-    assert "speedup as tome bench --batch 4 --reps 3" in table
+    assert "speedup as tome bench --batch 4 --reps 3 (backbone, output merged)" in table
 
     assert main(["eval", "--images", str(root), "--r", "3", "--json", *TINY]) == 0
     data = json.loads(capsys.readouterr().out)

@@ -342,6 +342,21 @@ def test_key_with_a_nan_entry_counts_as_all_zero():
     assert tm.sizes.tolist() == [[1.0, 1.0, 2.0]]
 
 
+def test_best_edges_gradients_stay_finite_with_nan_keys():
+    from tome.merge import best_edges
+
+    keys = torch.randn(2, 9, 4)
+    keys[0, 3, 1] = float("nan")
+    keys[1, 4] = float("inf")
+    keys.requires_grad_(True)
+    scores, _ = best_edges(keys, protected=1)
+    scores.sum().backward()
+    assert torch.isfinite(scores).all() and torch.isfinite(keys.grad).all()
+    assert keys.grad[0, 3].abs().sum() == 0 and keys.grad[1, 4].abs().sum() == 0
+    with torch.no_grad():  # the same scores as the fast path
+        torch.testing.assert_close(best_edges(keys.detach(), protected=1)[0], scores)
+
+
 def test_mlerp_zero_mean_group_is_finite():
     # two exactly opposite values merged: the mean is zero, rescaling must not produce NaN
     keys = torch.ones(1, 2, 4)

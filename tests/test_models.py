@@ -299,3 +299,17 @@ def test_hf_folder_models(tmp_path, kind, protected, classes):
     assert merged.patches.shape == (2, 16, 64) and merged.source.shape == (2, 16)
     assert model.module.tome.tokens_per_layer == [16 + protected, 14 + protected, 12 + protected]
     assert F.cosine_similarity(merged.pooled, base.pooled).min() > 0.9
+
+
+def test_from_module_sees_through_user_subclasses():
+    transformers = pytest.importorskip("transformers")
+
+    class MyClassifier(transformers.ViTForImageClassification):
+        pass
+
+    config = transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        image_size=32, patch_size=8, num_labels=5,
+    )  # fmt: skip
+    wrapped = from_module(MyClassifier(config))
+    assert wrapped.family == "transformers" and wrapped.num_classes == 5

@@ -151,13 +151,18 @@ def test_heldout_check():
             tome.tune(model, pixels, 2.0, holdout=bad, **FAST)
 
 
-def test_keeps_the_training_mode():
+def test_keeps_every_training_mode():
     model = _timm().train()
+    model.blocks[0].eval()  # a mixed state comes back as it was
+    modes = [m.training for m in model.modules()]
     tome.tune(model, _pixels(), 1.5, **FAST)
-    assert model.training and all(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == modes
+    with pytest.raises(TuneError):  # also when tune refuses the input
+        tome.tune(model, _pixels(3), 1.5, **FAST)
+    assert [m.training for m in model.modules()] == modes
     model.eval()
     tome.tune(model, _pixels(), 1.5, **FAST)
-    assert not model.training
+    assert not any(m.training for m in model.modules())
 
 
 def test_subclass_of_a_supported_model():

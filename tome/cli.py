@@ -375,7 +375,9 @@ def _eval(model, paths: Sequence[Path], root: Path | None, rs, args, *, batch: i
         f"{_options_note(args)}"
     )
     if args.speed_reps:
-        caption += f"; speedup as tome bench --batch {batch} --reps {args.speed_reps}"
+        caption += (
+            f"; speedup as tome bench --batch {batch} --reps {args.speed_reps} (backbone, output merged)"
+        )
     return rows, caption, format_table(rows), to_json(rows, **meta)
 
 
@@ -625,7 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=3,
         metavar="N",
-        help="also time each r as tome bench does, median of N runs (default: 3; 0: no timing)",
+        help="also time each r as tome bench does (the backbone, output not unmerged), median of "
+        "N runs (default: 3; 0: no timing)",
     )
     ev.add_argument("--knn-k", type=int, default=20, help="neighbours of the k-NN classifier (default: 20)")
     ev.add_argument("--json", action="store_true", help="print JSON instead of the table")

@@ -146,8 +146,8 @@ def evaluate(
     first, then one row per schedule.
 
     With ``speed_reps > 0``, every row also gets its measured ``speedup``, timed as
-    :func:`tome.bench.run_bench` does (the backbone on a batch of ``batch`` random images,
-    one warm-up pass, median of ``speed_reps`` interleaved runs)."""
+    :func:`tome.bench.run_bench` does (the backbone on a batch of ``batch`` random images, its
+    output not unmerged, one warm-up pass, median of ``speed_reps`` interleaved runs)."""
     from tome.models import r_label
 
     configs = [None] + [r for r in rs if r != 0]

@@ -138,6 +138,12 @@ def _normalize(metric: torch.Tensor) -> torch.Tensor:
     # is more similar, and never produces NaN. Similarities are computed in float32: half
     # precision would round close scores into ties.
     metric = metric.float()
+    if metric.requires_grad:
+        # Same rule, with finite gradients (scores from best_edges may be backpropagated): a
+        # non-finite key is replaced by zeros before any arithmetic touches it.
+        finite = torch.isfinite(metric.detach().norm(dim=-1, keepdim=True))
+        metric = torch.where(finite, metric, 0.0)
+        return metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
     unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
     return unit.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
@@ -490,8 +496,9 @@ def attention_bias(sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def outlier_bias(x: torch.Tensor, k: int, protected: int = 0) -> torch.Tensor:
     """``(B, N)`` token bias for :func:`bipartite_soft_matching` that keeps the ``k``
     unprotected tokens of largest feature norm out of the merge (``-4``, below any cosine
-    similarity: they still merge where ``r`` needs more tokens than the others give). ViTs trained without registers store global information in a few high-norm
-    tokens (Darcet et al., "Vision Transformers Need Registers", ICLR 2024)."""
+    similarity: they still merge where ``r`` needs more tokens than the others give). ViTs
+    trained without registers store global information in a few high-norm tokens (Darcet et
+    al., "Vision Transformers Need Registers", ICLR 2024)."""
     B, N = x.shape[:2]
     with torch.no_grad():
         norms = x[:, protected:].detach().float().flatten(2).norm(dim=-1)

@@ -941,7 +941,7 @@ def from_module(module: nn.Module, *, img_size: int | None = None, name: str = "
         cfg = getattr(module.config, "vision_config", module.config)
         num = (
             int(getattr(module.config, "num_labels", 0))
-            if "ForImageClassification" in type(module).__name__
+            if any("ForImageClassification" in cls.__name__ for cls in type(module).__mro__)
             else 0
         )
         return Model(
