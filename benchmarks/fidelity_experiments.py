@@ -18,7 +18,8 @@ Groups:
     prop_attn  scale proportional attention's log(size) (1 is ToMe)
     matching   several bipartite rounds per block; one-to-one matching; Ward-style size costs;
                a penalty on the spatial distance of the merged tokens
-    metric     keys centred on their mean; queries/values in the metric; per-head key norms
+    metric     keys centred on their mean, without their bias, plus their mean; queries/values in
+               the metric; per-head key norms
     refine     run the last block at full length on the unmerged tokens (with detail)
     restream   per-block merging with a full-resolution residual stream (ToMe-for-SD style:
                merge, run the block, unmerge the block's update)
@@ -205,6 +206,7 @@ class Probe:
         self.q: dict[int, torch.Tensor] = {}
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
+        self.k_bias = [layer.attention.k_proj.bias for layer in module.encoder.layer]
         self.handles = []
         for i, layer in enumerate(module.encoder.layer):
             attn = layer.attention
@@ -443,9 +445,20 @@ def group_metric(b: Bench) -> None:
 
         return metric
 
+    def without_bias(index, keys, state):
+        # the key projection's bias is the same for every token: it pulls all keys one way
+        bias = probe_ref[0].k_bias[index]
+        return (keys - bias.view(HEADS, -1)).mean(-2)
+
+    def plus_mean(index, keys, state):
+        keys = keys.mean(-2)
+        return keys + keys[:, 1:].mean(1, keepdim=True)
+
     probe_ref: list[Probe] = []
     variants = (
         ("keys minus their mean over tokens", centred),
+        ("keys without the projection's bias", without_bias),
+        ("keys plus their mean over tokens", plus_mean),
         ("queries and keys", with_projection("qk")),
         ("keys and values", with_projection("kv")),
         ("values", with_projection("v")),
