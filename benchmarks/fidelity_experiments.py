@@ -13,7 +13,8 @@ against the unmerged model, as in ``benchmarks/fidelity.py``.
 Groups:
     split      which tokens form set A: the plain result moves by up to 0.005 when only the
                parity of the alternating split changes (the noise floor of any comparison)
-    protect    keep the tokens the class token attends to most out of the merge (EViT-like)
+    protect    keep the tokens the class token attends to most out of the merge (EViT-like), in
+               every block or only in the late ones
     weighting  merge by a mean weighted by the class token's attention (MCTF-like)
     prop_attn  scale proportional attention's log(size) (1 is ToMe)
     matching   several bipartite rounds per block; one-to-one matching; Ward-style size costs;
@@ -322,10 +323,12 @@ def group_split(b: Bench) -> None:
 
 
 def group_protect(b: Bench) -> None:
-    for k in (8, 16):
+    for k, first in ((8, 0), (16, 0), (4, 6), (8, 9)):
 
-        def setup(handle, probe, module, k=k):
+        def setup(handle, probe, module, k=k, first=first):
             def bias(index, keys, state):
+                if index < first:
+                    return None
                 attn = class_attention(probe, index, keys, state)[:, handle.protected :]
                 top = attn.topk(k, dim=-1).indices
                 out = torch.zeros_like(attn).scatter_(1, top, -1e4)
@@ -333,7 +336,8 @@ def group_protect(b: Bench) -> None:
 
             replace_merge(handle, probe, metric_fn=lambda i, keys, s: keys.mean(-2), bias_fn=bias)
 
-        b.row(f"keep the {k} tokens the class token attends to most", setup)
+        where = f" from block {first} on" if first else ""
+        b.row(f"keep the {k} tokens the class token attends to most{where}", setup)
     for weight in (0.05, 0.2):
 
         def setup(handle, probe, module, weight=weight):
