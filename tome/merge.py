@@ -349,24 +349,33 @@ def _scatter_into_kept(plan: MergePlan, x: torch.Tensor, reduce: str) -> torch.T
     return out.scatter_reduce_(1, dst, moved, reduce=reduce, include_self=True)
 
 
-def _mean(plan: MergePlan, x: torch.Tensor) -> torch.Tensor:
+def _mean(plan: MergePlan, x: torch.Tensor, moved: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Size-weighted mean of every group. Beyond the gather of the kept tokens, only the ``r``
     moved rows are touched: a destination ``d`` (size ``s_d``) that receives tokens ``i``
     (sizes ``s_i``; new size ``S = s_d + sum_i s_i``) becomes
 
         (s_d x_d + sum_i s_i x_i) / S  =  x_d + sum_i (s_i / S) (x_i - x_d),
 
-    one ``index_add_`` of a term per moved token; every other kept token is its own mean."""
+    one ``index_add_`` of a term per moved token; every other kept token is its own mean.
+    ``moved`` / ``target``: the moved tokens and their destinations' input rows
+    (:func:`_moved_and_targets`)."""
     B, N = x.shape[:2]
-    out = _gather_tokens(x, plan.kept).to(_reduce_dtype(x))
-    moved = _gather_tokens(x, plan.src).to(out.dtype)
-    target = _gather_tokens(x, plan.kept.gather(1, plan.dst)).to(out.dtype)
+    out = _gather_tokens(x, plan.kept).to(moved.dtype)
     weight_dtype = out.real.dtype if out.is_complex() else out.dtype
     weight = plan.in_sizes.gather(1, plan.src).to(weight_dtype) / plan.sizes.gather(1, plan.dst)
     term = (moved - target) * weight.view(weight.shape + (1,) * (x.dim() - 2))
     rows = out.view(B * (N - plan.r), *x.shape[2:])
     rows.index_add_(0, _rows(plan.dst, N - plan.r), term.view(B * plan.r, *x.shape[2:]))
     return out
+
+
+def _moved_and_targets(plan: MergePlan, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``r`` moved tokens and the input rows of their destinations, ``(B, r, ...)`` each,
+    in the reduction dtype: gathered once for both the mean and mlerp's rescaling."""
+    dtype = _reduce_dtype(x)
+    moved = _gather_tokens(x, plan.src).to(dtype)
+    target = _gather_tokens(x, plan.kept.gather(1, plan.dst)).to(dtype)
+    return moved, target
 
 
 def _feature_norm(x: torch.Tensor) -> torch.Tensor:
@@ -393,20 +402,21 @@ def merge(plan: MergePlan, x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
     if mode in ("sum", "amax", "amin"):
         work = x.to(_reduce_dtype(x))
         return _scatter_into_kept(plan, work, mode).to(x.dtype)
-    out = _mean(plan, x)
+    moved, target = _moved_and_targets(plan, x)
+    out = _mean(plan, x, moved, target)
     if mode == "mlerp":
-        _rescale_destinations(plan, x, out)
+        _rescale_destinations(plan, out, moved, target)
     return out.to(x.dtype)
 
 
-def _rescale_destinations(plan: MergePlan, x: torch.Tensor, out: torch.Tensor) -> None:
+def _rescale_destinations(
+    plan: MergePlan, out: torch.Tensor, moved: torch.Tensor, target: torch.Tensor
+) -> None:
     """mlerp, in place on ``out`` (the group means): every group that received tokens gets the
     largest norm among the tokens it combined. Only the ``r`` destination rows are touched:
     any other group is one token, already its own largest."""
     B, kept = out.shape[:2]
-    target = plan.kept.gather(1, plan.dst)  # input index of each moved token's destination
-    moved_norm = _feature_norm(_gather_tokens(x, plan.src).to(out.dtype))
-    target_norm = _feature_norm(_gather_tokens(x, target).to(out.dtype))
+    moved_norm, target_norm = _feature_norm(moved), _feature_norm(target)
     largest = out.new_zeros((B, kept), dtype=moved_norm.dtype)
     largest = largest.scatter_reduce(1, plan.dst, torch.maximum(moved_norm, target_norm), reduce="amax")
     rows = _gather_tokens(out, plan.dst)
@@ -415,7 +425,7 @@ def _rescale_destinations(plan: MergePlan, x: torch.Tensor, out: torch.Tensor) -
     # rescaled value, so the order of the writes does not matter.
     flat = out.view(B * kept, *out.shape[2:])
     flat.index_copy_(
-        0, _rows(plan.dst, kept), (rows * scale.view(scale.shape + (1,) * (x.dim() - 2))).flatten(0, 1)
+        0, _rows(plan.dst, kept), (rows * scale.view(scale.shape + (1,) * (out.dim() - 2))).flatten(0, 1)
     )
 
 

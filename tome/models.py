@@ -924,12 +924,13 @@ def _library_module(module: nn.Module) -> str:
 
 
 def from_module(module: nn.Module, *, img_size: int | None = None, name: str = "") -> Model:
-    """Wrap a model you already built (timm, transformers or torchvision ViT)."""
+    """Wrap a model you already built (timm, transformers or torchvision ViT). The module is
+    not changed: its training mode stays as it is (call ``.eval()`` for inference)."""
     mod = _library_module(module)
     if mod.startswith("timm."):
         size = module.patch_embed.img_size
         return Model(
-            module.eval(),
+            module,
             "timm",
             name or type(module).__name__,
             int(img_size or size[0]),
@@ -945,7 +946,7 @@ def from_module(module: nn.Module, *, img_size: int | None = None, name: str = "
             else 0
         )
         return Model(
-            module.eval(),
+            module,
             "transformers",
             name or type(module).__name__,
             int(img_size or cfg.image_size),
@@ -955,7 +956,7 @@ def from_module(module: nn.Module, *, img_size: int | None = None, name: str = "
         )
     if mod.startswith("torchvision."):
         return Model(
-            module.eval(),
+            module,
             "torchvision",
             name or type(module).__name__,
             int(module.image_size),

@@ -205,14 +205,6 @@ def _wrap(model):
     return from_module(model)
 
 
-def _training_modes(model) -> dict[nn.Module, bool]:
-    """Every submodule's ``training`` flag (tune runs in eval mode and puts them back)."""
-    from tome.models import Model
-
-    target = model.module if isinstance(model, Model) else model
-    return {m: m.training for m in target.modules()} if isinstance(target, nn.Module) else {}
-
-
 def _restore_modes(modes: dict[nn.Module, bool]) -> None:
     for submodule, training in modes.items():
         submodule.training = training
@@ -466,32 +458,27 @@ def tune(
     if isinstance(holdout, bool) or not isinstance(holdout, int | float) or not 0 <= holdout < 1:
         raise ValueError(f"holdout: expected a fraction in [0, 1), got {holdout!r}")
 
-    # Read before wrapping (wrapping a bare module puts it in eval mode); every submodule's
-    # mode comes back as it was, whatever happens below.
-    modes = _training_modes(model)
     wrapper = _wrap(model)
     module = wrapper.module
-    try:
-        pixels = _pixels(wrapper, images, min_images)
-        held = max(2, round(holdout * len(pixels))) if holdout > 0 else 0
-        if held and len(pixels) - held < 2:
-            raise TuneError(
-                f"images: {len(pixels)} images leave too few for the search after holdout={holdout:g}"
-            )
-        pixels, heldout_pixels = pixels[: len(pixels) - held], pixels[len(pixels) - held :]
-        layers = len(wrapper.blocks)
-        flops = _Flops(wrapper)
-        reachable = _best_reachable(flops, layers)
-        if target_speedup > reachable:
-            raise TuneError(
-                f"target_speedup {target_speedup:g}x cannot be reached on this model: merging as much "
-                f"as possible in every block gives at most {reachable:.2f}x (FLOP-ideal)"
-            )
-    except BaseException:
-        _restore_modes(modes)
-        raise
+    pixels = _pixels(wrapper, images, min_images)
+    held = max(2, round(holdout * len(pixels))) if holdout > 0 else 0
+    if held and len(pixels) - held < 2:
+        raise TuneError(
+            f"images: {len(pixels)} images leave too few for the search after holdout={holdout:g}"
+        )
+    pixels, heldout_pixels = pixels[: len(pixels) - held], pixels[len(pixels) - held :]
+    layers = len(wrapper.blocks)
+    flops = _Flops(wrapper)
+    reachable = _best_reachable(flops, layers)
+    if target_speedup > reachable:
+        raise TuneError(
+            f"target_speedup {target_speedup:g}x cannot be reached on this model: merging as much as "
+            f"possible in every block gives at most {reachable:.2f}x (FLOP-ideal)"
+        )
 
     started = time.perf_counter()
+    # The search runs in eval mode; every submodule's own mode comes back afterwards.
+    modes = {m: m.training for m in module.modules()}
     module.eval()
     previous = module.__dict__.get("tome")
     previous_r = previous.r if previous is not None else None
