@@ -9,6 +9,7 @@ against the unmerged model, as in ``benchmarks/fidelity.py``.
 
     python benchmarks/fidelity_experiments.py              # all groups (~6 min on 2 cores)
     python benchmarks/fidelity_experiments.py --group split --limit 40
+    python benchmarks/fidelity_experiments.py --group weighting --schedule 28,26,24,21,19,17,15,13,11,8,6,4
 
 Groups:
     split      which tokens form set A: the plain result moves by up to 0.005 when only the
@@ -262,8 +263,9 @@ def class_attention(probe: Probe, index: int, keys: torch.Tensor, state) -> torc
 
 
 class Bench:
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, schedule: list[int] = SCHEDULE) -> None:
         torch.manual_seed(0)
+        self.schedule = schedule
         self.model = FB.load_model(f"hf:{FB.MODEL}")
         paths, _ = FB.find_images([str(FB.IMAGES)])
         pixels = self.model.preprocess([FB.open_image(p) for p in paths[:limit]])
@@ -271,10 +273,10 @@ class Bench:
         self.ref = FB.run(self.model, self.batches, None, {})
         self.base_flops = FB.flops([self.model.protected + self.model.num_patches] * 13, self.model.width)
 
-    def row(self, label: str, setup=None, schedule=SCHEDULE, options=None, tokens_fix=None) -> None:
+    def row(self, label: str, setup=None, schedule=None, options=None, tokens_fix=None) -> None:
         """Patch, let ``setup(handle, probe, module)`` change things, run, print a table row."""
         model = self.model
-        model.set_r(schedule, unmerge_output=True, **{**ORIGINAL, **(options or {})})
+        model.set_r(schedule or self.schedule, unmerge_output=True, **{**ORIGINAL, **(options or {})})
         probe = Probe(model.module)
         undo = setup(model.module.tome, probe, model.module) if setup else None
         try:
@@ -564,10 +566,16 @@ def main() -> None:
     )
     parser.add_argument("--group", choices=sorted(GROUPS), action="append", help="default: all")
     parser.add_argument("--limit", type=int, default=100, help="number of photos (default 100)")
+    parser.add_argument(
+        "--schedule",
+        type=lambda text: [int(v) for v in text.split(",")],
+        default=SCHEDULE,
+        help="12 comma-separated ints (default: the schedule above)",
+    )
     args = parser.parse_args()
     start = time.perf_counter()
-    bench = Bench(args.limit)
-    print(f"schedule {SCHEDULE}, mode=mean unless stated; {args.limit} photos\n")
+    bench = Bench(args.limit, args.schedule)
+    print(f"schedule {args.schedule}, mode=mean unless stated; {args.limit} photos\n")
     print("| variant | FLOP-ideal | CLS cos | min CLS cos | saliency corr |\n|---|---|---|---|---|")
     bench.row("plain ToMe")
     for name in args.group or list(GROUPS):

@@ -133,7 +133,7 @@ def _expand_index(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def _normalize(metric: torch.Tensor) -> torch.Tensor:
     # A token whose key has a NaN/inf entry would poison every score it touches: its whole key
     # counts as 0 instead (its norm is not finite, so the division gives NaN/0 entries, zeroed in
-    # place; an out-of-place nan_to_num of the full keys was ~10x slower on CPU). A zero vector
+    # place; an out-of-place nan_to_num of the full keys was much slower on CPU). A zero vector
     # has cosine similarity 0 with every token (clamped norm), so it merges only when nothing
     # is more similar, and never produces NaN. Similarities are computed in float32: half
     # precision would round close scores into ties.
