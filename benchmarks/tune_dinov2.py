@@ -20,11 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tome import tune  # noqa: E402
-from tome.bench import format_table as bench_table  # noqa: E402
-from tome.bench import run_bench  # noqa: E402
-from tome.eval import evaluate  # noqa: E402
-from tome.eval import format_table as eval_table  # noqa: E402
-from tome.models import DEFAULT_MODEL, find_images, load_model, open_image  # noqa: E402
+from tome.tools.bench import format_table as bench_table  # noqa: E402
+from tome.tools.bench import run_bench  # noqa: E402
+from tome.tools.eval import evaluate  # noqa: E402
+from tome.tools.eval import format_table as eval_table  # noqa: E402
+from tome.tools.images import find_images, open_image  # noqa: E402
+from tome.tools.loading import DEFAULT_MODEL, load_model  # noqa: E402
 
 
 def main() -> None:

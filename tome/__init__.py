@@ -10,7 +10,6 @@ from tome.merge import MODES, MergeHistory, attention_bias, max_r
 from tome.merger import TokenMerger
 from tome.patch import MergeOptions, ToMeHandle, patch, unpatch
 from tome.schedule import resolve_schedule
-from tome.tune import TuneResult, tune
 
 __all__ = [
     "MODES",
@@ -27,3 +26,21 @@ __all__ = [
     "unpatch",
 ]
 __version__ = "0.1.0"
+
+# The tools layer (tome.tools) loads on first use of its names: ``import tome`` is the core and
+# the adapters only.
+_LAZY = {"tune": "tome.tools.tune", "TuneResult": "tome.tools.tune"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tome' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -140,15 +140,15 @@ def evaluate(
     patch_kwargs: dict | None = None,
     speed_reps: int = 0,
 ) -> list[EvalRow]:
-    """Compare ``model`` (a :class:`tome.models.Model`) patched with each ``r`` against the
+    """Compare ``model`` (a :class:`tome.tools.model.Model`) patched with each ``r`` against the
     unpatched model on ``count`` images, ``load(i)`` giving image i (a PIL image), with the
     :func:`tome.patch` options ``patch_kwargs``. Returns the unmerged reference row (``r="0"``)
     first, then one row per schedule.
 
     With ``speed_reps > 0``, every row also gets its measured ``speedup``, timed as
-    :func:`tome.bench.run_bench` does (the backbone on a batch of ``batch`` random images, its
+    :func:`tome.tools.bench.run_bench` does (the backbone on a batch of ``batch`` random images, its
     output not unmerged, one warm-up pass, median of ``speed_reps`` interleaved runs)."""
-    from tome.models import r_label
+    from tome.tools.schedule_text import r_label
 
     configs = [None] + [r for r in rs if r != 0]
     sums = {i: {"cls": [], "patch": [], "agree": [], "sal": [], "correct": []} for i in range(len(configs))}
@@ -192,7 +192,7 @@ def evaluate(
     model.set_r(None)
     speedups = [None] * len(configs)
     if speed_reps > 0:
-        from tome.bench import run_bench
+        from tome.tools.bench import run_bench
 
         timed = run_bench(
             model, rs, batch=batch, reps=speed_reps, progress=progress, patch_kwargs=patch_kwargs
@@ -229,9 +229,9 @@ def evaluate(
 
 
 def _bar(total: int, enabled: bool):
-    from tome.bench import _progress
+    from tome.tools.progress import progress_bar
 
-    return _progress(total, enabled, "eval")
+    return progress_bar(total, enabled, "eval")
 
 
 def _fmt(value: float | None, digits: int = 4, percent: bool = False) -> str:

@@ -10,15 +10,15 @@ layer sizes.
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
+
+from tome.tools.progress import progress_bar
 
 __all__ = ["BenchRow", "block_macs", "flops_per_image", "format_table", "plot", "run_bench"]
 
@@ -90,11 +90,11 @@ def run_bench(
     seed: int = 0,
     patch_kwargs: dict | None = None,
 ) -> list[BenchRow]:
-    """Time ``model`` (a :class:`tome.models.Model`) unpatched and patched with each schedule in
+    """Time ``model`` (a :class:`tome.tools.model.Model`) unpatched and patched with each schedule in
     ``rs`` (with the :func:`tome.patch` options ``patch_kwargs``); returns the unpatched row
     first. Inputs are random normal pixels (merging decisions on noise are as costly as on
     photos: the work depends only on token counts)."""
-    from tome.models import r_label
+    from tome.tools.schedule_text import r_label
 
     configs: list = [None] + [r for r in rs if r != 0]
     options = patch_kwargs or {}
@@ -111,7 +111,7 @@ def run_bench(
         else:
             tokens[index] = list(model.module.tome.tokens_per_layer)
     times: dict[int, list[float]] = {i: [] for i in range(len(configs))}
-    bar = _progress(reps * len(configs), progress, "bench")
+    bar = progress_bar(reps * len(configs), progress, "bench")
     for _ in range(reps):
         for index, r in enumerate(configs):
             model.set_r(r, unmerge_output=False, **options) if r is not None else model.set_r(None)
@@ -140,32 +140,6 @@ def run_bench(
             )
         )
     return rows
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NoBar()
-    # A terminal that reports a size of 0 (e.g. a pty opened without one) would hide the bar.
-    try:
-        size = os.get_terminal_size(sys.stderr.fileno())
-        blank = size.columns == 0 or size.lines == 0
-    except (OSError, ValueError, AttributeError):
-        blank = False
-    fallback = {"ncols": 80, "nrows": 24} if blank else {}
-    # disable=None: no bar when stderr is not a TTY
-    return tqdm(total=total, desc=desc, leave=False, unit="run", disable=None, **fallback)
 
 
 def format_table(rows: Sequence[BenchRow], per_layer: bool = True) -> str:

@@ -14,7 +14,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tome.models import DEFAULT_MODEL, UserError
+from tome.tools.errors import UserError
+from tome.tools.loading import DEFAULT_MODEL
 
 __all__ = ["main"]
 
@@ -127,7 +128,7 @@ def _options_note(args) -> str:
 def _load(args):
     import torch
 
-    from tome.models import load_model
+    from tome.tools.loading import load_model
 
     if args.threads is not None:
         if args.threads < 1:
@@ -141,7 +142,7 @@ def _load(args):
 
 
 def _parse_r(text: str, *, single: bool = False):
-    from tome.models import parse_r
+    from tome.tools.schedule_text import parse_r
 
     values = parse_r(text)
     if single and len(values) != 1:
@@ -176,7 +177,7 @@ def _writable_file(path: str | Path) -> Path:
 
 
 def _images(inputs: Sequence[str]) -> list[Path]:
-    from tome.models import find_images
+    from tome.tools.images import find_images
 
     paths, problems = find_images(inputs)
     for problem in problems:
@@ -186,7 +187,7 @@ def _images(inputs: Sequence[str]) -> list[Path]:
 
 def _readable(paths: Sequence[Path], args) -> list[Path]:
     """Keep the images that decode; warn about (and count) the others; fail if none is left."""
-    from tome.models import open_image
+    from tome.tools.images import open_image
 
     good = []
     for path in paths:
@@ -206,15 +207,16 @@ def _readable(paths: Sequence[Path], args) -> list[Path]:
 
 
 def _viz(model, paths: Sequence[Path], rs, out: Path, args) -> list[Path]:
-    from tome.bench import _progress
-    from tome.models import open_image, r_label
-    from tome.vis import visualize
+    from tome.tools.images import open_image
+    from tome.tools.progress import progress_bar
+    from tome.tools.schedule_text import r_label
+    from tome.tools.vis import visualize
 
     written: list[Path] = []
     used: set[str] = set()
     skipped = 0
     batches = [paths[i : i + args.batch] for i in range(0, len(paths), args.batch)]
-    bar = _progress(len(batches) * len(rs), not args.quiet, "viz")
+    bar = progress_bar(len(batches) * len(rs), not args.quiet, "viz")
     for chunk in batches:
         loaded = []
         for path in chunk:
@@ -285,7 +287,7 @@ def cmd_viz(args) -> int:
 def _bench(model, rs, args, *, batch: int, reps: int, warmup: int):
     import torch
 
-    from tome.bench import format_table, plot, run_bench, to_json
+    from tome.tools.bench import format_table, plot, run_bench, to_json
 
     if args.plot:
         plot_path = _writable_file(args.plot)
@@ -342,8 +344,8 @@ def cmd_bench(args) -> int:
 
 
 def _eval(model, paths: Sequence[Path], root: Path | None, rs, args, *, batch: int):
-    from tome.eval import evaluate, format_table, labels_for, to_json
-    from tome.models import open_image
+    from tome.tools.eval import evaluate, format_table, labels_for, to_json
+    from tome.tools.images import open_image
 
     labels = labels_for(paths, root, model) if root is not None else None
     if labels is not None:
@@ -410,8 +412,8 @@ def cmd_eval(args) -> int:
 def cmd_tune(args) -> int:
     import json
 
-    from tome.models import open_image
-    from tome.tune import TuneError, tune
+    from tome.tools.images import open_image
+    from tome.tools.tune import TuneError, tune
 
     _positive("--limit", args.limit)
     _positive("--max-evals", args.max_evals)
@@ -477,7 +479,7 @@ def cmd_tune(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from tome.data import demo_images
+    from tome.tools.data import demo_images
 
     rs = _parse_r(args.r, single=True)
     out = _writable_dir(args.out)

@@ -197,9 +197,9 @@ def visualize(
     titles: bool = True,
     seed: int = 0,
 ) -> list:
-    """Run ``model`` (a :class:`tome.models.Model`) patched with schedule ``r`` on PIL images and
+    """Run ``model`` (a :class:`tome.tools.model.Model`) patched with schedule ``r`` on PIL images and
     return one composed PIL picture per image."""
-    from tome.models import r_label
+    from tome.tools.schedule_text import r_label
 
     unit = model.to_unit(images)
     model.set_r(r)
@@ -217,6 +217,6 @@ def visualize(
 
 
 def _normalized(model, unit: torch.Tensor) -> torch.Tensor:
-    from tome.models import normalize
+    from tome.tools.images import normalize
 
     return normalize(unit, model.mean, model.std)

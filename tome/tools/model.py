@@ -1,0 +1,289 @@
+"""One wrapper over timm, transformers and torchvision ViTs: what the tools need to know of a model.
+
+:class:`Model` gives, for a batch of pixels, the pooled/CLS feature, the patch features at full
+length (unmerged), the logits of classifiers and the saliency map of models with the head, plus
+the preprocessing, the patch grid and the number of protected (prefix) tokens.
+:func:`from_module` wraps a model the user already built; :func:`tome.tools.loading.load_model`
+builds one from a spec.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+import tome
+from tome.tools.errors import UserError
+from tome.tools.images import IMAGENET_MEAN, IMAGENET_STD, normalize, to_unit
+from tome.tools.saliency import SaliencyHead
+from tome.tools.schedule_text import r_label
+
+__all__ = ["Model", "Outputs", "from_module"]
+
+
+@dataclass
+class Outputs:
+    """What one forward pass gives, every field for the whole batch (None when not available).
+
+    pooled: (B, C) CLS / pooled feature. patches: (B, Np, C) patch features at full length
+    (merged tokens given back to every patch they hold). logits: (B, K) for classifiers.
+    saliency: (B, 1, H, W) for models with the saliency head. source: (B, Np) group of each patch
+    (index in the merged sequence; protected tokens excluded); None when unpatched.
+    """
+
+    pooled: torch.Tensor
+    patches: torch.Tensor
+    logits: torch.Tensor | None = None
+    saliency: torch.Tensor | None = None
+    source: torch.Tensor | None = None
+
+
+@dataclass
+class Model:
+    """A ViT from any supported library, with what ``tome`` commands need to know."""
+
+    module: nn.Module
+    family: str  # "timm" | "transformers" | "torchvision"
+    name: str
+    img_size: int
+    patch_size: int
+    protected: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    crop_pct: float | None = None  # None: resize to img_size x img_size; else resize + centre crop
+    num_classes: int = 0
+    head: SaliencyHead | None = None
+    labels: list[str] | None = None  # class names of classifiers
+    synsets: list[str] | None = None  # WordNet ids of ImageNet classifiers
+    notes: list[str] = field(default_factory=list)
+
+    # -- geometry --------------------------------------------------------------------------
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.img_size // self.patch_size, self.img_size // self.patch_size)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return _find_blocks(self.module, self.family)
+
+    @property
+    def width(self) -> int:
+        return _width(self.module, self.family)
+
+    # -- patching --------------------------------------------------------------------------
+
+    @property
+    def patched(self) -> bool:
+        return isinstance(self.module.__dict__.get("tome"), tome.ToMeHandle)
+
+    def set_r(self, r, **kwargs) -> None:
+        """Patch with schedule ``r`` and :func:`tome.patch` options ``kwargs`` (output unmerged
+        unless said otherwise); None: unpatch, the exact original model. A model already patched
+        with those options only gets its schedule changed."""
+        kwargs.setdefault("unmerge_output", True)
+        try:
+            if r is None:
+                tome.unpatch(self.module)
+            elif self.patched and kwargs.items() <= self.module.tome.patch_options().items():
+                self.module.tome.r = r
+            else:
+                tome.patch(self.module, r, **kwargs)
+        except (ValueError, TypeError) as error:
+            # A schedule that does not fit this model (e.g. more entries than layers) is a
+            # user error on the command line.
+            raise UserError(f"--r {r_label(r)}: {error}") from error
+
+    # -- preprocessing ---------------------------------------------------------------------
+
+    def preprocess(self, images: Sequence) -> torch.Tensor:
+        """PIL RGB images -> normalised (B, 3, S, S) float32 pixels."""
+        return normalize(self.to_unit(images), self.mean, self.std)
+
+    def to_unit(self, images: Sequence) -> torch.Tensor:
+        """PIL RGB images -> (B, 3, S, S) float32 in [0, 1], resized (and cropped) as the model
+        sees them."""
+        return to_unit(images, self.img_size, self.crop_pct)
+
+    # -- forward ---------------------------------------------------------------------------
+
+    def tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The model's final token sequence (B, N0, C) at full length, and its logits."""
+        family, module = self.family, self.module
+        if family == "timm":
+            x = module.forward_features(pixels)
+            logits = module.forward_head(x) if self.num_classes else None
+        elif family == "transformers":
+            x, logits = _hf_tokens(module, pixels)
+        else:
+            x, logits = _torchvision_tokens(module, pixels, self.num_classes)
+        if self.patched and x.shape[1] != self.protected + self.num_patches:
+            x = module.tome.unmerge(x)
+        return x, logits
+
+    def pooled_from(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.family == "timm":
+            return self.module.forward_head(tokens, pre_logits=True)
+        if self.family == "transformers":
+            return _hf_pool(self.module, tokens)
+        return tokens[:, 0]
+
+    @torch.inference_mode()
+    def __call__(self, pixels: torch.Tensor, saliency: bool = True) -> Outputs:
+        x, logits = self.tokens(pixels)
+        pooled = self.pooled_from(x)
+        patches = x[:, self.protected :]
+        dense = None
+        if saliency and self.head is not None:
+            dense = self.head(patches, self.grid, tuple(pixels.shape[-2:]))
+        source = None
+        if self.patched and self.module.tome.source is not None:
+            source = self.module.tome.source[:, self.protected :]
+        return Outputs(pooled, patches, logits, dense, source)
+
+    @torch.inference_mode()
+    def run_backbone(self, pixels: torch.Tensor) -> object:
+        """The plain forward the user would run (what ``bench`` times)."""
+        if self.family == "transformers":
+            return self.module(pixel_values=pixels)
+        return self.module(pixels)
+
+    def describe(self) -> str:
+        extra = ", saliency head" if self.head is not None else ""
+        extra += f", {self.num_classes} classes" if self.num_classes else ""
+        return (
+            f"{self.name} ({self.family}, {len(self.blocks)} blocks, width {self.width}, "
+            f"{self.img_size}px, patch {self.patch_size}, {self.protected} protected{extra})"
+        )
+
+
+# -- per-family helpers ------------------------------------------------------------------------
+
+
+def _hf_base(module: nn.Module) -> nn.Module:
+    for name in ("vision_model", "dinov2", "vit"):
+        if isinstance(getattr(module, name, None), nn.Module):
+            return getattr(module, name)
+    return module
+
+
+def _hf_tokens(module: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    base = _hf_base(module)
+    if base is module:
+        out = module(pixel_values=pixels)
+        return out.last_hidden_state, None
+    captured: dict = {}
+
+    def hook(mod, args, output):
+        captured["x"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    handle = base.register_forward_hook(hook)
+    try:
+        out = module(pixel_values=pixels)
+    finally:
+        handle.remove()
+    logits = getattr(out, "logits", None)
+    return captured["x"], logits
+
+
+def _hf_pool(module: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    base = _hf_base(module)
+    post = getattr(base, "post_layernorm", None)  # CLIP: pooled = post_layernorm(CLS)
+    cls = tokens[:, 0]
+    return post(cls) if isinstance(post, nn.Module) else cls
+
+
+def _torchvision_tokens(module: nn.Module, pixels: torch.Tensor, num_classes: int):
+    x = module._process_input(pixels)
+    cls = module.class_token.expand(x.shape[0], -1, -1)
+    x = module.encoder(torch.cat([cls, x], dim=1))
+    logits = module.heads(x[:, 0]) if num_classes else None
+    return x, logits
+
+
+def _find_blocks(module: nn.Module, family: str) -> list[nn.Module]:
+    if family == "timm":
+        return list(module.blocks)
+    if family == "torchvision":
+        return list(module.encoder.layers)
+    base = _hf_base(module)
+    for path in ("encoder.layer", "encoder.layers", "layers", "layer"):
+        found: object = base
+        for name in path.split("."):
+            found = getattr(found, name, None)
+        if isinstance(found, nn.ModuleList):
+            return list(found)
+    lists = [m for m in base.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise UserError(f"cannot find the transformer blocks of {type(module).__name__}")
+    return list(max(lists, key=len))
+
+
+def _width(module: nn.Module, family: str) -> int:
+    if family == "timm":
+        return int(module.embed_dim)
+    if family == "torchvision":
+        return int(module.hidden_dim)
+    config = getattr(module, "config", None)
+    config = getattr(config, "vision_config", config)
+    return int(config.hidden_size)
+
+
+def _library_module(module: nn.Module) -> str:
+    """The module path of the first timm / transformers / torchvision class in the model's class
+    hierarchy (so a user's subclass of a supported model counts as that library)."""
+    for cls in type(module).__mro__:
+        if cls.__module__.startswith(("timm.", "transformers.", "torchvision.")):
+            return cls.__module__
+    return type(module).__module__
+
+
+def from_module(module: nn.Module, *, img_size: int | None = None, name: str = "") -> Model:
+    """Wrap a model you already built (timm, transformers or torchvision ViT). The module is
+    not changed: its training mode stays as it is (call ``.eval()`` for inference)."""
+    mod = _library_module(module)
+    if mod.startswith("timm."):
+        size = module.patch_embed.img_size
+        return Model(
+            module,
+            "timm",
+            name or type(module).__name__,
+            int(img_size or size[0]),
+            int(module.patch_embed.patch_size[0]),
+            int(module.num_prefix_tokens),
+            num_classes=int(module.num_classes),
+        )
+    if mod.startswith("transformers."):
+        cfg = getattr(module.config, "vision_config", module.config)
+        num = (
+            int(getattr(module.config, "num_labels", 0))
+            if any("ForImageClassification" in cls.__name__ for cls in type(module).__mro__)
+            else 0
+        )
+        return Model(
+            module,
+            "transformers",
+            name or type(module).__name__,
+            int(img_size or cfg.image_size),
+            int(cfg.patch_size),
+            1 + int(getattr(cfg, "num_register_tokens", 0) or 0),
+            num_classes=num,
+        )
+    if mod.startswith("torchvision."):
+        return Model(
+            module,
+            "torchvision",
+            name or type(module).__name__,
+            int(module.image_size),
+            int(module.patch_size),
+            1,
+            num_classes=int(module.heads[-1].out_features),
+        )
+    raise TypeError(f"unsupported model {type(module).__module__}.{type(module).__qualname__}")
