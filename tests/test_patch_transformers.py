@@ -441,17 +441,46 @@ def test_half_precision():
 # -- errors --------------------------------------------------------------------------------------------
 
 
-def test_user_attention_mask_while_merging_raises():
-    model, x = make("Dinov2Model"), inputs()
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_user_attention_mask_is_honoured_while_merging(attn):
+    model, x = make("Dinov2Model", attn), inputs()
     mask = torch.ones(2, 37)
-    mask[:, -3:] = 0
+    mask[0, -5:] = 0  # sample 0: its last 5 patches are padding
     with torch.no_grad():
         ref = model(x, attention_mask=mask).last_hidden_state
         tome.patch(model, r=0)
-        assert torch.allclose(model(x, attention_mask=mask).last_hidden_state, ref, atol=1e-5)
+        torch.testing.assert_close(model(x, attention_mask=mask).last_hidden_state, ref, atol=1e-5, rtol=1e-5)
         model.tome.r = 4
-        with pytest.raises(ValueError, match="attention mask"):
-            model(x, attention_mask=mask)
+        out = model(x, attention_mask=mask).last_hidden_state
+        source = model.tome.source
+        # Changing what the padded patches hold changes nothing for the real tokens.
+        x2 = x.clone()
+        x2[0, :, -8:, -8:] = torch.randn(3, 8, 8)  # the last patch of sample 0 (padding)
+        out2 = model(x2, attention_mask=mask).last_hidden_state
+    assert out.shape[1] == model.tome.tokens_per_layer[-1] < 37
+    padding = source[0, -5:]
+    assert not set(padding.tolist()) & set(source[0, :-5].tolist()), "padding merged with real tokens"
+    real = sorted(set(source[0, :-5].tolist()))
+    torch.testing.assert_close(out2[0, real], out[0, real], atol=1e-5, rtol=1e-5)
+
+
+def test_model_built_mask_under_export_merges():
+    model, x = make("Dinov2Model"), inputs()
+    tome.patch(model, r=4)
+
+    class Features(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, pixels):
+            return self.inner(pixel_values=pixels).last_hidden_state
+
+    with torch.no_grad():
+        ref = Features(model)(x)
+        exported = torch.export.export(Features(model), (x,))
+        torch.testing.assert_close(exported.module()(x), ref, atol=1e-5, rtol=1e-5)
+    assert ref.shape[1] == model.tome.tokens_per_layer[-1] < 37
 
 
 def test_unexpected_structure_raises_type_error_and_leaves_model_unpatched():

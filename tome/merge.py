@@ -193,6 +193,16 @@ def best_edges(
     return scores.amax(dim=-1), scores.argmax(dim=-1)
 
 
+def _sort_descending(values: torch.Tensor) -> torch.return_types.sort:
+    """Sort the last dim, largest first; equal values in index order (deterministic merges).
+
+    ONNX has no stable sort, but its TopK, which a plain sort exports to, breaks ties by index
+    (the ONNX spec): exported graphs use the plain sort and keep the same order."""
+    if torch.compiler.is_exporting():
+        return torch.sort(values, dim=-1, descending=True)
+    return torch.sort(values, dim=-1, descending=True, stable=True)
+
+
 # On CPU, score blocks are kept below this size: glibc hands out larger blocks as fresh pages
 # from the kernel on every call, and faulting them in costs more than the matrix product itself
 # (measured: 60 MB of scores at 1370 tokens, batch 32). Smaller blocks are reused.
@@ -218,7 +228,7 @@ def _strongest_edges(
     scores = _scores(a, b, ids_a, ids_b, mask_id)
     if bias is not None:
         scores = scores + bias[0][:, :, None] + bias[1][:, None, :]
-    order = torch.sort(scores.amax(dim=-1), dim=-1, descending=True, stable=True).indices
+    order = _sort_descending(scores.amax(dim=-1)).indices
     a_index = order[:, :r]
     chosen = scores.gather(1, a_index.unsqueeze(-1).expand(-1, -1, scores.shape[-1]))
     return a_index, chosen.argmax(dim=-1)
@@ -513,7 +523,7 @@ def outlier_bias(x: torch.Tensor, k: int, protected: int = 0) -> torch.Tensor:
     with torch.no_grad():
         norms = x[:, protected:].detach().float().flatten(2).norm(dim=-1)
         k = min(k, N - protected)
-        rank = norms.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+        rank = _sort_descending(norms).indices.argsort(dim=-1)
         bias = torch.where(rank < k, -4.0, 0.0).to(torch.float32)
         if protected:
             bias = torch.cat([bias.new_zeros(B, protected), bias], dim=1)

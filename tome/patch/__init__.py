@@ -8,8 +8,6 @@ its own module and exposes ``apply(model, handle_kwargs) -> ToMeHandle``.
 from __future__ import annotations
 
 import importlib
-import types
-from collections.abc import Callable
 
 import torch.nn as nn
 
@@ -19,9 +17,7 @@ from tome.schedule import Schedule, check_schedule
 __all__ = [
     "MergeOptions",
     "ToMeHandle",
-    "add_hook",
     "patch",
-    "replace_method",
     "supported_families",
     "unpatch",
 ]
@@ -163,20 +159,3 @@ def unpatch(model: nn.Module) -> nn.Module:
         handle._restore()
         del model.tome
     return model
-
-
-def replace_method(module: nn.Module, name: str, method: Callable[..., object], handle: ToMeHandle) -> None:
-    """Give one ``module`` instance a new method ``name`` (``method(module, *args, **kwargs)``),
-    shadowing the class's; ``unpatch`` deletes it again, which brings back the class's own."""
-    if name in module.__dict__:
-        raise RuntimeError(
-            f"tome: {type(module).__name__}.{name} is already replaced on this instance (is a model "
-            "containing this one already patched by tome? unpatch it first)"
-        )
-    setattr(module, name, types.MethodType(method, module))
-    handle.on_unpatch(lambda: module.__dict__.pop(name, None))
-
-
-def add_hook(hook_handle: object, handle: ToMeHandle) -> None:
-    """Remember a ``torch.utils.hooks.RemovableHandle`` so that ``unpatch`` removes it."""
-    handle.on_unpatch(hook_handle.remove)

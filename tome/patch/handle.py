@@ -1,35 +1,42 @@
-"""``ToMeHandle``: the per-model state of a patched model (``model.tome``).
+"""``ToMeHandle``: the settings of a patched model (``model.tome``) and the block protocol.
+
+The handle holds settings only (``r``, ``prop_attn``, ``unmerge_output``, options); everything a
+forward pass merges lives in that pass's own :class:`~tome.patch.passes.PassState`, which travels
+with the token tensors (:mod:`tome.patch.passes`). One patched model can therefore run in several
+threads at once, be deep-copied, pickled and exported like any module.
 
 Adapters (one per framework) re-compose each transformer block from the library's own
-submodules and call the handle at three points of every block::
+submodules and call the handle at these points of every block::
 
-    state = handle.begin_layer(i, x)                  # history of the tokens entering block i
-    bias = handle.attention_bias(state, x.dtype)      # log(size) mask, or None
+    call = handle.begin_layer(i, x)                   # the pass of x, and its history
+    bias = handle.attention_bias(call, x.dtype)       # log(size) mask, or None
     ... attention(x, mask=bias), residual ...         # per-head keys k: (B, N, heads, head_dim)
     metric = handle.similarity_features(k) if handle.wants_keys(i, N) else None
-    x = handle.merge_layer(i, state, x, metric)       # between attention and MLP
+    x = handle.merge_layer(call, x, metric)           # between attention and MLP
     ... MLP, residual ...
-    x = handle.end_layer(i, x)                        # after the last block: unmerge + detail
-
-State lives per model and per forward pass: block 0 starts a fresh history, block i reads what
-block i - 1 wrote. Because each block writes its own slot (never pops a shared list), recomputing
-a block (gradient checkpointing) gives the same result.
+    x = handle.end_layer(call, x)                     # registers x with its pass; after the
+                                                      # last block: unmerge + detail
+Adapters that read the keys with a forward hook hand them over with :meth:`offer_keys` /
+:meth:`take_keys` (a per-thread slot that lives only during one block call).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+import threading
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from tome import merge as M
 from tome.merge import MergeHistory
+from tome.patch.install import FORMAT, InstalledHook, InstalledMethod, check_format, refuse_script
+from tome.patch.passes import BlockCall, PassState, TokenRegistry
 from tome.schedule import Schedule, check_schedule, resolve_schedule
 
-__all__ = ["LayerState", "MergeOptions", "ToMeHandle"]
+__all__ = ["BlockCall", "MergeOptions", "ToMeHandle"]
 
 METRICS = ("keys", "head_keys")
 MERGE_MODES = ("mlerp", "mean")
@@ -101,17 +108,20 @@ def _check_flag(name: str, value: object) -> bool:
     return value
 
 
-@dataclass(frozen=True)
-class LayerState:
-    """The tokens entering a block: their history, and whether anything was merged before
-    (a Python bool, so the unmerged fast path needs no tensor check)."""
+def _is_tracing() -> bool:
+    # torch.compile / torch.export trace with fake tensors: nothing to look up in a registry.
+    return torch.compiler.is_compiling()
 
-    history: MergeHistory
-    merged: bool
+
+class _KeySlot(threading.local):
+    """Per-thread hand-over of the matching metric from a key hook to its block."""
+
+    value: torch.Tensor | None = None
 
 
 class ToMeHandle:
-    """Settings and per-pass results of a patched model, reachable as ``model.tome``.
+    """Settings of a patched model, reachable as ``model.tome``, and the results of its latest
+    forward pass.
 
     Attributes:
         r: the schedule (int, per-layer list or ``(r, inflection)``); settable.
@@ -121,8 +131,11 @@ class ToMeHandle:
             change them).
         protected: leading tokens never merged (class/distillation/register tokens).
         num_layers: number of patched blocks.
-        tokens_per_layer: after a forward pass, the token count each block saw (input), plus
-            the count left after the last block.
+
+    Results (:attr:`source`, :attr:`sizes`, :attr:`history`, :attr:`tokens_per_layer`) describe
+    the forward pass that finished last, in any thread. When several threads share the model,
+    :meth:`unmerge` and :meth:`history_of` follow the tokens they are given to the pass that
+    made them, so each thread gets its own pass's answer.
     """
 
     def __init__(
@@ -143,14 +156,33 @@ class ToMeHandle:
         self.options = MergeOptions() if options is None else options
         self.family = family
         self.r = r
-        # Per block, slots (never a shared list that is popped): a block recomputed by gradient
-        # checkpointing sees exactly what it saw in its forward pass.
-        self._histories: list[MergeHistory | None] = [None] * num_layers
-        # unmerge_detail: per merging block, (the rows of its input tokens the merge changed,
-        # their residuals, the plan's index map); None for blocks that merged nothing.
-        self._deviations: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * num_layers
-        self.tokens_per_layer: list[int] = []
-        self._undo: list[Callable[[], None]] = []
+        # What patch changed, as data (module, attribute or hook id): undone by unpatch; deep
+        # copies and pickles carry it along with the modules it names.
+        self._installed: list[tuple[str, nn.Module, object]] = []
+        self._init_transient()
+
+    def _init_transient(self) -> None:
+        # Per-pass bookkeeping: never copied, pickled or shared with a copy.
+        self._registry = TokenRegistry()
+        self._keys = _KeySlot()
+        self._last: PassState | None = None
+        self._tracing: tuple[PassState, int] | None = None
+        self._warned_cap = False
+
+    # -- copies and pickles ------------------------------------------------------------------
+
+    def __getstate__(self) -> dict:
+        from tome import __version__
+
+        state = {k: v for k, v in self.__dict__.items() if k not in _TRANSIENT}
+        return {"format": FORMAT, "tome_version": __version__, "state": state}
+
+    def __setstate__(self, saved: dict) -> None:
+        if not isinstance(saved, dict) or "format" not in saved:
+            check_format(None, "unknown")
+        check_format(saved["format"], saved.get("tome_version", "unknown"))
+        self.__dict__.update(saved["state"])
+        self._init_transient()
 
     # -- settings ------------------------------------------------------------------------------
 
@@ -163,6 +195,7 @@ class ToMeHandle:
         check_schedule(value)
         self._r_per_layer = resolve_schedule(value, self.num_layers)
         self._r = value
+        self._warned_cap = False
 
     @property
     def prop_attn(self) -> bool:
@@ -190,131 +223,267 @@ class ToMeHandle:
         """The keyword options of :func:`tome.patch` this handle has now (for patching again)."""
         return {"prop_attn": self.prop_attn, "unmerge_output": self.unmerge_output, **asdict(self.options)}
 
+    def planned_tokens(self, num_tokens: int) -> list[int]:
+        """Token counts the current schedule gives for ``num_tokens`` input tokens: entering
+        block 0, then after each block (each capped at what it can merge). Unlike
+        :attr:`tokens_per_layer` it needs no forward pass and follows ``r`` at once.
+
+        >>> ToMeHandle(3, 4, protected=1).planned_tokens(17)
+        [17, 13, 9, 5]
+        """
+        counts = [num_tokens]
+        for r in self._r_per_layer:
+            num_tokens -= min(r, M.max_r(num_tokens, self.protected))
+            counts.append(num_tokens)
+        return counts
+
+    # -- installing (used by adapters) ---------------------------------------------------------
+
+    def install_method(self, module: nn.Module, name: str, function, *bound: object) -> None:
+        """Give one ``module`` instance a method ``name`` = ``function(module, *bound, ...)``
+        (a module-level function), shadowing the class's; ``unpatch`` deletes it again."""
+        if name in module.__dict__:
+            raise RuntimeError(
+                f"tome: {type(module).__name__}.{name} is already replaced on this instance (is a "
+                "model containing this one already patched by tome? unpatch it first)"
+            )
+        setattr(module, name, InstalledMethod(function, module, *bound))
+        self._installed.append(("method", module, name))
+        if "__prepare_scriptable__" not in module.__dict__:
+            module.__prepare_scriptable__ = InstalledMethod(refuse_script, module)
+            self._installed.append(("method", module, "__prepare_scriptable__"))
+
+    def install_hook(self, module: nn.Module, function, *bound: object) -> None:
+        """Register the forward hook ``function(*bound, module, args, output)`` on ``module``;
+        ``unpatch`` removes it."""
+        hook = module.register_forward_hook(InstalledHook(function, *bound))
+        self._installed.append(("hook", module, hook.id))
+
+    def _restore(self) -> None:
+        while self._installed:
+            kind, module, key = self._installed.pop()
+            if kind == "method":
+                module.__dict__.pop(key, None)
+            else:
+                for hooks in (
+                    module._forward_hooks,
+                    module._forward_hooks_with_kwargs,
+                    module._forward_hooks_always_called,
+                ):
+                    hooks.pop(key, None)
+        self._init_transient()
+
+    def installing(self) -> _Installing:
+        """Adapters make their changes inside ``with handle.installing():``: if one fails, the
+        ones already made are undone, so a failed patch never leaves a hook or a forward behind."""
+        return _Installing(self)
+
     # -- the block protocol (used by adapters) -------------------------------------------------
 
-    def begin_layer(self, index: int, x: torch.Tensor) -> LayerState:
-        """History of the tokens ``x`` (B, N, C) entering block ``index``."""
+    def _find(self, x: torch.Tensor) -> tuple[PassState, int] | None:
+        if _is_tracing():
+            return self._tracing
+        return self._registry.lookup(x)
+
+    def follow(self, tokens: torch.Tensor, source: torch.Tensor) -> None:
+        """Record that ``tokens`` are a per-token function of ``source`` (a final norm's output
+        from its input): they belong to the same pass and block."""
+        if _is_tracing() or tokens.shape[:2] != source.shape[:2]:
+            return
+        found = self._registry.lookup(source)
+        if found is not None:
+            self._registry.register(tokens, *found)
+
+    def begin_layer(self, index: int, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> BlockCall:
+        """The call of block ``index`` on tokens ``x`` (B, N, C): block 0 starts a new pass;
+        block ``i`` continues the pass whose block ``i - 1`` produced ``x``. ``key_mask``
+        (block 0 only): ``(B, N)`` bool, False for padding tokens, which then never merge
+        with real ones and are never attended to."""
         B, N = x.shape[:2]
         if index == 0:
-            # Slots are overwritten in order, never cleared: a block recomputed by gradient
-            # checkpointing still finds its predecessor's history (and block 0 recomputed
-            # during backward keeps the later blocks' counts).
-            self.tokens_per_layer[:1] = [N]
-            return LayerState(M.start_history(B, N, x.device), merged=False)
-        previous = self._histories[index - 1]
-        if previous is None or tuple(previous.sizes.shape) != (B, N):
+            pass_state = PassState(self.num_layers, key_valid=key_mask)
+            pass_state.tokens.append(N)
+            history = M.start_history(B, N, x.device)
+            return BlockCall(pass_state, 0, history, merged=False, valid=key_mask)
+        found = self._find(x)
+        history = None
+        if found is not None and found[1] == index - 1:
+            history = found[0].histories[index - 1]
+        if history is None or tuple(history.sizes.shape) != (B, N):
             raise RuntimeError(
                 f"tome: block {index} received {N} tokens for batch {B}, which do not come from "
-                f"block {index - 1} of this forward pass; patched blocks must run in order, "
-                "starting with block 0"
+                f"block {index - 1} of a forward pass of this model; patched blocks must run in "
+                "order, starting with block 0"
             )
-        merged = previous.num_original != previous.num_tokens
-        return LayerState(previous, merged=merged)
+        pass_state = found[0]
+        merged = history.num_original != history.num_tokens
+        valid = pass_state.key_valid
+        if valid is not None and merged:
+            # A merged token is real if it holds a real original (padding merges only with padding).
+            count = valid.new_zeros((B, N), dtype=torch.float32)
+            valid = count.scatter_add_(1, history.source, valid.float()) > 0
+        return BlockCall(pass_state, index, history, merged=merged, valid=valid)
 
-    def attention_bias(self, state: LayerState, dtype: torch.dtype) -> torch.Tensor | None:
+    @staticmethod
+    def key_mask_from(attention_mask: torch.Tensor) -> torch.Tensor:
+        """``(B, N)`` bool key validity of a ``(B, 1 or heads, Nq, N)`` attention mask (bool: True
+        attends; float: 0 attends, very negative masks), read as a key-padding mask: a key is
+        valid if some query may attend to it."""
+        if attention_mask.dtype == torch.bool:
+            return attention_mask.any(dim=-2).any(dim=1)
+        threshold = torch.finfo(attention_mask.dtype).min / 2
+        return (attention_mask > threshold).any(dim=-2).any(dim=1)
+
+    def attention_bias(self, call: BlockCall, dtype: torch.dtype) -> torch.Tensor | None:
         """Proportional attention mask ``(B, 1, 1, N)`` = log(size), or ``None`` when it
-        would be all zeros (nothing merged yet, or ``prop_attn`` off)."""
-        if not (self.prop_attn and state.merged):
+        would be all zeros (nothing merged yet, or ``prop_attn`` off). In a pass with padding
+        (``key_mask``), merged tokens get the mask too: padding keys at the dtype's minimum."""
+        if call.valid is not None and call.merged:
+            bias = M.attention_bias(call.history.sizes, dtype) if self.prop_attn else None
+            if bias is None:
+                bias = call.history.sizes.new_zeros(call.history.sizes.shape, dtype=dtype)[:, None, None, :]
+            return bias.masked_fill(~call.valid[:, None, None, :], torch.finfo(dtype).min)
+        if not (self.prop_attn and call.merged):
             return None
-        return M.attention_bias(state.history.sizes, dtype)
+        return M.attention_bias(call.history.sizes, dtype)
 
     def layer_r(self, index: int, num_tokens: int) -> int:
         """Tokens block ``index`` removes: its schedule entry, capped at what it can merge."""
-        return min(self._r_per_layer[index], M.max_r(num_tokens, self.protected))
+        wanted = self._r_per_layer[index]
+        cap = M.max_r(num_tokens, self.protected)
+        if wanted > cap and not self._warned_cap and not _is_tracing():
+            self._warned_cap = True
+            warnings.warn(
+                f"tome: the schedule r={self.r!r} asks block {index} to merge {wanted} of its "
+                f"{num_tokens} tokens; a block merges at most half its unprotected tokens, so it "
+                f"merges {cap} (see model.tome.planned_tokens(n) for the counts; warned once per "
+                "schedule)",
+                stacklevel=2,
+            )
+        return min(wanted, cap)
 
     def wants_keys(self, index: int, num_tokens: int) -> bool:
         """Whether block ``index`` (with ``num_tokens`` tokens) needs the keys: it merges."""
-        return self.layer_r(index, num_tokens) > 0
+        return min(self._r_per_layer[index], M.max_r(num_tokens, self.protected)) > 0
 
     def similarity_features(self, keys: torch.Tensor) -> torch.Tensor:
         """The matching metric from per-head keys ``(B, N, heads, head_dim)``."""
         return self.options.similarity_features(keys)
 
+    def offer_keys(self, index: int, keys: torch.Tensor) -> None:
+        """From a key hook: per-head keys ``(B, N, heads, head_dim)`` of the block ``index``
+        running in this thread; kept (as the matching metric) only if that block merges."""
+        if self.wants_keys(index, keys.shape[1]):
+            self._keys.value = self.similarity_features(keys)
+
+    def take_keys(self) -> torch.Tensor | None:
+        """The metric :meth:`offer_keys` left for the block running in this thread (once)."""
+        value = self._keys.value
+        self._keys.value = None
+        return value
+
     def _tracks_detail(self) -> bool:
         return self.options.unmerge_detail and self.unmerge_output
 
-    def merge_layer(
-        self, index: int, state: LayerState, x: torch.Tensor, metric: torch.Tensor | None
-    ) -> torch.Tensor:
+    def merge_layer(self, call: BlockCall, x: torch.Tensor, metric: torch.Tensor | None) -> torch.Tensor:
         """Merge ``x`` (B, N, C) by the similarity of ``metric`` (B, N, D), from
-        :meth:`similarity_features`; record the history. ``metric`` may be ``None`` where the
-        block removes nothing (:meth:`wants_keys` is False)."""
+        :meth:`similarity_features`; record the history in the call's pass. ``metric`` may be
+        ``None`` where the block removes nothing (:meth:`wants_keys` is False)."""
+        index, state = call.index, call.pass_state
         r = self.layer_r(index, x.shape[1])
-        # Slot assignments, not truncation: a block recomputed by gradient checkpointing (during
-        # backward, last block first) rewrites its own count and keeps the later ones.
-        self._deviations[index] = None
+        # Slot assignments, not appends: a block recomputed by gradient checkpointing (during
+        # backward, last block first) rewrites its own entries and keeps the later ones.
+        state.deviations[index] = None
         if r == 0:
-            self._histories[index] = state.history
-            self.tokens_per_layer[index + 1 : index + 2] = [x.shape[1]]
+            state.histories[index] = call.history
+            state.tokens[index + 1 : index + 2] = [x.shape[1]]
             return x
         if metric is None:
             raise RuntimeError(f"tome: block {index} merges {r} tokens but its adapter passed no keys")
         bias = None
         if self.options.keep_outliers:
             bias = M.outlier_bias(x, self.options.keep_outliers, self.protected)
-        plan = M.bipartite_soft_matching(metric, r, state.history, self.protected, token_bias=bias)
-        history = M.advance(state.history, plan)
-        self._histories[index] = history
-        self.tokens_per_layer[index + 1 : index + 2] = [history.num_tokens]
+        ids = None
+        if call.valid is not None:
+            ids = torch.where(call.valid, 0, -100)  # padding (-100) merges only with padding
+        plan = M.bipartite_soft_matching(
+            metric, r, call.history, self.protected, sequence_ids=ids, mask_id=-100, token_bias=bias
+        )
+        history = M.advance(call.history, plan)
+        state.histories[index] = history
+        state.tokens[index + 1 : index + 2] = [history.num_tokens]
         merged = M.merge(plan, x, self.options.mode)
         if self._tracks_detail():
-            self._deviations[index] = (*M.merge_residuals(plan, x, merged), plan.index)
+            state.deviations[index] = (*M.merge_residuals(plan, x, merged), plan.index)
         return merged
 
-    def end_layer(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """The output ``x`` of block ``index``; after the last block, with ``unmerge_output``
-        and ``unmerge_detail``, the tokens at the original length, each with its detail."""
-        if index != self.num_layers - 1 or not self._tracks_detail():
-            return x
-        history = self._histories[index]
-        if history is None or history.num_tokens == history.num_original:
-            return x
-        return M.unmerge(history.source, x) + self._detail().to(x.dtype)
-
-    def _detail(self, num_blocks: int | None = None) -> torch.Tensor:
-        """Every original token's summed residuals ``(B, N0, C)`` over the first ``num_blocks``
-        blocks (all by default): from the last block down, each block's sum is carried to its
-        input tokens (one gather by the plan's index) and that block's own residuals are added
-        to the rows its merge changed; block 0's input tokens are the originals."""
-        total = None
-        for entry in reversed(self._deviations[:num_blocks]):
-            if entry is None:
-                continue  # nothing merged: this block's input tokens are its output tokens
-            rows, residuals, index = entry
-            if total is None:
-                total = residuals.new_zeros((index.shape[0], index.shape[1], *residuals.shape[2:]))
-            else:
-                total = M.unmerge(index, total)
-            total = M.add_rows(total, rows, residuals)
-        if total is None:
-            raise RuntimeError("tome: no block of this forward pass recorded merge details")
-        return total
+    def end_layer(self, call: BlockCall, x: torch.Tensor) -> torch.Tensor:
+        """The output ``x`` of a block call, registered with its pass for the next block; after
+        the last block, with ``unmerge_output`` and ``unmerge_detail``, the tokens at the
+        original length, each with its detail."""
+        index, state = call.index, call.pass_state
+        last = index == self.num_layers - 1
+        if last and self._tracks_detail():
+            history = state.histories[index]
+            if history is not None and history.num_tokens != history.num_original:
+                x = M.unmerge(history.source, x) + detail(state).to(x.dtype)
+            if not torch.is_grad_enabled():
+                # No recomputation can need them: free the residuals (B, N, C per block) now.
+                state.deviations = [None] * self.num_layers
+        if _is_tracing():
+            self._tracing = (state, index)
+        else:
+            self._registry.register(x, state, index)
+        if last:
+            self._last = state
+        return x
 
     # -- results -------------------------------------------------------------------------------
 
+    def history_of(self, tokens: torch.Tensor) -> MergeHistory | None:
+        """The history of ``tokens``: an output of a patched block (or of the model's final
+        norm) of a pass whose tokens are still alive, or ``None`` if ``tokens`` came from
+        elsewhere."""
+        found = None if _is_tracing() else self._registry.lookup(tokens)
+        return None if found is None else found[0].histories[found[1]]
+
     @property
     def history(self) -> MergeHistory | None:
-        """History after the last block of the latest forward pass (None before any)."""
-        return self._histories[-1] if self._histories else None
+        """History after the last block of the latest finished forward pass (None before any)."""
+        return None if self._last is None else self._last.history
 
     @property
     def source(self) -> torch.Tensor | None:
-        """``(B, N0)``: index of the output token that holds each input token."""
+        """``(B, N0)``: index of the output token that holds each input token (latest pass)."""
         return None if self.history is None else self.history.source
 
     @property
     def sizes(self) -> torch.Tensor | None:
-        """``(B, N)``: how many input tokens each output token holds."""
+        """``(B, N)``: how many input tokens each output token holds (latest pass)."""
         return None if self.history is None else self.history.sizes
 
+    @property
+    def tokens_per_layer(self) -> list[int]:
+        """Token counts of the latest finished pass: entering block 0, then after each block
+        (empty before the first pass; :meth:`planned_tokens` gives the counts of the current
+        schedule without a pass)."""
+        return [] if self._last is None else list(self._last.tokens)
+
     def unmerge(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Bring the model's merged tokens ``(B, N, ...)`` back to ``(B, N0, ...)`` (every
-        original token gets its group's value; no detail)."""
-        history = self.history
-        if history is None:
-            raise RuntimeError("tome: run a forward pass of the patched model before unmerge()")
+        """Bring merged tokens ``(B, N, ...)`` back to ``(B, N0, ...)`` (every original token
+        gets its group's value; no detail). Tokens that a patched block (or the final norm)
+        produced are unmerged by their own pass, so this is exact under concurrent use; other
+        tensors (e.g. computed from the output) by the latest finished pass."""
         if not isinstance(tokens, torch.Tensor) or tokens.dim() < 2:
             raise TypeError(f"tokens: expected a (B, N, ...) tensor, got {type(tokens).__name__}")
+        history = self.history_of(tokens)
+        if history is None:
+            if _is_tracing() and self._tracing is not None:
+                history = self._tracing[0].history
+            else:
+                history = self.history
+        if history is None:
+            raise RuntimeError("tome: run a forward pass of the patched model before unmerge()")
         if tuple(tokens.shape[:2]) == tuple(history.source.shape):
             return tokens  # already at the original length
         if tuple(tokens.shape[:2]) != tuple(history.sizes.shape):
@@ -324,29 +493,44 @@ class ToMeHandle:
             )
         return M.unmerge(history.source, tokens)
 
-    # -- undo ----------------------------------------------------------------------------------
-
-    def on_unpatch(self, callback: Callable[[], None]) -> None:
-        """Register a callback that undoes one change; run in reverse order by ``unpatch``."""
-        self._undo.append(callback)
-
-    def _restore(self) -> None:
-        while self._undo:
-            self._undo.pop()()
-
-    @contextlib.contextmanager
-    def undone_on_error(self) -> Iterator[ToMeHandle]:
-        """Adapters make their changes inside this block: if one fails, the ones already made
-        are undone, so a failed patch never leaves a hook or a replaced forward behind."""
-        try:
-            yield self
-        except BaseException:
-            self._restore()
-            raise
-
     def __repr__(self) -> str:
         return (
             f"ToMeHandle(family={self.family!r}, r={self.r!r}, layers={self.num_layers}, "
             f"protected={self.protected}, prop_attn={self.prop_attn}, unmerge_output={self.unmerge_output}, "
             f"options={self.options})"
         )
+
+
+_TRANSIENT = ("_registry", "_keys", "_last", "_tracing", "_warned_cap")
+
+
+class _Installing:
+    def __init__(self, handle: ToMeHandle) -> None:
+        self.handle = handle
+
+    def __enter__(self) -> ToMeHandle:
+        return self.handle
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is not None:
+            self.handle._restore()
+
+
+def detail(state: PassState, num_blocks: int | None = None) -> torch.Tensor:
+    """Every original token's summed residuals ``(B, N0, C)`` over the first ``num_blocks``
+    blocks of a pass (all by default): from the last block down, each block's sum is carried to
+    its input tokens (one gather by the plan's index) and that block's own residuals are added
+    to the rows its merge changed; block 0's input tokens are the originals."""
+    total = None
+    for entry in reversed(state.deviations[:num_blocks]):
+        if entry is None:
+            continue  # nothing merged: this block's input tokens are its output tokens
+        rows, residuals, index = entry
+        if total is None:
+            total = residuals.new_zeros((index.shape[0], index.shape[1], *residuals.shape[2:]))
+        else:
+            total = M.unmerge(index, total)
+        total = M.add_rows(total, rows, residuals)
+    if total is None:
+        raise RuntimeError("tome: no block of this forward pass recorded merge details")
+    return total

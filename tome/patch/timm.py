@@ -4,7 +4,8 @@ Each block is re-composed from its own submodules (norms, attention, LayerScale,
 MLP), so whatever timm version built it, its parts run as they are. The attention module keeps
 its own fused/unfused path; proportional attention goes in as its float ``attn_mask``. Keys (the
 matching metric) are read from the output of ``attn.k_norm`` by a forward hook: nothing is
-computed twice.
+computed twice. Every installed function is module-level and gets its block index and the
+handle as bound arguments, so a patched model pickles and deep-copies.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from tome.patch import add_hook, replace_method
 from tome.patch.handle import ToMeHandle
 
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
@@ -33,35 +33,38 @@ def _check_block(index: int, block: nn.Module) -> None:
         )
 
 
-def _make_block_forward(index: int, handle: ToMeHandle, captured: dict):
-    def forward(
-        block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
-    ) -> torch.Tensor:
-        if (attn_mask is not None or is_causal) and handle.r_per_layer[index] > 0:
-            raise ValueError(
-                "tome: a patched timm block cannot merge tokens under a user attn_mask/is_causal; "
-                "set model.tome.r = 0 or unpatch the model"
-            )
-        state = handle.begin_layer(index, x)
-        bias = handle.attention_bias(state, x.dtype)
-        if attn_mask is not None or is_causal:
-            bias = attn_mask
-        attn_out = block.attn(block.norm1(x), attn_mask=bias, is_causal=is_causal)
-        x = x + block.drop_path1(block.ls1(attn_out))
-        x = handle.merge_layer(index, state, x, captured.pop("keys", None))
-        return handle.end_layer(index, x + block.drop_path2(block.ls2(block.mlp(block.norm2(x)))))
+def _block_forward(
+    block: nn.Module,
+    index: int,
+    handle: ToMeHandle,
+    x: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    if (attn_mask is not None or is_causal) and handle.r_per_layer[index] > 0:
+        raise ValueError(
+            "tome: a patched timm block cannot merge tokens under a user attn_mask/is_causal; "
+            "set model.tome.r = 0 or unpatch the model"
+        )
+    call = handle.begin_layer(index, x)
+    bias = handle.attention_bias(call, x.dtype)
+    if attn_mask is not None or is_causal:
+        bias = attn_mask
+    handle.take_keys()  # nothing left over from an interrupted call in this thread
+    attn_out = block.attn(block.norm1(x), attn_mask=bias, is_causal=is_causal)
+    x = x + block.drop_path1(block.ls1(attn_out))
+    x = handle.merge_layer(call, x, handle.take_keys())
+    return handle.end_layer(call, x + block.drop_path2(block.ls2(block.mlp(block.norm2(x)))))
 
-    return forward
+
+def _key_hook(index: int, handle: ToMeHandle, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    # k: (B, heads, N, head_dim) -> the matching metric of the block running in this thread.
+    handle.offer_keys(index, output.transpose(1, 2))
 
 
-def _make_key_hook(index: int, handle: ToMeHandle, captured: dict):
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        # k: (B, heads, N, head_dim) -> the matching metric; not computed for a block that
-        # removes nothing.
-        if handle.wants_keys(index, output.shape[2]):
-            captured["keys"] = handle.similarity_features(output.transpose(1, 2))
-
-    return hook
+def _norm_hook(handle: ToMeHandle, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    # The final norm's output belongs to the pass of its input (for pool and unmerge).
+    handle.follow(output, args[0])
 
 
 def _forward_features(model: nn.Module, *args, **kwargs) -> torch.Tensor:
@@ -91,11 +94,11 @@ def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
         protected=model.num_prefix_tokens,
         **settings,
     )
-    with handle.undone_on_error():
+    with handle.installing():
         for index, block in enumerate(blocks):
-            captured: dict = {}
-            add_hook(block.attn.k_norm.register_forward_hook(_make_key_hook(index, handle, captured)), handle)
-            replace_method(block, "forward", _make_block_forward(index, handle, captured), handle)
-        replace_method(model, "forward_features", _forward_features, handle)
-        replace_method(model, "pool", _pool, handle)
+            handle.install_hook(block.attn.k_norm, _key_hook, index, handle)
+            handle.install_method(block, "forward", _block_forward, index, handle)
+        handle.install_hook(model.norm, _norm_hook, handle)
+        handle.install_method(model, "forward_features", _forward_features)
+        handle.install_method(model, "pool", _pool)
     return handle

@@ -13,7 +13,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tome.patch import add_hook, replace_method
 from tome.patch.handle import ToMeHandle
 
 _BLOCK_PARTS = ("ln_1", "self_attention", "dropout", "ln_2", "mlp")
@@ -62,26 +61,24 @@ def _attention(
     return out, k.transpose(1, 2)
 
 
-def _make_block_forward(index: int, handle: ToMeHandle):
-    def forward(block: nn.Module, input: torch.Tensor) -> torch.Tensor:
-        if input.dim() != 3:
-            raise ValueError(f"Expected (batch_size, seq_length, hidden_dim) got {tuple(input.shape)}")
-        state = handle.begin_layer(index, input)
-        bias = handle.attention_bias(state, input.dtype)
-        attn_out, keys = _attention(block.self_attention, block.ln_1(input), bias)
-        x = input + block.dropout(attn_out)
-        metric = handle.similarity_features(keys) if handle.wants_keys(index, x.shape[1]) else None
-        x = handle.merge_layer(index, state, x, metric)
-        return handle.end_layer(index, x + block.mlp(block.ln_2(x)))
-
-    return forward
+def _block_forward(block: nn.Module, index: int, handle: ToMeHandle, input: torch.Tensor) -> torch.Tensor:
+    if input.dim() != 3:
+        raise ValueError(f"Expected (batch_size, seq_length, hidden_dim) got {tuple(input.shape)}")
+    call = handle.begin_layer(index, input)
+    bias = handle.attention_bias(call, input.dtype)
+    attn_out, keys = _attention(block.self_attention, block.ln_1(input), bias)
+    x = input + block.dropout(attn_out)
+    metric = handle.similarity_features(keys) if handle.wants_keys(index, x.shape[1]) else None
+    x = handle.merge_layer(call, x, metric)
+    return handle.end_layer(call, x + block.mlp(block.ln_2(x)))
 
 
-def _make_output_hook(handle: ToMeHandle):
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        return handle.unmerge(output) if handle.unmerge_output else None
-
-    return hook
+def _output_hook(
+    handle: ToMeHandle, module: nn.Module, args: tuple, output: torch.Tensor
+) -> torch.Tensor | None:
+    # encoder.ln: its output belongs to the pass of its input (the last block's output).
+    handle.follow(output, args[0])
+    return handle.unmerge(output) if handle.unmerge_output else None
 
 
 def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
@@ -101,8 +98,8 @@ def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
         protected=1,  # the class token
         **settings,
     )
-    with handle.undone_on_error():
+    with handle.installing():
         for index, block in enumerate(blocks):
-            replace_method(block, "forward", _make_block_forward(index, handle), handle)
-        add_hook(encoder.ln.register_forward_hook(_make_output_hook(handle)), handle)
+            handle.install_method(block, "forward", _block_forward, index, handle)
+        handle.install_hook(encoder.ln, _output_hook, handle)
     return handle

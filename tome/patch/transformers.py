@@ -12,8 +12,9 @@ model's head averages the patch tokens, as ``Dinov2ForImageClassification`` does
 hook on the module that produces it: the final ``layernorm`` (ViT, DINOv2) or the encoder (CLIP,
 whose ``post_layernorm`` only reads the class token).
 
-Per-layer outputs requested with ``output_hidden_states`` / ``output_attentions`` have the
-merged length of their layer (``model.tome.tokens_per_layer``).
+Per-layer outputs requested with ``output_hidden_states`` have the merged length of their layer
+(``model.tome.unmerge(hidden_state)`` brings any of them back to the original length);
+``output_attentions=True`` (eager attention) gives each layer's attention over its merged tokens.
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from tome.patch import add_hook, replace_method
-from tome.patch.handle import LayerState, ToMeHandle
+from tome.patch.handle import BlockCall, ToMeHandle
 
 # Attention implementations that take an additive float mask of shape (B, 1, 1, N).
 _BIAS_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -135,9 +135,9 @@ def _check_layer(index: int, layer: nn.Module, family: _Family) -> None:
 
 
 def _proportional_bias(
-    handle: ToMeHandle, state: LayerState, attn: nn.Module, dtype: torch.dtype
+    handle: ToMeHandle, call: BlockCall, attn: nn.Module, dtype: torch.dtype
 ) -> torch.Tensor | None:
-    bias = handle.attention_bias(state, dtype)
+    bias = handle.attention_bias(call, dtype)
     if bias is not None:
         implementation = getattr(attn.config, "_attn_implementation", None) or "eager"
         if implementation not in _BIAS_IMPLEMENTATIONS:
@@ -156,78 +156,87 @@ def _branch(layer: nn.Module, names: tuple[str | None, ...], x: torch.Tensor) ->
     return x
 
 
-def _make_layer_forward(index: int, handle: ToMeHandle, layout: _Layout, captured: dict):
-    def body(
-        layer: nn.Module,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        *,
-        state: LayerState,
-        **kwargs,
-    ) -> torch.Tensor:
-        attn = getattr(layer, layout.attn)
-        if attention_mask is None:
-            attention_mask = _proportional_bias(handle, state, attn, hidden_states.dtype)
-        normed = getattr(layer, layout.norm1)(hidden_states)
-        attn_out = attn(normed, attention_mask=attention_mask, **kwargs)[0]
-        x = hidden_states + _branch(layer, (layout.ls1, layout.drop1), attn_out)
-        x = handle.merge_layer(index, state, x, captured.pop("keys", None))
-        mlp_out = getattr(layer, layout.mlp)(getattr(layer, layout.norm2)(x))
-        return handle.end_layer(index, x + _branch(layer, (layout.ls2, layout.drop2), mlp_out))
+def _layer_body(
+    layer: nn.Module,
+    handle: ToMeHandle,
+    layout: _Layout,
+    call: BlockCall,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    attn = getattr(layer, layout.attn)
+    if attention_mask is None or call.merged:
+        # Once tokens are merged the model's mask no longer fits: the handle's mask (log size,
+        # and the padding of the pass, merged the same way) replaces it.
+        attention_mask = _proportional_bias(handle, call, attn, hidden_states.dtype)
+    normed = getattr(layer, layout.norm1)(hidden_states)
+    handle.take_keys()  # nothing left over from an interrupted call in this thread
+    attn_out = attn(normed, attention_mask=attention_mask, **kwargs)[0]
+    x = hidden_states + _branch(layer, (layout.ls1, layout.drop1), attn_out)
+    x = handle.merge_layer(call, x, handle.take_keys())
+    mlp_out = getattr(layer, layout.mlp)(getattr(layer, layout.norm2)(x))
+    return handle.end_layer(call, x + _branch(layer, (layout.ls2, layout.drop2), mlp_out))
 
-    def forward(
-        layer: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
-    ) -> torch.Tensor:
-        if attention_mask is not None and handle.r_per_layer[index] > 0:
+
+def _layer_forward(
+    layer: nn.Module,
+    index: int,
+    handle: ToMeHandle,
+    layout: _Layout,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    key_mask = None
+    if attention_mask is not None and index == 0:
+        # The mask transformers builds for the model (from a user (B, N) attention_mask, or an
+        # all-ones one while torch.export traces): padding never merges with real tokens.
+        if attention_mask.dim() != 4 or attention_mask.shape[-1] != hidden_states.shape[1]:
             raise ValueError(
-                "tome: a patched transformers layer cannot merge tokens under an attention mask (a user "
-                "attention_mask, or one built for this attn_implementation); set model.tome.r = 0, use "
-                "attn_implementation 'sdpa' or 'eager', or unpatch the model"
+                f"tome: a patched transformers layer expects a (B, 1, N, N) attention mask, got "
+                f"{tuple(attention_mask.shape)} for {hidden_states.shape[1]} tokens"
             )
-        # The history is read once, outside gradient checkpointing: a recomputed layer merges
-        # exactly as in its forward pass, even if another pass ran in between.
-        state = handle.begin_layer(index, hidden_states)
-        function = partial(body, layer, state=state, **kwargs)
-        if getattr(layer, "gradient_checkpointing", False) and layer.training:
-            # The class's own forward checkpoints itself (transformers' GradientCheckpointingLayer);
-            # this instance forward shadows it, so it checkpoints in the same way.
-            return layer._gradient_checkpointing_func(function, hidden_states, attention_mask)
-        return function(hidden_states, attention_mask)
-
-    return forward
-
-
-def _make_key_hook(index: int, handle: ToMeHandle, captured: dict, head_dim: int):
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        # (B, N, heads * head_dim) -> the matching metric; not computed for a layer that
-        # removes nothing.
-        if handle.wants_keys(index, output.shape[1]):
-            captured["keys"] = handle.similarity_features(output.unflatten(-1, (-1, head_dim)))
-
-    return hook
+        key_mask = handle.key_mask_from(attention_mask)
+    # The pass is found once, outside gradient checkpointing: a recomputed layer merges exactly
+    # as in its forward pass, even if another pass ran in between.
+    call = handle.begin_layer(index, hidden_states, key_mask=key_mask)
+    function = partial(_layer_body, layer, handle, layout, call, **kwargs)
+    if getattr(layer, "gradient_checkpointing", False) and layer.training:
+        # The class's own forward checkpoints itself (transformers' GradientCheckpointingLayer);
+        # this instance forward shadows it, so it checkpoints in the same way.
+        return layer._gradient_checkpointing_func(function, hidden_states, attention_mask)
+    return function(hidden_states, attention_mask)
 
 
-def _unmerge(handle: ToMeHandle, tokens: torch.Tensor) -> torch.Tensor:
-    history = handle.history
-    if history is None or tuple(tokens.shape[:2]) != tuple(history.sizes.shape):
-        return tokens  # not the output of this model's latest pass (e.g. a direct call)
-    return handle.unmerge(tokens)
+def _key_hook(
+    index: int, handle: ToMeHandle, head_dim: int, module: nn.Module, args: tuple, output: torch.Tensor
+) -> None:
+    # (B, N, heads * head_dim) -> the matching metric of the layer running in this thread.
+    handle.offer_keys(index, output.unflatten(-1, (-1, head_dim)))
 
 
-def _make_output_hook(handle: ToMeHandle, always: bool):
-    def hook(module: nn.Module, args: tuple, output):
-        if not (always or handle.unmerge_output):
-            return None
-        if isinstance(output, torch.Tensor):
-            return _unmerge(handle, output)
-        if isinstance(output, Mapping) and "last_hidden_state" in output:  # a ModelOutput
-            output["last_hidden_state"] = _unmerge(handle, output["last_hidden_state"])
-            return output
-        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-            return (_unmerge(handle, output[0]), *output[1:])
+def _output_hook(handle: ToMeHandle, always: bool, module: nn.Module, args: tuple, output):
+    # The sequence output belongs to the pass of the last layer's output.
+    tokens = output.get("last_hidden_state") if isinstance(output, Mapping) else output
+    if isinstance(tokens, tuple) and tokens and isinstance(tokens[0], torch.Tensor):
+        tokens = tokens[0]
+    if not isinstance(tokens, torch.Tensor):
         return None
-
-    return hook
+    if args and isinstance(args[0], torch.Tensor):
+        handle.follow(tokens, args[0])
+    if not (always or handle.unmerge_output):
+        return None
+    history = handle.history_of(tokens) if not torch.compiler.is_compiling() else None
+    if history is None and not torch.compiler.is_compiling():
+        return None  # not the output of a pass of this model (e.g. a direct call)
+    unmerged = handle.unmerge(tokens)
+    if isinstance(output, torch.Tensor):
+        return unmerged
+    if isinstance(output, Mapping):  # a ModelOutput
+        output["last_hidden_state"] = unmerged
+        return output
+    return (unmerged, *output[1:])
 
 
 def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
@@ -245,13 +254,10 @@ def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
         **settings,
     )
     always = any(name in _POOLING_HEADS for name in _class_names(model))
-    with handle.undone_on_error():
+    with handle.installing():
         for index, layer in enumerate(layers):
-            captured: dict = {}
             attn = getattr(layer, family.layout.attn)
-            key_hook = _make_key_hook(index, handle, captured, attn.head_dim)
-            add_hook(attn.k_proj.register_forward_hook(key_hook), handle)
-            layer_forward = _make_layer_forward(index, handle, family.layout, captured)
-            replace_method(layer, "forward", layer_forward, handle)
-        add_hook(output_module.register_forward_hook(_make_output_hook(handle, always)), handle)
+            handle.install_hook(attn.k_proj, _key_hook, index, handle, attn.head_dim)
+            handle.install_method(layer, "forward", _layer_forward, index, handle, family.layout)
+        handle.install_hook(output_module, _output_hook, handle, always)
     return handle
