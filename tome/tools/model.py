@@ -20,8 +20,9 @@ from tome.tools.errors import UserError
 from tome.tools.images import IMAGENET_MEAN, IMAGENET_STD, normalize, to_unit
 from tome.tools.saliency import SaliencyHead
 from tome.tools.schedule_text import r_label
+from tome.tools.sizes import input_sizes
 
-__all__ = ["Model", "Outputs", "from_module"]
+__all__ = ["SUPPORTED", "Model", "Outputs", "check_size", "family_of", "from_module", "supported_classes"]
 
 
 @dataclass
@@ -236,54 +237,119 @@ def _width(module: nn.Module, family: str) -> int:
     return int(config.hidden_size)
 
 
-def _library_module(module: nn.Module) -> str:
-    """The module path of the first timm / transformers / torchvision class in the model's class
-    hierarchy (so a user's subclass of a supported model counts as that library)."""
+# What this wrapper knows how to run, per family: class names found through the model's class
+# hierarchy (so a user's subclass of a supported model counts), and the library they come from.
+SUPPORTED: dict[str, tuple[str, ...]] = {
+    "timm": ("VisionTransformer",),
+    "transformers": (
+        "ViTModel",
+        "ViTForImageClassification",
+        "Dinov2Model",
+        "Dinov2ForImageClassification",
+        "Dinov2WithRegistersModel",
+        "Dinov2WithRegistersForImageClassification",
+        "CLIPVisionModel",
+        "CLIPVisionModelWithProjection",
+        "CLIPForImageClassification",
+    ),
+    "torchvision": ("VisionTransformer",),
+}
+
+
+def supported_classes() -> str:
+    """One line per library, listing the model classes :func:`from_module` wraps."""
+    return "\n".join(f"  {family}: {', '.join(names)}" for family, names in SUPPORTED.items())
+
+
+def family_of(module: nn.Module) -> str | None:
+    """``"timm"``, ``"transformers"`` or ``"torchvision"`` for a supported model (or a subclass of
+    one), else None."""
     for cls in type(module).__mro__:
-        if cls.__module__.startswith(("timm.", "transformers.", "torchvision.")):
-            return cls.__module__
-    return type(module).__module__
+        for family, names in SUPPORTED.items():
+            if cls.__name__ in names and cls.__module__.startswith(family + "."):
+                return family
+    return None
+
+
+def _default_size(module: nn.Module, family: str) -> int:
+    """The model's own input size: timm's ``patch_embed.img_size``, torchvision's
+    ``image_size``, the transformers config's ``image_size`` (its pretraining size)."""
+    if family == "timm":
+        return int(module.patch_embed.img_size[0])
+    if family == "torchvision":
+        return int(module.image_size)
+    config = getattr(module.config, "vision_config", module.config)
+    size = config.image_size
+    return int(size if isinstance(size, int | float) else size[0])
+
+
+def check_size(model: Model, height: int, width: int | None = None) -> None:
+    """Raise ``ValueError`` naming the sizes ``model`` accepts when it does not take
+    ``height`` x ``width`` pixels (square when ``width`` is None)."""
+    width = height if width is None else width
+    sizes = input_sizes(model.module, model.family)
+    if not sizes.accepts(height, width):
+        raise ValueError(f"{model.name} takes {sizes.describe()}; got {height}x{width}")
 
 
 def from_module(module: nn.Module, *, img_size: int | None = None, name: str = "") -> Model:
     """Wrap a model you already built (timm, transformers or torchvision ViT). The module is
-    not changed: its training mode stays as it is (call ``.eval()`` for inference)."""
-    mod = _library_module(module)
-    if mod.startswith("timm."):
-        size = module.patch_embed.img_size
-        return Model(
+    not changed: its training mode stays as it is (call ``.eval()`` for inference).
+
+    ``img_size``: the (square) input size the tools feed it, any size the model accepts
+    (see :mod:`tome.tools.sizes`); default: the model's own (for transformers models the
+    config's ``image_size``). Raises ``TypeError`` for an unsupported model and ``ValueError``
+    (naming the sizes it accepts) for an ``img_size`` it does not take.
+    """
+    family = family_of(module)
+    if family is None:
+        raise TypeError(
+            f"unsupported model {type(module).__module__}.{type(module).__qualname__}; "
+            f"supported model classes:\n{supported_classes()}"
+        )
+    if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int)):
+        raise TypeError(f"img_size: expected an int (pixels per side), got {type(img_size).__name__}")
+    name = name or type(module).__name__
+    if family == "timm":
+        model = Model(
             module,
             "timm",
-            name or type(module).__name__,
-            int(img_size or size[0]),
+            name,
+            _default_size(module, family),
             int(module.patch_embed.patch_size[0]),
             int(module.num_prefix_tokens),
             num_classes=int(module.num_classes),
         )
-    if mod.startswith("transformers."):
+    elif family == "transformers":
         cfg = getattr(module.config, "vision_config", module.config)
         num = (
             int(getattr(module.config, "num_labels", 0))
             if any("ForImageClassification" in cls.__name__ for cls in type(module).__mro__)
             else 0
         )
-        return Model(
+        model = Model(
             module,
             "transformers",
-            name or type(module).__name__,
-            int(img_size or cfg.image_size),
+            name,
+            _default_size(module, family),
             int(cfg.patch_size),
             1 + int(getattr(cfg, "num_register_tokens", 0) or 0),
             num_classes=num,
         )
-    if mod.startswith("torchvision."):
-        return Model(
+    else:
+        model = Model(
             module,
             "torchvision",
-            name or type(module).__name__,
-            int(module.image_size),
+            name,
+            _default_size(module, family),
             int(module.patch_size),
             1,
             num_classes=int(module.heads[-1].out_features),
         )
-    raise TypeError(f"unsupported model {type(module).__module__}.{type(module).__qualname__}")
+    if img_size is not None and img_size != model.img_size:
+        try:
+            check_size(model, img_size)
+        except ValueError as error:
+            raise ValueError(f"img_size: {error}") from None
+        model.img_size = img_size
+    return model

@@ -34,6 +34,7 @@ threads give the same schedule); the measured correction depends on the machine'
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import statistics
 import time
@@ -189,22 +190,35 @@ def _best_reachable(flops: _Flops, layers: int) -> float:
 # -- inputs --------------------------------------------------------------------------------------
 
 
-def _wrap(model):
-    from tome.patch import _find_adapter, supported_families
-    from tome.tools.model import Model, from_module
+def _wrap(model, images) -> object:
+    """``model`` as a :class:`tome.tools.model.Model` at the input size of ``images``: the size of
+    the pixels given (any size the model accepts), else the model's own size."""
+    from tome.tools.model import Model, check_size, family_of, from_module, supported_classes
 
     if isinstance(model, Model):
-        return model
-    if not isinstance(model, nn.Module):
+        wrapper = model
+    elif not isinstance(model, nn.Module):
         raise TypeError(
             f"model: expected a torch.nn.Module or tome.tools.model.Model, got {type(model).__name__}"
         )
-    if _find_adapter(model) is None:
+    elif family_of(model) is None:
         raise TypeError(
             f"model: tome.tune does not support {type(model).__module__}.{type(model).__qualname__}. "
-            f"Supported model classes:\n{supported_families()}"
+            f"Supported model classes:\n{supported_classes()}"
         )
-    return from_module(model)
+    else:
+        wrapper = from_module(model)
+    if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[1] == 3:
+        height, width = images.shape[-2:]
+        if height != width:
+            raise TuneError(f"images: tune takes square pixels (B, 3, S, S), got {height}x{width}")
+        try:
+            check_size(wrapper, int(height), int(width))
+        except ValueError as error:
+            raise TuneError(f"images: {error}") from None
+        if height != wrapper.img_size:
+            wrapper = dataclasses.replace(wrapper, img_size=int(height))
+    return wrapper
 
 
 def _restore_modes(modes: dict[nn.Module, bool]) -> None:
@@ -238,11 +252,6 @@ def _pixels(wrapper, images, min_images: int) -> torch.Tensor:
         pixels = wrapper.preprocess(loaded)
     if pixels.shape[0] < min_images:
         raise TuneError(f"images: tune needs at least {min_images} calibration images, got {pixels.shape[0]}")
-    size = wrapper.img_size
-    if tuple(pixels.shape[-2:]) != (size, size):
-        raise TuneError(
-            f"images: the model takes {size}x{size} pixels, got {pixels.shape[-2]}x{pixels.shape[-1]}"
-        )
     return pixels.float()
 
 
@@ -398,9 +407,11 @@ def tune(
     Important args:
         model: an ``nn.Module`` :func:`tome.patch` supports (patched or not), or a
             :class:`tome.tools.model.Model`.
-        images: preprocessed pixels ``(B, 3, S, S)`` at the model's input size, or a list of image
-            paths / PIL images (preprocessed as :class:`tome.tools.model.Model` does: resize, centre
-            crop, the model's mean and std). At least ``min_images`` (8); 16-32 is plenty.
+        images: preprocessed pixels ``(B, 3, S, S)`` at any size ``S`` the model accepts (tune
+            runs the model at that size: e.g. 224 px on a DINOv2 whose config says 518), or a
+            list of image paths / PIL images (preprocessed at the model's own size as
+            :class:`tome.tools.model.Model` does: resize, centre crop, the model's mean and std).
+            At least ``min_images`` (8); 16-32 is plenty.
         target_speedup: > 1, e.g. 2.0.
         budget: ``"flops"`` (FLOP-ideal speedup >= target, deterministic) or ``"measured"``
             (also time the schedule on this machine and correct the FLOP target until the measured
@@ -423,9 +434,10 @@ def tune(
 
     Returns a :class:`TuneResult` (``.schedule``: one int per block).
 
-    Raises ``TuneError`` (a ``ValueError``) for too few images, a target that is not > 1 or that
-    no schedule reaches (the message gives the best reachable), and ``TypeError`` for a model
-    ``tome.patch`` does not support.
+    Raises ``TuneError`` (a ``ValueError``) for too few images, pixels of a size the model does
+    not take (the message names the sizes it does), a target that is not > 1 or that no schedule
+    reaches (the message gives the best reachable), and ``TypeError`` for a model ``tome.patch``
+    does not support.
     """
     import tome
     from tome.tools.progress import progress_bar
@@ -460,7 +472,7 @@ def tune(
     if isinstance(holdout, bool) or not isinstance(holdout, int | float) or not 0 <= holdout < 1:
         raise ValueError(f"holdout: expected a fraction in [0, 1), got {holdout!r}")
 
-    wrapper = _wrap(model)
+    wrapper = _wrap(model, images)
     module = wrapper.module
     pixels = _pixels(wrapper, images, min_images)
     held = max(2, round(holdout * len(pixels))) if holdout > 0 else 0
