@@ -13,7 +13,8 @@ from tome.tools.cli import main
 from tome.tools.data import demo_images
 from tome.tools.model import from_module
 from tome.tools.schedule_text import parse_r, r_label
-from tome.tools.tune import TuneError, schedule_flops, schedule_tokens
+from tome.tools.tune import TuneError, TuneResult, schedule_flops, schedule_tokens
+from tome.tools.tune_report import distinct, report
 
 timm = pytest.importorskip("timm")
 
@@ -255,6 +256,125 @@ def test_real_dinov2_at_224_px(dinov2_dir, images_dir):
     assert result.flops_speedup >= 1.5 and result.cls_cosine > 0.9
     with pytest.raises(TuneError, match="any multiple of 14 pixels"):
         tome.tune(model, torch.randn(8, 3, 230, 230), 1.5, **FAST)
+
+
+# -- the report: what was compared, at which FLOP target, why the result won --------------------
+
+
+def _result(**kwargs) -> TuneResult:
+    """A TuneResult of one flops round whose search moved one merge."""
+    fields = dict(
+        schedule=[5, 3], tokens=[17, 12, 9], target_speedup=1.5, budget="flops", flops_speedup=1.52,
+        measured_speedup=None, fidelity=1.9, cls_cosine=0.99, min_cls_cosine=0.95, patch_cosine=0.91,
+        start="the best ramp (4.00, -1)", start_schedule=[6, 2], start_cls_cosine=0.98,
+        start_patch_cosine=0.9, images=6, evaluations=20, seconds=1.0, heldout_images=2,
+        heldout_fidelity=1.928241, heldout_start_fidelity=1.928213, search_kept=True, flop_target=1.5,
+        start_fidelity=1.88, start_flops_speedup=1.51, searched_schedule=[5, 3], searched_fidelity=1.9,
+        heldout_searched_fidelity=1.928241,
+    )  # fmt: skip
+    fields.update(kwargs)
+    fields["history"] = fields.get("history") or [
+        {
+            "round": 1, "flop_target": fields["flop_target"], "schedule": fields["schedule"],
+            "flops_speedup": fields["flops_speedup"], "measured_speedup": fields["measured_speedup"],
+            "fidelity": fields["fidelity"], "search_kept": fields["search_kept"],
+        }
+    ]  # fmt: skip
+    return TuneResult(**fields)
+
+
+def _line(lines: list[str], start: str) -> str:
+    found = [line for line in lines if line.startswith(start)]
+    assert len(found) == 1, lines
+    return found[0]
+
+
+def test_distinct_prints_enough_digits():
+    assert distinct(1.9282, 1.9282) == ("1.92820000", "1.92820000")
+    assert distinct(1.928213, 1.928241) == ("1.92821", "1.92824")
+    assert distinct(0.98, 0.5) == ("0.9800", "0.5000")
+
+
+def test_report_heldout_check_numbers_differ_and_say_who_won():
+    """The issue's line: 'objective 1.9282 vs ramp 1.9282 (search not kept)'. Now the searched
+    schedule's held-out objective is compared with its start's, with the digits that tell them
+    apart, and the verdict says why."""
+    lost = _result(
+        schedule=[6, 2],
+        search_kept=False,
+        heldout_searched_fidelity=1.928213,
+        heldout_start_fidelity=1.928241,
+    )
+    line = _line(report(lost), "held-out check")
+    assert "on 2 images: search 1.92821 vs start 1.92824" in line
+    assert "the start did better by 2.8e-05: the start is kept" in line
+    won = _line(report(_result()), "held-out check")
+    assert (
+        "search 1.92824 vs start 1.92821" in won
+        and "the search did better by 2.8e-05: its schedule is kept" in won
+    )
+    tie = _line(report(_result(heldout_searched_fidelity=1.9282, heldout_start_fidelity=1.9282)), "held-out")
+    assert "a tie (within 1e-06): the search's schedule is kept" in tie
+    same = _result(schedule=[6, 2], searched_schedule=[6, 2], searched_fidelity=1.88, fidelity=1.88)
+    lines = report(same)
+    assert "nothing to decide" in _line(lines, "held-out check")
+    assert _line(lines, "search:") == "search: no move raised the objective; the start is the result"
+    assert "none (holdout=0)" in _line(report(_result(heldout_images=0)), "held-out check")
+
+
+def test_report_says_what_the_start_was_at_which_flop_target():
+    lines = report(_result())
+    assert _line(lines, "speedup:") == "speedup: 1.52x FLOP-ideal (searched at a FLOP target of 1.50x)"
+    start = _line(lines, "search start:")
+    assert start.startswith(
+        "search start: the best ramp (4.00, -1) = [6,2], 1.51x FLOP-ideal: CLS cosine 0.9800"
+    )
+    assert "objective 1.8800" in start
+    assert "found [5,3], objective 1.9000 vs 1.8800 at the start" in _line(lines, "search:")
+    assert "objective (CLS cosine + 1 x patch cosine) 1.9000" in _line(lines, "fidelity on the 6 calibration")
+
+
+def test_report_measured_rounds_mark_the_one_returned():
+    history = [
+        {"round": 1, "flop_target": 1.5, "schedule": [6, 2], "flops_speedup": 1.5, "measured_speedup": 1.3,
+         "fidelity": 1.95, "search_kept": True},
+        {"round": 2, "flop_target": 1.72, "schedule": [7, 3], "flops_speedup": 1.73, "measured_speedup": 1.49,
+         "fidelity": 1.9, "search_kept": False},
+    ]  # fmt: skip
+    result = _result(
+        budget="measured", history=history, round=2, flop_target=1.72, measured_speedup=1.49,
+        choice="the only round whose measured speedup reached 1.47x (1.5x within 2%)",
+    )  # fmt: skip
+    lines = report(result)
+    assert "searched at a FLOP target of 1.72x), 1.49x measured" in _line(lines, "speedup:")
+    assert (
+        "round 1: FLOP target 1.50x, [6,2]: 1.50x FLOP-ideal, 1.30x measured, objective 1.9500" in lines[-2]
+    )
+    assert "<-" not in lines[-2]
+    assert lines[-1].endswith(
+        "(its start: the held-out check)  <- returned: the only round whose measured speedup reached 1.47x "
+        "(1.5x within 2%)"
+    )
+
+
+def test_result_describes_the_round_it_comes_from():
+    """With the measured budget, the start, FLOP target and held-out check of the result are
+    those of the round whose schedule is returned (not of the first round)."""
+    result = tome.tune(
+        _timm(), _pixels(12), 1.5, budget="measured", progress=False, max_evals=6, reps=1, rounds=2
+    )
+    chosen = result.history[result.round - 1]
+    assert chosen["schedule"] == result.schedule and chosen["flop_target"] == result.flop_target
+    assert chosen["start_schedule"] == result.start_schedule and chosen["start"] == result.start
+    assert chosen["heldout_start_fidelity"] == result.heldout_start_fidelity
+    assert chosen["heldout_searched_fidelity"] == result.heldout_searched_fidelity
+    assert chosen["search_kept"] == result.search_kept and result.choice
+    assert result.schedule == (result.searched_schedule if result.search_kept else result.start_schedule)
+    assert [h["round"] for h in result.history] == list(range(1, len(result.history) + 1))
+    lines = report(result)
+    assert any(line.startswith("search start:") for line in lines)
+    if len(result.history) > 1:
+        assert sum("<- returned" in line for line in lines) == 1
 
 
 def test_parse_r_per_layer_list():

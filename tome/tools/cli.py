@@ -414,6 +414,7 @@ def cmd_tune(args) -> int:
 
     from tome.tools.images import open_image
     from tome.tools.tune import TuneError, tune
+    from tome.tools.tune_report import report
 
     _positive("--limit", args.limit)
     _positive("--max-evals", args.max_evals)
@@ -448,29 +449,12 @@ def cmd_tune(args) -> int:
     if args.json:
         print(json.dumps({"model": model.name, "img_size": model.img_size, **result.to_dict()}, indent=2))
         return 0
-    measured = "–" if result.measured_speedup is None else f"{result.measured_speedup:.2f}x"
     print(
         f"{model.name}, {model.img_size}px, {result.images} calibration + {result.heldout_images} held-out "
-        f"images, target {result.target_speedup:g}x"
+        f"images, target {result.target_speedup:g}x ({result.budget})"
     )
-    print(f"schedule: {result.r_text}")
-    print(f"tokens after each block: {' '.join(str(t) for t in result.tokens[1:])}")
-    print(f"speedup: {result.flops_speedup:.2f}x FLOP-ideal, {measured} measured")
-    print(
-        f"fidelity: CLS cosine {result.cls_cosine:.4f} (min {result.min_cls_cosine:.4f}), "
-        f"patch cosine {result.patch_cosine:.4f}"
-    )
-    print(
-        f"best ramp {result.start} = [{','.join(map(str, result.start_schedule))}]: "
-        f"CLS cosine {result.start_cls_cosine:.4f}, "
-        f"patch cosine {result.start_patch_cosine:.4f}"
-    )
-    if result.heldout_fidelity is not None:
-        verdict = "kept" if result.search_kept else "not kept: the ramp did better on held-out images"
-        print(
-            f"held-out check: objective {result.heldout_fidelity:.4f} vs ramp {result.heldout_start_fidelity:.4f} "
-            f"(search {verdict})"
-        )
+    for line in report(result):
+        print(line)
     print(f"{result.evaluations} evaluations in {result.seconds:.0f}s; use it with: --r '{result.r_text}'")
     return 0
 

@@ -13,17 +13,21 @@ The search, all forward passes under ``torch.inference_mode`` on a small calibra
    (or none, when there is slack). A move is kept when it raises the fidelity; steps shrink from
    coarse to 1 merge; the search stops when no move helps or ``max_evals`` is spent.
    **Held-out check.** The last ``holdout`` fraction of the images takes no part in the search;
-   the searched schedule is kept only if it is at least as faithful on them as the parametric
-   start (small moves can fit the calibration images' noise: on a real DINOv2, moving one merge
-   changes the mean CLS cosine of 100 photos by up to 0.005).
+   the searched schedule is kept only if it is at least as faithful on them as the schedule the
+   search started from (a tie keeps the search; small moves can fit the calibration images'
+   noise: on a real DINOv2, moving one merge changes the mean CLS cosine of 100 photos by up to
+   0.005).
 4. **Measured** (``budget="measured"``): the found schedule and merging switched off are timed
    in interleaved runs on this machine; when the measured speedup misses the target (or beats it
    by more than ``tolerance``), the FLOP target is corrected by ``target / measured`` and steps
-   2-3 run again from the best schedule so far (at most ``rounds`` times). The corrected FLOP
+   2-3 run again at the corrected target, starting from the better of its best ramp and the
+   previous round's schedule rescaled to it (at most ``rounds`` times). The corrected FLOP
    target stays within ``max_correction`` (15%) of the requested speedup: timings on a busy
    machine can be far off, and a schedule should not give up fidelity for noise.
    Of the timed rounds, the most faithful one whose measured speedup reached the target (within
-   ``tolerance``) is returned; if none did, the fastest.
+   ``tolerance``) is returned; if none did, the fastest. The result describes that round (its
+   FLOP target, start and held-out check); ``history`` has every round.
+   :func:`tome.tools.tune_report.report` prints it all.
 
 Fidelity (the objective) is the mean cosine similarity of the pooled output (CLS token, or the
 model's own pooling for models without a class token) to the unmerged model's, plus
@@ -48,11 +52,12 @@ import torch.nn.functional as F
 from tome.merge import max_r
 from tome.schedule import resolve_schedule
 
-__all__ = ["MIN_IMAGES", "TuneError", "TuneResult", "schedule_flops", "schedule_tokens", "tune"]
+__all__ = ["MIN_IMAGES", "TIE", "TuneError", "TuneResult", "schedule_flops", "schedule_tokens", "tune"]
 
 MIN_IMAGES = 8
 _INFLECTIONS = (-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5)
-_TOL = 1e-6
+TIE = 1e-6  # objectives closer than this are equal (the held-out check keeps the search on a tie)
+_TOL = TIE
 
 
 class TuneError(ValueError):
@@ -73,18 +78,31 @@ class TuneResult:
     cls_cosine: float  # mean over the calibration images
     min_cls_cosine: float
     patch_cosine: float
-    start: str  # the best parametric schedule, as (r, inflection)
-    start_schedule: list[int]  # ... resolved per layer (the local search starts here)
+    start: str  # where the search started, e.g. "the best ramp (17.33, -0.5)"
+    start_schedule: list[int]  # ... per layer
     start_cls_cosine: float
     start_patch_cosine: float
     images: int  # calibration images the search used
     evaluations: int
     seconds: float
-    history: list[dict] = field(default_factory=list)  # one entry per measured round
+    history: list[dict] = field(default_factory=list)  # one entry per round (see _choose)
     heldout_images: int = 0
-    heldout_fidelity: float | None = None  # the objective on the held-out images
-    heldout_start_fidelity: float | None = None  # ... of the parametric start
-    search_kept: bool = True  # False: the held-out check fell back to the parametric start
+    heldout_fidelity: float | None = None  # the objective of ``schedule`` on the held-out images
+    heldout_start_fidelity: float | None = None  # ... of ``start_schedule``
+    search_kept: bool = True  # False: the held-out check fell back to the search's start
+    # The round the schedule comes from (budget="measured" may run several, at corrected FLOP
+    # targets; ``history`` has them all): its FLOP target, where its search started (``start``,
+    # ``start_schedule``: the best ramp at that target, or an earlier round's schedule rescaled),
+    # what the search found, and the held-out objectives the check compared.
+    flop_target: float | None = None
+    start_fidelity: float | None = None  # the objective of start_schedule (calibration images)
+    start_flops_speedup: float | None = None
+    searched_schedule: list[int] = field(default_factory=list)
+    searched_fidelity: float | None = None
+    heldout_searched_fidelity: float | None = None  # the held-out check: this vs heldout_start_fidelity
+    patch_weight: float = 1.0  # objective = cls_cosine + patch_weight * patch_cosine
+    round: int = 1
+    choice: str = ""  # why this round's schedule was returned
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -381,6 +399,27 @@ def _time(wrapper, schedule: list[int], size: int, reps: int, batch: int) -> flo
     return statistics.median(times["off"]) / statistics.median(times["on"])
 
 
+def _choose(history: list[dict], target: float, tolerance: float) -> tuple[dict, str]:
+    """The round whose schedule tune returns, and why. One round: that one. Timed rounds: the
+    most faithful (calibration objective) of those whose measured speedup reached the target
+    within ``tolerance``; if none did, the fastest."""
+    if len(history) == 1:
+        return history[0], "the only round"
+    floor = target * (1 - tolerance)
+    reached = [h for h in history if h["measured_speedup"] >= floor]
+    if reached:
+        chosen = max(reached, key=lambda h: h["fidelity"])
+        others = len(reached) - 1
+        why = (
+            f"the most faithful of the {len(reached)} rounds whose measured speedup reached {floor:.2f}x"
+            if others
+            else f"the only round whose measured speedup reached {floor:.2f}x"
+        )
+        return chosen, f"{why} ({target:g}x within {tolerance:.0%})"
+    chosen = max(history, key=lambda h: h["measured_speedup"])
+    return chosen, f"the fastest of the {len(history)} rounds (none reached {floor:.2f}x measured)"
+
+
 def tune(
     model,
     images,
@@ -507,7 +546,6 @@ def tune(
         checker = _Scorer(wrapper, heldout_pixels, batch, patch_weight, bar) if held else None
         if previous is None:
             tome.patch(module, 0, **(patch_kwargs or {}))
-        search_kept = True
         round_start = 0
 
         def counter() -> int:
@@ -515,78 +553,94 @@ def tune(
 
         flop_target = float(target_speedup)
         history: list[dict] = []
-        timed: list[tuple[list[int], float]] = []
         best: list[int] | None = None
-        start_label, start_schedule = "", None
-        measured = None
-        for _ in range(1 + (rounds if budget == "measured" else 0)):
+        for index in range(1 + (rounds if budget == "measured" else 0)):
             flop_target = min(flop_target, reachable)
             limit = flops.base / flop_target
-            start, label = _parametric(flops, limit, layers, scorer)
-            if start_schedule is None:
-                start_schedule, start_label = start, label
-            candidates = [start]
+            ramp, label = _parametric(flops, limit, layers, scorer)
+            start, start_label = ramp, f"the best ramp {label}"
             if best is not None:
+                # A correction round may start from the best schedule so far, rescaled.
                 scaled = _scaled_within(flops, limit, best)
-                if scaled is not None:
-                    candidates.append(scaled)
-            start = max(candidates, key=lambda s: scorer(s)[0])
-            # A correction round starts from the best schedule so far, rescaled: a shorter search.
+                if scaled is not None and scorer(scaled)[0] > scorer(ramp)[0]:
+                    start, start_label = scaled, f"the round-{index} schedule rescaled to this target"
+            # A correction round starts from a good schedule already: a shorter search.
             evals = max_evals if round_start == 0 else max(max_evals // 4, 8)
             searched = _local_search(start, flops, limit, scorer, span=span, max_evals=evals, counter=counter)
             # The held-out check: a searched schedule that does worse than where it started on
-            # images it never saw fitted noise.
-            search_kept = checker is None or checker(searched)[0] >= checker(start)[0] - _TOL
-            best = searched if search_kept else start
+            # images it never saw fitted noise (a tie keeps the search).
+            heldout_start = checker(start)[0] if checker is not None else None
+            heldout_searched = checker(searched)[0] if checker is not None else None
+            kept = checker is None or heldout_searched >= heldout_start - _TOL
+            best = searched if kept else start
             round_start = scorer.evaluations
+            history.append(
+                {
+                    "round": index + 1,
+                    "flop_target": flop_target,
+                    "start": start_label,
+                    "start_schedule": list(start),
+                    "start_fidelity": scorer(start)[0],
+                    "start_flops_speedup": flops.speedup(start),
+                    "searched_schedule": list(searched),
+                    "searched_fidelity": scorer(searched)[0],
+                    "heldout_start_fidelity": heldout_start,
+                    "heldout_searched_fidelity": heldout_searched,
+                    "search_kept": kept,
+                    "schedule": list(best),
+                    "fidelity": scorer(best)[0],
+                    "flops_speedup": flops.speedup(best),
+                    "measured_speedup": None,
+                }
+            )
             if budget == "flops":
                 break
             measured = _time(wrapper, best, wrapper.img_size, reps, min(batch, len(pixels)))
-            ideal = flops.speedup(best)
-            history.append({"flop_target": flop_target, "flops_speedup": ideal, "measured_speedup": measured})
-            timed.append((list(best), measured))
+            history[-1]["measured_speedup"] = measured
             if abs(measured / target_speedup - 1) <= tolerance:
                 break
             # Bounded: on a busy machine timings can be far off; never trade fidelity for noise.
             low, high = target_speedup / (1 + max_correction), target_speedup * (1 + max_correction)
-            corrected = min(max(ideal * target_speedup / measured, low), high)
+            corrected = min(max(flops.speedup(best) * target_speedup / measured, low), high)
             if abs(corrected - flop_target) < 1e-9:
                 break  # at the bound already: another round would find the same schedule
             flop_target = corrected
         bar.close()
-        assert best is not None
-        if timed:
-            # Of the timed rounds, the most faithful one that reached the target (within
-            # tolerance); if none did, the fastest.
-            reached = [t for t in timed if t[1] >= target_speedup * (1 - tolerance)]
-            best, measured = (
-                max(reached, key=lambda t: scorer(t[0])[0]) if reached else max(timed, key=lambda t: t[1])
-            )
-        fidelity, cls, min_cls, patch = scorer(best)
-        start_values = scorer(start_schedule)
+        chosen, choice = _choose(history, target_speedup, tolerance)
+        fidelity, cls, min_cls, patch = scorer(chosen["schedule"])
+        _, start_cls, _, start_patch = scorer(chosen["start_schedule"])
         result = TuneResult(
-            schedule=list(best),
-            tokens=schedule_tokens(best, flops.n0, flops.protected),
+            schedule=list(chosen["schedule"]),
+            tokens=schedule_tokens(chosen["schedule"], flops.n0, flops.protected),
             target_speedup=float(target_speedup),
             budget=budget,
-            flops_speedup=flops.speedup(best),
-            measured_speedup=measured,
+            flops_speedup=chosen["flops_speedup"],
+            measured_speedup=chosen["measured_speedup"],
             fidelity=fidelity,
             cls_cosine=cls,
             min_cls_cosine=min_cls,
             patch_cosine=patch,
-            start=start_label,
-            start_schedule=list(start_schedule),
-            start_cls_cosine=start_values[1],
-            start_patch_cosine=start_values[3],
+            start=chosen["start"],
+            start_schedule=list(chosen["start_schedule"]),
+            start_cls_cosine=start_cls,
+            start_patch_cosine=start_patch,
             images=len(pixels),
             evaluations=scorer.evaluations,
             seconds=time.perf_counter() - started,
             history=history,
             heldout_images=held,
-            heldout_fidelity=checker(best)[0] if checker is not None else None,
-            heldout_start_fidelity=checker(start_schedule)[0] if checker is not None else None,
-            search_kept=search_kept,
+            heldout_fidelity=checker(chosen["schedule"])[0] if checker is not None else None,
+            heldout_start_fidelity=chosen["heldout_start_fidelity"],
+            search_kept=chosen["search_kept"],
+            flop_target=chosen["flop_target"],
+            start_fidelity=chosen["start_fidelity"],
+            start_flops_speedup=chosen["start_flops_speedup"],
+            searched_schedule=list(chosen["searched_schedule"]),
+            searched_fidelity=chosen["searched_fidelity"],
+            heldout_searched_fidelity=chosen["heldout_searched_fidelity"],
+            patch_weight=float(patch_weight),
+            round=chosen["round"],
+            choice=choice,
         )
     except BaseException:
         apply = False
