@@ -135,3 +135,104 @@ def test_import_tome_imports_no_framework():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "", f"import tome imported: {result.stdout.strip()}"
+
+
+# -- wrapped models --------------------------------------------------------------------------------
+
+
+def _tiny_timm(seed: int = 0) -> nn.Module:
+    timm = pytest.importorskip("timm")
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(seed)
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2,
+        num_classes=5,
+    ).eval()  # fmt: skip
+
+
+def _no_patch_left(model: nn.Module) -> bool:
+    # (torch.compile's wrapper keeps its own compiled forward in its __dict__)
+    return not any(
+        "tome" in m.__dict__
+        or ("forward" in m.__dict__ and type(m).__name__ != "OptimizedModule")
+        or "__prepare_scriptable__" in m.__dict__
+        or m._forward_hooks
+        for m in model.modules()
+    )
+
+
+@pytest.mark.parametrize("wrap", ["compile", "DataParallel", "DistributedDataParallel", "container"])
+def test_wrapped_model_is_patched_inside_and_unpatched_whole(wrap, tmp_path):
+    import torch
+
+    inner = _tiny_timm()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = inner(x)
+    if wrap == "compile":
+        wrapper = torch.compile(inner, backend="eager")
+    elif wrap == "DataParallel":
+        wrapper = nn.DataParallel(inner)
+    elif wrap == "DistributedDataParallel":
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+        wrapper = nn.parallel.DistributedDataParallel(inner)
+    else:
+        wrapper = nn.Sequential(nn.Identity(), nn.ModuleDict({"vit": inner}))
+    try:
+        assert tome.patch(wrapper, r=3) is wrapper
+        assert isinstance(wrapper.tome, tome.PatchedModels)
+        assert isinstance(inner.tome, tome.ToMeHandle)
+        run = wrapper if wrap != "container" else inner
+        with torch.no_grad():
+            merged = run(x)
+        assert wrapper.tome.tokens_per_layer == [17, 14, 11, 8]
+        assert not torch.allclose(merged, reference, atol=1e-4)
+        wrapper.tome.r = 0  # settings reach the model inside
+        assert inner.tome.r == 0
+        with torch.no_grad():
+            torch.testing.assert_close(run(x), reference, atol=1e-5, rtol=1e-5)
+        assert tome.unpatch(wrapper) is wrapper
+        assert _no_patch_left(wrapper)
+        with torch.no_grad():
+            assert torch.equal(inner(x), reference)
+    finally:
+        if wrap == "DistributedDataParallel":
+            dist.destroy_process_group()
+
+
+def test_compiled_before_patching_does_not_run_a_stale_graph():
+    import torch
+
+    model = _tiny_timm()
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = compiled(x)
+        tome.patch(compiled, r=3)
+        after = compiled(x)
+        torch.testing.assert_close(after, model(x))
+        assert model.tome.tokens_per_layer == [17, 14, 11, 8]
+        assert not torch.allclose(before, after, atol=1e-4)
+        tome.unpatch(compiled)
+        assert torch.equal(compiled(x), before)
+
+
+def test_container_with_two_models_patches_both():
+    both = nn.ModuleDict({"a": _tiny_timm(0), "b": _tiny_timm(1)})
+    tome.patch(both, r=2)
+    assert set(both.tome.handles) == {"a", "b"}
+    assert both.tome.r == 2
+    both.tome.r = 3
+    assert both["a"].tome.r == both["b"].tome.r == 3
+    with pytest.raises(AttributeError, match="2 models are patched"):
+        _ = both.tome.source
+    tome.unpatch(both)
+    assert _no_patch_left(both)
+
+
+def test_nothing_supported_inside_says_what_was_searched():
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    with pytest.raises(TypeError, match=r"none of its 2 submodules is a supported model.*outermost first"):
+        tome.patch(model)

@@ -8,13 +8,14 @@ torch.Size([2, 7, 8])
 
 from tome.merge import MODES, MergeHistory, attention_bias, max_r
 from tome.merger import TokenMerger
-from tome.patch import MergeOptions, ToMeHandle, patch, unpatch
+from tome.patch import MergeOptions, PatchedModels, ToMeHandle, patch, unpatch
 from tome.schedule import resolve_schedule
 
 __all__ = [
     "MODES",
     "MergeHistory",
     "MergeOptions",
+    "PatchedModels",
     "ToMeHandle",
     "TokenMerger",
     "TuneResult",

@@ -11,11 +11,12 @@ import importlib
 
 import torch.nn as nn
 
-from tome.patch.handle import MergeOptions, ToMeHandle
+from tome.patch.handle import MergeOptions, PatchedModels, ToMeHandle
 from tome.schedule import Schedule, check_schedule
 
 __all__ = [
     "MergeOptions",
+    "PatchedModels",
     "ToMeHandle",
     "patch",
     "supported_families",
@@ -102,7 +103,12 @@ def patch(
 
     Patching twice is one patch with the latest arguments; :func:`unpatch` restores the
     original behaviour exactly. Supported: timm ``VisionTransformer``; transformers ViT,
-    DINOv2 (with registers), CLIP vision; torchvision ``VisionTransformer``.
+    DINOv2 (with registers), CLIP vision; torchvision ``VisionTransformer``. A wrapper
+    (``torch.compile(model)``, ``nn.DataParallel``, ``DistributedDataParallel``) or any module
+    that holds supported models is accepted too: the outermost supported models inside it are
+    patched, ``model.tome`` is then a :class:`PatchedModels`, and ``unpatch`` undoes all of it.
+    (A model compiled before patching recompiles on its next call: torch.compile's guards see
+    the change.)
 
     Example:
         >>> import timm, tome
@@ -119,13 +125,49 @@ def patch(
     options = MergeOptions(
         metric=metric, mode=mode, unmerge_detail=unmerge_detail, keep_outliers=keep_outliers
     )
-    found = _find_adapter(model)
-    if found is None:
+    settings = {"prop_attn": prop_attn, "unmerge_output": unmerge_output, "options": options}
+    if _find_adapter(model) is not None:
+        return _patch_one(model, r, settings)
+    # A wrapper (torch.compile's OptimizedModule, DataParallel, DistributedDataParallel) or a
+    # user's module: patch the outermost supported models inside it.
+    targets = _supported_inside(model)
+    if not targets:
         raise TypeError(
-            f"model: tome.patch does not support {type(model).__module__}.{type(model).__qualname__}. "
-            f"Supported model classes:\n{supported_families()}"
+            f"model: tome.patch does not support {type(model).__module__}.{type(model).__qualname__}, "
+            f"and none of its {sum(1 for _ in model.modules()) - 1} submodules is a supported model "
+            f"(searched the model itself, then every submodule, outermost first). Supported model "
+            f"classes:\n{supported_families()}"
         )
-    family, adapter = found
+    previous = model.__dict__.get("tome")
+    if isinstance(previous, ToMeHandle):
+        unpatch(model)
+    done: list[nn.Module] = []
+    try:
+        for _, target in targets:
+            _patch_one(target, r, settings)
+            done.append(target)
+    except Exception:
+        for target in done:
+            unpatch(target)
+        raise
+    # Straight into __dict__: OptimizedModule forwards attribute writes to the module inside.
+    model.__dict__["tome"] = PatchedModels(dict(targets))
+    return model
+
+
+def _supported_inside(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The outermost submodules of ``model`` that an adapter supports, in module order."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, sub in model.named_modules():
+        if sub is model or any(name.startswith(f"{outer}.") for outer, _ in found):
+            continue
+        if _find_adapter(sub) is not None:
+            found.append((name, sub))
+    return found
+
+
+def _patch_one(model: nn.Module, r: Schedule, settings: dict) -> nn.Module:
+    family, adapter = _find_adapter(model)
     for name, sub in model.named_modules():
         if sub is not model and isinstance(sub.__dict__.get("tome"), ToMeHandle):
             raise ValueError(
@@ -136,9 +178,7 @@ def patch(
     previous = model.__dict__.get("tome")
     unpatch(model)
     try:
-        handle: ToMeHandle = module.apply(
-            model, r=r, prop_attn=prop_attn, unmerge_output=unmerge_output, options=options
-        )
+        handle: ToMeHandle = module.apply(model, r=r, **settings)
     except Exception:
         # Adapters check everything before changing the model; put the earlier patch back so a
         # bad argument leaves the model as it was.
@@ -146,16 +186,21 @@ def patch(
             patch(model, previous.r, **previous.patch_options())
         raise
     handle.family = family
-    model.tome = handle
+    model.__dict__["tome"] = handle
     return model
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Undo :func:`patch`: original forwards, no hooks, no ``model.tome``. No-op if unpatched."""
+    """Undo :func:`patch`: original forwards, no hooks, no ``model.tome`` (on a wrapper: on every
+    model patched inside it). No-op if unpatched."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     handle = model.__dict__.get("tome")
     if isinstance(handle, ToMeHandle):
         handle._restore()
-        del model.tome
+        del model.__dict__["tome"]
+    elif isinstance(handle, PatchedModels):
+        for inner in handle.models.values():
+            unpatch(inner)
+        del model.__dict__["tome"]
     return model

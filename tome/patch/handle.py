@@ -36,7 +36,7 @@ from tome.patch.install import FORMAT, InstalledHook, InstalledMethod, check_for
 from tome.patch.passes import BlockCall, PassState, TokenRegistry
 from tome.schedule import Schedule, check_schedule, resolve_schedule
 
-__all__ = ["BlockCall", "MergeOptions", "ToMeHandle"]
+__all__ = ["BlockCall", "MergeOptions", "PatchedModels", "ToMeHandle"]
 
 METRICS = ("keys", "head_keys")
 MERGE_MODES = ("mlerp", "mean")
@@ -167,6 +167,7 @@ class ToMeHandle:
         self._keys = _KeySlot()
         self._last: PassState | None = None
         self._tracing: tuple[PassState, int] | None = None
+        self._traced_keys: torch.Tensor | None = None
         self._warned_cap = False
 
     # -- copies and pickles ------------------------------------------------------------------
@@ -374,10 +375,16 @@ class ToMeHandle:
         """From a key hook: per-head keys ``(B, N, heads, head_dim)`` of the block ``index``
         running in this thread; kept (as the matching metric) only if that block merges."""
         if self.wants_keys(index, keys.shape[1]):
-            self._keys.value = self.similarity_features(keys)
+            if _is_tracing():  # tracing is single-threaded, and guards on thread-locals fail
+                self._traced_keys = self.similarity_features(keys)
+            else:
+                self._keys.value = self.similarity_features(keys)
 
     def take_keys(self) -> torch.Tensor | None:
         """The metric :meth:`offer_keys` left for the block running in this thread (once)."""
+        if _is_tracing():
+            value, self._traced_keys = self._traced_keys, None
+            return value
         value = self._keys.value
         self._keys.value = None
         return value
@@ -501,7 +508,53 @@ class ToMeHandle:
         )
 
 
-_TRANSIENT = ("_registry", "_keys", "_last", "_tracing", "_warned_cap")
+class PatchedModels:
+    """``model.tome`` of a module that holds patched models (a ``torch.compile`` /
+    ``DataParallel`` / ``DistributedDataParallel`` wrapper, or a user's module).
+
+    Setting ``r``, ``prop_attn`` or ``unmerge_output`` sets it on every patched model inside;
+    any other attribute is read from the handle of the only one (with several, read
+    ``handles[name]``).
+
+    Attributes:
+        models: submodule name -> patched model.
+    """
+
+    _SETTINGS = ("r", "prop_attn", "unmerge_output")
+
+    def __init__(self, models: dict[str, nn.Module]) -> None:
+        object.__setattr__(self, "models", dict(models))
+
+    @property
+    def handles(self) -> dict[str, ToMeHandle]:
+        """Submodule name -> its :class:`ToMeHandle`."""
+        return {name: model.tome for name, model in self.models.items()}
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name == "models":  # pickling and copying probe dunders
+            raise AttributeError(name)
+        handles = list(self.handles.values())
+        if len(handles) == 1:
+            return getattr(handles[0], name)
+        values = [getattr(h, name) for h in handles]
+        if name in self._SETTINGS and all(v == values[0] for v in values):
+            return values[0]
+        raise AttributeError(
+            f"{name}: {len(handles)} models are patched inside this one ({', '.join(self.models)}); read "
+            f"model.tome.handles[name].{name}"
+        )
+
+    def __setattr__(self, name: str, value) -> None:
+        if name not in self._SETTINGS:
+            raise AttributeError(f"{name}: only {', '.join(self._SETTINGS)} can be set on PatchedModels")
+        for handle in self.handles.values():
+            setattr(handle, name, value)
+
+    def __repr__(self) -> str:
+        return f"PatchedModels({', '.join(f'{n or type(m).__name__}: {m.tome!r}' for n, m in self.models.items())})"
+
+
+_TRANSIENT = ("_registry", "_keys", "_last", "_tracing", "_traced_keys", "_warned_cap")
 
 
 class _Installing:
