@@ -330,3 +330,21 @@ def test_compile_fullgraph_aot_eager():
 def test_compile_fullgraph_inductor():
     torch._dynamo.reset()
     _compile_check("inductor", recompile=False)
+
+
+def test_schedule_asking_too_much_warns_once_and_caps():
+    model, x = make()
+    tome.patch(model, r=500)
+    with pytest.warns(UserWarning, match=r"asks block 0 to merge 500 of its 17 tokens.*merges 8"):
+        with torch.no_grad():
+            model(x)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per schedule: the next pass is quiet
+        with torch.no_grad():
+            model(x)
+    assert model.tome.tokens_per_layer == model.tome.planned_tokens(17) == expected_counts(17, [500] * 3, 1)
+    model.tome.r = 2  # a new schedule is planned at once, before any pass
+    assert model.tome.planned_tokens(17) == expected_counts(17, [2, 2, 2], 1)
+    assert model.tome.tokens_per_layer == expected_counts(17, [500] * 3, 1)  # still the last pass's
