@@ -263,3 +263,55 @@ def test_demo(tmp_path, dinov2_dir, capsys, monkeypatch):
     ]  # fmt: skip
     assert "== bench" in text and "== eval" in text and "saliency corr." in text
     assert str(out / "chelsea_r16.png") in text
+
+
+# -- messages a user reads (issue 16, smaller ones) --------------------------------------------
+
+
+def test_viz_file_names_are_shell_safe(tmp_path, photos, capsys):
+    import re
+
+    out = tmp_path / "out"
+    assert main(["viz", str(photos), "--r", "[2,1,0],4:-1.0", "--out", str(out), "--limit", "1", *TINY]) == 0
+    capsys.readouterr()
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names == ["astronaut_r2-1-0.png", "astronaut_r4_-1.0.png"]
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", name) for name in names)
+
+
+def test_weights_that_are_not_a_checkpoint(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("my notes")
+    assert main(["bench", *TINY, "--weights", str(tmp_path / "notes.txt")]) == 2
+    line = _one_error_line(capsys)
+    assert "not a checkpoint tome reads (a .safetensors file, or a torch.save file" in line
+
+
+def test_eval_on_symlinked_class_folders(tmp_path, capsys):
+    """An ImageFolder whose class folders are symlinks keeps its labels: accuracy and k-NN."""
+    from PIL import Image
+
+    root = tmp_path / "imagefolder"
+    root.mkdir()
+    for wnid in ("n01440764", "n01443537"):
+        real = tmp_path / "elsewhere" / wnid
+        real.mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(real / f"{i}.png")
+        (root / wnid).symlink_to(real, target_is_directory=True)
+    assert main(["eval", "--images", str(root), "--r", "2", "--json", "--speed-reps", "0", *TINY]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert all(row["accuracy"] is not None and row["knn_accuracy"] is not None for row in rows)
+
+
+def test_demo_says_where_it_writes_and_names_the_model_once(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tiny = [a for a in TINY if a != "-q"]
+    assert main(["demo", "--bench-batch", "2", "--reps", "1", "--r", "4", *tiny]) == 0
+    captured = capsys.readouterr()
+    out = tmp_path / "tome-demo"
+    assert f"writing into {out}/ (--out DIR to choose)" in captured.out
+    assert f"pictures in {out}/" in captured.out
+    assert (captured.out + captured.err).count("timm:vit_tiny_patch16_224 (timm, 12 blocks") == 1
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "astronaut_r4.png", "bench.png", "chelsea_r4.png", "coffee_r4.png",
+    ]  # fmt: skip

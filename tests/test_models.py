@@ -347,3 +347,123 @@ def test_hf_img_size_the_model_does_not_take(tmp_path):
     ):
         load_model(f"hf:{tmp_path}", img_size=32)
     assert load_model(f"hf:{tmp_path}", img_size=64).img_size == 64
+
+
+# -- messages a user reads (issue 16, smaller ones) --------------------------------------------
+
+
+def test_weights_that_are_not_a_checkpoint(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    with pytest.raises(UserError) as error:
+        load_model("timm:vit_tiny_patch16_224", weights=notes, img_size=64)
+    message = str(error.value)
+    assert message.startswith(f"--weights {notes}: cannot read it: not a checkpoint tome reads")
+    assert ".safetensors" in message and ".pth" in message
+    torch.save([torch.zeros(2)], tmp_path / "list.pth")
+    with pytest.raises(UserError, match=r"not a state dict of tensors \(a list\); expected a \.safetensors"):
+        load_model("timm:vit_tiny_patch16_224", weights=tmp_path / "list.pth", img_size=64)
+
+
+def test_wrong_size_checkpoint_is_summarised(tmp_path):
+    torch.save(timm.create_model("vit_tiny_patch16_224", img_size=64).state_dict(), tmp_path / "w64.pth")
+    with pytest.raises(UserError) as error:  # built for 224 px: only the position embedding differs
+        load_model("timm:vit_tiny_patch16_224", weights=tmp_path / "w64.pth", random_init=True)
+    assert str(error.value).endswith(
+        "1 of 152 tensors with another shape (pos_embed: (1, 17, 192) in the checkpoint, (1, 197, 192) "
+        "in the model): a checkpoint for another input size? try --img-size"
+    )
+    torch.save(timm.create_model("vit_small_patch16_224", img_size=64).state_dict(), tmp_path / "small.pth")
+    with pytest.raises(UserError) as error:  # another width: nearly every tensor, three shown
+        load_model("timm:vit_tiny_patch16_224", weights=tmp_path / "small.pth", img_size=64)
+    message = str(error.value)
+    assert "151 of 152 tensors with another shape (cls_token: (1, 1, 384) in the checkpoint" in message
+    assert message.endswith("more))") and message.count(" in the checkpoint") == 3 and len(message) < 500
+    state = timm.create_model("vit_tiny_patch16_224", img_size=64).state_dict()
+    state.pop("norm.weight")
+    state["extra.bias"] = torch.zeros(1)
+    torch.save(state, tmp_path / "keys.pth")
+    with pytest.raises(
+        UserError, match=r"do not fit .*: 1 missing \(norm.weight\); 1 unexpected \(extra.bias\)$"
+    ):
+        load_model("timm:vit_tiny_patch16_224", weights=tmp_path / "keys.pth", img_size=64)
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def unreachable_hub(tmp_path, monkeypatch):
+    """A hub that refuses connections and an empty download cache: what an offline machine sees,
+    without waiting for huggingface_hub's retries."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    for name in ("HF_HUB_OFFLINE", "TOME_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                 "ALL_PROXY", "all_proxy"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return endpoint
+
+
+def test_hub_that_cannot_be_reached_fails_at_once(unreachable_hub):
+    pytest.importorskip("transformers")
+    with pytest.raises(UserError) as error:
+        load_model("hf:tome-tests/not-a-cached-model")
+    assert str(error.value) == (
+        "hf:tome-tests/not-a-cached-model: no cached copy of its config here, and 127.0.0.1 cannot be "
+        "reached (offline?); give a local folder (hf:PATH)"
+    )
+    with pytest.raises(UserError) as error:
+        load_model("timm:vit_tiny_patch16_224")
+    assert str(error.value) == (
+        "timm:vit_tiny_patch16_224: no cached copy of the pretrained weights here, and 127.0.0.1 cannot "
+        "be reached (offline?); pass --weights PATH for a local checkpoint or --random-init"
+    )
+
+
+def test_download_is_announced(unreachable_hub):
+    import socket
+
+    from tome.tools.hub import need_download, reachable
+
+    assert not reachable(unreachable_hub)
+    lines: list[str] = []
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        url = f"http://127.0.0.1:{server.getsockname()[1]}"
+        assert reachable(url)
+        need_download("hf:org/model", "the weights", url, lines.append, "hint")
+    assert lines == [
+        "tome: hf:org/model: downloading the weights from 127.0.0.1 (first use; cached afterwards)"
+    ]
+
+
+def test_symlinked_class_folders_keep_their_labels(tmp_path):
+    from tome.tools.eval import labels_for
+
+    for cls in ("cat", "dog"):
+        (tmp_path / "real" / cls).mkdir(parents=True)
+        for i in range(2):
+            (tmp_path / "real" / cls / f"{i}.jpg").write_bytes(b"")
+    root = tmp_path / "imagefolder"
+    root.mkdir()
+    for cls in ("cat", "dog"):
+        (root / cls).symlink_to(tmp_path / "real" / cls, target_is_directory=True)
+    (root / "loop").symlink_to(root, target_is_directory=True)  # a link loop ends
+    paths, problems = find_images([root])
+    assert [p.relative_to(root).as_posix() for p in paths] == [
+        "cat/0.jpg",
+        "cat/1.jpg",
+        "dog/0.jpg",
+        "dog/1.jpg",
+    ]
+    assert not problems
+    labels = labels_for(paths, root)
+    assert labels is not None and labels.classes == ["cat", "dog"] and labels.targets == [0, 0, 1, 1]

@@ -125,7 +125,7 @@ def _options_note(args) -> str:
     return "; " + ", ".join(changed) if changed else ""
 
 
-def _load(args):
+def _load(args, *, describe: bool = True):
     import torch
 
     from tome.tools.loading import load_model
@@ -134,10 +134,17 @@ def _load(args):
         if args.threads < 1:
             raise UserError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    model = load_model(args.model, weights=args.weights, random_init=args.random_init, img_size=args.img_size)
+    model = load_model(
+        args.model,
+        weights=args.weights,
+        random_init=args.random_init,
+        img_size=args.img_size,
+        log=lambda line: _info(args, line),
+    )
     for note in model.notes:
         _warn(f"{model.name}: {note}")
-    _info(args, f"model: {model.describe()}")
+    if describe:
+        _info(args, f"model: {model.describe()}")
     return model
 
 
@@ -209,7 +216,7 @@ def _readable(paths: Sequence[Path], args) -> list[Path]:
 def _viz(model, paths: Sequence[Path], rs, out: Path, args) -> list[Path]:
     from tome.tools.images import open_image
     from tome.tools.progress import progress_bar
-    from tome.tools.schedule_text import r_label
+    from tome.tools.schedule_text import file_label
     from tome.tools.vis import visualize
 
     written: list[Path] = []
@@ -239,7 +246,7 @@ def _viz(model, paths: Sequence[Path], rs, out: Path, args) -> list[Path]:
                 titles=not args.no_titles,
             )
             for (path, _), picture in zip(loaded, pictures, strict=True):
-                name = f"{path.stem}_r{r_label(r).replace(':', '_')}"
+                name = f"{path.stem}_r{file_label(r)}"
                 stem, k = name, 1
                 while name in used:
                     k += 1
@@ -466,8 +473,8 @@ def cmd_demo(args) -> int:
     from tome.tools.data import demo_images
 
     rs = _parse_r(args.r, single=True)
-    out = _writable_dir(args.out)
-    model = _load(args)
+    out = _writable_dir(args.out).resolve()
+    model = _load(args, describe=False)  # the demo's header describes it
     photos = demo_images()
     args.batch, args.no_outlines, args.average, args.no_titles, args.scale = (
         len(photos),
@@ -482,6 +489,7 @@ def cmd_demo(args) -> int:
     start = time.perf_counter()
 
     print(f"== tome demo: {model.describe()}")
+    print(f"   writing into {out}/ (--out DIR to choose)")
     written = _viz(model, photos, rs, out, args)
     print(f"\n== viz (r={args.r}): what was merged, one PNG per photo")
     for path in written:

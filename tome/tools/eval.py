@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,14 +76,28 @@ def _model_aliases(model) -> list[set[str]] | None:
     return aliases
 
 
+def _relative(path: Path, root: Path) -> Path | None:
+    """``path`` below ``root``, read from the paths as given (a class folder may be a symlink to
+    somewhere else), else from the resolved paths; None when it is not below ``root``."""
+    for a, b in (
+        (Path(os.path.abspath(path)), Path(os.path.abspath(root))),
+        (path.resolve(), root.resolve()),
+    ):
+        try:
+            return a.relative_to(b)
+        except ValueError:
+            continue
+    return None
+
+
 def labels_for(paths: Sequence[Path], root: Path, model=None, train_fraction: float = 0.5) -> Labels | None:
-    """Labels from an ImageFolder layout (every image one level under ``root/CLASS/``), or None
-    when the folder is not labelled like that (or has fewer than 2 classes)."""
+    """Labels from an ImageFolder layout (every image one level under ``root/CLASS/``; class
+    folders may be symlinks), or None when the folder is not labelled like that (or has fewer
+    than 2 classes)."""
     classes_of = []
     for path in paths:
-        try:
-            rel = path.resolve().relative_to(root.resolve())
-        except ValueError:
+        rel = _relative(path, root)
+        if rel is None:
             return None
         if len(rel.parts) != 2:
             return None

