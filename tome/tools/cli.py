@@ -473,7 +473,7 @@ def cmd_demo(args) -> int:
     from tome.tools.data import demo_images
 
     rs = _parse_r(args.r, single=True)
-    out = _writable_dir(args.out).resolve()
+    out = _writable_dir(args.out).absolute()
     model = _load(args, describe=False)  # the demo's header describes it
     photos = demo_images()
     args.batch, args.no_outlines, args.average, args.no_titles, args.scale = (
