@@ -54,7 +54,6 @@ def _tiny_vit() -> nn.Module:
         ((-4, 0.0), ValueError),
         ("16", TypeError),
         (2.5, TypeError),
-        (None, TypeError),
         ([1, 1, 1], ValueError),  # more entries than the model has layers
     ],
 )
@@ -62,6 +61,33 @@ def test_bad_r_raises(r, error):
     model = _tiny_vit()
     with pytest.raises(error):
         tome.patch(model, r=r)
+    assert not hasattr(model, "tome")
+
+
+def test_default_schedule_and_ratio():
+    model = tome.patch(_tiny_vit())
+    assert model.tome.r == 16 and model.tome.ratio is None
+    tome.patch(model, ratio=0.25)
+    assert model.tome.ratio == 0.25 and model.tome.r is None
+    assert model.tome.planned_tokens(17) == [17, 13, 10]  # 25% of the 16, then of the 12 mergeable
+    model.tome.r = 2
+    assert model.tome.ratio is None and model.tome.planned_tokens(17) == [17, 15, 13]
+    assert tome.patch(model, **model.tome.patch_options()).tome.r == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"ratio": 1.0}, ValueError, "0 <= ratio < 1"),
+        ({"ratio": -0.1}, ValueError, "0 <= ratio < 1"),
+        ({"ratio": "0.2"}, TypeError, "ratio"),
+        ({"ratio": 0.2, "r": 4}, ValueError, "not both"),
+    ],
+)
+def test_bad_ratio_raises(kwargs, error, match):
+    model = _tiny_vit()
+    with pytest.raises(error, match=match):
+        tome.patch(model, **kwargs)
     assert not hasattr(model, "tome")
 
 

@@ -30,11 +30,13 @@ __all__ = [
     "attention_bias",
     "bipartite_soft_matching",
     "dense_adjacency",
+    "masked_soft_matching",
     "max_r",
     "merge",
     "merge_original",
     "merge_residuals",
     "outlier_bias",
+    "per_row_r",
     "start_history",
     "unmerge",
 ]
@@ -310,22 +312,132 @@ def bipartite_soft_matching(
         src_local, dst_local = _match(metric, r, protected, sequence_ids, mask_id, token_bias)
         src = protected + 2 * src_local
         dst_in = protected + 1 + 2 * dst_local
+        return _plan_from_sources(src, dst_in, in_sizes, N, r)
 
+
+def _plan_from_sources(
+    src: torch.Tensor, dst_in: torch.Tensor, in_sizes: torch.Tensor, N: int, r: int
+) -> MergePlan:
+    """The :class:`MergePlan` that merges input tokens ``src`` (B, r) into input tokens
+    ``dst_in`` (B, r) (which must be kept); the surviving tokens keep their order."""
+    B, device = src.shape[0], src.device
+    keep = torch.ones(B, N, dtype=torch.bool, device=device)
+    keep.scatter_(1, src, False)
+    position = keep.cumsum(1) - 1  # merged position of every kept token, order preserved
+    dst = position.gather(1, dst_in)
+    index = position.scatter(1, src, dst)
+    # kept[:, p] = the kept token at merged position p. Merged-away tokens write to a spare
+    # slot at the end, which is cut off: no boolean indexing, no data-dependent shape.
+    slot = torch.where(keep, position, N - r)
+    arange = torch.arange(N, device=device).expand(B, N)
+    kept = torch.empty(B, N - r + 1, dtype=torch.long, device=device)
+    kept = kept.scatter(1, slot, arange)[:, : N - r]
+    sizes = in_sizes.gather(1, kept).scatter_add(1, dst, in_sizes.gather(1, src))
+    return MergePlan(index, kept, src, dst, sizes, in_sizes)
+
+
+def per_row_r(valid_tokens: torch.Tensor, protected: int, r: int | None, ratio: float | None) -> torch.Tensor:
+    """``(B,)`` int64: tokens each row removes, from its own count of real tokens
+    ``valid_tokens`` (B,): ``ratio`` of its mergeable tokens, or ``r``; never more than half
+    of them (ToMe's cap). A row's count depends on that row alone.
+
+    >>> per_row_r(torch.tensor([3, 10, 41]), protected=1, r=None, ratio=0.25).tolist()
+    [0, 2, 10]
+    >>> per_row_r(torch.tensor([3, 10, 41]), protected=1, r=8, ratio=None).tolist()
+    [1, 4, 8]
+    """
+    mergeable = (valid_tokens - protected).clamp_min(0)
+    if ratio is not None:
+        wanted = torch.floor(mergeable.double() * ratio + 1e-9).long()
+    else:
+        wanted = torch.full_like(mergeable, int(r))
+    return torch.minimum(wanted, mergeable // 2)
+
+
+def masked_soft_matching(
+    metric: torch.Tensor,
+    r: int,
+    row_r: torch.Tensor,
+    history: MergeHistory,
+    protected: int = 0,
+    sequence_ids: torch.Tensor | None = None,
+    token_bias: torch.Tensor | None = None,
+) -> MergePlan:
+    """Bipartite soft matching for padded (and packed) batches, decided row by row.
+
+    Padding tokens are those of size 0 in ``history`` (a padded batch starts with sizes 0 at
+    its padding). Every row removes ``r`` tokens (the same for all rows: shapes stay static),
+    of which exactly ``row_r[b]`` (``<= r``) are merges of its real tokens, chosen by ToMe's rule
+    on its own similarities; the rest are padding tokens folded into the row's last kept
+    token (size 0: they change nothing). So a row merges the same real tokens alone or in any
+    right-padded batch. ``r - row_r[b]`` must not exceed the row's padding (it never does for
+    ``r``, ``row_r`` from :func:`per_row_r` on the longest possible row and on this row).
+
+    Args:
+        metric: ``(B, N, D)`` similarity features.
+        r: tokens every row removes.
+        row_r: ``(B,)`` merges of real tokens per row.
+        history: sizes (0 at padding) of the current tokens.
+        protected: the first ``protected`` tokens are never merged.
+        sequence_ids: optional ``(B, N)`` document ids of packed rows: real tokens merge only
+            within their document.
+        token_bias: as in :func:`bipartite_soft_matching`.
+
+    >>> sizes = torch.tensor([[1.0, 1, 1, 1, 1, 1, 0, 0, 0]])  # 6 real tokens, 3 padding
+    >>> h = MergeHistory(torch.arange(9)[None], sizes)
+    >>> plan = masked_soft_matching(torch.randn(1, 9, 4), 3, torch.tensor([2]), h, protected=1)
+    >>> # 2 real merges and 1 padding token removed: 4 real tokens (holding all 6), then 2 padding
+    >>> plan.sizes.shape[1], (plan.sizes[0, :4] > 0).all().item(), plan.sizes[0, 4:].tolist()
+    (6, True, [0.0, 0.0])
+    >>> plan.sizes.sum().item()
+    6.0
+    """
+    B, N = metric.shape[:2]
+    device = metric.device
+    in_sizes = history.sizes
+    if r == 0:
+        index = torch.arange(N, device=device).expand(B, N)
+        empty = torch.empty(B, 0, dtype=torch.long, device=device)
+        return MergePlan(index, index, empty, empty, in_sizes, in_sizes)
+    with torch.no_grad():
+        valid = in_sizes > 0
+        ids = (
+            torch.zeros(B, N, dtype=torch.long, device=device)
+            if sequence_ids is None
+            else sequence_ids.long()
+        )
+        ids = torch.where(valid, ids, -1)  # a real token never pairs with padding
+        a, b, ids_a, ids_b = _split_ab(metric, protected, ids)
+        scores = _scores(a, b, ids_a, ids_b, mask_id=-2)  # -2: no id means "padding pairs first"
+        scores.masked_fill_((ids_a < 0)[:, :, None], float("-inf"))
+        if token_bias is not None:
+            bias = token_bias[:, protected:].float()
+            scores = scores + bias[:, ::2, None] + bias[:, None, 1::2]
+        best, partner = scores.amax(dim=-1), scores.argmax(dim=-1)
+        # Rank every row's A tokens by their best edge; its row_r strongest real ones merge.
+        rank = _sort_descending(best).indices.argsort(dim=-1)
+        merge_real = (ids_a >= 0) & (rank < row_r[:, None]) & torch.isfinite(best)
+        # Padding to remove: the first (r - row_r) padding tokens of the row.
+        padding = ~valid
+        padding[:, :protected] = False
+        pad_rank = padding.long().cumsum(1) - 1
+        remove_pad = padding & (pad_rank < (r - row_r)[:, None])
+        # The r removed tokens, by a per-token key: real merges 2, padding to remove 1, other
+        # padding 0.5 (only if a packed row has too few pairs within its documents), real 0,
+        # protected -1 (never).
+        key = torch.where(remove_pad, 1.0, torch.where(padding, 0.5, 0.0))
+        key[:, protected::2] = torch.where(merge_real, 2.0, key[:, protected::2])
+        key[:, :protected] = -1.0
+        src = _sort_descending(key).indices[:, :r]
+        # Destinations: a real token's best B partner; padding: the last kept token.
         keep = torch.ones(B, N, dtype=torch.bool, device=device)
         keep.scatter_(1, src, False)
-        position = keep.cumsum(1) - 1  # merged position of every kept token, order preserved
-        dst = position.gather(1, dst_in)
-        index = position.scatter(1, src, dst)
-
-        # kept[:, p] = the kept token at merged position p. Merged-away tokens write to a spare
-        # slot at the end, which is cut off: no boolean indexing, no data-dependent shape.
-        slot = torch.where(keep, position, N - r)
-        arange = torch.arange(N, device=device).expand(B, N)
-        kept = torch.empty(B, N - r + 1, dtype=torch.long, device=device)
-        kept = kept.scatter(1, slot, arange)[:, : N - r]
-
-        sizes = in_sizes.gather(1, kept).scatter_add(1, dst, in_sizes.gather(1, src))
-    return MergePlan(index, kept, src, dst, sizes, in_sizes)
+        last_kept = (torch.arange(N, device=device) * keep).amax(dim=1, keepdim=True)
+        a_local = ((src - protected) // 2).clamp(0, partner.shape[1] - 1)
+        b_position = protected + 1 + 2 * partner.gather(1, a_local)
+        is_real = key.gather(1, src) == 2
+        dst_in = torch.where(is_real, b_position, last_kept.expand(B, r))
+        return _plan_from_sources(src, dst_in, in_sizes, N, r)
 
 
 def _reduce_dtype(x: torch.Tensor) -> torch.dtype:
@@ -372,7 +484,10 @@ def _mean(plan: MergePlan, x: torch.Tensor, moved: torch.Tensor, target: torch.T
     B, N = x.shape[:2]
     out = _gather_tokens(x, plan.kept).to(moved.dtype)
     weight_dtype = out.real.dtype if out.is_complex() else out.dtype
-    weight = plan.in_sizes.gather(1, plan.src).to(weight_dtype) / plan.sizes.gather(1, plan.dst)
+    # clamp: a group of padding tokens has size 0 (it merges nothing real: weight 0, not NaN)
+    weight = plan.in_sizes.gather(1, plan.src).to(weight_dtype) / plan.sizes.gather(1, plan.dst).clamp_min(
+        1e-12
+    )
     term = (moved - target) * weight.view(weight.shape + (1,) * (x.dim() - 2))
     rows = out.view(B * (N - plan.r), *x.shape[2:])
     rows.index_add_(0, _rows(plan.dst, N - plan.r), term.view(B * plan.r, *x.shape[2:]))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["Schedule", "check_schedule", "resolve_schedule"]
+__all__ = ["Schedule", "check_ratio", "check_schedule", "resolve_schedule"]
 
 Schedule = int | Sequence[int] | tuple[int | float, float]
 
@@ -79,3 +79,21 @@ def resolve_schedule(r: Schedule, num_layers: int) -> list[int]:
     if len(values) > num_layers:
         raise ValueError(f"r: the list has {len(values)} entries but the model has {num_layers} layers")
     return values + [0] * (num_layers - len(values))
+
+
+def check_ratio(ratio: object) -> float:
+    """Raise a clear error unless ``ratio`` is a number in ``[0, 1)``: the fraction of each
+    row's mergeable tokens that every block removes (capped, as ``r``, at half of them).
+
+    >>> check_ratio(0.2)
+    0.2
+    >>> check_ratio(1.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: ratio: expected a number with 0 <= ratio < 1, got 1.5
+    """
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float):
+        raise TypeError(f"ratio: expected a number with 0 <= ratio < 1, got {ratio!r}")
+    if not 0 <= ratio < 1:
+        raise ValueError(f"ratio: expected a number with 0 <= ratio < 1, got {ratio!r}")
+    return float(ratio)

@@ -12,7 +12,7 @@ import importlib
 import torch.nn as nn
 
 from tome.patch.handle import MergeOptions, PatchedModels, ToMeHandle
-from tome.schedule import Schedule, check_schedule
+from tome.schedule import Schedule, check_ratio, check_schedule
 
 __all__ = [
     "MergeOptions",
@@ -61,8 +61,9 @@ def _find_adapter(model: nn.Module) -> tuple[str, str] | None:
 
 def patch(
     model: nn.Module,
-    r: Schedule = 16,
+    r: Schedule | None = None,
     *,
+    ratio: float | None = None,
     prop_attn: bool = True,
     unmerge_output: bool = False,
     metric: str = "keys",
@@ -76,8 +77,12 @@ def patch(
         r: tokens removed per block: an int, a per-layer list, or ``(r, inflection)`` (a ramp
             as in ToMe: ``(16, -1.0)`` removes 32 tokens in the first block, 0 in the last).
             A list shorter than the number of blocks leaves the last blocks at 0. A block
-            never removes more than half its unprotected tokens. Settable later as
-            ``model.tome.r``.
+            never removes more than half its unprotected tokens (a warning says when the
+            schedule asks for more). Settable later as ``model.tome.r``. Default 16.
+        ratio: instead of ``r``: every block removes this fraction (``0 <= ratio < 1``) of
+            each row's mergeable tokens (short texts lose few tokens, long ones many). In a
+            padded batch every row counts its own real tokens, so its result does not depend
+            on the rest of the batch. Settable later as ``model.tome.ratio``.
         unmerge_output: return the model's token outputs (``last_hidden_state``,
             ``forward_features``, ...) at the original length, so dense heads work unchanged.
             Settable later as ``model.tome.unmerge_output``.
@@ -121,13 +126,28 @@ def patch(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if r is not None and ratio is not None:
+        raise ValueError(f"r and ratio: give one schedule, not both (got r={r!r}, ratio={ratio!r})")
+    if ratio is not None:
+        check_ratio(ratio)
+        r = 0
+    elif r is None:
+        r = 16
     check_schedule(r)
     options = MergeOptions(
         metric=metric, mode=mode, unmerge_detail=unmerge_detail, keep_outliers=keep_outliers
     )
-    settings = {"prop_attn": prop_attn, "unmerge_output": unmerge_output, "options": options}
+    settings = {"prop_attn": prop_attn, "unmerge_output": unmerge_output, "options": options, "ratio": ratio}
     if _find_adapter(model) is not None:
         return _patch_one(model, r, settings)
+    framework = next((f for f, prefix, _, _ in _ADAPTERS if type(model).__module__.startswith(prefix)), None)
+    if framework is not None:
+        # A framework's own model that tome does not support (say a masked-image-modeling
+        # head): its head may need every token, so its backbone is not patched behind its back.
+        raise TypeError(
+            f"model: tome.patch does not support {type(model).__module__}.{type(model).__qualname__}. "
+            f"Supported model classes:\n{supported_families()}"
+        )
     # A wrapper (torch.compile's OptimizedModule, DataParallel, DistributedDataParallel) or a
     # user's module: patch the outermost supported models inside it.
     targets = _supported_inside(model)
@@ -183,7 +203,7 @@ def _patch_one(model: nn.Module, r: Schedule, settings: dict) -> nn.Module:
         # Adapters check everything before changing the model; put the earlier patch back so a
         # bad argument leaves the model as it was.
         if isinstance(previous, ToMeHandle):
-            patch(model, previous.r, **previous.patch_options())
+            patch(model, **previous.patch_options())
         raise
     handle.family = family
     model.__dict__["tome"] = handle

@@ -34,7 +34,7 @@ from tome import merge as M
 from tome.merge import MergeHistory
 from tome.patch.install import FORMAT, InstalledHook, InstalledMethod, check_format, refuse_script
 from tome.patch.passes import BlockCall, PassState, TokenRegistry
-from tome.schedule import Schedule, check_schedule, resolve_schedule
+from tome.schedule import Schedule, check_ratio, check_schedule, resolve_schedule
 
 __all__ = ["BlockCall", "MergeOptions", "PatchedModels", "ToMeHandle"]
 
@@ -148,6 +148,7 @@ class ToMeHandle:
         unmerge_output: bool = False,
         options: MergeOptions | None = None,
         family: str = "",
+        ratio: float | None = None,
     ) -> None:
         self.num_layers = num_layers
         self.protected = protected
@@ -156,6 +157,8 @@ class ToMeHandle:
         self.options = MergeOptions() if options is None else options
         self.family = family
         self.r = r
+        if ratio is not None:
+            self.ratio = ratio
         # What patch changed, as data (module, attribute or hook id): undone by unpatch; deep
         # copies and pickles carry it along with the modules it names.
         self._installed: list[tuple[str, nn.Module, object]] = []
@@ -196,7 +199,24 @@ class ToMeHandle:
         check_schedule(value)
         self._r_per_layer = resolve_schedule(value, self.num_layers)
         self._r = value
+        self._ratio = None
         self._warned_cap = False
+
+    @property
+    def ratio(self) -> float | None:
+        """The fraction of each row's mergeable tokens every block removes, or ``None`` when
+        the schedule is ``r``; settable (setting ``r`` clears it, setting it replaces ``r``)."""
+        return self._ratio
+
+    @ratio.setter
+    def ratio(self, value: float | None) -> None:
+        if value is None:
+            self.r = 0
+            return
+        value = check_ratio(value)
+        self._r = None
+        self._r_per_layer = [0] * self.num_layers
+        self._ratio = value
 
     @property
     def prop_attn(self) -> bool:
@@ -222,7 +242,13 @@ class ToMeHandle:
 
     def patch_options(self) -> dict:
         """The keyword options of :func:`tome.patch` this handle has now (for patching again)."""
-        return {"prop_attn": self.prop_attn, "unmerge_output": self.unmerge_output, **asdict(self.options)}
+        schedule = {"r": self.r} if self.ratio is None else {"ratio": self.ratio}
+        return {
+            **schedule,
+            "prop_attn": self.prop_attn,
+            "unmerge_output": self.unmerge_output,
+            **asdict(self.options),
+        }
 
     def planned_tokens(self, num_tokens: int) -> list[int]:
         """Token counts the current schedule gives for ``num_tokens`` input tokens: entering
@@ -233,10 +259,16 @@ class ToMeHandle:
         [17, 13, 9, 5]
         """
         counts = [num_tokens]
-        for r in self._r_per_layer:
-            num_tokens -= min(r, M.max_r(num_tokens, self.protected))
+        for index in range(self.num_layers):
+            num_tokens -= self._removed(index, num_tokens)
             counts.append(num_tokens)
         return counts
+
+    def _removed(self, index: int, num_tokens: int) -> int:
+        cap = M.max_r(num_tokens, self.protected)
+        if self._ratio is not None:
+            return min(int(max(num_tokens - self.protected, 0) * self._ratio + 1e-9), cap)
+        return min(self._r_per_layer[index], cap)
 
     # -- installing (used by adapters) ---------------------------------------------------------
 
@@ -305,6 +337,11 @@ class ToMeHandle:
             pass_state = PassState(self.num_layers, key_valid=key_mask)
             pass_state.tokens.append(N)
             history = M.start_history(B, N, x.device)
+            if key_mask is not None:
+                if tuple(key_mask.shape) != (B, N):
+                    raise ValueError(f"key_mask: expected shape {(B, N)}, got {tuple(key_mask.shape)}")
+                # Padding holds no original token: size 0 (so it never weighs in a merge).
+                history = M.MergeHistory(history.source, key_mask.to(torch.float32))
             return BlockCall(pass_state, 0, history, merged=False, valid=key_mask)
         found = self._find(x)
         history = None
@@ -318,11 +355,8 @@ class ToMeHandle:
             )
         pass_state = found[0]
         merged = history.num_original != history.num_tokens
-        valid = pass_state.key_valid
-        if valid is not None and merged:
-            # A merged token is real if it holds a real original (padding merges only with padding).
-            count = valid.new_zeros((B, N), dtype=torch.float32)
-            valid = count.scatter_add_(1, history.source, valid.float()) > 0
+        # In a padded pass a token is real if it holds a real original (size > 0).
+        valid = None if pass_state.key_valid is None else history.sizes > 0
         return BlockCall(pass_state, index, history, merged=merged, valid=valid)
 
     @staticmethod
@@ -340,32 +374,37 @@ class ToMeHandle:
         would be all zeros (nothing merged yet, or ``prop_attn`` off). In a pass with padding
         (``key_mask``), merged tokens get the mask too: padding keys at the dtype's minimum."""
         if call.valid is not None and call.merged:
-            bias = M.attention_bias(call.history.sizes, dtype) if self.prop_attn else None
-            if bias is None:
-                bias = call.history.sizes.new_zeros(call.history.sizes.shape, dtype=dtype)[:, None, None, :]
-            return bias.masked_fill(~call.valid[:, None, None, :], torch.finfo(dtype).min)
+            sizes = call.history.sizes
+            bias = sizes.clamp_min(1).log() if self.prop_attn else torch.zeros_like(sizes)
+            bias = bias.masked_fill(~call.valid, torch.finfo(dtype).min)
+            return bias.to(dtype)[:, None, None, :]
         if not (self.prop_attn and call.merged):
             return None
         return M.attention_bias(call.history.sizes, dtype)
 
     def layer_r(self, index: int, num_tokens: int) -> int:
-        """Tokens block ``index`` removes: its schedule entry, capped at what it can merge."""
+        """Tokens block ``index`` removes from ``num_tokens``: its schedule entry (or its
+        ``ratio`` of the mergeable tokens), capped at what it can merge."""
+        removed = self._removed(index, num_tokens)
         wanted = self._r_per_layer[index]
-        cap = M.max_r(num_tokens, self.protected)
-        if wanted > cap and not self._warned_cap and not _is_tracing():
+        if self._ratio is None and wanted > removed and not self._warned_cap and not _is_tracing():
             self._warned_cap = True
             warnings.warn(
-                f"tome: the schedule r={self.r!r} asks block {index} to merge {wanted} of its "
-                f"{num_tokens} tokens; a block merges at most half its unprotected tokens, so it "
-                f"merges {cap} (see model.tome.planned_tokens(n) for the counts; warned once per "
-                "schedule)",
-                stacklevel=2,
+                f"tome: the schedule r={self.r!r} asks block {index} to merge "
+                f"{wanted} of its {num_tokens} tokens; a block merges at most "
+                f"half its unprotected tokens, so it merges {removed} (see "
+                "model.tome.planned_tokens(n) for the counts; warned once per schedule)",
+                stacklevel=3,
             )
-        return min(wanted, cap)
+        return removed
+
+    def schedules_merges(self, index: int) -> bool:
+        """Whether the schedule asks block ``index`` to merge anything (before capping)."""
+        return (self._ratio is not None and self._ratio > 0) or self._r_per_layer[index] > 0
 
     def wants_keys(self, index: int, num_tokens: int) -> bool:
         """Whether block ``index`` (with ``num_tokens`` tokens) needs the keys: it merges."""
-        return min(self._r_per_layer[index], M.max_r(num_tokens, self.protected)) > 0
+        return self._removed(index, num_tokens) > 0
 
     def similarity_features(self, keys: torch.Tensor) -> torch.Tensor:
         """The matching metric from per-head keys ``(B, N, heads, head_dim)``."""
@@ -410,12 +449,16 @@ class ToMeHandle:
         bias = None
         if self.options.keep_outliers:
             bias = M.outlier_bias(x, self.options.keep_outliers, self.protected)
-        ids = None
-        if call.valid is not None:
-            ids = torch.where(call.valid, 0, -100)  # padding (-100) merges only with padding
-        plan = M.bipartite_soft_matching(
-            metric, r, call.history, self.protected, sequence_ids=ids, mask_id=-100, token_bias=bias
-        )
+        if call.valid is None:
+            plan = M.bipartite_soft_matching(metric, r, call.history, self.protected, token_bias=bias)
+        else:
+            # Padded batch: every row merges by its own tokens alone; padding is zeroed so that
+            # folding it into a real token (size 0) changes nothing, whatever the mode.
+            real = call.valid.sum(dim=1)
+            row_r = M.per_row_r(real, self.protected, self._r_per_layer[index], self._ratio)
+            row_r = row_r.clamp_max(r)
+            plan = M.masked_soft_matching(metric, r, row_r, call.history, self.protected, token_bias=bias)
+            x = torch.where(call.valid[..., None], x, 0)
         history = M.advance(call.history, plan)
         state.histories[index] = history
         state.tokens[index + 1 : index + 2] = [history.num_tokens]

@@ -41,7 +41,7 @@ def _block_forward(
     attn_mask: torch.Tensor | None = None,
     is_causal: bool = False,
 ) -> torch.Tensor:
-    if (attn_mask is not None or is_causal) and handle.r_per_layer[index] > 0:
+    if (attn_mask is not None or is_causal) and handle.schedules_merges(index):
         raise ValueError(
             "tome: a patched timm block cannot merge tokens under a user attn_mask/is_causal; "
             "set model.tome.r = 0 or unpatch the model"
