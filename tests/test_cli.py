@@ -135,7 +135,7 @@ def test_bench_table_json_and_plot(tmp_path, capsys):
     args = ["bench", "--r", "0,2,4:-1.0", "--batch", "2", "--reps", "2", "--plot", str(plot), *TINY]
     assert main(args) == 0
     table = capsys.readouterr().out
-    assert "| r | tokens | GFLOPs | images/s | speedup | FLOP-ideal | efficiency |" in table
+    assert "| r | tokens | GFLOPs | images/s | spread | speedup | FLOP-ideal | efficiency |" in table
     assert "tokens after each block:" in table
     assert plot.stat().st_size > 1000
 
@@ -146,6 +146,7 @@ def test_bench_table_json_and_plot(tmp_path, capsys):
     assert rows[0]["tokens"] == [17] * 13 and rows[0]["speedup"] == 1.0 and rows[0]["ideal"] == 1.0
     assert rows[1]["tokens"][0] == 17 and rows[1]["tokens"][-1] < 17
     assert rows[1]["ideal"] > 1.0 and len(rows[1]["seconds"]) == 1
+    assert all(row["spread"] is None for row in rows)  # one timed run: no spread
     assert data["batch"] == 2 and data["img_size"] == 64
 
 
@@ -162,7 +163,7 @@ def test_eval_on_labelled_folder(tmp_path, capsys):
     assert main(["eval", "--images", str(root), "--r", "2,4", "--batch", "4", *TINY]) == 0
     table = capsys.readouterr().out
     assert "CLS cosine" in table and "top-1 agreement" in table and "k-NN acc." in table
-    assert "| r | tokens left | speedup |" in table and "| 0 | 17 | 1.00x |" in table
+    assert "| r | tokens left | speedup | spread |" in table and "| 0 | 17 | 1.00x |" in table
     assert "speedup as tome bench --batch 4 --reps 3 (backbone, output merged)" in table
 
     assert main(["eval", "--images", str(root), "--r", "3", "--json", *TINY]) == 0
@@ -171,6 +172,7 @@ def test_eval_on_labelled_folder(tmp_path, capsys):
     assert reference["r"] == "0" and reference["cls_cosine"] == 1.0
     assert merged["r"] == "3" and -1 <= merged["cls_cosine"] <= 1 and merged["knn_accuracy"] is not None
     assert reference["speedup"] == 1.0 and merged["speedup"] > 0
+    assert all(row["speed_spread"] >= 0 for row in data["rows"])  # 3 timed runs each
     assert main(["eval", "--images", str(root), "--r", "3", "--json", "--speed-reps", "0", *TINY]) == 0
     assert all(row["speedup"] is None for row in json.loads(capsys.readouterr().out)["rows"])
     assert main(["eval", "--images", str(root), "--speed-reps", "-1", *TINY]) == 2

@@ -20,7 +20,20 @@ import torch.nn as nn
 
 from tome.tools.progress import progress_bar
 
-__all__ = ["BenchRow", "block_macs", "flops_per_image", "format_table", "plot", "run_bench"]
+__all__ = [
+    "NOISY_SPREAD",
+    "BenchRow",
+    "block_macs",
+    "flops_per_image",
+    "format_spread",
+    "format_table",
+    "noise_note",
+    "plot",
+    "run_bench",
+    "timing_spread",
+]
+
+NOISY_SPREAD = 0.10  # timed runs spread wider than this (of their median): the note says so
 
 
 @dataclass
@@ -35,6 +48,68 @@ class BenchRow:
     ideal: float  # FLOP-ideal speedup: GFLOPs of the unpatched model / GFLOPs here
     efficiency: float  # speedup / ideal
     seconds: list[float] = field(default_factory=list)  # every timed batch
+    spread: float | None = None  # (slowest - fastest) / median of ``seconds``; None for one run
+
+
+# -- how noisy the timings were ----------------------------------------------------------------
+
+
+def timing_spread(seconds: Sequence[float]) -> float | None:
+    """How far repeated timings of one setting spread: ``(slowest - fastest) / median``; None
+    for fewer than 2 runs.
+
+    >>> timing_spread([1.0, 1.1, 0.9])
+    0.2
+    >>> timing_spread([0.5]) is None
+    True
+    """
+    if len(seconds) < 2:
+        return None
+    middle = statistics.median(seconds)
+    if not middle > 0:
+        return None
+    return round((max(seconds) - min(seconds)) / middle, 12)
+
+
+def format_spread(value: float | None) -> str:
+    """A table cell: ``"4%"``, ``"–"`` when not measured.
+
+    >>> format_spread(0.042), format_spread(None)
+    ('4%', '–')
+    """
+    return "–" if value is None else f"{100 * value:.0f}%"
+
+
+def noise_note(
+    labelled: Sequence[tuple[str, float | None]],
+    *,
+    reps_flag: str = "--reps",
+    threshold: float = NOISY_SPREAD,
+) -> str | None:
+    """One line saying that the timings were noisy, or None when every spread is within
+    ``threshold``. ``labelled``: ``(schedule label, spread)`` per row.
+
+    >>> noise_note([("0", 0.03), ("16", 0.02)]) is None
+    True
+    >>> print(noise_note([("0", 0.03), ("16", 0.25), ("8", 0.12)]))  # doctest: +NORMALIZE_WHITESPACE
+    note: noisy timings: the timed runs of r=16 spread over 25% of their median (r=8: 12%; more than 10%),
+    so the speedups may be off by as much; rerun with more --reps, on an idle machine, or with
+    --threads below the number of cores
+    """
+    noisy = sorted(
+        ((value, label) for label, value in labelled if value is not None and value > threshold), reverse=True
+    )
+    if not noisy:
+        return None
+    (worst, label), others = noisy[0], noisy[1:]
+    also = "".join(f"r={other}: {format_spread(value)}; " for value, other in others[:3])
+    if len(others) > 3:
+        also += f"{len(others) - 3} more; "
+    return (
+        f"note: noisy timings: the timed runs of r={label} spread over {format_spread(worst)} of their "
+        f"median ({also}more than {format_spread(threshold)}), so the speedups may be off by "
+        f"as much; rerun with more {reps_flag}, on an idle machine, or with --threads below the number of cores"
+    )
 
 
 def _linear_macs(module: nn.Module) -> int:
@@ -137,21 +212,29 @@ def run_bench(
                 ideal=ideal,
                 efficiency=speedup / ideal,
                 seconds=times[index],
+                spread=timing_spread(times[index]),
             )
         )
     return rows
 
 
 def format_table(rows: Sequence[BenchRow], per_layer: bool = True) -> str:
-    """A Markdown table (pastes into a README as is)."""
-    head = "| r | tokens | GFLOPs | images/s | speedup | FLOP-ideal | efficiency |"
-    lines = [head, "|---|---|---|---|---|---|---|"]
+    """A Markdown table (pastes into a README as is), then a note when the timings were noisy
+    (see :func:`noise_note`)."""
+    head = "| r | tokens | GFLOPs | images/s | spread | speedup | FLOP-ideal | efficiency |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(
             f"| {row.r} | {row.tokens[0]}→{row.tokens[-1]} | {row.gflops:.2f} | {row.images_per_s:.1f} | "
-            f"{row.speedup:.2f}x | {row.ideal:.2f}x | {100 * row.efficiency:.0f}% |"
+            f"{format_spread(row.spread)} | {row.speedup:.2f}x | {row.ideal:.2f}x | {100 * row.efficiency:.0f}% |"
         )
-    lines.append("(GFLOPs per image, a multiply-add counted as 2 FLOPs; fvcore and the ToMe paper count 1)")
+    lines.append(
+        "(GFLOPs per image, a multiply-add counted as 2 FLOPs; fvcore and the ToMe paper count 1. "
+        "spread: (slowest - fastest) / median of the timed runs)"
+    )
+    note = noise_note([(row.r, row.spread) for row in rows])
+    if note:
+        lines.append(note)
     if per_layer:
         lines.append("")
         lines.append("tokens after each block:")

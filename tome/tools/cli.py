@@ -336,15 +336,27 @@ def cmd_bench(args) -> int:
     if args.plot:
         _writable_file(args.plot)
     model = _load(args)
-    _, _, caption, table, data = _bench(model, rs, args, batch=args.batch, reps=args.reps, warmup=args.warmup)
+    rows, _, caption, table, data = _bench(
+        model, rs, args, batch=args.batch, reps=args.reps, warmup=args.warmup
+    )
     if args.json:
         print(data)
+        _noise_to_stderr(args, [(row.r, row.spread) for row in rows], "--reps")
     else:
         print(caption)
         print(table)
         if args.plot:
             print(f"plot: {args.plot}")
     return 0
+
+
+def _noise_to_stderr(args, labelled: Sequence[tuple[str, float | None]], reps_flag: str) -> None:
+    """With --json the table (and its note) is not printed: say on stderr when timings were noisy."""
+    from tome.tools.bench import noise_note
+
+    note = noise_note(labelled, reps_flag=reps_flag)
+    if note:
+        _info(args, f"tome: {note}")
 
 
 # -- eval ------------------------------------------------------------------------------------
@@ -385,7 +397,8 @@ def _eval(model, paths: Sequence[Path], root: Path | None, rs, args, *, batch: i
     )
     if args.speed_reps:
         caption += (
-            f"; speedup as tome bench --batch {batch} --reps {args.speed_reps} (backbone, output merged)"
+            f"; speedup as tome bench --batch {batch} --reps {args.speed_reps} (backbone, output merged); "
+            "spread: (slowest - fastest) / median of its timed runs"
         )
     return rows, caption, format_table(rows), to_json(rows, **meta)
 
@@ -404,9 +417,10 @@ def cmd_eval(args) -> int:
     paths = _readable(paths, args)
     root = Path(args.images[0]) if len(args.images) == 1 and Path(args.images[0]).is_dir() else None
     model = _load(args)
-    _, caption, table, data = _eval(model, paths, root, rs, args, batch=args.batch)
+    rows, caption, table, data = _eval(model, paths, root, rs, args, batch=args.batch)
     if args.json:
         print(data)
+        _noise_to_stderr(args, [(row.r, row.speed_spread) for row in rows], "--speed-reps")
     else:
         print(caption)
         print(table)

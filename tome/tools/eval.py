@@ -48,6 +48,7 @@ class EvalRow:
     min_cls_cosine: float = math.nan
     tokens: int = 0  # tokens left after the last block
     speedup: float | None = None  # measured, as tome bench (evaluate(speed_reps=...))
+    speed_spread: float | None = None  # (slowest - fastest) / median of those timed runs
     extra: dict = field(default_factory=dict)
 
 
@@ -205,7 +206,8 @@ def evaluate(
                 acc["sal"].append(pearson(out.saliency, reference.saliency))
     bar.close()
     model.set_r(None)
-    speedups = [None] * len(configs)
+    speedups: list[float | None] = [None] * len(configs)
+    spreads: list[float | None] = [None] * len(configs)
     if speed_reps > 0:
         from tome.tools.bench import run_bench
 
@@ -213,6 +215,7 @@ def evaluate(
             model, rs, batch=batch, reps=speed_reps, progress=progress, patch_kwargs=patch_kwargs
         )
         speedups = [row.speedup for row in timed]
+        spreads = [row.spread for row in timed]
 
     def mean(values: list[torch.Tensor]) -> float | None:
         return torch.cat(values).mean().item() if values else None
@@ -233,6 +236,7 @@ def evaluate(
             min_cls_cosine=1.0 if is_ref else cls.min().item(),
             tokens=final_tokens.get(index, 0),
             speedup=speedups[index],
+            speed_spread=spreads[index],
         )
         if labels is not None:
             x = torch.cat(feats[index])
@@ -256,13 +260,19 @@ def _fmt(value: float | None, digits: int = 4, percent: bool = False) -> str:
 
 
 def format_table(rows: Sequence[EvalRow]) -> str:
-    """A Markdown table; columns that do not apply to the model are left out."""
+    """A Markdown table; columns that do not apply to the model are left out. With measured
+    speedups, the spread of their timed runs too, and a note below when it is large (see
+    :func:`tome.tools.bench.noise_note`)."""
+    from tome.tools.bench import format_spread, noise_note
+
+    timed = any(row.speedup is not None for row in rows)
     columns: list[tuple[str, Callable[[EvalRow], str]]] = [
         ("r", lambda row: row.r),
         ("tokens left", lambda row: str(row.tokens)),
     ]
-    if any(row.speedup is not None for row in rows):
+    if timed:
         columns.append(("speedup", lambda row: "–" if row.speedup is None else f"{row.speedup:.2f}x"))
+        columns.append(("spread", lambda row: format_spread(row.speed_spread)))
     columns += [
         ("CLS cosine", lambda row: _fmt(row.cls_cosine)),
         ("min CLS cosine", lambda row: _fmt(row.min_cls_cosine)),
@@ -282,6 +292,11 @@ def format_table(rows: Sequence[EvalRow]) -> str:
     ]
     for row in rows:
         lines.append("| " + " | ".join(get(row) for _, get in columns) + " |")
+    note = (
+        noise_note([(row.r, row.speed_spread) for row in rows], reps_flag="--speed-reps") if timed else None
+    )
+    if note:
+        lines.append(note)
     return "\n".join(lines)
 
 
