@@ -286,6 +286,12 @@ class ToMeHandle:
             module.__prepare_scriptable__ = InstalledMethod(refuse_script, module)
             self._installed.append(("method", module, "__prepare_scriptable__"))
 
+    def install_pre_hook(self, module: nn.Module, function, *bound: object) -> None:
+        """Register the forward pre-hook ``function(*bound, module, args, kwargs)`` on ``module``
+        (it sees keyword arguments too); ``unpatch`` removes it."""
+        hook = module.register_forward_pre_hook(InstalledHook(function, *bound), with_kwargs=True)
+        self._installed.append(("pre_hook", module, hook.id))
+
     def install_hook(self, module: nn.Module, function, *bound: object) -> None:
         """Register the forward hook ``function(*bound, module, args, output)`` on ``module``;
         ``unpatch`` removes it."""
@@ -297,6 +303,9 @@ class ToMeHandle:
             kind, module, key = self._installed.pop()
             if kind == "method":
                 module.__dict__.pop(key, None)
+            elif kind == "pre_hook":
+                module._forward_pre_hooks.pop(key, None)
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
             else:
                 for hooks in (
                     module._forward_hooks,
@@ -457,7 +466,14 @@ class ToMeHandle:
             real = call.valid.sum(dim=1)
             row_r = M.per_row_r(real, self.protected, self._r_per_layer[index], self._ratio)
             row_r = row_r.clamp_max(r)
-            plan = M.masked_soft_matching(metric, r, row_r, call.history, self.protected, token_bias=bias)
+            ids = call.pass_state.sequence_ids
+            if ids is not None and call.merged:
+                ids = torch.full_like(call.history.sizes, -100, dtype=ids.dtype).scatter(
+                    1, call.history.source, ids
+                )
+            plan = M.masked_soft_matching(
+                metric, r, row_r, call.history, self.protected, sequence_ids=ids, token_bias=bias
+            )
             x = torch.where(call.valid[..., None], x, 0)
         history = M.advance(call.history, plan)
         state.histories[index] = history

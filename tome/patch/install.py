@@ -92,14 +92,15 @@ class InstalledMethod:
 
 
 class InstalledHook:
-    """A forward hook ``function(*bound, module, args, output)`` (a module-level function)."""
+    """A forward hook ``function(*bound, module, args, output)`` (or pre-hook with keyword
+    arguments: ``function(*bound, module, args, kwargs)``), ``function`` module-level."""
 
     def __init__(self, function: Callable, *bound: object) -> None:
         self.function = function
         self.bound = bound
 
-    def __call__(self, module: nn.Module, args: tuple, output):
-        return self.function(*self.bound, module, args, output)
+    def __call__(self, module: nn.Module, args: tuple, third):
+        return self.function(*self.bound, module, args, third)
 
     def __reduce__(self):
         return (_load_hook, (FORMAT, _version(), qualified_name(self.function), self.bound))

@@ -38,10 +38,12 @@ class PassState:
         tokens: the token count entering block 0, then the count after each block that ran.
         key_valid: ``(B, N0)`` bool, which original tokens may be attended to (False: padding),
             when the model passed an attention mask to block 0; ``None``: all of them.
+        sequence_ids: ``(B, N0)`` document ids of packed rows (``-100`` at padding), or ``None``.
     """
 
     num_layers: int
     key_valid: torch.Tensor | None = None
+    sequence_ids: torch.Tensor | None = None
     histories: list[MergeHistory | None] = field(default_factory=list)
     deviations: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
