@@ -22,7 +22,16 @@ from tome.tools.saliency import SaliencyHead
 from tome.tools.schedule_text import r_label
 from tome.tools.sizes import input_sizes
 
-__all__ = ["SUPPORTED", "Model", "Outputs", "check_size", "family_of", "from_module", "supported_classes"]
+__all__ = [
+    "SUPPORTED",
+    "Model",
+    "Outputs",
+    "check_size",
+    "family_of",
+    "find_model",
+    "from_module",
+    "supported_classes",
+]
 
 
 @dataclass
@@ -60,6 +69,9 @@ class Model:
     labels: list[str] | None = None  # class names of classifiers
     synsets: list[str] | None = None  # WordNet ids of ImageNet classifiers
     notes: list[str] = field(default_factory=list)
+    # The module the user gave when ``module`` is inside it (a torch.compile / DataParallel /
+    # DistributedDataParallel wrapper, or their own module); None when ``module`` is it.
+    container: nn.Module | None = None
 
     # -- geometry --------------------------------------------------------------------------
 
@@ -292,21 +304,71 @@ def check_size(model: Model, height: int, width: int | None = None) -> None:
         raise ValueError(f"{model.name} takes {sizes.describe()}; got {height}x{width}")
 
 
+def _qualname(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def find_model(module: nn.Module) -> tuple[str, nn.Module]:
+    """The supported model in ``module``, as :func:`tome.patch` finds it: ``module`` itself, or
+    the one outermost supported submodule of a wrapper (``torch.compile``'s ``_orig_mod``,
+    ``DataParallel`` / ``DistributedDataParallel``'s ``module``) or of a user's module.
+    Returns ``(its name in module, the model)``; the name is ``""`` for ``module`` itself.
+
+    Raises ``TypeError`` when nothing supported is inside (saying what was searched), or when
+    ``module`` is a framework's model tome does not support (its head may need every token);
+    ``ValueError`` when ``module`` holds several supported models (pass the one you mean).
+
+    >>> import torch.nn as nn, timm
+    >>> vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1)
+    >>> find_model(nn.ModuleDict({"backbone": vit}))[0]
+    'backbone'
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(module).__name__}")
+    if family_of(module) is not None:
+        return "", module
+    if any(type(module).__module__.startswith(f"{family}.") for family in SUPPORTED):
+        raise TypeError(
+            f"model: tome does not support {_qualname(module)}; "
+            f"supported model classes:\n{supported_classes()}"
+        )
+    found: list[tuple[str, nn.Module]] = []
+    for name, sub in module.named_modules():
+        if sub is module or any(name.startswith(f"{outer}.") for outer, _ in found):
+            continue
+        if family_of(sub) is not None:
+            found.append((name, sub))
+    if not found:
+        raise TypeError(
+            f"model: tome does not support {_qualname(module)}, and none of its "
+            f"{sum(1 for _ in module.modules()) - 1} submodules is a supported model (searched the model "
+            f"itself, then every submodule, outermost first); supported model classes:\n{supported_classes()}"
+        )
+    if len(found) > 1:
+        names = ", ".join(f"{name} ({type(sub).__name__})" for name, sub in found)
+        raise ValueError(
+            f"model: {_qualname(module)} holds {len(found)} supported models ({names}); expected one. "
+            f"Pass the one you mean, e.g. model.{found[0][0]}"
+        )
+    return found[0]
+
+
 def from_module(module: nn.Module, *, img_size: int | None = None, name: str = "") -> Model:
-    """Wrap a model you already built (timm, transformers or torchvision ViT). The module is
-    not changed: its training mode stays as it is (call ``.eval()`` for inference).
+    """Wrap a model you already built (timm, transformers or torchvision ViT), or a module
+    holding one (``torch.compile(model)``, ``nn.DataParallel(model)``,
+    ``DistributedDataParallel(model)``, a module of yours: see :func:`find_model`; the tools
+    then run the model inside, eagerly, and ``Model.container`` is what you gave). The module
+    is not changed: its training mode stays as it is (call ``.eval()`` for inference).
 
     ``img_size``: the (square) input size the tools feed it, any size the model accepts
     (see :mod:`tome.tools.sizes`); default: the model's own (for transformers models the
-    config's ``image_size``). Raises ``TypeError`` for an unsupported model and ``ValueError``
-    (naming the sizes it accepts) for an ``img_size`` it does not take.
+    config's ``image_size``). Raises ``TypeError`` for an unsupported model, ``ValueError``
+    for a module holding several supported models and ``ValueError`` (naming the sizes it
+    accepts) for an ``img_size`` it does not take.
     """
+    given = module
+    _, module = find_model(given)
     family = family_of(module)
-    if family is None:
-        raise TypeError(
-            f"unsupported model {type(module).__module__}.{type(module).__qualname__}; "
-            f"supported model classes:\n{supported_classes()}"
-        )
     if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int)):
         raise TypeError(f"img_size: expected an int (pixels per side), got {type(img_size).__name__}")
     name = name or type(module).__name__
@@ -346,6 +408,8 @@ def from_module(module: nn.Module, *, img_size: int | None = None, name: str = "
             1,
             num_classes=int(module.heads[-1].out_features),
         )
+    if given is not module:
+        model.container = given
     if img_size is not None and img_size != model.img_size:
         try:
             check_size(model, img_size)

@@ -211,7 +211,7 @@ def _best_reachable(flops: _Flops, layers: int) -> float:
 def _wrap(model, images) -> object:
     """``model`` as a :class:`tome.tools.model.Model` at the input size of ``images``: the size of
     the pixels given (any size the model accepts), else the model's own size."""
-    from tome.tools.model import Model, check_size, family_of, from_module, supported_classes
+    from tome.tools.model import Model, check_size, from_module
 
     if isinstance(model, Model):
         wrapper = model
@@ -219,13 +219,8 @@ def _wrap(model, images) -> object:
         raise TypeError(
             f"model: expected a torch.nn.Module or tome.tools.model.Model, got {type(model).__name__}"
         )
-    elif family_of(model) is None:
-        raise TypeError(
-            f"model: tome.tune does not support {type(model).__module__}.{type(model).__qualname__}. "
-            f"Supported model classes:\n{supported_classes()}"
-        )
     else:
-        wrapper = from_module(model)
+        wrapper = from_module(model)  # a wrapper or a user's module: the model inside it
     if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[1] == 3:
         height, width = images.shape[-2:]
         if height != width:
@@ -444,7 +439,9 @@ def tune(
     to the unmerged model on the calibration ``images``.
 
     Important args:
-        model: an ``nn.Module`` :func:`tome.patch` supports (patched or not), or a
+        model: an ``nn.Module`` :func:`tome.patch` supports (patched or not), a module holding
+            one (``torch.compile(model)``, ``nn.DataParallel``, ``DistributedDataParallel``, a
+            module of yours: the model inside is tuned, run eagerly on this process), or a
             :class:`tome.tools.model.Model`.
         images: preprocessed pixels ``(B, 3, S, S)`` at any size ``S`` the model accepts (tune
             runs the model at that size: e.g. 224 px on a DINOv2 whose config says 518), or a
@@ -457,8 +454,10 @@ def tune(
             speedup is within ``tolerance`` of the target, at most ``rounds`` corrections, each
             keeping the FLOP target within ``max_correction`` of ``target_speedup``).
         apply: leave the model patched with the found schedule (a patched model keeps its
-            settings; an unpatched one is patched with ``patch_kwargs``). Otherwise the model is
-            returned to the state it came in (unpatched, or patched with its own ``r``).
+            settings; an unpatched one is patched with ``patch_kwargs``, a wrapper through
+            ``tome.patch(wrapper, ...)`` so that ``tome.unpatch(wrapper)`` undoes it). Otherwise
+            the model is returned to the state it came in (unpatched, or patched with its own
+            ``r`` or ``ratio``).
 
     Args to tinker with:
         patch_weight: weight of the patch-token cosine (after unmerge) in the objective, next to
@@ -475,8 +474,9 @@ def tune(
 
     Raises ``TuneError`` (a ``ValueError``) for too few images, pixels of a size the model does
     not take (the message names the sizes it does), a target that is not > 1 or that no schedule
-    reaches (the message gives the best reachable), and ``TypeError`` for a model ``tome.patch``
-    does not support.
+    reaches (the message gives the best reachable); ``ValueError`` for a module holding several
+    supported models (pass the one to tune); ``TypeError`` for a model ``tome.patch`` does not
+    support (nor anything inside it).
     """
     import tome
     from tome.tools.progress import progress_bar
@@ -534,7 +534,7 @@ def tune(
     modes = {m: m.training for m in module.modules()}
     module.eval()
     previous = module.__dict__.get("tome")
-    previous_r = previous.r if previous is not None else None
+    previous_schedule = _schedule_of(previous) if previous is not None else None
     extra = (max(max_evals // 4, 8) + 10) * (rounds if budget == "measured" else 0)
     bar = progress_bar(max_evals + 11 + extra, progress, "tune")
     try:
@@ -647,11 +647,22 @@ def tune(
         raise
     finally:
         bar.close()
-        if apply:
+        if apply and previous is None and wrapper.container is not None:
+            # Patched through what the user gave, so that tome.unpatch(it) undoes it.
+            tome.unpatch(module)
+            tome.patch(wrapper.container, list(result.schedule), **(patch_kwargs or {}))
+        elif apply:
             module.tome.r = list(result.schedule)
         elif previous is None:
             tome.unpatch(module)
         else:
-            module.tome.r = previous_r
+            setattr(module.tome, *previous_schedule)
         _restore_modes(modes)
     return result
+
+
+def _schedule_of(handle) -> tuple[str, object]:
+    """``("r", schedule)`` or ``("ratio", fraction)``: what a patched model merges with now, to
+    be set back with ``setattr(handle, *saved)``."""
+    ratio = getattr(handle, "ratio", None)
+    return ("ratio", ratio) if ratio is not None else ("r", handle.r)
