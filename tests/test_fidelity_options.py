@@ -90,7 +90,7 @@ def test_defaults_and_patch_options():
     tome.patch(model, r=4)
     assert model.tome.options == tome.MergeOptions()
     assert model.tome.patch_options() == {
-        "prop_attn": True, "unmerge_output": False, "metric": "keys", "mode": "mlerp",
+        "r": 4, "prop_attn": True, "unmerge_output": False, "metric": "keys", "mode": "mlerp",
         "unmerge_detail": False, "keep_outliers": 0,
     }  # fmt: skip
     default = run(model, x)
