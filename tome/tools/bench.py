@@ -38,7 +38,8 @@ NOISY_SPREAD = 0.10  # timed runs spread wider than this (of their median): the 
 
 @dataclass
 class BenchRow:
-    """One line of the table. ``r`` is the schedule as written (``"0"`` = unpatched model)."""
+    """One line of the table. ``r`` is the schedule as written (``"0"`` = unpatched model,
+    ``"ratio=0.2"`` for ``tome.patch(ratio=0.2)``)."""
 
     r: str
     tokens: list[int]  # tokens entering block 0, then left after each block
@@ -80,6 +81,11 @@ def format_spread(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.0f}%"
 
 
+def _named(label: str) -> str:
+    """A table's schedule label in a sentence: ``"16"`` -> ``"r=16"``; ``"ratio=0.2"`` as it is."""
+    return label if "=" in label else f"r={label}"
+
+
 def noise_note(
     labelled: Sequence[tuple[str, float | None]],
     *,
@@ -102,11 +108,11 @@ def noise_note(
     if not noisy:
         return None
     (worst, label), others = noisy[0], noisy[1:]
-    also = "".join(f"r={other}: {format_spread(value)}; " for value, other in others[:3])
+    also = "".join(f"{_named(other)}: {format_spread(value)}; " for value, other in others[:3])
     if len(others) > 3:
         also += f"{len(others) - 3} more; "
     return (
-        f"note: noisy timings: the timed runs of r={label} spread over {format_spread(worst)} of their "
+        f"note: noisy timings: the timed runs of {_named(label)} spread over {format_spread(worst)} of their "
         f"median ({also}more than {format_spread(threshold)}), so the speedups may be off by "
         f"as much; rerun with more {reps_flag}, on an idle machine, or with --threads below the number of cores"
     )
@@ -238,9 +244,9 @@ def format_table(rows: Sequence[BenchRow], per_layer: bool = True) -> str:
     if per_layer:
         lines.append("")
         lines.append("tokens after each block:")
-        width = max(len(row.r) for row in rows)
+        width = max(len(_named(row.r)) for row in rows)
         for row in rows:
-            lines.append(f"  r={row.r:<{width}}  " + " ".join(str(t) for t in row.tokens[1:]))
+            lines.append(f"  {_named(row.r):<{width}}  " + " ".join(str(t) for t in row.tokens[1:]))
     return "\n".join(lines)
 
 
@@ -257,7 +263,7 @@ def plot(rows: Sequence[BenchRow], path, title: str = "") -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     for row in rows:
-        left.plot(range(len(row.tokens)), row.tokens, marker="o", markersize=3, label=f"r={row.r}")
+        left.plot(range(len(row.tokens)), row.tokens, marker="o", markersize=3, label=_named(row.r))
     left.set_xlabel("block")
     left.set_ylabel("tokens (after block; 0 = input)")
     left.legend(fontsize=8)
@@ -268,7 +274,7 @@ def plot(rows: Sequence[BenchRow], path, title: str = "") -> None:
         [i + 0.2 for i in x], [row.speedup for row in rows], width=0.4, label="measured", color="#1f77b4"
     )
     right.set_xticks(list(x), [row.r for row in rows])
-    right.set_xlabel("r")
+    right.set_xlabel("r" if all("=" not in row.r for row in rows) else "schedule")
     right.set_ylabel("speedup vs unpatched")
     right.axhline(1.0, color="k", lw=0.5)
     right.legend(fontsize=8)

@@ -31,6 +31,10 @@ models (--model):
 """
 
 _R_HELP = "tokens merged per block: 16, a list 0,8,13,16, or r:inflection (16:-1.0 ramps 32 -> 0)"
+_RATIO_HELP = (
+    "instead of --r (tome.patch(model, ratio=P)): every block merges away this fraction of each image's "
+    "mergeable tokens: 0.2, or a list 0,0.1,0.2 (0: unmerged)"
+)
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -148,12 +152,33 @@ def _load(args, *, describe: bool = True):
     return model
 
 
+def _add_schedule_args(parser: argparse.ArgumentParser, default_r: str, note: str = "") -> None:
+    """``--r`` and ``--ratio``, one or the other (the default: ``--r default_r``)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--r", metavar="R", help=f"{_R_HELP} (default: {default_r}){note}")
+    group.add_argument("--ratio", metavar="P", help=f"{_RATIO_HELP}{note}")
+    parser.set_defaults(default_r=default_r)
+
+
 def _parse_r(text: str, *, single: bool = False):
     from tome.tools.schedule_text import parse_r
 
     values = parse_r(text)
     if single and len(values) != 1:
         raise UserError(f"--r: expected one schedule here, got {len(values)}")
+    return values
+
+
+def _settings(args, *, single: bool = False) -> list:
+    """What ``--r`` or ``--ratio`` asks for: r schedules, or
+    :class:`~tome.tools.schedule_text.Ratio` values (0: the unmerged model)."""
+    from tome.tools.schedule_text import parse_ratio
+
+    if args.ratio is None:
+        return _parse_r(args.r if args.r is not None else args.default_r, single=single)
+    values = parse_ratio(args.ratio)
+    if single and len(values) != 1:
+        raise UserError(f"--ratio: expected one fraction here, got {len(values)}")
     return values
 
 
@@ -216,7 +241,7 @@ def _readable(paths: Sequence[Path], args) -> list[Path]:
 def _viz(model, paths: Sequence[Path], rs, out: Path, args) -> list[Path]:
     from tome.tools.images import open_image
     from tome.tools.progress import progress_bar
-    from tome.tools.schedule_text import file_label
+    from tome.tools.schedule_text import Ratio, file_label
     from tome.tools.vis import visualize
 
     written: list[Path] = []
@@ -246,7 +271,7 @@ def _viz(model, paths: Sequence[Path], rs, out: Path, args) -> list[Path]:
                 titles=not args.no_titles,
             )
             for (path, _), picture in zip(loaded, pictures, strict=True):
-                name = f"{path.stem}_r{file_label(r)}"
+                name = f"{path.stem}_{'' if isinstance(r, Ratio) else 'r'}{file_label(r)}"
                 stem, k = name, 1
                 while name in used:
                     k += 1
@@ -270,7 +295,7 @@ def _viz(model, paths: Sequence[Path], rs, out: Path, args) -> list[Path]:
 
 
 def cmd_viz(args) -> int:
-    rs = _parse_r(args.r)
+    rs = _settings(args)
     _positive("--batch", args.batch)
     _positive("--scale", args.scale)
     out = _writable_dir(args.out)
@@ -330,7 +355,7 @@ def _bench(model, rs, args, *, batch: int, reps: int, warmup: int):
 
 
 def cmd_bench(args) -> int:
-    rs = _parse_r(args.r)
+    rs = _settings(args)
     for name in ("--batch", "--reps"):
         _positive(name, getattr(args, name[2:]))
     if args.plot:
@@ -404,7 +429,7 @@ def _eval(model, paths: Sequence[Path], root: Path | None, rs, args, *, batch: i
 
 
 def cmd_eval(args) -> int:
-    rs = _parse_r(args.r)
+    rs = _settings(args)
     _positive("--batch", args.batch)
     _positive("--knn-k", args.knn_k)
     if args.speed_reps < 0:
@@ -485,8 +510,9 @@ def cmd_tune(args) -> int:
 
 def cmd_demo(args) -> int:
     from tome.tools.data import demo_images
+    from tome.tools.schedule_text import setting_label
 
-    rs = _parse_r(args.r, single=True)
+    rs = _settings(args, single=True)
     out = _writable_dir(args.out).absolute()
     model = _load(args, describe=False)  # the demo's header describes it
     photos = demo_images()
@@ -505,7 +531,7 @@ def cmd_demo(args) -> int:
     print(f"== tome demo: {model.describe()}")
     print(f"   writing into {out}/ (--out DIR to choose)")
     written = _viz(model, photos, rs, out, args)
-    print(f"\n== viz (r={args.r}): what was merged, one PNG per photo")
+    print(f"\n== viz ({setting_label(rs[0])}): what was merged, one PNG per photo")
     for path in written:
         print(f"  {path}")
 
@@ -554,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--out", default="tome-demo", metavar="DIR", help="output folder (default: ./tome-demo)"
     )
-    demo.add_argument("--r", default="16", help=_R_HELP + " (default: 16)")
+    _add_schedule_args(demo, "16", " (the pictures; bench and eval compare r=8 and 16)")
     demo.add_argument("--bench-batch", type=int, default=8, metavar="B", help="bench batch size (default: 8)")
     demo.add_argument("--reps", type=int, default=3, help="bench repetitions (default: 3)")
     _add_model_args(demo)
@@ -574,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     viz.add_argument(
         "inputs", nargs="+", metavar="IMAGE_OR_DIR", help="images or folders (searched recursively)"
     )
-    viz.add_argument("--r", default="16", help=_R_HELP + " (default: 16); several give one PNG each")
+    _add_schedule_args(viz, "16", "; several give one PNG each")
     viz.add_argument("--out", default="tome-viz", metavar="DIR", help="output folder (default: ./tome-viz)")
     viz.add_argument("--batch", type=int, default=8, help="images per forward pass (default: 8)")
     viz.add_argument("--limit", type=int, metavar="N", help="only the first N images")
@@ -602,7 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  tome bench --r 0,8,13,16,16:-1.0 --batch 32 --reps 7 --plot speed.png\n"
         "  tome bench --model timm:vit_small_patch16_224 --random-init --json\n\n" + _EPILOG_MODELS,
     )
-    bench.add_argument("--r", default="0,8,13,16", help=_R_HELP + " (default: 0,8,13,16)")
+    _add_schedule_args(bench, "0,8,13,16")
     bench.add_argument("--batch", type=int, default=32, help="batch size (default: 32)")
     bench.add_argument("--reps", type=int, default=5, help="timed runs per setting (default: 5)")
     bench.add_argument("--warmup", type=int, default=1, help="untimed runs per setting first (default: 1)")
@@ -627,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  tome eval --images photos/ --json > fidelity.json\n\n" + _EPILOG_MODELS,
     )
     ev.add_argument("--images", nargs="+", required=True, metavar="DIR", help="image folder(s) or files")
-    ev.add_argument("--r", default="8,13,16", help=_R_HELP + " (default: 8,13,16)")
+    _add_schedule_args(ev, "8,13,16")
     ev.add_argument("--batch", type=int, default=16, help="batch size (default: 16)")
     ev.add_argument("--limit", type=int, metavar="N", help="only the first N images")
     ev.add_argument(

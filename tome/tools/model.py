@@ -19,7 +19,7 @@ import tome
 from tome.tools.errors import UserError
 from tome.tools.images import IMAGENET_MEAN, IMAGENET_STD, normalize, to_unit
 from tome.tools.saliency import SaliencyHead
-from tome.tools.schedule_text import r_label
+from tome.tools.schedule_text import Ratio, r_label
 from tome.tools.sizes import input_sizes
 
 __all__ = [
@@ -98,21 +98,34 @@ class Model:
         return isinstance(self.module.__dict__.get("tome"), tome.ToMeHandle)
 
     def set_r(self, r, **kwargs) -> None:
-        """Patch with schedule ``r`` and :func:`tome.patch` options ``kwargs`` (output unmerged
-        unless said otherwise); None: unpatch, the exact original model. A model already patched
-        with those options only gets its schedule changed."""
+        """Patch with the setting ``r`` (an ``r`` schedule, or a
+        :class:`~tome.tools.schedule_text.Ratio` for ``tome.patch(ratio=...)``) and the
+        :func:`tome.patch` options ``kwargs`` (output unmerged unless said otherwise); None:
+        unpatch, the exact original model. A model already patched with those options only
+        gets its schedule changed (``model.tome.r`` or ``model.tome.ratio``)."""
+        if "ratio" in kwargs:
+            raise TypeError(
+                f"ratio: give a ratio as the setting, set_r(Ratio({kwargs['ratio']!r})), not as an option"
+            )
         kwargs.setdefault("unmerge_output", True)
+        ratio = r.value if isinstance(r, Ratio) else None
         try:
             if r is None:
                 tome.unpatch(self.module)
             elif self.patched and kwargs.items() <= self.module.tome.patch_options().items():
-                self.module.tome.r = r
-            else:
+                if ratio is None:
+                    self.module.tome.r = r
+                else:
+                    self.module.tome.ratio = ratio
+            elif ratio is None:
                 tome.patch(self.module, r, **kwargs)
+            else:
+                tome.patch(self.module, ratio=ratio, **kwargs)
         except (ValueError, TypeError) as error:
             # A schedule that does not fit this model (e.g. more entries than layers) is a
             # user error on the command line.
-            raise UserError(f"--r {r_label(r)}: {error}") from error
+            flag = f"--ratio {ratio:g}" if ratio is not None else f"--r {r_label(r)}"
+            raise UserError(f"{flag}: {error}") from error
 
     # -- preprocessing ---------------------------------------------------------------------
 

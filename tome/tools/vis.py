@@ -197,9 +197,10 @@ def visualize(
     titles: bool = True,
     seed: int = 0,
 ) -> list:
-    """Run ``model`` (a :class:`tome.tools.model.Model`) patched with schedule ``r`` on PIL images and
-    return one composed PIL picture per image."""
-    from tome.tools.schedule_text import r_label
+    """Run ``model`` (a :class:`tome.tools.model.Model`) patched with the setting ``r`` (an ``r``
+    schedule or a :class:`~tome.tools.schedule_text.Ratio`) on PIL images and return one composed
+    PIL picture per image."""
+    from tome.tools.schedule_text import setting_label
 
     unit = model.to_unit(images)
     model.set_r(r)
@@ -211,7 +212,11 @@ def visualize(
         heading = None
         if titles:
             g = panels.num_groups[i]
-            heading = ("original", f"r={r_label(r)}: {n} patches -> {g} groups", f"mean {average} per group")
+            heading = (
+                "original",
+                f"{setting_label(r)}: {n} patches -> {g} groups",
+                f"mean {average} per group",
+            )
         result.append(compose(panels, i, outlines=outlines, titles=heading))
     return result
 
