@@ -149,7 +149,7 @@ def test_nothing_supported_inside_says_what_was_searched():
     with pytest.raises(TypeError, match=r"none of its 2 submodules is a supported model.*outermost first"):
         from_module(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
     with pytest.raises(
-        TypeError, match=r"does not support torch\.nn\.modules\.linear\.Linear.*supported model classes"
+        TypeError, match=r"do not support torch\.nn\.modules\.linear\.Linear.*supported model classes"
     ):
         tome.tune(nn.Linear(3, 3), _pixels(), 1.5, **FAST)
     with pytest.raises(TypeError, match=r"expected a torch\.nn\.Module, got str"):
@@ -165,7 +165,18 @@ def test_a_framework_model_tome_does_not_support_is_not_searched():
         patch_size=8,
     )  # fmt: skip
     masked = transformers.ViTForMaskedImageModeling(config)
-    with pytest.raises(TypeError, match=r"tome does not support transformers\..*ViTForMaskedImageModeling"):
+    with pytest.raises(
+        TypeError,
+        match=r"tome\.tune and the tome command \(vision transformers\) do not support transformers\..*ViTForMaskedImageModeling",
+    ):
         from_module(masked)
     with pytest.raises(TypeError, match="supported model classes"):
         tome.tune(masked, torch.randn(8, 3, 32, 32), 1.5, **FAST)
+    # a text encoder (tome.patch merges it; the tools run vision transformers)
+    bert = transformers.BertModel(
+        transformers.BertConfig(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+        )
+    )
+    with pytest.raises(TypeError, match=r"vision transformers\) do not support transformers\..*BertModel"):
+        from_module(bert)

@@ -178,7 +178,7 @@ def test_subclass_of_a_supported_model():
 
 
 def test_unsupported_model():
-    with pytest.raises(TypeError, match="does not support"):
+    with pytest.raises(TypeError, match="do not support torch"):
         tome.tune(nn.Linear(3, 3), _pixels(), 2.0, **FAST)
 
 

@@ -317,6 +317,10 @@ def check_size(model: Model, height: int, width: int | None = None) -> None:
         raise ValueError(f"{model.name} takes {sizes.describe()}; got {height}x{width}")
 
 
+# What from_module serves: vision transformers (tome.patch itself supports text encoders too).
+_TOOLS = "tome.tune and the tome command (vision transformers)"
+
+
 def _qualname(module: nn.Module) -> str:
     return f"{type(module).__module__}.{type(module).__qualname__}"
 
@@ -342,8 +346,8 @@ def find_model(module: nn.Module) -> tuple[str, nn.Module]:
         return "", module
     if any(type(module).__module__.startswith(f"{family}.") for family in SUPPORTED):
         raise TypeError(
-            f"model: tome does not support {_qualname(module)}; "
-            f"supported model classes:\n{supported_classes()}"
+            f"model: {_TOOLS} do not support {_qualname(module)}; supported model classes:\n"
+            f"{supported_classes()}"
         )
     found: list[tuple[str, nn.Module]] = []
     for name, sub in module.named_modules():
@@ -353,7 +357,7 @@ def find_model(module: nn.Module) -> tuple[str, nn.Module]:
             found.append((name, sub))
     if not found:
         raise TypeError(
-            f"model: tome does not support {_qualname(module)}, and none of its "
+            f"model: {_TOOLS} do not support {_qualname(module)}, and none of its "
             f"{sum(1 for _ in module.modules()) - 1} submodules is a supported model (searched the model "
             f"itself, then every submodule, outermost first); supported model classes:\n{supported_classes()}"
         )
