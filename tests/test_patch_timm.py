@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -335,10 +336,11 @@ def test_compile_fullgraph_inductor():
 def test_schedule_asking_too_much_warns_once_and_caps():
     model, x = make()
     tome.patch(model, r=500)
-    with pytest.warns(UserWarning, match=r"asks block 0 to merge 500 of its 17 tokens.*merges 8"):
-        with torch.no_grad():
-            model(x)
-    import warnings
+    with (
+        pytest.warns(UserWarning, match=r"asks block 0 to merge 500 of its 17 tokens.*merges 8"),
+        torch.no_grad(),
+    ):
+        model(x)
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per schedule: the next pass is quiet
