@@ -31,6 +31,8 @@ CLASSES = {
     "XLMRobertaForSequenceClassification": ("XLMRobertaConfig", {**_BERT, "pad_token_id": 1}),
     "DistilBertModel": ("DistilBertConfig", _DISTIL),
     "DistilBertForSequenceClassification": ("DistilBertConfig", _DISTIL),
+    "MPNetModel": ("MPNetConfig", {**_BERT, "pad_token_id": 1}),
+    "MPNetForSequenceClassification": ("MPNetConfig", {**_BERT, "pad_token_id": 1}),
 }
 BASES = [name for name in CLASSES if name.endswith("Model")]
 
@@ -40,7 +42,8 @@ def make(name: str, attn: str = "sdpa", seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     config = getattr(transformers, config_name)(**kwargs, num_labels=3)
     model = getattr(transformers, name)(config)
-    model.set_attn_implementation(attn)
+    if not name.startswith("MPNet"):  # MPNet has eager attention only
+        model.set_attn_implementation(attn)
     return model.eval()
 
 

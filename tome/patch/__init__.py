@@ -55,6 +55,8 @@ _ADAPTERS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
             "XLMRobertaForSequenceClassification",
             "DistilBertModel",
             "DistilBertForSequenceClassification",
+            "MPNetModel",
+            "MPNetForSequenceClassification",
         ),
     ),
     ("torchvision", "torchvision.", "tome.patch.torchvision", ("VisionTransformer",)),

@@ -1,5 +1,5 @@
-"""Hugging Face text encoders (BERT, RoBERTa, XLM-RoBERTa, DistilBERT): merge between attention
-and feed-forward in every layer, padding-aware and batch-invariant.
+"""Hugging Face text encoders (BERT, RoBERTa, XLM-RoBERTa, DistilBERT, MPNet): merge between
+attention and feed-forward in every layer, padding-aware and batch-invariant.
 
 The layers are post-norm: ``x = norm(x + attention(x))``, then ``norm(x + ffn(x))``. Each patched
 layer runs its own attention module (with the model's own ``eager``/``sdpa`` attention), merges
@@ -12,8 +12,8 @@ real tokens by its own similarities (:func:`tome.merge.masked_soft_matching`): a
 the same alone or in any right-padded batch. With ``ratio`` schedules a short text loses few
 tokens and a long one many.
 
-Packed sequences: pass ``tome_sequence_ids`` (B, N) int64 document ids (``-100`` at padding) to
-the model's forward, with ``position_ids`` that restart in every document. Attention is then
+Packed sequences (not MPNet, whose encoder passes no extra keywords to its layers): pass
+``tome_sequence_ids`` (B, N) int64 document ids (``-100`` at padding) to the model's forward, with ``position_ids`` that restart in every document. Attention is then
 block-diagonal (a token attends to its own document only) and merges never cross documents.
 
 The sequence output (``last_hidden_state``) comes back at the original length by default
@@ -47,7 +47,7 @@ class _TextFamily:
     output: str  # the module whose output is the sequence output
 
 
-_BERT_PARTS = ("attention", "intermediate", "output")
+_BERT_PARTS = ("attention", "intermediate", "output")  # MPNet too
 _DISTIL_PARTS = ("attention", "sa_layer_norm", "ffn", "output_layer_norm")
 
 _BASES = {
@@ -62,6 +62,11 @@ _BASES = {
     ),
     "DistilBertModel": _TextFamily(
         "transformer.layer", "TransformerBlock", "attention.k_lin", "attention", "distilbert", "transformer"
+    ),
+    # MPNet adds a relative position bias computed once for the full sequence; merged tokens
+    # take the bias of their group's first token.
+    "MPNetModel": _TextFamily(
+        "encoder.layer", "MPNetLayer", "attention.attn.k", "attention.attn", "mpnet", "encoder"
     ),
 }
 
@@ -90,7 +95,7 @@ def _find_base(model: nn.Module) -> tuple[nn.Module, _TextFamily]:
 
 
 def _check_layer(index: int, layer: nn.Module, family: _TextFamily) -> None:
-    parts = _BERT_PARTS if family.kind == "bert" else _DISTIL_PARTS
+    parts = _DISTIL_PARTS if family.kind == "distilbert" else _BERT_PARTS
     missing = [p for p in parts if not isinstance(getattr(layer, p, None), nn.Module)]
     if family.layer_class not in _class_names(layer) or missing:
         raise TypeError(
@@ -231,6 +236,42 @@ def _distilbert_layer_forward(
     return handle.end_layer(call, layer.output_layer_norm(layer.ffn(x) + x))
 
 
+def _mpnet_layer_forward(
+    layer: nn.Module,
+    index: int,
+    handle: ToMeHandle,
+    family: _TextFamily,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_bias: torch.Tensor | None = None,
+    output_attentions: bool = False,
+    **kwargs,
+) -> tuple[torch.Tensor, ...]:
+    call = _begin(layer, index, handle, family, hidden_states, attention_mask, kwargs)
+    mask = _layer_mask(handle, call, attention_mask, hidden_states.dtype)
+    if position_bias is not None and call.merged:
+        position_bias = _group_position_bias(position_bias, call)
+    handle.take_keys()
+    outputs = layer.attention(hidden_states, mask, position_bias, output_attentions=output_attentions)
+    x = handle.merge_layer(call, outputs[0], handle.take_keys())
+    out = handle.end_layer(call, layer.output(layer.intermediate(x), x))
+    return (out, *outputs[1:])
+
+
+def _group_position_bias(bias: torch.Tensor, call: BlockCall) -> torch.Tensor:
+    """The ``(B, heads, N0, N0)`` relative position bias of the original tokens, read at each
+    merged token's first original token: ``(B, heads, N, N)``."""
+    source = call.history.source
+    B, N0 = source.shape
+    N = call.history.sizes.shape[1]
+    first = torch.full((B, N), N0 - 1, dtype=source.dtype, device=source.device)
+    first = first.scatter_reduce(1, source, torch.arange(N0, device=source.device).expand(B, N0), "amin")
+    bias = bias.expand(B, -1, -1, -1)
+    heads = bias.shape[1]
+    rows = bias.gather(2, first[:, None, :, None].expand(B, heads, N, N0))
+    return rows.gather(3, first[:, None, None, :].expand(B, heads, N, N))
+
+
 def _key_hook(
     index: int, handle: ToMeHandle, head_dim: int, module: nn.Module, args: tuple, output: torch.Tensor
 ) -> None:
@@ -278,7 +319,11 @@ def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
         _check_layer(index, layer, family)
     output_module = _get(base, family.output)
     handle = ToMeHandle(len(layers), r, protected=1, **settings)  # [CLS] / <s> stays in front
-    forward = _bert_layer_forward if family.kind == "bert" else _distilbert_layer_forward
+    forward = {
+        "bert": _bert_layer_forward,
+        "distilbert": _distilbert_layer_forward,
+        "mpnet": _mpnet_layer_forward,
+    }[family.kind]
     with handle.installing():
         for index, layer in enumerate(layers):
             head_dim = _get(layer, family.attention).attention_head_size
