@@ -60,6 +60,7 @@ _ADAPTERS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
         ),
     ),
     ("torchvision", "torchvision.", "tome.patch.torchvision", ("VisionTransformer",)),
+    ("open_clip", "open_clip.", "tome.patch.open_clip", ("VisionTransformer", "CLIP", "CustomTextCLIP")),
 )
 
 
