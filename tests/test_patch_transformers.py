@@ -1,6 +1,8 @@
 """tome.patch on Hugging Face transformers: ViT, DINOv2 (with registers), CLIP vision.
 
-Tiny random models for the behaviour; the real DINOv2-S/14 of ../shared for fidelity (slow)."""
+Tiny random models for the behaviour; the real DINOv2-S/14 of ../shared for fidelity (slow).
+SigLIP / SigLIP2, the CLIP two-tower model, VideoMAE, AST, ViT-MAE and the DINOv2 backbones are
+tested in test_patch_transformers_reach.py."""
 
 from __future__ import annotations
 
