@@ -506,12 +506,20 @@ class ToMeHandle:
 
     # -- results -------------------------------------------------------------------------------
 
-    def history_of(self, tokens: torch.Tensor) -> MergeHistory | None:
+    def history_of(self, tokens: torch.Tensor, block: int | None = None) -> MergeHistory | None:
         """The history of ``tokens``: an output of a patched block (or of the model's final
         norm) of a pass whose tokens are still alive, or ``None`` if ``tokens`` came from
-        elsewhere."""
-        found = None if _is_tracing() else self._registry.lookup(tokens)
-        return None if found is None else found[0].histories[found[1]]
+        elsewhere. With ``block``: the history after that block of the pass ``tokens``
+        belong to (while ``torch.compile`` / ``torch.export`` trace: of the pass being traced),
+        e.g. for the hidden states of intermediate layers."""
+        if _is_tracing():
+            if block is None or self._tracing is None:
+                return None
+            return self._tracing[0].histories[block]
+        found = self._registry.lookup(tokens)
+        if found is None:
+            return None
+        return found[0].histories[found[1] if block is None else block]
 
     @property
     def history(self) -> MergeHistory | None:

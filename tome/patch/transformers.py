@@ -428,18 +428,11 @@ def _backbone_hook(handle: ToMeHandle, module: nn.Module, args: tuple, output):
     states = output.get("hidden_states") if isinstance(output, Mapping) else None
     if not states:
         return None
-    tracing = torch.compiler.is_compiling()
-    # While tracing there is no registry: the traced pass's histories, by layer (handle._tracing
-    # holds the pass being traced; see the report on a public accessor).
-    traced = handle._tracing[0] if tracing and handle._tracing is not None else None
     unmerged = []
     for position, hidden in enumerate(states):
         history = None
-        if isinstance(hidden, torch.Tensor):
-            if not tracing:
-                history = handle.history_of(hidden)
-            elif traced is not None and 1 <= position <= len(traced.histories):
-                history = traced.histories[position - 1]
+        if isinstance(hidden, torch.Tensor) and position >= 1:
+            history = handle.history_of(hidden, block=position - 1)
         if (
             history is not None
             and tuple(hidden.shape[:2]) == tuple(history.sizes.shape)

@@ -1,0 +1,70 @@
+"""The support table: which model classes ``tome.patch`` takes, what it merges, how it is tested.
+
+The classes come from the adapters' registry (``tome.patch._ADAPTERS``, the same list the error
+of :func:`tome.patch` prints), so the table cannot go stale; this module adds one line per
+adapter on what it merges and what the test suite runs it on. Print it with::
+
+    python -m tome.patch.support            # the markdown table of the README
+"""
+
+from __future__ import annotations
+
+# adapter module -> (kind of adapter, what is merged, tested on)
+_NOTES: dict[str, tuple[str, str, str]] = {
+    "tome.patch.timm": (
+        "carry",
+        "between attention and MLP in every `Block`; avg/attention pooling size-weighted",
+        "tiny random configs (ViT, DeiT, DINOv2, registers, qk-norm); real DINOv2-S/14",
+    ),
+    "tome.patch.transformers": (
+        "carry",
+        "between attention and MLP in every layer; pooling heads size-weighted",
+        "tiny random configs; real DINOv2-S/14",
+    ),
+    "tome.patch.transformers_text": (
+        "masked",
+        "between attention and feed-forward; padding never merged with text, per-row merges",
+        "tiny random configs; real all-MiniLM-L6-v2 (sentence-transformers)",
+    ),
+    "tome.patch.torchvision": (
+        "carry",
+        "between attention and MLP in every `EncoderBlock`",
+        "tiny random configs",
+    ),
+    "tome.patch.open_clip": (
+        "carry",
+        "the image tower only (`encode_text` untouched); pooling size-weighted",
+        "tiny random configs",
+    ),
+    "tome.patch.diffusers": (
+        "merge → op → unmerge",
+        "before self-attention (and optionally cross-attention, MLP), unmerged after: full-length outputs",
+        "tiny random UNets; tomesd as the reference",
+    ),
+}
+
+
+def support_rows() -> list[tuple[str, str, str, str, str]]:
+    """``(library, classes, kind, what is merged, tested on)`` per adapter, from the registry."""
+    from tome.patch import _ADAPTERS
+
+    rows = []
+    for family, _, adapter, classes in _ADAPTERS:
+        kind, merged, tested = _NOTES.get(adapter, ("", "", ""))
+        rows.append((family, ", ".join(f"`{c}`" for c in classes), kind, merged, tested))
+    return rows
+
+
+def support_table() -> str:
+    """The support table as markdown.
+
+    >>> support_table().splitlines()[0]
+    '| library | model classes | adapter | what is merged | tested on |'
+    """
+    lines = ["| library | model classes | adapter | what is merged | tested on |", "|---|---|---|---|---|"]
+    lines += [f"| {' | '.join(row)} |" for row in support_rows()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(support_table())
