@@ -74,6 +74,8 @@ _ADAPTERS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
         ),
     ),
     ("torchvision", "torchvision.", "tome.patch.torchvision", ("VisionTransformer",)),
+    # merge -> op -> unmerge in every transformer block (tomesd's scheme and options)
+    ("diffusers", "diffusers.", "tome.patch.diffusers", ("UNet2DConditionModel",)),
     ("open_clip", "open_clip.", "tome.patch.open_clip", ("VisionTransformer", "CLIP", "CustomTextCLIP")),
 )
 
@@ -105,6 +107,14 @@ def patch(
     mode: str = "mlerp",
     unmerge_detail: bool = False,
     keep_outliers: int = 0,
+    max_downsample: int | None = None,
+    sx: int | None = None,
+    sy: int | None = None,
+    use_rand: bool | None = None,
+    merge_attn: bool | None = None,
+    merge_crossattn: bool | None = None,
+    merge_mlp: bool | None = None,
+    seed: int | None = None,
 ) -> nn.Module:
     """Make ``model`` merge tokens in every transformer block, in place; returns ``model``.
 
@@ -143,6 +153,18 @@ def patch(
             in a few high-norm tokens: Darcet et al., "Vision Transformers Need Registers",
             ICLR 2024).
 
+    Diffusion models (a diffusers ``UNet2DConditionModel``: SD 1.x / 2.x, SDXL; or a
+    ``DiffusionPipeline``, whose ``unet`` is patched) take tomesd's arguments with tomesd's
+    meanings and defaults, all settable later on ``unet.tome``: ``ratio`` (default 0.5: the
+    fraction of each merging block's tokens merged away), ``max_downsample`` (1, 2, 4 or 8,
+    default 1; SDXL's finest attention level needs 2), ``sx``, ``sy`` (default 2, 2: one
+    destination per cell), ``use_rand`` (default True: a random destination per cell, drawn from
+    a generator seeded per block call with ``seed``, default 0, and the timestep; never the global
+    RNG), ``merge_attn`` (True), ``merge_crossattn`` (False), ``merge_mlp`` (False). Each block
+    merges before those ops and unmerges after them, so it returns full-length tokens (see
+    :mod:`tome.patch.diffusers`). ``r`` and the transformer-encoder options above are errors
+    there, and these are errors for other models.
+
     Patching twice is one patch with the latest arguments; :func:`unpatch` restores the
     original behaviour exactly. Supported: timm ``VisionTransformer``; transformers ViT,
     DINOv2 (with registers), CLIP vision; torchvision ``VisionTransformer``. A wrapper
@@ -161,20 +183,35 @@ def patch(
         >>> tome.unpatch(model) is model
         True
     """
+    given = {
+        "max_downsample": max_downsample, "sx": sx, "sy": sy, "use_rand": use_rand,
+        "merge_attn": merge_attn, "merge_crossattn": merge_crossattn, "merge_mlp": merge_mlp, "seed": seed,
+    }  # fmt: skip
+    diffusion = {name: value for name, value in given.items() if value is not None}
+    denoiser = _pipeline_denoiser(model)
+    if denoiser is not None:
+        # A diffusers pipeline is not an nn.Module: it holds its denoiser (its ``unet``), which
+        # is what runs every step; that is patched, the pipeline object itself is not touched.
+        patch(
+            denoiser, r, ratio=ratio, prop_attn=prop_attn, unmerge_output=unmerge_output, metric=metric,
+            mode=mode, unmerge_detail=unmerge_detail, keep_outliers=keep_outliers, **diffusion,
+        )  # fmt: skip
+        return model
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if r is not None and ratio is not None:
         raise ValueError(f"r and ratio: give one schedule, not both (got r={r!r}, ratio={ratio!r})")
     if ratio is not None:
         check_ratio(ratio)
-        r = 0
-    elif r is None:
-        r = 16
-    check_schedule(r)
+    elif r is not None:
+        check_schedule(r)
     options = MergeOptions(
         metric=metric, mode=mode, unmerge_detail=unmerge_detail, keep_outliers=keep_outliers
     )
-    settings = {"prop_attn": prop_attn, "unmerge_output": unmerge_output, "options": options, "ratio": ratio}
+    settings = {
+        "prop_attn": prop_attn, "unmerge_output": unmerge_output, "options": options, "ratio": ratio,
+        "diffusion": diffusion,
+    }  # fmt: skip
     if _find_adapter(model) is not None:
         return _patch_one(model, r, settings)
     framework = next((f for f, prefix, _, _ in _ADAPTERS if type(model).__module__.startswith(prefix)), None)
@@ -212,6 +249,25 @@ def patch(
     return model
 
 
+def _pipeline_denoiser(model: object) -> nn.Module | None:
+    """The ``unet`` of a diffusers ``DiffusionPipeline`` (found by class name, never importing
+    diffusers), or ``None`` if ``model`` is no pipeline. A pipeline without a UNet (a DiT's
+    ``transformer``) is refused: tome does not merge DiTs yet."""
+    if not any(
+        cls.__name__ == "DiffusionPipeline" and cls.__module__.startswith("diffusers.")
+        for cls in type(model).__mro__
+    ):
+        return None
+    unet = getattr(model, "unet", None)
+    if not isinstance(unet, nn.Module):
+        raise TypeError(
+            f"model: tome.patch supports diffusers pipelines with a UNet2DConditionModel as their "
+            f"unet; this {type(model).__name__} has none (its denoiser: "
+            f"{type(getattr(model, 'transformer', None)).__name__})"
+        )
+    return unet
+
+
 def _supported_inside(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The outermost submodules of ``model`` that an adapter supports, in module order."""
     found: list[tuple[str, nn.Module]] = []
@@ -232,6 +288,20 @@ def _patch_one(model: nn.Module, r: Schedule, settings: dict) -> nn.Module:
                 f"tome.unpatch(model.{name}) first, or patch only one of the two"
             )
     module = importlib.import_module(adapter)
+    settings = dict(settings)
+    diffusion = settings.pop("diffusion", {})
+    if family == "diffusers":
+        # tomesd's options; the adapter refuses r and the transformer-encoder options.
+        settings.update(diffusion)
+    else:
+        if diffusion:
+            raise TypeError(
+                f"{next(iter(diffusion))}: tomesd's options ({', '.join(diffusion)}) apply to diffusion "
+                f"models only (a diffusers UNet2DConditionModel or DiffusionPipeline), not to "
+                f"{type(model).__module__}.{type(model).__qualname__}"
+            )
+        if r is None:
+            r = 0 if settings["ratio"] is not None else 16
     if settings["unmerge_output"] is None:  # the family's default: text encoders unmerge
         settings = {**settings, "unmerge_output": getattr(module, "DEFAULT_UNMERGE_OUTPUT", False)}
     previous = model.__dict__.get("tome")
@@ -251,7 +321,11 @@ def _patch_one(model: nn.Module, r: Schedule, settings: dict) -> nn.Module:
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch`: original forwards, no hooks, no ``model.tome`` (on a wrapper: on every
-    model patched inside it). No-op if unpatched."""
+    model patched inside it; on a diffusers pipeline: on its ``unet``). No-op if unpatched."""
+    denoiser = _pipeline_denoiser(model)
+    if denoiser is not None:  # a diffusers pipeline (not an nn.Module): its unet was patched
+        unpatch(denoiser)
+        return model
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     handle = model.__dict__.get("tome")

@@ -1,0 +1,120 @@
+"""Pure tensor functions for merging tokens on a 2-D grid (tomesd's "random 2d" bipartite
+matching; Bolya & Hoffman, "Token Merging for Fast Stable Diffusion", CVPRW 2023).
+
+The ``h x w`` tokens of one resolution (row-major, as diffusers flattens feature maps) are split
+into destinations (set B) and sources (set A): the grid is cut into ``sy x sx`` cells, and each
+complete cell gives one destination, its top-left token or, with a ``generator``, a random one.
+Rows and columns left over when ``sy`` / ``sx`` do not divide ``h`` / ``w`` hold sources only.
+Then, as in ToMe, every source draws an edge to its most similar destination (cosine
+similarity of ``metric``) and the ``r`` sources with the strongest edges merge into their
+destinations. The result is an ordinary :class:`~tome.merge.MergePlan`, so
+:func:`tome.merge.merge` and :func:`tome.merge.unmerge` apply it.
+
+The partition is shared by the whole batch (as in tomesd); the matching is per sample. Nothing
+here is an ``nn.Module`` or keeps state; the only randomness is the ``generator`` passed in.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tome import merge as M
+from tome.merge import MergePlan
+
+__all__ = ["grid_destinations", "grid_partition", "random2d_matching"]
+
+
+def grid_destinations(
+    h: int,
+    w: int,
+    sx: int,
+    sy: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """``(h // sy) * (w // sx)`` int64 token indices (row-major in ``h x w``), one per complete
+    ``sy x sx`` cell, in cell order: the cell's top-left token, or with ``generator`` a token
+    drawn uniformly from the cell (``torch.randint(sx * sy, ...)`` on the generator's device).
+
+    >>> grid_destinations(4, 5, 2, 2).tolist()  # the fifth column is left over
+    [0, 2, 10, 12]
+    """
+    cells_y, cells_x = h // sy, w // sx
+    if generator is None:
+        offset = torch.zeros(cells_y, cells_x, dtype=torch.long, device=device)
+    else:
+        offset = torch.randint(sx * sy, (cells_y, cells_x), generator=generator, device=generator.device)
+        offset = offset.to(device)
+    rows = torch.arange(cells_y, device=device)[:, None] * sy + offset // sx
+    cols = torch.arange(cells_x, device=device)[None, :] * sx + offset % sx
+    return (rows * w + cols).reshape(-1)
+
+
+def grid_partition(
+    h: int,
+    w: int,
+    sx: int,
+    sy: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(src, dst)``: the source tokens (every token that is not a destination, in token order)
+    and the destinations of :func:`grid_destinations`; together a permutation of ``h * w``.
+
+    >>> src, dst = grid_partition(2, 3, 2, 2)
+    >>> src.tolist(), dst.tolist()
+    ([1, 2, 3, 4, 5], [0])
+    """
+    dst = grid_destinations(h, w, sx, sy, generator, device)
+    is_dst = torch.zeros(h * w, dtype=torch.bool, device=dst.device).scatter_(0, dst, True)
+    # A stable sort puts the sources (False) first in token order; no boolean indexing, so no
+    # data-dependent shape and no host-device sync.
+    order = torch.sort(is_dst.to(torch.uint8), stable=True).indices
+    return order[: h * w - dst.numel()], dst
+
+
+def random2d_matching(
+    metric: torch.Tensor,
+    h: int,
+    w: int,
+    sx: int,
+    sy: int,
+    r: int,
+    generator: torch.Generator | None = None,
+) -> MergePlan | None:
+    """Plan the merge of ``r`` of the ``h * w`` tokens of ``metric`` ``(B, h * w, C)`` into the
+    grid's destinations (tomesd's ``bipartite_soft_matching_random2d``); ``r`` is capped at the
+    number of sources. ``None`` when nothing merges (``r == 0``, or the grid is smaller than one
+    cell). Matching carries no gradient; the plan's merges do.
+
+    Equal scores resolve deterministically (sources by token order, destinations to the
+    lowest index); tomesd's unstable sort may break exact ties differently.
+
+    >>> plan = random2d_matching(torch.randn(2, 16, 8), 4, 4, 2, 2, r=6)
+    >>> plan.kept.shape
+    torch.Size([2, 10])
+    """
+    B, N = metric.shape[:2]
+    if h * w != N:
+        raise ValueError(f"metric: expected {h} x {w} = {h * w} tokens, got {N}")
+    num_dst = (h // sy) * (w // sx)
+    r = min(r, N - num_dst)
+    if r <= 0 or num_dst == 0:
+        return None
+    with torch.no_grad():
+        src, dst = grid_partition(h, w, sx, sy, generator, metric.device)
+        unit = M._normalize(metric)
+        a, b = unit[:, src], unit[:, dst]
+        # Samples are matched a few at a time on CPU: the scores stay in blocks that the
+        # allocator reuses (see tome.merge).
+        block = B
+        if metric.device.type == "cpu":
+            block = max(1, M._CPU_SCORE_BLOCK_BYTES // max(1, 4 * a.shape[1] * b.shape[1]))
+        parts = [
+            M._strongest_edges(a[i : i + block], b[i : i + block], None, None, -100, r)
+            for i in range(0, B, block)
+        ]
+        a_local = torch.cat([p[0] for p in parts])
+        b_local = torch.cat([p[1] for p in parts])
+        sizes = torch.ones(B, N, device=metric.device)
+        return M._plan_from_sources(src[a_local], dst[b_local], sizes, N, r)

@@ -1,0 +1,424 @@
+"""diffusers ``UNet2DConditionModel`` (SD 1.x / 2.x, SDXL): merge -> op -> unmerge, as tomesd.
+
+Every ``BasicTransformerBlock`` gets and returns full-length tokens: its self-attention (and,
+with ``merge_crossattn`` / ``merge_mlp``, its cross-attention and feed-forward) runs on merged
+tokens and its output is unmerged before the residual, so the UNet's convolutions and skips see
+the shapes they expect. The matching is tomesd's (:mod:`tome.merge2d`): per block, on the block's
+input tokens, one destination per ``sy x sx`` cell of the latent grid.
+
+Nothing of the block is copied: the block's own ``forward`` runs unchanged, and the three ops
+it calls (``attn1``, ``attn2``, ``ff``) are wrapped, each merging its input and unmerging its
+output. The pieces of one call reach each other through a per-thread slot that holds something
+only for the duration of that call: the UNet's call leaves the latent size (and its timestep,
+for the random choice) for the blocks; a block's call leaves its merge plan for its ops. The
+settings are never written during a forward pass, so several threads can run one patched UNet
+at once. A block recomputed by gradient checkpointing (during backward, outside the UNet's
+call) finds its UNet call from its input tensor (:class:`~tome.patch.passes.TokenRegistry`,
+weak references that live as long as the tensor) and merges exactly as it did the first time.
+
+Randomness (``use_rand``, an even batch as tomesd requires): each block call draws its
+destinations from its own ``torch.Generator`` on the tokens' device (CPU where the device has
+none), seeded with ``block_seed(seed, timestep, block)`` (see :func:`block_seed`). The global
+RNG is never read or advanced, so patching does not change the user's sampling, and the same
+call always merges the same way (threads, gradient checkpointing's recomputation). Reading the
+timestep is one device-to-host copy per UNet call when it lives on an accelerator (and a graph
+break under ``torch.compile``). tomesd instead forks the global RNG once per model and advances
+its own generator call after call.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+
+import torch
+import torch.nn as nn
+
+from tome import merge as M
+from tome.merge import MergePlan
+from tome.merge2d import random2d_matching
+from tome.patch.handle import MergeOptions, ToMeHandle
+from tome.patch.passes import TokenRegistry
+
+__all__ = ["DEFAULTS", "DiffusionHandle", "apply", "block_seed"]
+
+# tomesd's defaults (and meanings), ratio included.
+DEFAULTS = {
+    "ratio": 0.5,
+    "max_downsample": 1,
+    "sx": 2,
+    "sy": 2,
+    "use_rand": True,
+    "merge_attn": True,
+    "merge_crossattn": False,
+    "merge_mlp": False,
+    "seed": 0,
+}
+_DOWNSAMPLES = (1, 2, 4, 8)
+_OPS = (("attn1", "merge_attn"), ("attn2", "merge_crossattn"), ("ff", "merge_mlp"))
+
+
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return value
+
+
+def _stride(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected an int >= 1 (the destination stride), got {value!r}")
+    return value
+
+
+def _downsample(name: str, value: object) -> int:
+    if isinstance(value, bool) or value not in _DOWNSAMPLES:
+        raise ValueError(
+            f"{name}: expected one of 1, 2, 4, 8 (the largest downsampling merged), got {value!r}"
+        )
+    return value
+
+
+def _seed(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {value!r}")
+    return value
+
+
+def _ratio(name: str, value: object) -> float:
+    from tome.schedule import check_ratio
+
+    return check_ratio(value)
+
+
+class _Setting:
+    """A checked, settable attribute of :class:`DiffusionHandle` (stored as ``_name``)."""
+
+    def __init__(self, check) -> None:
+        self.check = check
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, handle, owner=None):
+        return self if handle is None else handle.__dict__["_" + self.name]
+
+    def __set__(self, handle, value) -> None:
+        handle.__dict__["_" + self.name] = self.check(self.name, value)
+
+
+class _CallSlot(threading.local):
+    """What the call running in this thread has left for the calls inside it."""
+
+    unet: _UNetCall | None = None
+    block: _BlockMerge | None = None
+
+
+class _TracedSlot:
+    # torch.compile traces in one thread, and guards on thread-locals fail.
+    unet = None
+    block = None
+
+
+class _UNetCall:
+    """One UNet call: its latent size and timestep (read only if a block needs randomness,
+    and then once per call)."""
+
+    __slots__ = ("_step", "height", "timestep", "width")
+
+    def __init__(self, height: int, width: int, timestep: object) -> None:
+        self.height, self.width, self.timestep = height, width, timestep
+        self._step: float | None = None
+
+    def step(self) -> float:
+        if self._step is None:
+            self._step = _timestep_value(self.timestep)
+        return self._step
+
+
+class _BlockMerge:
+    """One block call's merge: the plan, for inputs of ``(batch, tokens)``."""
+
+    __slots__ = ("batch", "plan", "tokens")
+
+    def __init__(self, plan: MergePlan, batch: int, tokens: int) -> None:
+        self.plan, self.batch, self.tokens = plan, batch, tokens
+
+
+def _timestep_value(timestep: object) -> float:
+    if isinstance(timestep, torch.Tensor):
+        return float(timestep.detach().reshape(-1)[0]) if timestep.numel() else 0.0
+    return 0.0 if timestep is None else float(timestep)
+
+
+def block_seed(seed: int, timestep: object, block: int) -> int:
+    """The seed of block ``block``'s generator in the UNet call at ``timestep`` (its first
+    element when it is a batch of timesteps): ``(seed * P + round(1000 * t)) * P + block`` modulo
+    ``2**63``, with ``P = 1_000_003``. Every step and every block gets its own destinations; the
+    two halves of a classifier-free-guidance batch share them (one partition per batch).
+
+    >>> block_seed(0, torch.tensor(999), 3)
+    999002997003
+    """
+    prime = 1_000_003
+    step = round(1000 * _timestep_value(timestep))
+    return ((seed * prime + step) * prime + block) % 2**63
+
+
+def _generator(seed: int, device: torch.device) -> torch.Generator:
+    try:
+        return torch.Generator(device=device).manual_seed(seed)
+    except RuntimeError:  # a device without generators of its own
+        return torch.Generator().manual_seed(seed)
+
+
+class DiffusionHandle(ToMeHandle):
+    """``unet.tome`` of a patched diffusers UNet: tomesd's settings, each settable.
+
+    Attributes:
+        ratio: the fraction of each merging block's tokens merged away (``0 <= ratio < 1``;
+            at most ``1 - 1 / (sx * sy)`` can go: every cell keeps its destination).
+        max_downsample: blocks at a downsampling of at most this (1, 2, 4 or 8) merge.
+        sx, sy: the destination stride: one destination per ``sy x sx`` cell.
+        use_rand: a random destination in each cell (else the top-left one); off for odd
+            batches, as in tomesd (a batch without both CFG halves would merge each half
+            its own way).
+        merge_attn, merge_crossattn, merge_mlp: which ops run on merged tokens.
+        seed: the seed of the random choice (see :func:`block_seed`).
+        blocks: the patched blocks' module names, in call order of a forward pass.
+    """
+
+    ratio = _Setting(_ratio)
+    max_downsample = _Setting(_downsample)
+    sx = _Setting(_stride)
+    sy = _Setting(_stride)
+    use_rand = _Setting(_flag)
+    merge_attn = _Setting(_flag)
+    merge_crossattn = _Setting(_flag)
+    merge_mlp = _Setting(_flag)
+    seed = _Setting(_seed)
+
+    def __init__(self, blocks: list[str], **settings) -> None:
+        super().__init__(len(blocks), 0, protected=0)
+        self.blocks = list(blocks)
+        for name, value in {**DEFAULTS, **settings}.items():
+            setattr(self, name, value)
+
+    def _init_transient(self) -> None:
+        super()._init_transient()
+        self._slot = _CallSlot()
+        self._traced_slot = _TracedSlot()
+        self._calls = TokenRegistry()  # block input tensor -> its UNet call (for recomputation)
+
+    def __getstate__(self) -> dict:
+        saved = super().__getstate__()
+        transient = ("_slot", "_traced_slot", "_calls")
+        saved["state"] = {k: v for k, v in saved["state"].items() if k not in transient}
+        return saved
+
+    @property
+    def r(self) -> None:
+        """Diffusion models merge by :attr:`ratio`; ``r`` is always ``None``."""
+        return None
+
+    @r.setter
+    def r(self, value) -> None:
+        if value is not None and not (value == 0 and type(value) is int):
+            raise TypeError(
+                f"r: a diffusion model merges a ratio of every merging block's tokens (tomesd's "
+                f"meaning); set model.tome.ratio instead of r (got r={value!r})"
+            )
+        self._r = None
+        self._r_per_layer = [0] * self.num_layers
+
+    def patch_options(self) -> dict:
+        return {name: getattr(self, name) for name in DEFAULTS}
+
+    def slot(self) -> _CallSlot | _TracedSlot:
+        """The per-thread slot of the calls running in this thread."""
+        return self._traced_slot if torch.compiler.is_compiling() else self._slot
+
+    def merges(self, op: str) -> bool:
+        """Whether the op ``"attn1"``, ``"attn2"`` or ``"ff"`` runs on merged tokens."""
+        return getattr(self, dict(_OPS)[op])
+
+    def plan(self, index: int, hidden: torch.Tensor, call: _UNetCall | None) -> _BlockMerge | None:
+        """The merge of block ``index`` for its input ``hidden`` ``(B, N, C)`` in the UNet call
+        ``call`` (tomesd's rules), or ``None`` when it merges nothing."""
+        if call is None or self.ratio == 0 or not any(getattr(self, flag) for _, flag in _OPS):
+            return None
+        B, N = hidden.shape[:2]
+        original = call.height * call.width
+        downsample = max(1, math.ceil(math.sqrt(original // max(N, 1))))
+        if downsample > self.max_downsample:
+            return None
+        h, w = math.ceil(call.height / downsample), math.ceil(call.width / downsample)
+        if h * w != N:
+            warnings.warn(
+                f"tome: block {self.blocks[index]} has {N} tokens for a {call.height} x {call.width} latent, "
+                f"not the {h} x {w} grid of a {downsample}x downsampling; it does not merge",
+                stacklevel=4,
+            )
+            return None
+        r = int(N * self.ratio)
+        generator = None
+        if self.use_rand and B % 2 == 0:
+            generator = _generator(block_seed(self.seed, call.step(), index), hidden.device)
+        plan = random2d_matching(hidden, h, w, self.sx, self.sy, r, generator)
+        return None if plan is None else _BlockMerge(plan, B, N)
+
+    def unmerge(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise TypeError(
+            "tome: a patched diffusion model unmerges inside every block (merge -> op -> unmerge); "
+            "its outputs are already full length"
+        )
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{name}={getattr(self, name)!r}" for name in DEFAULTS)
+        return f"DiffusionHandle(family={self.family!r}, blocks={self.num_layers}, {options})"
+
+
+# -- installed forwards (module-level: patched models pickle and deep-copy) ----------------------
+
+
+def _unet_forward(unet: nn.Module, handle: DiffusionHandle, *args, **kwargs):
+    sample = args[0] if args else kwargs["sample"]
+    timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+    slot = handle.slot()
+    previous = slot.unet
+    slot.unet = _UNetCall(sample.shape[-2], sample.shape[-1], timestep)
+    try:
+        return type(unet).forward(unet, *args, **kwargs)
+    finally:
+        slot.unet = previous
+
+
+def _block_forward(block: nn.Module, index: int, handle: DiffusionHandle, *args, **kwargs):
+    hidden = args[0] if args else kwargs["hidden_states"]
+    slot = handle.slot()
+    call = slot.unet
+    if not torch.compiler.is_compiling():
+        if call is None:  # gradient checkpointing recomputing this block during backward?
+            found = handle._calls.lookup(hidden)
+            call = None if found is None or found[1] != index else found[0]
+        elif torch.is_grad_enabled() or hidden.requires_grad:
+            handle._calls.register(hidden, call, index)
+    previous = slot.block
+    slot.block = handle.plan(index, hidden, call)
+    try:
+        return type(block).forward(block, *args, **kwargs)
+    finally:
+        slot.block = previous
+
+
+def _op_forward(module: nn.Module, op: str, handle: DiffusionHandle, *args, **kwargs):
+    current = handle.slot().block
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if (
+        current is None
+        or not handle.merges(op)
+        or not isinstance(hidden, torch.Tensor)
+        or hidden.dim() != 3
+        or tuple(hidden.shape[:2]) != (current.batch, current.tokens)
+    ):
+        # Not merging here (or a chunked feed-forward: its chunks are not the block's tokens).
+        return type(module).forward(module, *args, **kwargs)
+    if (
+        op == "attn1"
+        and kwargs.get("attention_mask") is not None
+        and kwargs.get("encoder_hidden_states") is None
+    ):
+        raise ValueError(
+            "tome: a patched UNet cannot merge self-attention under an attention_mask over its "
+            "tokens; set unet.tome.merge_attn = False (or ratio = 0) or unpatch the UNet"
+        )
+    merged = M.merge(current.plan, hidden, "mean")
+    if args:
+        out = type(module).forward(module, merged, *args[1:], **kwargs)
+    else:
+        out = type(module).forward(module, **{**kwargs, "hidden_states": merged})
+    return M.unmerge(current.plan.index, out)
+
+
+# -- patching ---------------------------------------------------------------------------------------
+
+
+def _is_block(module: nn.Module) -> bool:
+    return any(
+        cls.__name__ == "BasicTransformerBlock" and cls.__module__.startswith("diffusers.")
+        for cls in type(module).__mro__
+    )
+
+
+def _downsampling(name: str, levels: int) -> int | None:
+    """The downsampling of a UNet block from its module name (for the patch-time check)."""
+    parts = name.split(".")
+    if parts[0] == "down_blocks":
+        return 2 ** int(parts[1])
+    if parts[0] == "up_blocks":
+        return 2 ** (levels - 1 - int(parts[1]))
+    if parts[0] == "mid_block":
+        return 2 ** (levels - 1)
+    return None
+
+
+def _check_settings(r, prop_attn, unmerge_output, options) -> None:
+    if r is not None:
+        raise TypeError(
+            f"r: a diffusion model merges a ratio of every merging block's tokens, as tomesd does; "
+            f"pass ratio= instead of r (got r={r!r})"
+        )
+    other = {
+        "prop_attn": (prop_attn, True),
+        "unmerge_output": (unmerge_output, False),
+        **{name: (getattr(options, name), getattr(MergeOptions(), name)) for name in vars(MergeOptions())},
+    }
+    for name, (value, default) in other.items():
+        if value != default:
+            raise TypeError(
+                f"{name}: not an option for diffusion models (tome merges them as tomesd does: "
+                "merge -> op -> unmerge in every block); their options are ratio, max_downsample, "
+                "sx, sy, use_rand, merge_attn, merge_crossattn, merge_mlp and seed"
+            )
+
+
+def apply(
+    model: nn.Module,
+    *,
+    r=None,
+    ratio: float | None = None,
+    prop_attn: bool = True,
+    unmerge_output: bool = False,
+    options: MergeOptions | None = None,
+    **diffusion,
+) -> DiffusionHandle:
+    _check_settings(r, prop_attn, unmerge_output, MergeOptions() if options is None else options)
+    unknown = sorted(set(diffusion) - set(DEFAULTS))
+    if unknown:
+        raise TypeError(f"{unknown[0]}: not an option of tome.patch")
+    settings = {**diffusion, "ratio": DEFAULTS["ratio"] if ratio is None else ratio}
+    blocks = [(name, m) for name, m in model.named_modules() if _is_block(m)]
+    if not blocks:
+        raise TypeError(
+            f"model: this {type(model).__name__} has no BasicTransformerBlock (no attention); "
+            "there is nothing for tome to merge"
+        )
+    handle = DiffusionHandle([name for name, _ in blocks], **settings)  # checks every setting
+    levels = len(getattr(model, "down_blocks", ())) or 1
+    downsamplings = [_downsampling(name, levels) for name, _ in blocks]
+    if handle.ratio > 0 and all(d is not None and d > handle.max_downsample for d in downsamplings):
+        warnings.warn(
+            f"tome: no attention block of this UNet runs at a downsampling <= max_downsample="
+            f"{handle.max_downsample} (the finest is {min(downsamplings)}x, as in SDXL); nothing "
+            f"will merge: pass max_downsample={min(downsamplings)} to merge it",
+            stacklevel=4,
+        )
+    with handle.installing():
+        handle.install_method(model, "forward", _unet_forward, handle)
+        for index, (_, block) in enumerate(blocks):
+            handle.install_method(block, "forward", _block_forward, index, handle)
+            for op, _ in _OPS:
+                module = getattr(block, op, None)
+                if isinstance(module, nn.Module):
+                    handle.install_method(module, "forward", _op_forward, op, handle)
+    return handle
