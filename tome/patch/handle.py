@@ -587,7 +587,7 @@ class PatchedModels:
         models: submodule name -> patched model.
     """
 
-    _SETTINGS = ("r", "prop_attn", "unmerge_output")
+    _SETTINGS = ("r", "ratio", "prop_attn", "unmerge_output")
 
     def __init__(self, models: dict[str, nn.Module]) -> None:
         object.__setattr__(self, "models", dict(models))
