@@ -19,11 +19,11 @@ _NOTES: dict[str, tuple[str, str, str]] = {
     "tome.patch.transformers": (
         "carry",
         "between attention and MLP in every layer; pooling heads size-weighted",
-        "tiny random configs; real DINOv2-S/14",
+        "tiny random configs (ViT, DINOv2, CLIP, SigLIP/SigLIP2 with NaFlex padding, VideoMAE, AST, ViT-MAE, backbones); real DINOv2-S/14",
     ),
     "tome.patch.transformers_text": (
         "masked",
-        "between attention and feed-forward; padding never merged with text, per-row merges",
+        "between attention and feed-forward; each row merges its own real tokens, padding changes none of them",
         "tiny random configs; real all-MiniLM-L6-v2 (sentence-transformers)",
     ),
     "tome.patch.torchvision": (
