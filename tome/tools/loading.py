@@ -20,6 +20,7 @@ import json
 import os
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from urllib.parse import urlparse
@@ -35,7 +36,7 @@ from tome.tools.model import Model
 from tome.tools.saliency import SaliencyHead
 from tome.tools.sizes import input_sizes
 
-__all__ = ["DEFAULT_MODEL", "load_model"]
+__all__ = ["DEFAULT_MODEL", "HfSource", "from_hub", "hf_config", "load_model"]
 
 DEFAULT_MODEL = MODEL_NAME
 
@@ -164,7 +165,7 @@ _HF_CLASSES = {
 }
 
 
-def _from_hub(spec: str, what: str, load: Callable, local: bool, log: Log | None):
+def from_hub(spec: str, what: str, load: Callable, local: bool, log: Log | None):
     """``load(local_files_only=...)``: from the local files (folder or hub cache) first; from the
     hub only when they do not have it (with a note first, or at once an error when the hub
     cannot be reached)."""
@@ -177,13 +178,24 @@ def _from_hub(spec: str, what: str, load: Callable, local: bool, log: Log | None
     return load(local_files_only=False)
 
 
-def _hf_model(ident: str, weights: Path | None, img_size: int | None, log: Log | None = None) -> Model:
-    _require("transformers", "transformers")
+@dataclass
+class HfSource:
+    """Where an ``hf:`` model comes from, and its config: ``spec`` as the user wrote it,
+    ``source`` what ``from_pretrained`` takes, ``arch`` the config's first architecture."""
+
+    spec: str
+    path: Path
+    local: bool
+    source: str
+    config: object
+    arch: str
+
+
+def hf_config(ident: str, log: Log | None = None) -> HfSource:
+    """The config of the transformers model ``ident`` (a local folder or a hub id), read from
+    the local files first; :class:`UserError` when there is none."""
     import transformers
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    quiet_hub()
     spec = f"hf:{ident}"
     path = Path(ident).expanduser()
     local = path.is_dir()
@@ -193,7 +205,7 @@ def _hf_model(ident: str, weights: Path | None, img_size: int | None, log: Log |
         raise UserError(f"{spec}: no config.json in this folder (not a transformers model)")
     source = str(path) if local else ident
     try:
-        config = _from_hub(
+        config = from_hub(
             spec, "its config", partial(transformers.AutoConfig.from_pretrained, source), local, log
         )
     except UserError:
@@ -203,8 +215,28 @@ def _hf_model(ident: str, weights: Path | None, img_size: int | None, log: Log |
             f"{spec}: cannot load its config ({type(error).__name__}); offline? give a local folder"
         ) from None
     arch = (getattr(config, "architectures", None) or [""])[0]
+    return HfSource(spec, path, local, source, config, arch)
+
+
+def _hf_model(ident: str, weights: Path | None, img_size: int | None, log: Log | None = None) -> Model:
+    _require("transformers", "transformers")
+    import transformers
+
+    from tome.tools.text import TEXT_CLASSES
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    quiet_hub()
+    found = hf_config(ident, log)
+    spec, path, local, source, config, arch = (
+        found.spec, found.path, found.local, found.source, found.config, found.arch,
+    )  # fmt: skip
     if arch == "CLIPModel":
         arch = "CLIPVisionModel"
+    if arch in TEXT_CLASSES:
+        raise UserError(
+            f"{spec}: a text model ({arch}); give it texts: tome bench/eval --model {spec} --texts FILE"
+        )
     if arch not in _HF_CLASSES:
         raise UserError(
             f"{spec}: a {arch or config.model_type} model; supported: {', '.join(sorted(_HF_CLASSES))}"
@@ -213,7 +245,7 @@ def _hf_model(ident: str, weights: Path | None, img_size: int | None, log: Log |
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            module = _from_hub(
+            module = from_hub(
                 spec,
                 "the weights",
                 partial(cls.from_pretrained, source, attn_implementation="sdpa"),

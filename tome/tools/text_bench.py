@@ -1,0 +1,175 @@
+"""Throughput of a text encoder with token merging, against the FLOP-ideal speedup.
+
+Every repetition runs all the texts (tokenized once beforehand, in length-sorted batches as
+``SentenceTransformer.encode`` makes them) through the unpatched model and then through each
+schedule, in turn (interleaved, as :mod:`tome.tools.bench` does for images); texts/s is the
+number of texts over the median of the repetitions.
+
+FLOPs (:func:`encoder_flops`) count the encoder layers for the real tokens of every text, from its
+own length: a text's merges depend on that text alone (``model.tome.planned_tokens(n)``), so the
+count is exact whatever the batch. A multiply-add counts as 2 FLOPs. Layer i of a d-wide encoder
+with a d_ff-wide feed-forward, ``n`` tokens entering it and ``m`` left after its merge (tome merges
+between attention and feed-forward):
+
+    8 n d^2        query, key, value and output projections
+    4 n^2 d        attention scores (Q K^T) and their weighted sum of values
+    4 m d d_ff     the feed-forward's two linear layers
+
+Embeddings, layer norms, softmax, pooling and padding are not counted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+from tome.tools.bench import format_spread, noise_note, timing_spread
+from tome.tools.progress import progress_bar
+from tome.tools.schedule_text import r_label
+from tome.tools.text_model import PreparedTexts, TextModel
+
+__all__ = ["TextBenchRow", "encoder_flops", "format_table", "run_text_bench", "to_json", "token_counts"]
+
+
+@dataclass
+class TextBenchRow:
+    """One line of the table; ``r`` is the schedule as written (``"0"``: unpatched)."""
+
+    r: str
+    tokens: list[float]  # mean tokens per text entering layer 0, then left after each layer
+    gflops: float  # per text, mean
+    texts_per_s: float
+    speedup: float
+    ideal: float  # FLOP-ideal speedup: FLOPs of the unpatched model / FLOPs here
+    efficiency: float  # speedup / ideal
+    seconds: list[float] = field(default_factory=list)  # every timed run over all the texts
+    spread: float | None = None  # (slowest - fastest) / median of ``seconds``
+
+
+def encoder_flops(tokens: Sequence[int], width: int, ffn_width: int) -> float:
+    """FLOPs of one text through the encoder layers: ``tokens[i]`` enter layer i and
+    ``tokens[i + 1]`` are left after its merge (the module docstring has the formula).
+
+    >>> encoder_flops([4, 3], width=2, ffn_width=3)  # 8*4*2^2 + 4*4^2*2 + 4*3*2*3
+    328.0
+    """
+    d, f = width, ffn_width
+    total = 0
+    for n, m in itertools.pairwise(tokens):
+        total += 8 * n * d * d + 4 * n * n * d + 4 * m * d * f
+    return float(total)
+
+
+def token_counts(model: TextModel, lengths: Sequence[int]) -> list[list[int]]:
+    """Per text: tokens entering layer 0, then after each layer, under the model's current
+    setting."""
+    cache: dict[int, list[int]] = {}
+    return [cache.setdefault(n, model.planned_tokens(n)) for n in lengths]
+
+
+def _flops_and_tokens(model: TextModel, lengths: Sequence[int]) -> tuple[float, list[float]]:
+    """Total FLOPs over the texts, and mean tokens per layer."""
+    counts = token_counts(model, lengths)
+    flops = sum(encoder_flops(c, model.width, model.ffn_width) for c in counts)
+    mean = [sum(column) / len(counts) for column in zip(*counts, strict=True)]
+    return flops, mean
+
+
+def run_text_bench(
+    model: TextModel,
+    settings: Sequence,
+    texts: PreparedTexts,
+    *,
+    reps: int = 5,
+    warmup: int = 1,
+    progress: bool = True,
+    patch_kwargs: dict | None = None,
+) -> list[TextBenchRow]:
+    """Time ``model`` unpatched and patched with each setting (``r`` schedules or
+    :class:`~tome.tools.schedule_text.Ratio`; ``0`` is the unpatched row) on the prepared
+    texts, with the :func:`tome.patch` options ``patch_kwargs``. ``warmup``: untimed runs of the
+    first batch per setting. Returns the unpatched row first."""
+    configs: list = [None] + [s for s in settings if s != 0]
+    options = patch_kwargs or {}
+    if not texts.batches:
+        raise ValueError("run_text_bench: no texts")
+    work: dict[int, tuple[float, list[float]]] = {}
+    for index, setting in enumerate(configs):
+        model.set_setting(setting, **options)
+        work[index] = _flops_and_tokens(model, texts.lengths)
+        for _ in range(max(warmup, 1)):
+            model.embed(texts.batches[0][1])
+    times: dict[int, list[float]] = {i: [] for i in range(len(configs))}
+    bar = progress_bar(reps * len(configs), progress, "bench")
+    for _ in range(reps):
+        for index, setting in enumerate(configs):
+            model.set_setting(setting, **options)
+            start = time.perf_counter()
+            model.run(texts)
+            times[index].append(time.perf_counter() - start)
+            bar.update(1)
+    bar.close()
+    model.set_setting(None)
+
+    base_tps = texts.count / statistics.median(times[0])
+    rows = []
+    for index, setting in enumerate(configs):
+        flops, tokens = work[index]
+        tps = texts.count / statistics.median(times[index])
+        ideal = work[0][0] / flops
+        speedup = tps / base_tps
+        rows.append(
+            TextBenchRow(
+                r=r_label(setting),
+                tokens=tokens,
+                gflops=flops / texts.count / 1e9,
+                texts_per_s=tps,
+                speedup=speedup,
+                ideal=ideal,
+                efficiency=speedup / ideal,
+                seconds=times[index],
+                spread=timing_spread(times[index]),
+            )
+        )
+    return rows
+
+
+def _named(label: str) -> str:
+    return label if "=" in label else f"r={label}"
+
+
+def format_table(rows: Sequence[TextBenchRow], per_layer: bool = True) -> str:
+    """A Markdown table, then a note when the timings were noisy, then the mean tokens per text
+    after each layer."""
+    lines = [
+        "| schedule | tokens in→out | GFLOPs | texts/s | spread | speedup | FLOP-ideal | efficiency |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row.r} | {row.tokens[0]:.1f}→{row.tokens[-1]:.1f} | {row.gflops:.3f} | {row.texts_per_s:.1f} | "
+            f"{format_spread(row.spread)} | {row.speedup:.2f}x | {row.ideal:.2f}x | {100 * row.efficiency:.0f}% |"
+        )
+    lines.append(
+        "(tokens: mean real tokens per text entering the first layer → left after the last; GFLOPs per text "
+        "in the encoder layers, a multiply-add counted as 2: 8nd² + 4n²d + 4md·d_ff per layer; "
+        "spread: (slowest - fastest) / median of the timed runs)"
+    )
+    note = noise_note([(row.r, row.spread) for row in rows])
+    if note:
+        lines.append(note)
+    if per_layer:
+        lines.append("")
+        lines.append("mean tokens per text after each layer:")
+        width = max(len(_named(row.r)) for row in rows)
+        for row in rows:
+            lines.append(f"  {_named(row.r):<{width}}  " + " ".join(f"{t:.1f}" for t in row.tokens[1:]))
+    return "\n".join(lines)
+
+
+def to_json(rows: Sequence[TextBenchRow], **meta) -> str:
+    return json.dumps({**meta, "rows": [asdict(row) for row in rows]}, indent=2)
