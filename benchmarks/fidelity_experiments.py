@@ -2,10 +2,13 @@
 ``tome.patch`` (each measured at equal FLOPs against the original algorithm).
 
 The variants need changes inside the merge step, so this script swaps parts of ``tome.merge`` and
-of the patched model's handle for the duration of one row (nothing here is library API). Every
-row: 100 photos, 224 px, the tuned schedule ``[29,26,24,22,19,17,15,13,10,8,6,4]`` (FLOP-ideal
-2.0x) with ``mode="mean"`` unless the row says otherwise; CLS cosine and saliency correlation
-against the unmerged model, as in ``benchmarks/fidelity.py``.
+of the patched model's handle for the duration of one row (nothing here is library API): the
+handle's block protocol (``merge_layer(call, x, metric)``, ``attention_bias(call, dtype)``) and
+the per-pass state a :class:`~tome.patch.passes.BlockCall` carries (``call.pass_state``:
+``histories``, ``deviations``, ``tokens``). Every row: 100 photos, 224 px, the tuned schedule
+``[29,26,24,22,19,17,15,13,10,8,6,4]`` (FLOP-ideal 2.0x) with ``mode="mean"`` unless the row
+says otherwise; CLS cosine and saliency correlation against the unmerged model, as in
+``benchmarks/fidelity.py``.
 
     python benchmarks/fidelity_experiments.py              # all groups (~6 min on 2 cores)
     python benchmarks/fidelity_experiments.py --group split --limit 40
@@ -40,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from tome import merge as M
+from tome.patch.handle import detail as pass_detail
 
 SCHEDULE = [29, 26, 24, 22, 19, 17, 15, 13, 10, 8, 6, 4]
 ORIGINAL = {"metric": "keys", "mode": "mean", "unmerge_detail": False}
@@ -226,36 +230,47 @@ class Probe:
             h.remove()
 
 
-def replace_merge(handle, probe: Probe, metric_fn=None, bias_fn=None, merge_fn=None) -> None:
-    """Swap the handle's merge step for one whose metric and token bias come from the probe
-    (``merge_fn(index, plan, x, keys, state)``: the merged tokens, default ``M.merge``)."""
+def record(call, history: M.MergeHistory) -> None:
+    """What the handle's own merge step records for block ``call.index`` of its pass: the
+    history of the block's output and its token count (no ``unmerge_detail`` residuals)."""
+    state = call.pass_state
+    state.deviations[call.index] = None
+    state.histories[call.index] = history
+    state.tokens[call.index + 1 : call.index + 2] = [history.num_tokens]
 
-    def merge_layer(index, state, x, metric):
+
+def replace_merge(handle, probe: Probe, metric_fn=None, bias_fn=None, merge_fn=None) -> None:
+    """Swap the handle's merge step for one whose metric and token bias come from the probe.
+    ``metric_fn(index, keys, call)`` and ``bias_fn(index, keys, call)`` get the block's
+    :class:`~tome.patch.passes.BlockCall` (``call.history``: its input tokens' history,
+    ``call.merged``); ``merge_fn(index, plan, x, keys, call)``: the merged tokens, default
+    ``M.merge``."""
+
+    def merge_layer(call, x, metric):
+        index = call.index
         r = handle.layer_r(index, x.shape[1])
         if r == 0:
-            return original(index, state, x, metric)
+            return original(call, x, metric)
         keys = probe.k[index].unflatten(-1, (HEADS, -1))
         if metric_fn is not None:
-            metric = metric_fn(index, keys, state)
-        bias = bias_fn(index, keys, state) if bias_fn is not None else None
-        plan = M.bipartite_soft_matching(metric, r, state.history, handle.protected, token_bias=bias)
-        history = M.advance(state.history, plan)
-        handle._histories[index] = history
-        handle.tokens_per_layer[index + 1 : index + 2] = [history.num_tokens]
+            metric = metric_fn(index, keys, call)
+        bias = bias_fn(index, keys, call) if bias_fn is not None else None
+        plan = M.bipartite_soft_matching(metric, r, call.history, handle.protected, token_bias=bias)
+        record(call, M.advance(call.history, plan))
         if merge_fn is not None:
-            return merge_fn(index, plan, x, keys, state)
+            return merge_fn(index, plan, x, keys, call)
         return M.merge(plan, x, handle.options.mode)
 
     original = handle.merge_layer
     handle.merge_layer = merge_layer
 
 
-def class_attention(probe: Probe, index: int, keys: torch.Tensor, state) -> torch.Tensor:
+def class_attention(probe: Probe, index: int, keys: torch.Tensor, call) -> torch.Tensor:
     """(B, N): the class token's attention to every token (mean over heads, with prop-attn)."""
     q = probe.q[index][:, 0].unflatten(-1, (HEADS, -1))
     logits = torch.einsum("bhd,bnhd->bhn", q, keys) * keys.shape[-1] ** -0.5
-    if state.merged:
-        logits = logits + state.history.sizes.log()[:, None, :]
+    if call.merged:
+        logits = logits + call.history.sizes.log()[:, None, :]
     return logits.softmax(-1).mean(1)
 
 
@@ -328,10 +343,10 @@ def group_protect(b: Bench) -> None:
     for k, first in ((8, 0), (16, 0), (4, 6), (8, 9)):
 
         def setup(handle, probe, module, k=k, first=first):
-            def bias(index, keys, state):
+            def bias(index, keys, call):
                 if index < first:
                     return None
-                attn = class_attention(probe, index, keys, state)[:, handle.protected :]
+                attn = class_attention(probe, index, keys, call)[:, handle.protected :]
                 top = attn.topk(k, dim=-1).indices
                 out = torch.zeros_like(attn).scatter_(1, top, -1e4)
                 return torch.cat([torch.zeros(out.shape[0], handle.protected), out], 1)
@@ -343,8 +358,8 @@ def group_protect(b: Bench) -> None:
     for weight in (0.05, 0.2):
 
         def setup(handle, probe, module, weight=weight):
-            def bias(index, keys, state):
-                attn = class_attention(probe, index, keys, state)[:, handle.protected :]
+            def bias(index, keys, call):
+                attn = class_attention(probe, index, keys, call)[:, handle.protected :]
                 attn = attn / attn.mean(-1, keepdim=True)
                 return torch.cat([torch.zeros(attn.shape[0], handle.protected), -weight * attn], 1)
 
@@ -360,9 +375,9 @@ def group_weighting(b: Bench) -> None:
     for gamma in (0.25, 0.5, 1.0):
 
         def setup(handle, probe, module, gamma=gamma):
-            def merge_fn(index, plan, x, keys, state):
-                attn = class_attention(probe, index, keys, state)
-                sizes = state.history.sizes.to(attn.dtype)
+            def merge_fn(index, plan, x, keys, call):
+                attn = class_attention(probe, index, keys, call)
+                sizes = call.history.sizes.to(attn.dtype)
                 weight = (sizes * (attn / sizes).pow(gamma)).unsqueeze(-1)
                 total = M._scatter_into_kept(plan, x * weight, "sum")
                 return total / M._scatter_into_kept(plan, weight, "sum")
@@ -383,12 +398,11 @@ def group_prop_attn(b: Bench) -> None:
         def setup(handle, probe, module, scale=scale, layers=layers):
             original = handle.attention_bias
 
-            def attention_bias(state, dtype):
-                bias = original(state, dtype)
+            def attention_bias(call, dtype):
+                bias = original(call, dtype)
                 if bias is None:
                     return None
-                layer = next(i for i, h in enumerate(handle._histories) if h is state.history) + 1
-                return bias * scale if layers is None or layer in layers else bias
+                return bias * scale if layers is None or call.index in layers else bias
 
             handle.attention_bias = attention_bias
 
@@ -399,11 +413,11 @@ def group_matching(b: Bench) -> None:
     for rounds in (2, 4):
 
         def setup(handle, probe, module, rounds=rounds):
-            def merge_layer(index, state, x, metric):
-                r = handle.layer_r(index, x.shape[1])
+            def merge_layer(call, x, metric):
+                r = handle.layer_r(call.index, x.shape[1])
                 if r == 0:
-                    return original(index, state, x, metric)
-                history = state.history
+                    return original(call, x, metric)
+                history = call.history
                 for part in [r // rounds + (1 if j < r % rounds else 0) for j in range(rounds)]:
                     part = min(part, M.max_r(x.shape[1], handle.protected))
                     if part == 0:
@@ -411,8 +425,7 @@ def group_matching(b: Bench) -> None:
                     plan = M.bipartite_soft_matching(metric, part, history, handle.protected)
                     x, metric = M.merge(plan, x, "mean"), M.merge(plan, metric, "mean")
                     history = M.advance(history, plan)
-                handle._histories[index] = history
-                handle.tokens_per_layer[index + 1 : index + 2] = [history.num_tokens]
+                record(call, history)
                 return x
 
             original = handle.merge_layer
@@ -438,11 +451,11 @@ def group_matching(b: Bench) -> None:
 
 
 def group_metric(b: Bench) -> None:
-    def centred(index, keys, state):
+    def centred(index, keys, call):
         return (keys - keys[:, 1:].mean(1, keepdim=True)).mean(-2)
 
     def with_projection(names):
-        def metric(index, keys, state, names=names):
+        def metric(index, keys, call, names=names):
             parts = []
             for name in names:
                 t = keys if name == "k" else getattr(probe_ref[0], name)[index].unflatten(-1, (HEADS, -1))
@@ -451,12 +464,12 @@ def group_metric(b: Bench) -> None:
 
         return metric
 
-    def without_bias(index, keys, state):
+    def without_bias(index, keys, call):
         # the key projection's bias is the same for every token: it pulls all keys one way
         bias = probe_ref[0].k_bias[index]
         return (keys - bias.view(HEADS, -1)).mean(-2)
 
-    def plus_mean(index, keys, state):
+    def plus_mean(index, keys, call):
         keys = keys.mean(-2)
         return keys + keys[:, 1:].mean(1, keepdim=True)
 
@@ -489,12 +502,17 @@ def group_refine(b: Bench) -> None:
             forward = last.forward
 
             def full_length(hidden_states, attention_mask=None, **kwargs):
-                history = handle._histories[-2]
+                # The pass of the tokens block 10 produced (the registry the handle's
+                # begin_layer reads): the last block then gets them unmerged, as fresh tokens
+                # of the same pass.
+                state, block = handle._registry.lookup(hidden_states)
+                history = state.histories[block]
                 if history.num_tokens != history.num_original:
                     hidden_states = M.unmerge(history.source, hidden_states)
                     if detail:
-                        hidden_states = hidden_states + detail_before(handle, len(layers) - 1)
-                    handle._histories[-2] = M.start_history(hidden_states.shape[0], history.num_original)
+                        hidden_states = hidden_states + detail_before(state, len(layers) - 1)
+                    state.histories[block] = M.start_history(hidden_states.shape[0], history.num_original)
+                    handle._registry.register(hidden_states, state, block)
                 return forward(hidden_states, attention_mask, **kwargs)
 
             last.forward = full_length
@@ -508,11 +526,12 @@ def group_refine(b: Bench) -> None:
         )
 
 
-def detail_before(handle, num_blocks: int) -> torch.Tensor:
-    """The summed residuals of the first ``num_blocks`` blocks, per original token; they are
-    then cleared, so that the handle does not add them again after the last block."""
-    total = handle._detail(num_blocks)
-    handle._deviations[:num_blocks] = [None] * num_blocks
+def detail_before(state, num_blocks: int) -> torch.Tensor:
+    """The summed residuals of the first ``num_blocks`` blocks of the pass ``state``, per
+    original token; they are then cleared, so that the handle does not add them again after
+    the last block."""
+    total = pass_detail(state, num_blocks)
+    state.deviations[:num_blocks] = [None] * num_blocks
     return total
 
 

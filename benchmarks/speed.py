@@ -36,8 +36,8 @@ Columns:
   unmerging, timed by wrappers in a separate, untimed pass (the reference: its matching, its
   weighted average and dense source update);
 - source MB: memory of source tracking: ours, every layer's history (``source`` (B, N0) int64 and
-  ``sizes`` (B, N)) as held by ``model.tome`` after the pass; the reference, its largest dense
-  (B, N, N0) float32 matrix.
+  ``sizes`` (B, N)) as held by the pass's state (``model.tome._last.histories``) after the pass;
+  the reference, its largest dense (B, N, N0) float32 matrix.
 """
 
 from __future__ import annotations
@@ -189,8 +189,9 @@ class Setting:
 
 
 def _history_bytes(handle) -> int:
+    """Bytes of every block's history (source and sizes) of the latest finished pass."""
     storages = {}
-    for history in handle._histories:
+    for history in handle._last.histories:
         if history is not None:
             for t in (history.source, history.sizes):
                 storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
