@@ -48,9 +48,11 @@ Threads: on a machine whose load average exceeds its CPU count, every parallel r
 OpenMP pool waits for threads the scheduler has taken away, so many small operators (matching and
 merging: ~0.1 ms each on one thread) each cost a scheduler time slice (~10 ms) with 2 threads, and
 the measured speedup says more about the load than about merging. Measured here at load 6-7 on 2
-CPUs: merging a (2, 197, 768) batch took 0.1 ms with 1 thread, 130 ms with 2; the four
-configurations gave 1.14-1.53x with 2 threads, 1.84-2.02x with 1 (and the 1-thread passes were
-faster in absolute terms too). The run prints a note when that is the case; ``--threads 1``
+CPUs: merging a (2, 197, 768) batch took 0.1 ms with 1 thread, 130 ms with 2; in two runs
+each, the four configurations gave 1.14-1.53x and 0.84-1.35x with 2 threads, 1.84-2.02x and
+1.93-2.32x with 1 (and the 1-thread passes were faster in absolute terms too). The speedup is the
+ratio of the two medians, as in the speed suite; when the machine drifts during a run it can
+differ from the per-repetition speedups (AST's 2.32x above: its per-repetition median was 1.99x). The run prints a note when that is the case; ``--threads 1``
 measures what merging saves.
 """
 
