@@ -245,6 +245,12 @@ def test_text_model_copies_pickles_and_exports():
         torch.testing.assert_close(exported.module()(ids, mask), reference, atol=1e-5, rtol=1e-5)
 
 
+def test_text_encoders_default_to_head_keys():
+    model = tome.patch(make("BertModel"), ratio=0.1)
+    assert model.tome.options.metric == "head_keys"
+    assert tome.patch(make("BertModel"), ratio=0.1, metric="keys").tome.options.metric == "keys"
+
+
 def test_unsupported_text_model_lists_the_supported_classes():
     config = transformers.BertConfig(**_BERT)
     model = transformers.BertForMaskedLM(config)

@@ -7,6 +7,7 @@ its own module and exposes ``apply(model, handle_kwargs) -> ToMeHandle``.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import torch.nn as nn
@@ -103,7 +104,7 @@ def patch(
     ratio: float | None = None,
     prop_attn: bool = True,
     unmerge_output: bool | None = None,
-    metric: str = "keys",
+    metric: str | None = None,
     mode: str = "mlerp",
     unmerge_detail: bool = False,
     keep_outliers: int = 0,
@@ -138,7 +139,8 @@ def patch(
     the README; ``mode="mean"`` is the original ToMe):
         prop_attn: proportional attention (add log of each token's size to the attention
             logits), as in ToMe. Settable later as ``model.tome.prop_attn``.
-        metric: what similarity decides the merges: ``"keys"`` (the cosine similarity of the
+        metric: what similarity decides the merges (default: ``"keys"``; ``"head_keys"`` for text
+            encoders, measured much better there: benchmarks/text.py): ``"keys"`` (the cosine similarity of the
             keys averaged over heads, ToMe) or ``"head_keys"`` (each head's key cosine
             similarity, averaged over heads: better dense outputs at equal FLOPs, a matching
             product ``heads`` times wider).
@@ -206,11 +208,11 @@ def patch(
     elif r is not None:
         check_schedule(r)
     options = MergeOptions(
-        metric=metric, mode=mode, unmerge_detail=unmerge_detail, keep_outliers=keep_outliers
+        metric=metric or "keys", mode=mode, unmerge_detail=unmerge_detail, keep_outliers=keep_outliers
     )
     settings = {
         "prop_attn": prop_attn, "unmerge_output": unmerge_output, "options": options, "ratio": ratio,
-        "diffusion": diffusion,
+        "diffusion": diffusion, "default_metric": metric is None,
     }  # fmt: skip
     if _find_adapter(model) is not None:
         return _patch_one(model, r, settings)
@@ -290,6 +292,9 @@ def _patch_one(model: nn.Module, r: Schedule, settings: dict) -> nn.Module:
     module = importlib.import_module(adapter)
     settings = dict(settings)
     diffusion = settings.pop("diffusion", {})
+    if settings.pop("default_metric", False) and hasattr(module, "DEFAULT_METRIC"):
+        # The family's measured best (text encoders: head_keys, benchmarks/text.py).
+        settings["options"] = dataclasses.replace(settings["options"], metric=module.DEFAULT_METRIC)
     if family == "diffusers":
         # tomesd's options; the adapter refuses r and the transformer-encoder options.
         settings.update(diffusion)

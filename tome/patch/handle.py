@@ -455,6 +455,10 @@ class ToMeHandle:
             return x
         if metric is None:
             raise RuntimeError(f"tome: block {index} merges {r} tokens but its adapter passed no keys")
+        if call.valid is not None:
+            # Padding is zeroed first: folded into a real token (size 0) it changes nothing, and
+            # with norm 0 it never takes a real token's place among the kept outliers.
+            x = torch.where(call.valid[..., None], x, 0)
         bias = None
         if self.options.keep_outliers:
             bias = M.outlier_bias(x, self.options.keep_outliers, self.protected)
@@ -474,7 +478,6 @@ class ToMeHandle:
             plan = M.masked_soft_matching(
                 metric, r, row_r, call.history, self.protected, sequence_ids=ids, token_bias=bias
             )
-            x = torch.where(call.valid[..., None], x, 0)
         history = M.advance(call.history, plan)
         state.histories[index] = history
         state.tokens[index + 1 : index + 2] = [history.num_tokens]
