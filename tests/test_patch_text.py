@@ -245,6 +245,13 @@ def test_text_model_copies_pickles_and_exports():
         torch.testing.assert_close(exported.module()(ids, mask), reference, atol=1e-5, rtol=1e-5)
 
 
+def test_keep_outliers_is_refused_for_post_norm_text_encoders():
+    model = make("BertModel")
+    with pytest.raises(ValueError, match="keep_outliers: expected 0 for text encoders"):
+        tome.patch(model, ratio=0.2, keep_outliers=2)
+    assert not hasattr(model, "tome")
+
+
 def test_text_encoders_default_to_head_keys():
     model = tome.patch(make("BertModel"), ratio=0.1)
     assert model.tome.options.metric == "head_keys"

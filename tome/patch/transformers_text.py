@@ -314,6 +314,14 @@ def _check_attention_mask(handle: ToMeHandle, module: nn.Module, args: tuple, kw
 
 
 def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
+    options = settings.get("options")
+    if options is not None and options.keep_outliers:
+        # Post-norm layers: every token leaves LayerNorm with (almost) the same norm, so "the
+        # largest norms" would be picked by float rounding (and differ between batches).
+        raise ValueError(
+            f"keep_outliers: expected 0 for text encoders, got {options.keep_outliers}: their layers are "
+            "post-norm, so every token's hidden state has nearly the same norm and no outliers to keep"
+        )
     base, family = _find_base(model)
     layers = list(_get(base, family.layers) or [])
     if not layers:
