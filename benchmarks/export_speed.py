@@ -28,9 +28,11 @@ timing). For every schedule the script
 
 Columns: tokens entering block 0 -> left after the last block; ORT images/s; ORT speedup
 (over the unpatched model in onnxruntime); eager PyTorch speedup (over the unpatched model in
-eager PyTorch, same process, same repetitions); max abs diff (onnxruntime vs eager).
+eager PyTorch, same process, same repetitions); max abs diff (onnxruntime vs eager, over all
+images; "(k/B images over)" counts the images over the tolerance, which the notes under the
+table explain one by one).
 
-    python benchmarks/export_speed.py                    # batch 32, 5 reps: ~10-15 min on 2 cores
+    python benchmarks/export_speed.py                    # batch 32, 5 reps: ~3.5 min on 2 idle cores
     python benchmarks/export_speed.py --batch 4 --reps 1 # a smoke run
     python benchmarks/export_speed.py --clock cpu        # on a shared machine (see below)
 
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import time
@@ -258,6 +261,12 @@ class Case:
             return CLOCK() - start
 
 
+def load_text(load_start: float) -> str:
+    """The machine's 1-minute load average at the start and at the end: other jobs' share of the
+    CPUs (with 2 cores, wall-clock timings of 2-thread runs are unreliable above ~2.5)."""
+    return f"load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} CPUs)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -295,6 +304,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     start = time.perf_counter()
+    load_start = os.getloadavg()[0]
     pixels = load_photos(Path(args.images), args.batch)
     base = Dinov2Model.from_pretrained(args.model, attn_implementation="sdpa").eval()
     log(f"exporting {len(SCHEDULES)} models (batch {args.batch}, output {args.output})")
@@ -347,7 +357,7 @@ def main() -> None:
     for case in cases:
         for note in case.notes:
             print(f"- {case.label}: {note}")
-    print(f"{time.perf_counter() - start:.0f} s in all")
+    print(f"{time.perf_counter() - start:.0f} s in all; {load_text(load_start)}")
     failed = [c.label for c in cases if not c.ok]
     if failed:
         raise SystemExit(

@@ -21,7 +21,7 @@ unpatched model / with merging, counted from the tokens each block saw
 (``model.tome.tokens_per_layer``) by ``tome.tools.bench.flops_per_image`` (patch embedding and
 blocks; a multiply-add is 2 FLOPs).
 
-    python benchmarks/training.py               # batch 32, 5 reps after 2 warm-ups: ~6 min on 2 idle cores
+    python benchmarks/training.py               # batch 32, 5 reps after 2 warm-ups: ~2.5 min on 2 idle cores
     python benchmarks/training.py --batch 4 --reps 1 --warmup 1   # a smoke run
     python benchmarks/training.py --clock cpu   # on a shared machine (see below)
 
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import time
@@ -111,6 +112,12 @@ class Setting:
         return flops_per_image(counter, self.tokens)
 
 
+def load_text(load_start: float) -> str:
+    """The machine's 1-minute load average at the start and at the end: other jobs' share of the
+    CPUs (with 2 cores, wall-clock timings of 2-thread runs are unreliable above ~2.5)."""
+    return f"load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} CPUs)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -139,6 +146,7 @@ def main() -> None:
     import timm
 
     start = time.perf_counter()
+    load_start = os.getloadavg()[0]
     torch.manual_seed(0)
     base = timm.create_model(
         "vit_small_patch14_dinov2", pretrained=False, img_size=SIZE, num_classes=NUM_CLASSES
@@ -188,7 +196,8 @@ def main() -> None:
     )
     print(
         f"unpatched: train {args.batch / base_train:.1f} images/{seconds}, inference "
-        f"{args.batch / base_infer:.1f} images/{seconds}; {time.perf_counter() - start:.0f} s in all"
+        f"{args.batch / base_infer:.1f} images/{seconds}; {time.perf_counter() - start:.0f} s in all; "
+        f"{load_text(load_start)}"
     )
 
 
