@@ -241,6 +241,7 @@ def test_torch_export(family):
         exported = torch.export.export(run, (x,))
         torch.testing.assert_close(exported.module()(x), ref, atol=1e-5, rtol=1e-5)
     assert_merges(model)
+    assert type(model.tome.source) is torch.Tensor  # the eager pass's results, not the trace's
 
 
 @pytest.mark.slow

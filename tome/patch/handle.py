@@ -503,7 +503,9 @@ class ToMeHandle:
             self._tracing = (state, index)
         else:
             self._registry.register(x, state, index)
-        if last:
+        if last and not torch.compiler.is_exporting():
+            # torch.compile replays this write with the graph's real outputs; torch.export would
+            # leave the trace's fake tensors as the "latest pass".
             self._last = state
         return x
 
