@@ -172,9 +172,9 @@ def test_eval_matches_reference_attention():
     y = torch.randn(2, 9, 32)
     with torch.no_grad():
         expected, _ = mha(y, y, y, need_weights=False)
-        from tome.patch.torchvision import _attention
+        from tome.patch.mha import self_attention
 
-        got, keys = _attention(model.encoder.layers[0].self_attention, y, None)
+        got, keys = self_attention(model.encoder.layers[0].self_attention, y, None)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert keys.shape == (2, 9, 2, 16)  # per head
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from tome.patch.handle import BlockCall, ToMeHandle
-from tome.patch.torchvision import _attention as _mha_attention
+from tome.patch.mha import check_fused, self_attention
 
 _DEFAULT_PARTS = ("ln_1", "attn", "ls_1", "ln_2", "mlp", "ls_2")
 _CUSTOM_PARTS = ("ln_1", "attn", "ln_attn", "ls_1", "ln_2", "mlp", "ls_2")
@@ -46,26 +46,6 @@ def _names(obj: object) -> list[str]:
 
 def _has_parts(module: nn.Module, parts: tuple[str, ...]) -> bool:
     return all(isinstance(getattr(module, p, None), nn.Module) for p in parts)
-
-
-def _check_mha(index: int, mha: nn.Module) -> None:
-    if not isinstance(mha, nn.MultiheadAttention):
-        raise TypeError(
-            f"tome: open_clip block {index} (ResidualAttentionBlock) uses attention {type(mha).__name__}; "
-            "only torch.nn.MultiheadAttention is supported there"
-        )
-    problems = []
-    if not mha._qkv_same_embed_dim:
-        problems.append("separate kdim/vdim projections")
-    if mha.bias_k is not None or mha.bias_v is not None:
-        problems.append("add_bias_kv=True")
-    if mha.add_zero_attn:
-        problems.append("add_zero_attn=True")
-    if problems:
-        raise TypeError(
-            f"tome: open_clip block {index}: nn.MultiheadAttention with {', '.join(problems)} is not "
-            "supported (expected one packed in_proj, no bias_k/bias_v, no zero attention)"
-        )
 
 
 def _check_custom_attention(index: int, attn: nn.Module) -> None:
@@ -92,7 +72,7 @@ def _check_block(index: int, block: nn.Module) -> str:
     """``"default"`` or ``"custom"``: the kind of block, after checking its parts."""
     names = _names(block)
     if "ResidualAttentionBlock" in names and _has_parts(block, _DEFAULT_PARTS):
-        _check_mha(index, block.attn)
+        check_fused(block.attn, where=f"open_clip block {index}", batch_first=False)
         return "default"
     if "CustomResidualAttentionBlock" in names and _has_parts(block, _CUSTOM_PARTS):
         _check_custom_attention(index, block.attn)
@@ -147,7 +127,7 @@ def _block_forward(
         mask = mask.to(x.dtype)
         if mask.dim() == 3:
             mask = mask.view(x.shape[0], mha.num_heads, *mask.shape[-2:])
-    attn_out, keys = _mha_attention(mha, block.ln_1(x), mask)
+    attn_out, keys = self_attention(mha, block.ln_1(x), mask)
     x = x + block.ls_1(attn_out)
     metric = handle.similarity_features(keys) if handle.wants_keys(index, x.shape[1]) else None
     x = handle.merge_layer(call, x, metric)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from tome.patch.handle import ToMeHandle
+from tome.patch.mha import check_fused, self_attention
 
 _BLOCK_PARTS = ("ln_1", "self_attention", "dropout", "ln_2", "mlp")
 
@@ -24,41 +24,7 @@ def _check_block(index: int, block: nn.Module) -> None:
             f"tome: torchvision encoder layer {index} is a {type(block).__name__}; only "
             "torchvision.models.vision_transformer.EncoderBlock is supported"
         )
-    mha = block.self_attention
-    if not isinstance(mha, nn.MultiheadAttention):
-        raise TypeError(
-            f"tome: torchvision encoder layer {index} uses attention {type(mha).__name__}; only "
-            "torch.nn.MultiheadAttention is supported"
-        )
-    problems = []
-    if not mha.batch_first:
-        problems.append("batch_first=False")
-    if not mha._qkv_same_embed_dim:
-        problems.append("separate kdim/vdim projections")
-    if mha.bias_k is not None or mha.bias_v is not None:
-        problems.append("add_bias_kv=True")
-    if mha.add_zero_attn:
-        problems.append("add_zero_attn=True")
-    if problems:
-        raise TypeError(
-            f"tome: torchvision encoder layer {index}: nn.MultiheadAttention with "
-            f"{', '.join(problems)} is not supported (expected batch_first=True, one packed "
-            "in_proj, no bias_k/bias_v, no zero attention)"
-        )
-
-
-def _attention(
-    mha: nn.MultiheadAttention, x: torch.Tensor, bias: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Self-attention of ``mha`` on ``x`` (B, N, C): ``(output, keys (B, N, heads, head_dim))``."""
-    B, N, C = x.shape
-    heads = mha.num_heads
-    qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
-    q, k, v = qkv.view(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4).unbind(0)
-    dropout_p = mha.dropout if mha.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
-    out = mha.out_proj(out.transpose(1, 2).reshape(B, N, C))
-    return out, k.transpose(1, 2)
+    check_fused(block.self_attention, where=f"torchvision encoder layer {index}")
 
 
 def _block_forward(block: nn.Module, index: int, handle: ToMeHandle, input: torch.Tensor) -> torch.Tensor:
@@ -66,7 +32,7 @@ def _block_forward(block: nn.Module, index: int, handle: ToMeHandle, input: torc
         raise ValueError(f"Expected (batch_size, seq_length, hidden_dim) got {tuple(input.shape)}")
     call = handle.begin_layer(index, input)
     bias = handle.attention_bias(call, input.dtype)
-    attn_out, keys = _attention(block.self_attention, block.ln_1(input), bias)
+    attn_out, keys = self_attention(block.self_attention, block.ln_1(input), bias)
     x = input + block.dropout(attn_out)
     metric = handle.similarity_features(keys) if handle.wants_keys(index, x.shape[1]) else None
     x = handle.merge_layer(call, x, metric)
