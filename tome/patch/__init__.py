@@ -27,6 +27,10 @@ __all__ = [
 # (family, module prefix of the framework's classes, adapter module, supported class names)
 _ADAPTERS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("timm", "timm.", "tome.patch.timm", ("VisionTransformer",)),
+    # EVA-02 / EVA-CLIP / PE / DINOv3 / vit_*_rope*: rotary positions merged with the tokens
+    ("timm", "timm.", "tome.patch.timm_eva", ("Eva",)),
+    # images of different sizes in one padded batch: merged image by image (masked)
+    ("timm", "timm.", "tome.patch.timm_naflex", ("NaFlexVit",)),
     (
         "transformers",
         "transformers.",
