@@ -332,7 +332,7 @@ def test_threads_give_serial_outputs():
 @pytest.mark.slow
 @pytest.mark.parametrize("use_rand", [False, True])
 def test_compiled_unet_equals_eager(use_rand):
-    # use_rand reads the timestep on the host to seed its generator: a graph break, not an error
+    # use_rand keys its choice on the timestep on its device: traced, no host read
     unet, inputs = tome.patch(_sd_unet(), use_rand=use_rand, merge_mlp=True), _inputs()
     expected = _run(unet, inputs)
     compiled = torch.compile(unet, backend="eager")

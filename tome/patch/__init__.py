@@ -81,6 +81,12 @@ _ADAPTERS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("torchvision", "torchvision.", "tome.patch.torchvision", ("VisionTransformer",)),
     # merge -> op -> unmerge in every transformer block (tomesd's scheme and options)
     ("diffusers", "diffusers.", "tome.patch.diffusers", ("UNet2DConditionModel",)),
+    (
+        "diffusers",
+        "diffusers.",
+        "tome.patch.diffusers_dit",
+        ("PixArtTransformer2DModel", "DiTTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel"),
+    ),
     ("open_clip", "open_clip.", "tome.patch.open_clip", ("VisionTransformer", "CLIP", "CustomTextCLIP")),
 )
 
@@ -256,22 +262,22 @@ def patch(
 
 
 def _pipeline_denoiser(model: object) -> nn.Module | None:
-    """The ``unet`` of a diffusers ``DiffusionPipeline`` (found by class name, never importing
-    diffusers), or ``None`` if ``model`` is no pipeline. A pipeline without a UNet (a DiT's
-    ``transformer``) is refused: tome does not merge DiTs yet."""
+    """The denoiser of a diffusers ``DiffusionPipeline`` (its ``unet``, or a DiT pipeline's
+    ``transformer``; found by class name, never importing diffusers), or ``None`` if ``model``
+    is no pipeline."""
     if not any(
         cls.__name__ == "DiffusionPipeline" and cls.__module__.startswith("diffusers.")
         for cls in type(model).__mro__
     ):
         return None
-    unet = getattr(model, "unet", None)
-    if not isinstance(unet, nn.Module):
-        raise TypeError(
-            f"model: tome.patch supports diffusers pipelines with a UNet2DConditionModel as their "
-            f"unet; this {type(model).__name__} has none (its denoiser: "
-            f"{type(getattr(model, 'transformer', None)).__name__})"
-        )
-    return unet
+    for name in ("unet", "transformer"):
+        denoiser = getattr(model, name, None)
+        if isinstance(denoiser, nn.Module):
+            return denoiser
+    raise TypeError(
+        f"model: tome.patch supports diffusers pipelines whose denoiser (their unet or transformer) "
+        f"is a supported model; this {type(model).__name__} has neither"
+    )
 
 
 def _supported_inside(model: nn.Module) -> list[tuple[str, nn.Module]]:

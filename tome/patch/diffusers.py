@@ -16,13 +16,13 @@ at once. A block recomputed by gradient checkpointing (during backward, outside 
 call) finds its UNet call from its input tensor (:class:`~tome.patch.passes.TokenRegistry`,
 weak references that live as long as the tensor) and merges exactly as it did the first time.
 
-Randomness (``use_rand``, an even batch as tomesd requires): each block call draws its
-destinations from its own ``torch.Generator`` on the tokens' device (CPU where the device has
-none), seeded with ``block_seed(seed, timestep, block)`` (see :func:`block_seed`). The global
-RNG is never read or advanced, so patching does not change the user's sampling, and the same
-call always merges the same way (threads, gradient checkpointing's recomputation). Reading the
-timestep is one device-to-host copy per UNet call when it lives on an accelerator (and a graph
-break under ``torch.compile``). tomesd instead forks the global RNG once per model and advances
+Randomness (``use_rand``, an even batch as tomesd requires): each block call picks its
+destinations with a counter-based hash (:func:`tome.merge2d.hashed_offsets`) of
+``block_key(seed, timestep, block)``, computed on the timestep's device: no generator, no
+device-to-host copy (the timestep is never read on the host, so no sync per call and no graph
+break under ``torch.compile``). The global RNG is never read or advanced, so patching does not
+change the user's sampling, and the same call always merges the same way (threads, gradient
+checkpointing's recomputation). tomesd instead forks the global RNG once per model and advances
 its own generator call after call.
 """
 
@@ -37,11 +37,11 @@ import torch.nn as nn
 
 from tome import merge as M
 from tome.merge import MergePlan
-from tome.merge2d import random2d_matching
+from tome.merge2d import keep_prefix, random2d_matching
 from tome.patch.handle import MergeOptions, ToMeHandle
 from tome.patch.passes import TokenRegistry
 
-__all__ = ["DEFAULTS", "DiffusionHandle", "apply", "block_seed"]
+__all__ = ["DEFAULTS", "DiffusionHandle", "apply", "block_key"]
 
 # tomesd's defaults (and meanings), ratio included.
 DEFAULTS = {
@@ -56,7 +56,9 @@ DEFAULTS = {
     "seed": 0,
 }
 _DOWNSAMPLES = (1, 2, 4, 8)
+# the ops of a BasicTransformerBlock and the setting that merges each
 _OPS = (("attn1", "merge_attn"), ("attn2", "merge_crossattn"), ("ff", "merge_mlp"))
+_FLAGS = tuple(flag for _, flag in _OPS)
 
 
 def _flag(name: str, value: object) -> bool:
@@ -112,64 +114,55 @@ class _CallSlot(threading.local):
 
     unet: _UNetCall | None = None
     block: _BlockMerge | None = None
+    rope: tuple | None = None  # rotary tables of merged tokens, for Flux's q/k norms
 
 
 class _TracedSlot:
     # torch.compile traces in one thread, and guards on thread-locals fail.
     unet = None
     block = None
+    rope = None
 
 
 class _UNetCall:
-    """One UNet call: its latent size and timestep (read only if a block needs randomness,
-    and then once per call)."""
+    """One call of the denoiser (a UNet or a DiT): its token grid at full resolution
+    (``height x width``: the latent for a UNet, the patch grid for a DiT) and its timestep
+    (a tensor stays on its device: randomness is keyed on it there)."""
 
-    __slots__ = ("_step", "height", "timestep", "width")
+    __slots__ = ("height", "timestep", "width")
 
     def __init__(self, height: int, width: int, timestep: object) -> None:
         self.height, self.width, self.timestep = height, width, timestep
-        self._step: float | None = None
-
-    def step(self) -> float:
-        if self._step is None:
-            self._step = _timestep_value(self.timestep)
-        return self._step
 
 
 class _BlockMerge:
-    """One block call's merge: the plan, for inputs of ``(batch, tokens)``."""
+    """One block call's merge: the plan, for inputs of ``(batch, tokens)``; ``text``: the
+    number of leading (text) tokens the plan keeps as they are, in a joint sequence."""
 
-    __slots__ = ("batch", "plan", "tokens")
+    __slots__ = ("batch", "plan", "text", "tokens")
 
-    def __init__(self, plan: MergePlan, batch: int, tokens: int) -> None:
-        self.plan, self.batch, self.tokens = plan, batch, tokens
-
-
-def _timestep_value(timestep: object) -> float:
-    if isinstance(timestep, torch.Tensor):
-        return float(timestep.detach().reshape(-1)[0]) if timestep.numel() else 0.0
-    return 0.0 if timestep is None else float(timestep)
+    def __init__(self, plan: MergePlan, batch: int, tokens: int, text: int = 0) -> None:
+        self.plan, self.batch, self.tokens, self.text = plan, batch, tokens, text
 
 
-def block_seed(seed: int, timestep: object, block: int) -> int:
-    """The seed of block ``block``'s generator in the UNet call at ``timestep`` (its first
-    element when it is a batch of timesteps): ``(seed * P + round(1000 * t)) * P + block`` modulo
-    ``2**63``, with ``P = 1_000_003``. Every step and every block gets its own destinations; the
-    two halves of a classifier-free-guidance batch share them (one partition per batch).
+_PRIME = 1_000_003
 
-    >>> block_seed(0, torch.tensor(999), 3)
+
+def block_key(seed: int, timestep: object, block: int) -> torch.Tensor:
+    """The key of block ``block``'s random destinations in the denoiser call at ``timestep``
+    (its first element when it is a batch of timesteps): ``(seed * P + round(1000 * t)) * P +
+    block`` with ``P = 1_000_003``, an int64 tensor on the timestep's device (computed there:
+    no host sync). Every step and every block gets its own destinations; the two halves of a
+    classifier-free-guidance batch share them (one partition per batch).
+
+    >>> block_key(0, torch.tensor(999), 3).item()
     999002997003
     """
-    prime = 1_000_003
-    step = round(1000 * _timestep_value(timestep))
-    return ((seed * prime + step) * prime + block) % 2**63
-
-
-def _generator(seed: int, device: torch.device) -> torch.Generator:
-    try:
-        return torch.Generator(device=device).manual_seed(seed)
-    except RuntimeError:  # a device without generators of its own
-        return torch.Generator().manual_seed(seed)
+    if isinstance(timestep, torch.Tensor) and timestep.numel():
+        step = torch.round(timestep.detach().reshape(-1)[0].float() * 1000).long()
+    else:
+        step = torch.tensor(round(1000 * float(timestep or 0)), dtype=torch.long)
+    return (seed * _PRIME + step) * _PRIME + block
 
 
 class DiffusionHandle(ToMeHandle):
@@ -184,7 +177,7 @@ class DiffusionHandle(ToMeHandle):
             batches, as in tomesd (a batch without both CFG halves would merge each half
             its own way).
         merge_attn, merge_crossattn, merge_mlp: which ops run on merged tokens.
-        seed: the seed of the random choice (see :func:`block_seed`).
+        seed: the seed of the random choice (see :func:`block_key`).
         blocks: the patched blocks' module names, in call order of a forward pass.
     """
 
@@ -209,10 +202,11 @@ class DiffusionHandle(ToMeHandle):
         self._slot = _CallSlot()
         self._traced_slot = _TracedSlot()
         self._calls = TokenRegistry()  # block input tensor -> its UNet call (for recomputation)
+        self._grid_cache: tuple | None = None  # Flux: (weakref to img_ids, its grid)
 
     def __getstate__(self) -> dict:
         saved = super().__getstate__()
-        transient = ("_slot", "_traced_slot", "_calls")
+        transient = ("_slot", "_traced_slot", "_calls", "_grid_cache")
         saved["state"] = {k: v for k, v in saved["state"].items() if k not in transient}
         return saved
 
@@ -239,13 +233,14 @@ class DiffusionHandle(ToMeHandle):
         return self._traced_slot if torch.compiler.is_compiling() else self._slot
 
     def merges(self, op: str) -> bool:
-        """Whether the op ``"attn1"``, ``"attn2"`` or ``"ff"`` runs on merged tokens."""
-        return getattr(self, dict(_OPS)[op])
+        """Whether the op ``"attn1"``, ``"attn2"`` or ``"ff"`` (or the setting named ``op``:
+        ``"merge_attn"``, ...) runs on merged tokens."""
+        return getattr(self, op if op in _FLAGS else dict(_OPS)[op])
 
     def plan(self, index: int, hidden: torch.Tensor, call: _UNetCall | None) -> _BlockMerge | None:
-        """The merge of block ``index`` for its input ``hidden`` ``(B, N, C)`` in the UNet call
-        ``call`` (tomesd's rules), or ``None`` when it merges nothing."""
-        if call is None or self.ratio == 0 or not any(getattr(self, flag) for _, flag in _OPS):
+        """The merge of block ``index`` for its input ``hidden`` ``(B, N, C)`` in the denoiser
+        call ``call`` (tomesd's rules), or ``None`` when it merges nothing."""
+        if call is None or self.ratio == 0 or not any(getattr(self, flag) for flag in _FLAGS):
             return None
         B, N = hidden.shape[:2]
         original = call.height * call.width
@@ -261,10 +256,10 @@ class DiffusionHandle(ToMeHandle):
             )
             return None
         r = int(N * self.ratio)
-        generator = None
+        key = None
         if self.use_rand and B % 2 == 0:
-            generator = _generator(block_seed(self.seed, call.step(), index), hidden.device)
-        plan = random2d_matching(hidden, h, w, self.sx, self.sy, r, generator)
+            key = block_key(self.seed, call.timestep, index).to(hidden.device)
+        plan = random2d_matching(hidden, h, w, self.sx, self.sy, r, key=key)
         return None if plan is None else _BlockMerge(plan, B, N)
 
     def unmerge(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -294,6 +289,12 @@ def _unet_forward(unet: nn.Module, handle: DiffusionHandle, *args, **kwargs):
 
 
 def _block_forward(block: nn.Module, index: int, handle: DiffusionHandle, *args, **kwargs):
+    return _run_block(block, index, handle, 0, args, kwargs)
+
+
+def _run_block(block: nn.Module, index: int, handle: DiffusionHandle, text: int, args, kwargs):
+    """Run ``block`` with its merge plan in the slot; ``text``: leading text tokens its ops see
+    in front of the block's image tokens (kept as they are)."""
     hidden = args[0] if args else kwargs["hidden_states"]
     slot = handle.slot()
     call = slot.unet
@@ -304,7 +305,10 @@ def _block_forward(block: nn.Module, index: int, handle: DiffusionHandle, *args,
         elif torch.is_grad_enabled() or hidden.requires_grad:
             handle._calls.register(hidden, call, index)
     previous = slot.block
-    slot.block = handle.plan(index, hidden, call)
+    current = handle.plan(index, hidden, call)
+    if current is not None and text:
+        current = _BlockMerge(keep_prefix(current.plan, text), current.batch, current.tokens + text, text)
+    slot.block = current
     try:
         return type(block).forward(block, *args, **kwargs)
     finally:
@@ -312,6 +316,9 @@ def _block_forward(block: nn.Module, index: int, handle: DiffusionHandle, *args,
 
 
 def _op_forward(module: nn.Module, op: str, handle: DiffusionHandle, *args, **kwargs):
+    """An op of a block (``op``: the setting that merges it, or a BasicTransformerBlock's op
+    name): merge its input, run it, unmerge its output (the first one, for ops that return
+    several: joint attention returns the image and the text tokens)."""
     current = handle.slot().block
     hidden = args[0] if args else kwargs.get("hidden_states")
     if (
@@ -324,7 +331,7 @@ def _op_forward(module: nn.Module, op: str, handle: DiffusionHandle, *args, **kw
         # Not merging here (or a chunked feed-forward: its chunks are not the block's tokens).
         return type(module).forward(module, *args, **kwargs)
     if (
-        op == "attn1"
+        op in ("attn1", "merge_attn")
         and kwargs.get("attention_mask") is not None
         and kwargs.get("encoder_hidden_states") is None
     ):
@@ -337,6 +344,8 @@ def _op_forward(module: nn.Module, op: str, handle: DiffusionHandle, *args, **kw
         out = type(module).forward(module, merged, *args[1:], **kwargs)
     else:
         out = type(module).forward(module, **{**kwargs, "hidden_states": merged})
+    if isinstance(out, tuple):
+        return (M.unmerge(current.plan.index, out[0]), *out[1:])
     return M.unmerge(current.plan.index, out)
 
 
@@ -417,8 +426,8 @@ def apply(
         handle.install_method(model, "forward", _unet_forward, handle)
         for index, (_, block) in enumerate(blocks):
             handle.install_method(block, "forward", _block_forward, index, handle)
-            for op, _ in _OPS:
+            for op, flag in _OPS:
                 module = getattr(block, op, None)
                 if isinstance(module, nn.Module):
-                    handle.install_method(module, "forward", _op_forward, op, handle)
+                    handle.install_method(module, "forward", _op_forward, flag, handle)
     return handle

@@ -26,6 +26,11 @@ _NOTES: dict[str, tuple[str, str, str]] = {
         "between attention and feed-forward; each row merges its own real tokens, padding changes none of them",
         "tiny random configs; real all-MiniLM-L6-v2 (sentence-transformers)",
     ),
+    "tome.patch.transformers_modernbert": (
+        "masked",
+        "between attention and MLP; RoPE at each merged token's mean original position, local windows by its originals' span",
+        "tiny random configs",
+    ),
     "tome.patch.torchvision": (
         "carry",
         "between attention and MLP in every `EncoderBlock`",
@@ -40,6 +45,11 @@ _NOTES: dict[str, tuple[str, str, str]] = {
         "merge → op → unmerge",
         "before self-attention (and optionally cross-attention, MLP), unmerged after: full-length outputs",
         "tiny random UNets; tomesd as the reference",
+    ),
+    "tome.patch.diffusers_dit": (
+        "merge → op → unmerge",
+        "image tokens before attention (and optionally cross-attention, MLP), unmerged after; text tokens never; Flux: merged tokens rotate at their destination's position",
+        "tiny random PixArt, DiT, SD3 (with SD3.5's dual attention), Flux; a PixArt-alpha pipeline",
     ),
 }
 
