@@ -11,9 +11,11 @@ patched model's handle for one row (nothing here is library API):
   every layer (``begin_layer``), so a layer removes its own fraction of each row's tokens;
 - ``metric``: the merge decided by the hidden states' cosine (``x``), or by keys and hidden
   states together (``hk+x``: per-head keys, ``keys+x``: head-averaged keys; cosine of the
-  concatenation of the normalized parts, ``x_weight`` the hidden states' share);
+  concatenation of the normalized parts, ``x_weight`` the hidden states' share) -- since these
+  rows, the text adapters' ``hidden_weight`` option (``x``: 1, ``hk+x``: ``x_weight``);
 - ``prop_scale``: proportional attention's log(size) scaled;
-- ``floor``: a row is never merged below ``floor`` tokens (short texts stay whole);
+- ``floor``: a row is never merged below ``floor`` tokens (short texts stay whole) -- since
+  these rows, the text adapters' ``min_tokens`` option;
 - ``protect_sep``: the [SEP] token is kept out of the merge (through the ``keep_outliers``
   token bias, swapped for one that marks [SEP], plus the ``k - 1`` largest-norm tokens).
 
@@ -156,6 +158,27 @@ GROUPS["final"] = [
         {"metric": "hk+x", "floor": 24},
     ),
 ]
+# The text adapters' options (min_tokens, hidden_weight), tuned on the calibration halves; the
+# defaults of tome.patch for text encoders are the best rows here.
+GROUPS["tune"] = [
+    *[
+        (
+            f"ratio={q} hidden_weight={w}, min_tokens=24",
+            {"ratio": q, **HK, "hidden_weight": w, "min_tokens": 24},
+            {},
+        )
+        for q in (0.1, 0.115)
+        for w in (0.0, 0.25, 0.5, 0.75, 1.0)
+    ],
+    *[
+        (
+            f"ratio=0.115 hidden_weight=0.5, min_tokens={m}",
+            {"ratio": 0.115, **HK, "hidden_weight": 0.5, "min_tokens": m},
+            {},
+        )
+        for m in (0, 16, 32, 48)
+    ],
+]
 GROUPS["protect"] = [
     ("ratio=0.1 hk+mean", {"ratio": 0.1, **HKM}, {}),
     ("ratio=0.1 hk+mean protect [SEP]", {"ratio": 0.1, **HKM, "keep_outliers": 1}, {"protect_sep": True}),
@@ -168,21 +191,37 @@ GROUPS["protect"] = [
 ]
 
 
+# What tome.patch did for text when the earlier groups ran: the rows keep that meaning now that
+# the text adapters default to head_keys, min_tokens=24 and hidden_weight=0.5.
+BEFORE_TEXT_OPTIONS = {"metric": "keys", "min_tokens": 0, "hidden_weight": 0.0}
+
+
+def as_options(options: dict, extra: dict) -> tuple[dict, dict]:
+    """``tome.patch`` keywords of a row (the old ``floor`` / ``metric`` extras become the
+    ``min_tokens`` / ``hidden_weight`` options) and the extras left for :func:`variant`."""
+    options, extra = {**BEFORE_TEXT_OPTIONS, **options}, dict(extra)
+    if "floor" in extra:
+        options["min_tokens"] = extra.pop("floor")
+    metric, weight = extra.pop("metric", None), extra.pop("x_weight", 0.5)
+    if metric == "x":
+        options["hidden_weight"] = 1.0
+    elif metric in ("hk+x", "keys+x"):
+        options["hidden_weight"] = weight
+    return options, extra
+
+
 @contextlib.contextmanager
 def variant(
     model,
     layers: list[float] | None = None,
     protect_sep: bool = False,
-    metric: str | None = None,
-    x_weight: float = 0.5,
     prop_scale: float | None = None,
-    floor: int = 0,
 ):
-    """Swap handle parts for per-layer ratios and [SEP] protection (see the module docstring)."""
+    """Swap handle parts for per-layer ratios, a scaled proportional attention and [SEP]
+    protection (see the module docstring)."""
     handle = T.handle_of(model)
     current = {}
     original_bias = M.outlier_bias
-    original_per_row_r = M.per_row_r
     if prop_scale is not None:
         bias_of = handle.attention_bias
 
@@ -194,18 +233,6 @@ def variant(
             return torch.where(finite, bias * prop_scale, bias)
 
         handle.attention_bias = scaled_bias
-    if floor:
-        removed = handle._removed
-
-        def floored(index, num_tokens):
-            return max(0, min(removed(index, num_tokens), num_tokens - floor))
-
-        def per_row_r(valid_tokens, protected, r, ratio):
-            wanted = original_per_row_r(valid_tokens, protected, r, ratio)
-            return torch.minimum(wanted, (valid_tokens - floor).clamp_min(0))
-
-        handle._removed = floored
-        M.per_row_r = per_row_r
     if layers is not None:
         begin = handle.begin_layer
 
@@ -214,21 +241,6 @@ def variant(
             return begin(index, x, key_mask=key_mask)
 
         handle.begin_layer = begin_layer
-    if metric is not None:
-        inner = handle.merge_layer
-
-        def merge_by(call, x, keys):
-            if keys is None:
-                return inner(call, x, keys)
-            h = F.normalize(x.float(), dim=-1)
-            if metric == "x":
-                chosen = h
-            else:  # keys (per head or averaged) and hidden states, weighted equally in the cosine
-                k = F.normalize(keys.float(), dim=-1)
-                chosen = torch.cat([k * (1 - x_weight) ** 0.5, h * x_weight**0.5], dim=-1)
-            return inner(call, x, chosen)
-
-        handle.merge_layer = merge_by
     if protect_sep:
         merge_layer = handle.merge_layer
 
@@ -254,8 +266,7 @@ def variant(
         yield
     finally:
         M.outlier_bias = original_bias
-        M.per_row_r = original_per_row_r
-        for name in ("begin_layer", "merge_layer", "attention_bias", "_removed"):
+        for name in ("begin_layer", "merge_layer", "attention_bias"):
             handle.__dict__.pop(name, None)
 
 
@@ -274,6 +285,11 @@ class Bench:
             self.sts_ref = T.sts_scores(self.model, self.sts, None)["calibration"]
 
     def row(self, label: str, options: dict, extra: dict) -> str:
+        options, extra = as_options(options, extra)
+        try:
+            T.configure(self.model, options)
+        except ValueError as error:  # e.g. keep_outliers, refused for text encoders since these rows ran
+            return f"| {label} | refused: {error} |"
         cells = []
         for length in self.lengths:
             self.model.max_seq_length = length

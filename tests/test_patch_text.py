@@ -37,6 +37,13 @@ CLASSES = {
 BASES = [name for name in CLASSES if name.endswith("Model")]
 
 
+def patch(model, **kwargs):
+    """tome.patch with no min_tokens floor: these tests merge tiny texts (the floor has tests
+    of its own)."""
+    kwargs.setdefault("min_tokens", 0)
+    return tome.patch(model, **kwargs)
+
+
 def make(name: str, attn: str = "sdpa", seed: int = 0) -> torch.nn.Module:
     config_name, kwargs = CLASSES[name]
     torch.manual_seed(seed)
@@ -76,7 +83,7 @@ def test_r0_equals_unpatched_and_unpatch_is_exact(name):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         reference = output(model, ids, mask)
-        tome.patch(model, r=0)
+        patch(model, r=0)
         torch.testing.assert_close(output(model, ids, mask), reference, atol=1e-5, rtol=1e-5)
         model.tome.r = 4
         merged = output(model, ids, mask)
@@ -92,7 +99,7 @@ def test_r0_equals_unpatched_and_unpatch_is_exact(name):
 @pytest.mark.parametrize("schedule", [{"ratio": 0.25}, {"r": 3}])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_a_text_gives_the_same_output_alone_or_in_a_padded_batch(name, schedule, attn):
-    model = tome.patch(make(name, attn), **schedule)
+    model = patch(make(name, attn), **schedule)
     lengths = [21, 9, 2, 1, 16, 30]
     ids, mask = texts(lengths)
     with torch.no_grad():
@@ -111,7 +118,7 @@ def test_a_text_gives_the_same_output_alone_or_in_a_padded_batch(name, schedule,
 
 @pytest.mark.parametrize("name", ["BertModel", "DistilBertModel"])
 def test_padding_never_merges_with_real_tokens_and_is_never_attended(name):
-    model = tome.patch(make(name), r=4, unmerge_output=False)
+    model = patch(make(name), r=4, unmerge_output=False)
     ids, mask = texts([24, 10])
     with torch.no_grad():
         out = output(model, ids, mask)
@@ -128,7 +135,7 @@ def test_padding_never_merges_with_real_tokens_and_is_never_attended(name):
 
 
 def test_ratio_short_texts_lose_few_tokens_long_ones_many():
-    model = tome.patch(make("BertModel"), ratio=0.25, unmerge_output=False)
+    model = patch(make("BertModel"), ratio=0.25, unmerge_output=False)
     ids, mask = texts([33, 9])
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
@@ -145,7 +152,7 @@ def test_ratio_short_texts_lose_few_tokens_long_ones_many():
 
 @pytest.mark.parametrize("lengths", [[1], [2], [1, 2, 5], [0, 6]])
 def test_tiny_and_empty_rows_are_defined(lengths):
-    model = tome.patch(make("BertModel"), ratio=0.4)
+    model = patch(make("BertModel"), ratio=0.4)
     ids, mask = texts([max(n, 1) for n in lengths])
     for row, n in enumerate(lengths):
         mask[row, n:] = 0  # n == 0: an all-padding row
@@ -163,7 +170,7 @@ def test_batch_zero_behaves_as_unpatched(name):
             expected = output(model, ids[:0], mask[:0]).shape
     except RuntimeError as error:  # the model itself cannot run an empty batch
         expected = type(error)
-    tome.patch(model, ratio=0.3)
+    patch(model, ratio=0.3)
     if isinstance(expected, type):
         with pytest.raises(expected):
             output(model, ids[:0], mask[:0])
@@ -173,7 +180,7 @@ def test_batch_zero_behaves_as_unpatched(name):
 
 
 def test_attention_mask_that_is_not_0_1_is_refused():
-    model = tome.patch(make("BertModel"), r=2)
+    model = patch(make("BertModel"), r=2)
     ids, mask = texts([6, 4])
     with pytest.raises(ValueError, match="attention_mask: expected 0/1"):
         model(input_ids=ids, attention_mask=mask * 2)
@@ -181,7 +188,7 @@ def test_attention_mask_that_is_not_0_1_is_refused():
 
 @pytest.mark.parametrize("name", ["BertModel", "DistilBertModel"])
 def test_packed_sequences_never_merge_across_texts(name):
-    model = tome.patch(make(name), r=0)
+    model = patch(make(name), r=0)
     a_ids, _ = texts([12], seed=1)
     b_ids, _ = texts([9], seed=2)
     packed = torch.cat([a_ids, b_ids], dim=1)
@@ -215,14 +222,14 @@ def test_packed_sequences_never_merge_across_texts(name):
 
 
 def test_packed_sequence_ids_of_the_wrong_shape_are_refused():
-    model = tome.patch(make("BertModel"), r=2)
+    model = patch(make("BertModel"), r=2)
     ids, _ = texts([6])
     with pytest.raises(ValueError, match="tome_sequence_ids: expected a \\(1, 6\\)"):
         model(input_ids=ids, tome_sequence_ids=torch.zeros(1, 5, dtype=torch.long))
 
 
 def test_text_model_copies_pickles_and_exports():
-    model = tome.patch(make("BertModel"), ratio=0.25)
+    model = patch(make("BertModel"), ratio=0.25)
     ids, mask = texts([12, 7])
     with torch.no_grad():
         reference = output(model, ids, mask)
@@ -248,27 +255,27 @@ def test_text_model_copies_pickles_and_exports():
 def test_keep_outliers_is_refused_for_post_norm_text_encoders():
     model = make("BertModel")
     with pytest.raises(ValueError, match="keep_outliers: expected 0 for text encoders"):
-        tome.patch(model, ratio=0.2, keep_outliers=2)
+        patch(model, ratio=0.2, keep_outliers=2)
     assert not hasattr(model, "tome")
 
 
 def test_text_encoders_default_to_head_keys():
-    model = tome.patch(make("BertModel"), ratio=0.1)
+    model = patch(make("BertModel"), ratio=0.1)
     assert model.tome.options.metric == "head_keys"
-    assert tome.patch(make("BertModel"), ratio=0.1, metric="keys").tome.options.metric == "keys"
+    assert patch(make("BertModel"), ratio=0.1, metric="keys").tome.options.metric == "keys"
 
 
 def test_unsupported_text_model_lists_the_supported_classes():
     config = transformers.BertConfig(**_BERT)
     model = transformers.BertForMaskedLM(config)
     with pytest.raises(TypeError, match=r"BertModel.*DistilBertForSequenceClassification"):
-        tome.patch(model, r=2)
+        patch(model, r=2)
 
 
 def test_decoder_bert_is_refused():
     config = transformers.BertConfig(**_BERT, is_decoder=True)
     with pytest.raises(TypeError, match="decoder"):
-        tome.patch(transformers.BertModel(config), r=2)
+        patch(transformers.BertModel(config), r=2)
 
 
 # -- sentence-transformers, real model -------------------------------------------------------------
@@ -311,3 +318,67 @@ def test_sentence_transformer_encode_is_batch_invariant(paragraphs):
     assert model.tome.tokens_per_layer[-1] < model.tome.tokens_per_layer[0]
     tome.unpatch(model)
     assert torch.equal(model.encode(paragraphs, batch_size=16, convert_to_tensor=True), reference)
+
+
+# -- the text adapters' options: min_tokens, hidden_weight -----------------------------------------
+
+
+def test_min_tokens_keeps_short_texts_whole_and_batch_invariance():
+    model = tome.patch(make("BertModel"), ratio=0.3, min_tokens=12, unmerge_output=False)
+    assert model.tome.min_tokens == 12 and model.tome.planned_tokens(10) == [10] * (LAYERS + 1)
+    assert min(model.tome.planned_tokens(30)) == 12  # merged down to the floor, never below
+    lengths = [30, 10, 14, 3]
+    ids, mask = texts(lengths)
+    with torch.no_grad():
+        batched = output(model, ids, mask)
+        sizes = model.tome.sizes
+        real = (sizes > 0).sum(1).tolist()
+        assert real[1] == 10 and real[3] == 3 and 12 <= real[2] < 14 and 12 <= real[0] < 30
+        model.tome.unmerge_output = True
+        batched = output(model, ids, mask)
+        for row, length in enumerate(lengths):
+            alone = output(model, ids[row : row + 1, :length], mask[row : row + 1, :length])
+            torch.testing.assert_close(batched[row, :length], alone[0], atol=1e-5, rtol=1e-4)
+
+
+def test_hidden_weight_decides_the_merges_with_the_keys():
+    ids, mask = texts([24, 17])
+    results = {}
+    with torch.no_grad():
+        for weight in (0.0, 0.5, 1.0):
+            model = patch(make("BertModel"), ratio=0.3, hidden_weight=weight, unmerge_output=False)
+            output(model, ids, mask)
+            results[weight] = model.tome.source
+    assert len({tuple(s.flatten().tolist()) for s in results.values()}) > 1  # the metric matters
+    model.tome.hidden_weight = 0.25
+    assert model.tome.patch_options()["hidden_weight"] == 0.25
+    again = tome.patch(model, **model.tome.patch_options())
+    assert again.tome.hidden_weight == 0.25 and again.tome.min_tokens == 0
+    for bad in (-0.1, 1.5, "half", True):
+        with pytest.raises(ValueError, match="hidden_weight: expected a number in"):
+            model.tome.hidden_weight = bad
+    with pytest.raises(ValueError, match="min_tokens: expected an int >= 0"):
+        model.tome.min_tokens = -1
+
+
+def test_text_defaults_and_the_options_are_refused_elsewhere():
+    from tome.patch import transformers_text as T
+
+    model = tome.patch(make("BertModel"), ratio=0.1)
+    assert (model.tome.min_tokens, model.tome.hidden_weight) == (
+        T.DEFAULT_MIN_TOKENS,
+        T.DEFAULT_HIDDEN_WEIGHT,
+    )
+    vit = transformers.ViTModel(
+        transformers.ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=16,
+        )
+    )
+    with pytest.raises(TypeError, match="min_tokens: an option of text encoders"):
+        tome.patch(vit, r=1, min_tokens=4)
+    assert not hasattr(vit, "tome")

@@ -78,6 +78,12 @@ _ADAPTERS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
             "MPNetForSequenceClassification",
         ),
     ),
+    (
+        "transformers",
+        "transformers.",
+        "tome.patch.transformers_modernbert",
+        ("ModernBertModel", "ModernBertForSequenceClassification"),
+    ),
     ("torchvision", "torchvision.", "tome.patch.torchvision", ("VisionTransformer",)),
     # merge -> op -> unmerge in every transformer block (tomesd's scheme and options)
     ("diffusers", "diffusers.", "tome.patch.diffusers", ("UNet2DConditionModel",)),
@@ -126,6 +132,8 @@ def patch(
     merge_crossattn: bool | None = None,
     merge_mlp: bool | None = None,
     seed: int | None = None,
+    min_tokens: int | None = None,
+    hidden_weight: float | None = None,
 ) -> nn.Module:
     """Make ``model`` merge tokens in every transformer block, in place; returns ``model``.
 
@@ -164,6 +172,12 @@ def patch(
             tokens than the others can give (ViTs without registers keep global information
             in a few high-norm tokens: Darcet et al., "Vision Transformers Need Registers",
             ICLR 2024).
+
+    Text encoders (transformers BERT-family and ModernBERT, sentence-transformers) also take
+    ``min_tokens`` (a text is never merged below this many tokens, so short texts stay whole)
+    and ``hidden_weight`` (the share of the hidden states' cosine in the matching similarity,
+    beside the keys'); defaults: the best measured on a tuning half of real text
+    (``benchmarks/text.py``); settable later on the handle. Errors for other models.
 
     Diffusion models (a diffusers ``UNet2DConditionModel``: SD 1.x / 2.x, SDXL; or a
     ``DiffusionPipeline``, whose ``unet`` is patched) take tomesd's arguments with tomesd's
@@ -207,6 +221,7 @@ def patch(
         patch(
             denoiser, r, ratio=ratio, prop_attn=prop_attn, unmerge_output=unmerge_output, metric=metric,
             mode=mode, unmerge_detail=unmerge_detail, keep_outliers=keep_outliers, **diffusion,
+            min_tokens=min_tokens, hidden_weight=hidden_weight,
         )  # fmt: skip
         return model
     if not isinstance(model, nn.Module):
@@ -223,6 +238,11 @@ def patch(
     settings = {
         "prop_attn": prop_attn, "unmerge_output": unmerge_output, "options": options, "ratio": ratio,
         "diffusion": diffusion, "default_metric": metric is None,
+        "adapter_options": {
+            name: value
+            for name, value in (("min_tokens", min_tokens), ("hidden_weight", hidden_weight))
+            if value is not None
+        },
     }  # fmt: skip
     if _find_adapter(model) is not None:
         return _patch_one(model, r, settings)
@@ -302,6 +322,16 @@ def _patch_one(model: nn.Module, r: Schedule, settings: dict) -> nn.Module:
     module = importlib.import_module(adapter)
     settings = dict(settings)
     diffusion = settings.pop("diffusion", {})
+    # Options only some adapters take (text encoders: min_tokens, hidden_weight).
+    adapter_options = settings.pop("adapter_options", {})
+    accepted = getattr(module, "ADAPTER_OPTIONS", ())
+    for name in adapter_options:
+        if name not in accepted:
+            raise TypeError(
+                f"{name}: an option of text encoders (transformers BERT-family, ModernBERT, "
+                f"sentence-transformers), not of {type(model).__module__}.{type(model).__qualname__}"
+            )
+    settings.update(adapter_options)
     if settings.pop("default_metric", False) and hasattr(module, "DEFAULT_METRIC"):
         # The family's measured best (text encoders: head_keys, benchmarks/text.py).
         settings["options"] = dataclasses.replace(settings["options"], metric=module.DEFAULT_METRIC)

@@ -407,6 +407,12 @@ class ToMeHandle:
             )
         return removed
 
+    def rows_removed(self, index: int, valid_tokens: torch.Tensor) -> torch.Tensor:
+        """``(B,)``: tokens block ``index`` removes from each row of a padded batch, from that
+        row's own count of real tokens ``valid_tokens`` (B,) (adapters may add a rule of their
+        own, e.g. a floor; it must depend on the row alone)."""
+        return M.per_row_r(valid_tokens, self.protected, self._r_per_layer[index], self._ratio)
+
     def schedules_merges(self, index: int) -> bool:
         """Whether the schedule asks block ``index`` to merge anything (before capping)."""
         return (self._ratio is not None and self._ratio > 0) or self._r_per_layer[index] > 0
@@ -468,8 +474,7 @@ class ToMeHandle:
             # Padded batch: every row merges by its own tokens alone; padding is zeroed so that
             # folding it into a real token (size 0) changes nothing, whatever the mode.
             real = call.valid.sum(dim=1)
-            row_r = M.per_row_r(real, self.protected, self._r_per_layer[index], self._ratio)
-            row_r = row_r.clamp_max(r)
+            row_r = self.rows_removed(index, real).clamp_max(r)
             ids = call.pass_state.sequence_ids
             if ids is not None and call.merged:
                 ids = torch.full_like(call.history.sizes, -100, dtype=ids.dtype).scatter(

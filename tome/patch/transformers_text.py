@@ -22,11 +22,13 @@ The sequence output (``last_hidden_state``) comes back at the original length by
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from tome.patch.handle import BlockCall, ToMeHandle
 
@@ -38,6 +40,87 @@ DEFAULT_UNMERGE_OUTPUT = True
 # against 0.970 for head-averaged keys (held-out paragraphs, benchmarks/text.py).
 DEFAULT_METRIC = "head_keys"
 PACKED_KEYWORD = "tome_sequence_ids"
+# The text adapters' own options (tome.patch keywords, settable on the handle). Defaults: the
+# best measured on the tuning halves of WikiText-2 / STS-2015 on all-MiniLM-L6-v2
+# (benchmarks/text_experiments.py); held-out figures in benchmarks/text.py and the README.
+ADAPTER_OPTIONS = ("min_tokens", "hidden_weight")
+DEFAULT_MIN_TOKENS = 24
+DEFAULT_HIDDEN_WEIGHT = 0.5
+
+
+class TextHandle(ToMeHandle):
+    """The handle of a patched text encoder: :class:`ToMeHandle` plus two settings.
+
+    Attributes:
+        min_tokens: a row (a text) is never merged below this many tokens: short texts (STS
+            sentences, queries) stay whole, long ones merge by the schedule. Depends on the row
+            alone, so batch invariance holds. Settable.
+        hidden_weight: the share ``w`` of the hidden states in the matching similarity: merges
+            are decided by ``(1 - w) * cos(keys) + w * cos(hidden states)`` (``0``: keys only,
+            as ToMe). Settable.
+    """
+
+    def __init__(
+        self,
+        *args,
+        min_tokens: int = DEFAULT_MIN_TOKENS,
+        hidden_weight: float = DEFAULT_HIDDEN_WEIGHT,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.min_tokens = min_tokens
+        self.hidden_weight = hidden_weight
+
+    @property
+    def min_tokens(self) -> int:
+        return self._min_tokens
+
+    @min_tokens.setter
+    def min_tokens(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"min_tokens: expected an int >= 0, got {value!r}")
+        self._min_tokens = value
+
+    @property
+    def hidden_weight(self) -> float:
+        return self._hidden_weight
+
+    @hidden_weight.setter
+    def hidden_weight(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise ValueError(f"hidden_weight: expected a number in [0, 1], got {value!r}")
+        self._hidden_weight = float(value)
+
+    def patch_options(self) -> dict:
+        return {**super().patch_options(), "min_tokens": self.min_tokens, "hidden_weight": self.hidden_weight}
+
+    def _floor(self, removed: int, num_tokens: int) -> int:
+        return max(0, min(removed, num_tokens - self._min_tokens))
+
+    def _removed(self, index: int, num_tokens: int) -> int:
+        return self._floor(super()._removed(index, num_tokens), num_tokens)
+
+    def layer_r(self, index: int, num_tokens: int) -> int:
+        if self._floor(num_tokens, num_tokens) < ToMeHandle._removed(self, index, num_tokens):
+            return self._removed(index, num_tokens)  # the floor, not the cap: no cap warning
+        return super().layer_r(index, num_tokens)
+
+    def rows_removed(self, index: int, valid_tokens: torch.Tensor) -> torch.Tensor:
+        wanted = super().rows_removed(index, valid_tokens)
+        return torch.minimum(wanted, (valid_tokens - self._min_tokens).clamp_min(0))
+
+    def matching_metric(self, keys: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The merge metric of a block from its keys' features (:meth:`take_keys`) and the
+        hidden states ``(B, N, C)`` it merges: the normalized parts concatenated with weights
+        ``sqrt(1 - w)`` and ``sqrt(w)``, so its cosine is the weighted sum of theirs."""
+        w = self._hidden_weight
+        if keys is None or w == 0:
+            return keys
+        h = F.normalize(hidden.float(), dim=-1)
+        if w == 1:
+            return h
+        k = F.normalize(keys.float(), dim=-1)
+        return torch.cat([k * math.sqrt(1 - w), h * math.sqrt(w)], dim=-1)
 
 
 @dataclass(frozen=True)
@@ -199,7 +282,7 @@ def _begin(
 def _bert_layer_forward(
     layer: nn.Module,
     index: int,
-    handle: ToMeHandle,
+    handle: TextHandle,
     family: _TextFamily,
     hidden_states: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
@@ -217,14 +300,16 @@ def _bert_layer_forward(
     mask = _layer_mask(handle, call, attention_mask, hidden_states.dtype)
     handle.take_keys()  # nothing left over from an interrupted call in this thread
     attention_output = layer.attention(hidden_states, mask, **kwargs)[0]
-    x = handle.merge_layer(call, attention_output, handle.take_keys())
+    x = handle.merge_layer(
+        call, attention_output, handle.matching_metric(handle.take_keys(), attention_output)
+    )
     return handle.end_layer(call, layer.feed_forward_chunk(x))
 
 
 def _distilbert_layer_forward(
     layer: nn.Module,
     index: int,
-    handle: ToMeHandle,
+    handle: TextHandle,
     family: _TextFamily,
     hidden_states: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
@@ -235,14 +320,14 @@ def _distilbert_layer_forward(
     handle.take_keys()
     attention_output = layer.attention(hidden_states, attention_mask=mask, **kwargs)[0]
     x = layer.sa_layer_norm(attention_output + hidden_states)
-    x = handle.merge_layer(call, x, handle.take_keys())
+    x = handle.merge_layer(call, x, handle.matching_metric(handle.take_keys(), x))
     return handle.end_layer(call, layer.output_layer_norm(layer.ffn(x) + x))
 
 
 def _mpnet_layer_forward(
     layer: nn.Module,
     index: int,
-    handle: ToMeHandle,
+    handle: TextHandle,
     family: _TextFamily,
     hidden_states: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
@@ -256,7 +341,7 @@ def _mpnet_layer_forward(
         position_bias = _group_position_bias(position_bias, call)
     handle.take_keys()
     outputs = layer.attention(hidden_states, mask, position_bias, output_attentions=output_attentions)
-    x = handle.merge_layer(call, outputs[0], handle.take_keys())
+    x = handle.merge_layer(call, outputs[0], handle.matching_metric(handle.take_keys(), outputs[0]))
     out = handle.end_layer(call, layer.output(layer.intermediate(x), x))
     return (out, *outputs[1:])
 
@@ -329,7 +414,7 @@ def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
     for index, layer in enumerate(layers):
         _check_layer(index, layer, family)
     output_module = _get(base, family.output)
-    handle = ToMeHandle(len(layers), r, protected=1, **settings)  # [CLS] / <s> stays in front
+    handle = TextHandle(len(layers), r, protected=1, **settings)  # [CLS] / <s> stays in front
     forward = {
         "bert": _bert_layer_forward,
         "distilbert": _distilbert_layer_forward,
