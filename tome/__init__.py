@@ -20,6 +20,7 @@ __all__ = [
     "TokenMerger",
     "TuneResult",
     "attention_bias",
+    "embed",
     "max_r",
     "patch",
     "resolve_schedule",
@@ -30,7 +31,7 @@ __version__ = "0.1.0"
 
 # The tools layer (tome.tools) loads on first use of its names: ``import tome`` is the core and
 # the adapters only.
-_LAZY = {"tune": "tome.tools.tune", "TuneResult": "tome.tools.tune"}
+_LAZY = {"tune": "tome.tools.tune", "TuneResult": "tome.tools.tune", "embed": "tome.tools.embed"}
 
 
 def __getattr__(name: str):

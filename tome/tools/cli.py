@@ -1,4 +1,4 @@
-"""The ``tome`` command: ``tome demo | viz | bench | eval | tune``.
+"""The ``tome`` command: ``tome demo | viz | bench | eval | tune | embed``.
 
 See ``tome --help`` and ``tome COMMAND --help``. User errors (missing images, unknown model,
 weights that do not fit, bad ``--r``, an output folder that cannot be written) print one line to
@@ -778,6 +778,71 @@ def cmd_tune(args) -> int:
     return 0
 
 
+# -- embed -----------------------------------------------------------------------------------
+
+
+def _embed_options(args) -> dict:
+    """The tome.patch options given (only those: text encoders keep their own default metric)."""
+    from tome.patch.handle import MergeOptions
+
+    given = {"mode": args.mode, "metric": args.metric, "keep_outliers": args.keep_outliers}
+    options = {k: v for k, v in given.items() if v is not None}
+    try:
+        MergeOptions(**options)
+    except (ValueError, TypeError) as error:
+        name, _, message = str(error).partition(": ")
+        raise UserError(f"--{name.replace('_', '-')}: {message}") from None
+    return options
+
+
+def cmd_embed(args) -> int:
+    import json
+
+    from tome.tools.embed import EXIT_SKIPPED, embed
+
+    result = None
+    try:
+        result = embed(
+            args.inputs,
+            args.out,
+            model=args.model,
+            r=args.r,
+            ratio=args.ratio,
+            texts=True if args.texts else None,
+            batch=args.batch,
+            chunk=args.chunk,
+            workers=args.workers,
+            threads=args.threads,
+            weights=args.weights,
+            random_init=args.random_init,
+            img_size=args.img_size,
+            max_tokens=args.max_tokens,
+            ray=args.ray,
+            ray_address=args.ray_address,
+            ray_actors=args.ray_actors,
+            progress=not args.quiet,
+            log=lambda line: _info(args, line),
+            **_embed_options(args),
+        )
+    except KeyboardInterrupt:
+        print(
+            f"tome: interrupted; the rows written so far are kept: rerun the same command to finish {args.out}",
+            file=sys.stderr,
+        )
+        return 130
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(result.summary())
+    if result.skipped:
+        for key, reason in result.skipped[:5]:
+            _warn(f"skipped {key}: {reason}")
+        more = f" ({len(result.skipped) - 5} more)" if len(result.skipped) > 5 else ""
+        _warn(f"{len(result.skipped)} item(s) skipped{more}, listed in {result.skipped_file}")
+        return EXIT_SKIPPED
+    return 0
+
+
 # -- demo ------------------------------------------------------------------------------------
 
 
@@ -835,7 +900,9 @@ def build_parser() -> argparse.ArgumentParser:
         "  tome viz photos/ --r 16 --out pictures/\n"
         "  tome bench --r 0,8,13,16 --batch 32 --plot speed.png\n"
         "  tome eval --images val/ --r 8,16:-1.0 --json > fidelity.json\n"
-        "  tome tune --images photos/ --target 2.0\n\n" + _EPILOG_MODELS,
+        "  tome tune --images photos/ --target 2.0\n"
+        "  tome embed photos/ --out photos.parquet --r 16:-0.75   # resumable; --ray for Ray Data\n\n"
+        + _EPILOG_MODELS,
     )
     from tome import __version__
 
@@ -1009,6 +1076,81 @@ def build_parser() -> argparse.ArgumentParser:
     _add_merge_args(tu)
     _add_model_args(tu)
     tu.set_defaults(func=cmd_tune)
+
+    em = sub.add_parser(
+        "embed",
+        help="embed a whole collection into a parquet file (resumable; on Ray with --ray)",
+        formatter_class=_Formatter,
+        description="One row per image (or per line of text files): path (texts: id, FILE:LINE) and "
+        "embedding (float32 list: the pooled / CLS feature of image models, the sentence-transformers "
+        "embedding of text models), the model and settings in the file's metadata. Rows are written in "
+        "chunks as they finish; rerun the same command after a crash or kill to finish the rest (nothing "
+        "twice). Unreadable images are skipped, listed in OUT.skipped.tsv, and the exit status is 3. Bad "
+        "input (a missing path, an empty folder, an --out that cannot be written or holds another model's "
+        "rows): one line, exit status 2, nothing written.",
+        epilog="examples:\n"
+        "  tome embed photos/ --out photos.parquet\n"
+        "  tome embed photos/ more.jpg --out photos.parquet --r 16:-0.75 --batch 64\n"
+        "  tome embed lines.txt --out lines.parquet --ratio 0.1          # text: all-MiniLM-L6-v2\n"
+        "  tome embed photos/ --out photos.parquet --ray                 # Ray Data on this machine\n"
+        "  tome embed /shared/photos --out photos.parquet --ray-address auto   # a running cluster\n\n"
+        + _EPILOG_MODELS
+        + _EPILOG_TEXT_MODELS,
+    )
+    em.add_argument(
+        "inputs", nargs="+", metavar="PATH", help="images, folders (searched recursively) or text files"
+    )
+    em.add_argument(
+        "--out", required=True, metavar="FILE.parquet", help="the parquet file to write or finish"
+    )
+    schedule = em.add_mutually_exclusive_group()
+    schedule.add_argument("--r", metavar="R", help=f"{_R_HELP} (default: 16 for images; 0: unmerged)")
+    schedule.add_argument("--ratio", metavar="P", help=f"{_RATIO_HELP} (default for texts: 0.1)")
+    em.add_argument("--batch", type=int, default=32, help="items per forward pass (default: 32)")
+    em.add_argument(
+        "--chunk",
+        type=int,
+        default=512,
+        metavar="N",
+        help="rows per part file: what a crash may redo (default: 512)",
+    )
+    em.add_argument(
+        "--workers", type=int, metavar="N", help="image decoding threads (default: min(4, CPU count))"
+    )
+    em.add_argument("--json", action="store_true", help="print the summary as JSON")
+    group = em.add_argument_group("texts")
+    group.add_argument(
+        "--texts", action="store_true", help="the inputs are text files, one text a line (default: when "
+        "--model is text:... or every input is a .txt file)",
+    )  # fmt: skip
+    group.add_argument(
+        "--max-tokens",
+        type=int,
+        metavar="N",
+        help="cut texts to N tokens (default: the model's max_seq_length)",
+    )
+    group = em.add_argument_group("ray (pip install 'tome-merging[ray]')")
+    group.add_argument(
+        "--ray", action="store_true", help="run on Ray Data: a local Ray for this job unless --ray-address"
+    )
+    group.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="a running Ray cluster: auto, or ray://HOST:10001 (implies --ray)",
+    )
+    group.add_argument(
+        "--ray-actors", type=int, metavar="N", help="model copies (Ray actors; default: one per node)"
+    )
+    group = em.add_argument_group("merging (tome.patch options; default: the model family's)")
+    from tome.patch.handle import MERGE_MODES, METRICS
+
+    group.add_argument("--mode", choices=MERGE_MODES, help="how tokens merge")
+    group.add_argument("--metric", choices=METRICS, help="matching similarity")
+    group.add_argument(
+        "--keep-outliers", type=int, metavar="K", help="keep the K largest-norm tokens unmerged"
+    )
+    _add_model_args(em, text=True)
+    em.set_defaults(func=cmd_embed)
     return parser
 
 

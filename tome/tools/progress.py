@@ -16,9 +16,10 @@ class _NoBar:
         pass
 
 
-def progress_bar(total: int, enabled: bool, desc: str):
-    """A tqdm bar of ``total`` steps on stderr, or a bar that does nothing (``enabled`` False, no
-    tqdm, or stderr not a TTY)."""
+def progress_bar(total: int, enabled: bool, desc: str, *, unit: str = "run", initial: int = 0):
+    """A tqdm bar of ``total`` steps on stderr (``initial`` of them already done; tqdm shows
+    ``unit``/s and the ETA), or a bar that does nothing (``enabled`` False, no tqdm, or stderr
+    not a TTY)."""
     if not enabled:
         return _NoBar()
     try:
@@ -33,4 +34,4 @@ def progress_bar(total: int, enabled: bool, desc: str):
         blank = False
     fallback = {"ncols": 80, "nrows": 24} if blank else {}
     # disable=None: no bar when stderr is not a TTY
-    return tqdm(total=total, desc=desc, leave=False, unit="run", disable=None, **fallback)
+    return tqdm(total=total, desc=desc, leave=False, unit=unit, initial=initial, disable=None, **fallback)

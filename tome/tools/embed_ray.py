@@ -1,0 +1,188 @@
+"""``tome embed --ray``: the job of :mod:`tome.tools.embed` on Ray Data.
+
+The pipeline: the items (paths, or texts) become a dataset; Ray tasks read, decode and resize
+the images (``map_batches``, one CPU each); an actor pool runs the model (each actor holds its
+own copy of the patched model: the driver's, pickled, so every actor computes exactly what the
+local run computes); the rows stream back to the driver in input order, which writes them with
+the local job's chunk writer: the same parquet file, the same resume, the same skip report.
+Embeddings are small (1.5 KB a row at 384 floats), so streaming them back costs little next to
+the images; and writing on the driver means ``--out`` can be any path the driver can write.
+
+On one machine ``--ray`` starts Ray for the job and stops it after. On a cluster:
+
+.. code-block:: console
+
+    # on the head node (and `ray start --address HEAD:6379` on each worker node)
+    ray start --head
+    # every node needs the same Python packages (pip install 'tome-merging[ray]' and the model's
+    # extras) and the images at the same paths (a shared file system)
+    tome embed /shared/photos --out photos.parquet --ray-address auto --ray-actors 8 --threads 4
+
+``--ray-address`` takes what ``ray.init(address=...)`` takes (``auto``, ``HOST:6379``, or
+``ray://HOST:10001`` through Ray Client). ``--ray-actors`` model copies (default: one per
+node), each using ``--threads`` torch threads (default: the node's CPU count).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from tome.tools.embed import Item, Sink, Stats, decode_image, pixels_for
+
+__all__ = ["run_ray"]
+
+
+def _decode_batch(batch: dict, size: int, crop_pct: float | None) -> dict:
+    """A Ray task: decode and resize a batch of images into (B, 3, S, S) uint8; an error string
+    (else ``""``) per row."""
+    paths = batch["path"]
+    pixels = np.zeros((len(paths), 3, size, size), dtype=np.uint8)
+    errors, seconds = [], np.zeros(len(paths))
+    for i, path in enumerate(paths):
+        start = time.perf_counter()
+        found, reason = decode_image(str(path), size, crop_pct)
+        seconds[i] = time.perf_counter() - start
+        if found is not None:
+            pixels[i] = found
+        errors.append(reason or "")
+    return {
+        "key": batch["key"],
+        "pixels": pixels,
+        "error": np.array(errors, dtype=object),
+        "decode_s": seconds,
+    }
+
+
+class _Embedder:
+    """A Ray actor: one copy of the patched model (``model``: ``[object ref]``), run on batches
+    of pixels (or texts)."""
+
+    def __init__(self, model: list, kind: str, batch: int, threads: int | None) -> None:
+        import ray
+        import torch
+
+        # Ray sets OMP_NUM_THREADS to the actor's CPUs (1); the model wants the node's cores.
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+        self.model = ray.get(model[0])
+        self.kind, self.batch = kind, batch
+        self.dim: int | None = None
+
+    def _embed_images(self, uint8: np.ndarray):
+        pixels = pixels_for(self.model, uint8)
+        return self.model(pixels, saliency=False).pooled.float().numpy()
+
+    def __call__(self, rows: dict) -> dict:
+        n = len(rows["key"])
+        start = time.perf_counter()
+        tokenize = 0.0
+        if self.kind == "image":
+            errors = rows["error"]
+            ok = np.array([not e for e in errors], dtype=bool)
+            found = self._embed_images(rows["pixels"][ok]) if ok.any() else None
+        else:
+            errors = np.array([""] * n, dtype=object)
+            ok = np.ones(n, dtype=bool)
+            prepared = self.model.prepare([str(t) for t in rows["text"]], self.batch)
+            tokenize = time.perf_counter() - start
+            found = self.model.encode(prepared).numpy()
+        if found is not None:
+            self.dim = found.shape[1]
+        elif self.dim is None:  # every image of the first batch unreadable: ask the model its width
+            self.dim = self._embed_images(np.zeros((1, *rows["pixels"].shape[1:]), np.uint8)).shape[1]
+        embedding = np.zeros((n, self.dim), dtype=np.float32)
+        if found is not None:
+            embedding[ok] = found
+        model_s = time.perf_counter() - start - tokenize
+        decode_s = rows["decode_s"] if "decode_s" in rows else np.full(n, tokenize / n)
+        return {
+            "key": rows["key"],
+            "error": errors,
+            "embedding": embedding,
+            "decode_s": decode_s,
+            "model_s": np.full(n, model_s / n),
+        }
+
+
+def run_ray(
+    model,
+    kind: str,
+    items: Sequence[Item],
+    sink: Sink,
+    stats: Stats,
+    *,
+    batch: int,
+    address: str | None,
+    actors: int | None,
+    threads: int | None,
+    log: Callable[[str], None],
+) -> str:
+    """Embed ``items`` on Ray Data into ``sink`` (in input order); returns how it ran. Uses the
+    Ray already initialised in this process if there is one, else starts one (``address``: a
+    cluster's) and stops it after."""
+    import ray
+    import ray.data
+
+    started = not ray.is_initialized()
+    if started:
+        try:
+            ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR)
+        except (ConnectionError, ValueError, RuntimeError) as error:
+            from tome.tools.errors import UserError
+
+            raise UserError(
+                f"--ray-address {address}: cannot connect to Ray ({error})".replace("\n", " ")
+            ) from None
+    try:
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True  # rows (and parts) in input order
+        context.enable_progress_bars = False  # tome's bar counts the rows written
+        context.print_on_execution_start = False
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+        actors = actors or max(1, nodes)
+        rows = [{"key": item.key, "path": item.path, "text": item.text or ""} for item in items]
+        data = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / batch)))
+        if kind == "image":
+            data = data.map_batches(
+                _decode_batch,
+                fn_kwargs={"size": model.img_size, "crop_pct": model.crop_pct},
+                batch_size=batch,
+                batch_format="numpy",
+                num_cpus=0.5,  # not the actors' 1: Ray would fuse decoding into the actors
+            )
+        data = data.map_batches(
+            _Embedder,
+            # The object ref inside a list: Ray resolves refs given as arguments, not inside them.
+            fn_constructor_kwargs={
+                "model": [ray.put(model)],
+                "kind": kind,
+                "batch": batch,
+                "threads": threads,
+            },
+            batch_size=batch,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=1,
+        )
+        for out in data.iter_batches(batch_size=None, batch_format="numpy"):
+            stats.decode_s += float(np.sum(out["decode_s"]))
+            stats.model_s += float(np.sum(out["model_s"]))
+            good = []
+            for i, (key, error) in enumerate(zip(out["key"], out["error"], strict=True)):
+                if error:
+                    sink.skip(str(key), str(error))
+                else:
+                    good.append(i)
+            if good:
+                sink.add([str(out["key"][i]) for i in good], out["embedding"][good])
+    finally:
+        if started:
+            ray.shutdown()
+    where = "a local Ray" if started and address is None else f"Ray at {address or 'the running cluster'}"
+    return f"{where}, {actors} actor(s)"
