@@ -201,3 +201,24 @@ def test_tiny_rows_and_refusals():
         tome.patch(make(), ratio=0.2, keep_outliers=1)
     with pytest.raises(TypeError, match="ModernBertModel"):
         tome.patch(transformers.ModernBertForMaskedLM(make().config), r=2)
+
+
+@pytest.mark.slow
+def test_export_and_compile_agree_with_eager():
+    model = patch(make(), ratio=0.25)
+    ids, mask = texts([20, 9])
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    with torch.no_grad():
+        reference = output(model, ids, mask)
+        exported = torch.export.export(Encoder(model), (ids, mask))
+        torch.testing.assert_close(exported.module()(ids, mask), reference, atol=1e-5, rtol=1e-5)
+        compiled = torch.compile(Encoder(model), backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(ids, mask), reference, atol=1e-5, rtol=1e-5)

