@@ -278,6 +278,24 @@ def test_eva_training_with_patch_dropout_and_checkpointing():
     assert model.tome.tokens_per_layer[-1] < model.tome.tokens_per_layer[0]
 
 
+@pytest.mark.parametrize("family", ["eva", "naflex"])
+def test_forward_intermediates_is_the_models_own_at_r0_and_refused_while_merging(family):
+    if family == "eva":
+        model, x = make_eva("eva02")
+    else:
+        model, x = make_naflex("rope"), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model.forward_intermediates(x, indices=2)
+        tome.patch(model, r=0)
+        out = model.forward_intermediates(x, indices=2)
+        model.tome.r = 2
+        with pytest.raises(NotImplementedError, match=r"forward_intermediates of a merging model"):
+            model.forward_intermediates(x, indices=2)
+    torch.testing.assert_close(out[0], ref[0])
+    for a, b in zip(out[1], ref[1], strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_eva_user_attention_mask_is_refused_while_merging():
     model, x = make_eva("eva02")
     tome.patch(model, r=2)

@@ -182,6 +182,18 @@ def _block_forward(
     return run_block(block, kind, handle, call, x, block_rope(handle, call, rope), bias, is_causal)
 
 
+def forward_intermediates(model: nn.Module, *args, **kwargs):
+    """``forward_intermediates`` of a patched model: the model's own while nothing merges; with
+    merging, a clear error (its intermediates are reshaped to the patch grid inside timm)."""
+    if any(model.tome.schedules_merges(i) for i in range(model.tome.num_layers)):
+        raise NotImplementedError(
+            f"tome: {type(model).__name__}.forward_intermediates of a merging model is not supported (timm "
+            "reshapes the merged tokens to the patch grid); set model.tome.r = 0 for it, or read "
+            "forward_features with model.tome.unmerge_output = True"
+        )
+    return type(model).forward_intermediates(model, *args, **kwargs)
+
+
 def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
     blocks = list(model.blocks)
     kinds = [check_block(i, block, model.num_prefix_tokens) for i, block in enumerate(blocks)]
@@ -196,4 +208,6 @@ def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
         handle.install_hook(model.norm, _timm._norm_hook, handle)
         handle.install_method(model, "forward_features", _timm._forward_features)
         handle.install_method(model, "pool", _timm._pool)
+        if hasattr(type(model), "forward_intermediates"):
+            handle.install_method(model, "forward_intermediates", forward_intermediates)
     return handle

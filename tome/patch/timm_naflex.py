@@ -159,4 +159,6 @@ def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
         handle.install_hook(model.norm, _timm._norm_hook, handle)
         handle.install_method(model, "forward_features", _forward_features)
         handle.install_method(model, "_pool", _pool)
+        if hasattr(type(model), "forward_intermediates"):
+            handle.install_method(model, "forward_intermediates", _eva.forward_intermediates)
     return handle
