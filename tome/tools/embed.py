@@ -50,6 +50,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -781,7 +782,8 @@ def embed(
     if threads is not None:
         torch.set_num_threads(threads)
     load_start = time.perf_counter()
-    loaded, meta = _load(
+    load = partial(
+        _load,
         kind,
         model,
         setting,
@@ -792,33 +794,51 @@ def embed(
         max_tokens=max_tokens,
         log=say,
     )
-    load_s = time.perf_counter() - load_start
-    store = Store(path, meta, log=lambda line: say(f"tome: {line}"))
-    store.check()  # before anything is written
-    done = store.open()
-    pending = [item for item in items if item.key not in done]
-    already = len(items) - len(pending)
-    stats = Stats()
-    unit = "img" if kind == "image" else "text"
-    bar = progress_bar(len(items), progress, "embed", unit=unit, initial=already)
-    sink = Sink(store, chunk, stats, bar, on_chunk)
-    runner = "local"
+    use_ray = bool(ray or ray_address)
+    ray_started = False
     try:
-        if pending and (ray or ray_address):
-            from tome.tools.embed_ray import run_ray
+        if use_ray:
+            from tome.tools.embed_ray import run_ray, start_ray
 
-            runner = run_ray(
-                loaded, kind, pending, sink, stats, batch=batch, address=ray_address, actors=ray_actors,
-                threads=threads, log=say,
-            )  # fmt: skip
-        elif pending and kind == "image":
-            workers = workers or min(4, os.cpu_count() or 1)
-            _run_images(loaded, pending, sink, stats, batch=batch, workers=workers)
-        elif pending:
-            _run_texts(loaded, pending, sink, stats, batch=batch, chunk=chunk)
-        sink.close()
+            # The model loads while Ray starts (ray.init must run in the main thread).
+            with ThreadPoolExecutor(1, thread_name_prefix="tome-load") as pool:
+                loading = pool.submit(load)
+                try:
+                    ray_started = start_ray(ray_address)
+                finally:
+                    loaded, meta = loading.result()
+        else:
+            loaded, meta = load()
+        load_s = time.perf_counter() - load_start
+        store = Store(path, meta, log=lambda line: say(f"tome: {line}"))
+        store.check()  # before anything is written
+        done = store.open()
+        pending = [item for item in items if item.key not in done]
+        already = len(items) - len(pending)
+        stats = Stats()
+        unit = "img" if kind == "image" else "text"
+        bar = progress_bar(len(items), progress, "embed", unit=unit, initial=already)
+        sink = Sink(store, chunk, stats, bar, on_chunk)
+        runner = "local"
+        try:
+            if pending and use_ray:
+                runner = run_ray(
+                    loaded, kind, pending, sink, stats, batch=batch, actors=ray_actors, threads=threads,
+                    log=say,
+                )  # fmt: skip
+            elif pending and kind == "image":
+                workers = workers or min(4, os.cpu_count() or 1)
+                _run_images(loaded, pending, sink, stats, batch=batch, workers=workers)
+            elif pending:
+                _run_texts(loaded, pending, sink, stats, batch=batch, chunk=chunk)
+            sink.close()
+        finally:
+            bar.close()
     finally:
-        bar.close()
+        if ray_started:
+            from tome.tools.embed_ray import stop_ray
+
+            stop_ray()
     rows = store.finish()
     skipped_file = store.write_skipped(stats.skipped)
     return EmbedResult(

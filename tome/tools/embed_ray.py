@@ -35,7 +35,7 @@ import numpy as np
 
 from tome.tools.embed import Item, Sink, Stats, decode_image, pixels_for
 
-__all__ = ["run_ray"]
+__all__ = ["run_ray", "start_ray", "stop_ray"]
 
 
 def _decode_batch(batch: dict, size: int, crop_pct: float | None) -> dict:
@@ -109,6 +109,30 @@ class _Embedder:
         }
 
 
+def start_ray(address: str | None) -> bool:
+    """Connect to the Ray at ``address`` (``auto``, ``HOST:6379``, ``ray://HOST:10001``), or
+    start a local one when None, unless this process has a Ray already; True when it started
+    or connected one here (the caller shuts it down with :func:`stop_ray`)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR)
+    except (ConnectionError, ValueError, RuntimeError) as error:
+        from tome.tools.errors import UserError
+
+        where = f"--ray-address {address}" if address else "--ray"
+        raise UserError(f"{where}: cannot start or reach Ray ({error})".replace("\n", " ")) from None
+    return True
+
+
+def stop_ray() -> None:
+    import ray
+
+    ray.shutdown()
+
+
 def run_ray(
     model,
     kind: str,
@@ -117,72 +141,50 @@ def run_ray(
     stats: Stats,
     *,
     batch: int,
-    address: str | None,
     actors: int | None,
     threads: int | None,
     log: Callable[[str], None],
 ) -> str:
-    """Embed ``items`` on Ray Data into ``sink`` (in input order); returns how it ran. Uses the
-    Ray already initialised in this process if there is one, else starts one (``address``: a
-    cluster's) and stops it after."""
+    """Embed ``items`` on the Ray this process is connected to (:func:`start_ray`) into
+    ``sink``, in input order; returns how it ran."""
     import ray
     import ray.data
 
-    started = not ray.is_initialized()
-    if started:
-        try:
-            ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR)
-        except (ConnectionError, ValueError, RuntimeError) as error:
-            from tome.tools.errors import UserError
-
-            raise UserError(
-                f"--ray-address {address}: cannot connect to Ray ({error})".replace("\n", " ")
-            ) from None
-    try:
-        context = ray.data.DataContext.get_current()
-        context.execution_options.preserve_order = True  # rows (and parts) in input order
-        context.enable_progress_bars = False  # tome's bar counts the rows written
-        context.print_on_execution_start = False
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
-        nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
-        actors = actors or max(1, nodes)
-        rows = [{"key": item.key, "path": item.path, "text": item.text or ""} for item in items]
-        data = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / batch)))
-        if kind == "image":
-            data = data.map_batches(
-                _decode_batch,
-                fn_kwargs={"size": model.img_size, "crop_pct": model.crop_pct},
-                batch_size=batch,
-                batch_format="numpy",
-                num_cpus=0.5,  # not the actors' 1: Ray would fuse decoding into the actors
-            )
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # rows (and parts) in input order
+    context.enable_progress_bars = False  # tome's bar counts the rows written
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    actors = actors or max(1, nodes)
+    rows = [{"key": item.key, "path": item.path, "text": item.text or ""} for item in items]
+    data = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / batch)))
+    if kind == "image":
         data = data.map_batches(
-            _Embedder,
-            # The object ref inside a list: Ray resolves refs given as arguments, not inside them.
-            fn_constructor_kwargs={
-                "model": [ray.put(model)],
-                "kind": kind,
-                "batch": batch,
-                "threads": threads,
-            },
+            _decode_batch,
+            fn_kwargs={"size": model.img_size, "crop_pct": model.crop_pct},
             batch_size=batch,
             batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=1,
+            num_cpus=0.5,  # not the actors' 1: Ray would fuse decoding into the actors
         )
-        for out in data.iter_batches(batch_size=None, batch_format="numpy"):
-            stats.decode_s += float(np.sum(out["decode_s"]))
-            stats.model_s += float(np.sum(out["model_s"]))
-            good = []
-            for i, (key, error) in enumerate(zip(out["key"], out["error"], strict=True)):
-                if error:
-                    sink.skip(str(key), str(error))
-                else:
-                    good.append(i)
-            if good:
-                sink.add([str(out["key"][i]) for i in good], out["embedding"][good])
-    finally:
-        if started:
-            ray.shutdown()
-    where = "a local Ray" if started and address is None else f"Ray at {address or 'the running cluster'}"
-    return f"{where}, {actors} actor(s)"
+    data = data.map_batches(
+        _Embedder,
+        # The object ref inside a list: Ray resolves refs given as arguments, not inside them.
+        fn_constructor_kwargs={"model": [ray.put(model)], "kind": kind, "batch": batch, "threads": threads},
+        batch_size=batch,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=1,
+    )
+    for out in data.iter_batches(batch_size=None, batch_format="numpy"):
+        stats.decode_s += float(np.sum(out["decode_s"]))
+        stats.model_s += float(np.sum(out["model_s"]))
+        good = []
+        for i, (key, error) in enumerate(zip(out["key"], out["error"], strict=True)):
+            if error:
+                sink.skip(str(key), str(error))
+            else:
+                good.append(i)
+        if good:
+            sink.add([str(out["key"][i]) for i in good], out["embedding"][good])
+    return f"Ray ({nodes} node(s), {int(ray.cluster_resources().get('CPU', 0))} CPUs), {actors} actor(s)"
