@@ -20,7 +20,11 @@ where the model lets one choose it):
   8 x 14 x 14 = 1568 tokens, no class token;
 - ``ast``: transformers ``ASTModel``, base config at 10 s (``max_length=1024`` frames, 128 mel
   bins, 16 x 16 patches with stride 10): 12 x 101 = 1212 patches + class and distillation
-  tokens = 1214 tokens.
+  tokens = 1214 tokens;
+- ``eva``: timm ``Eva``, EVA-02-B/16 as the EVA-CLIP image tower (``eva02_base_patch16_clip_224``,
+  ``num_classes=0``): 768 wide, 12 layers, axial RoPE, SwiGLU MLP (hidden 2048, three matrices)
+  at 224 px: 196 patches + class token = 197 tokens; merged tokens rotate by the size-weighted
+  mean of their patches' sin/cos (:mod:`tome.patch.timm_eva`).
 
 Schedule: for each configuration the constant ``r`` (or with ``--ramp`` the ``(r, -1.0)`` ramp)
 whose FLOP-ideal speedup, computed from ``model.tome.planned_tokens(N)`` before any pass, is
@@ -32,7 +36,8 @@ entering and M left after its merge (tome merges between attention and MLP) cost
 qkv 6Nd^2 + attention 4N^2d + proj 2Nd^2 + MLP 4MdH (= 24Nd^2 + 4N^2d when M = N and H = 4d);
 the patch (tubelet) embedding, 2 x patches x (its input features) x d, and SigLIP's pooling head
 (one probe query over the N0 unmerged tokens: 4N0d^2 + 4N0d + 4d^2 + 4dH) are counted at their
-(unchanged) cost. Norms, softmax, GELU and the merging itself are not counted, so efficiency =
+(unchanged) cost. A SwiGLU MLP (EVA-02: gate, value and output matrices) costs 6MdH. RoPE's
+rotations are elementwise and not counted. Norms, softmax, GELU and the merging itself are not counted, so efficiency =
 measured speedup / FLOP-ideal below 1 is what merging and the smaller matmuls cost in practice.
 
 Timing: the speed suite's own loop (``benchmarks/speed.py``'s ``run_group``): one warm-up pass
@@ -85,8 +90,9 @@ CASES = {
     "siglip": "transformers SiglipVisionModel, SigLIP-B/16 at 384 px (576 tokens)",
     "videomae": "transformers VideoMAEModel base, 16 frames at 224 px, tubelet 2 (1568 tokens)",
     "ast": "transformers ASTModel base, 10 s: 1024 frames x 128 mel bins (1214 tokens)",
+    "eva": "timm Eva, EVA-02-B/16 (EVA-CLIP image tower, RoPE, SwiGLU), 224 px (197 tokens)",
 }
-DEFAULT_BATCH = {"clip": 4, "siglip": 2, "videomae": 1, "ast": 1}
+DEFAULT_BATCH = {"clip": 4, "siglip": 2, "videomae": 1, "ast": 1, "eva": 4}
 
 
 @dataclass
@@ -99,6 +105,7 @@ class Reach(speed.Model):
     protected: int = 0  # leading tokens never merged (class / distillation tokens)
     patch_in: int = 0  # input features of one patch (tubelet) embedding
     head_tokens: int = 0  # SigLIP's pooling head: the tokens it attends over (0: no such head)
+    mlp_matrices: int = 2  # 2: fc1, fc2; 3: SwiGLU (gate, value, output)
     call: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
     make_input: Callable[[int], torch.Tensor] | None = None
     notes: list[str] = field(default_factory=list)
@@ -115,7 +122,7 @@ class Reach(speed.Model):
         d, h = self.width, self.hidden
         total = 2 * (self.num_tokens - self.protected) * self.patch_in * d  # patch embedding
         for n, m in itertools.pairwise(tokens):
-            total += 6 * n * d * d + 4 * n * n * d + 2 * n * d * d + 4 * m * d * h
+            total += 6 * n * d * d + 4 * n * n * d + 2 * n * d * d + 2 * self.mlp_matrices * m * d * h
         if self.head_tokens:
             t = self.head_tokens
             total += 4 * t * d * d + 4 * t * d + 4 * d * d + 4 * d * h
@@ -212,7 +219,32 @@ def ast_b_10s() -> Reach:
     )  # fmt: skip
 
 
-BUILDERS = {"clip": clip_b16, "siglip": siglip_b16_384, "videomae": videomae_b, "ast": ast_b_10s}
+def eva02_b16() -> Reach:
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("eva02_base_patch16_clip_224", pretrained=False, num_classes=0).eval()
+    block = model.blocks[0]
+    hidden = block.mlp.fc2.in_features
+    return Reach(
+        model, "timm", model.embed_dim, hidden, len(model.blocks), 16, 224,
+        name="EVA-02-B/16 (timm Eva, RoPE)", input="224 px", num_tokens=(224 // 16) ** 2 + 1,
+        protected=model.num_prefix_tokens, patch_in=3 * 16 * 16, mlp_matrices=3,
+        call=lambda m, x: m(x), make_input=lambda b: torch.randn(b, 3, 224, 224),
+        notes=[
+            f"attention: {type(block.attn).__name__} (fused SDPA: {block.attn.fused_attn}), "
+            f"rope {type(model.rope).__name__}, MLP {type(block.mlp).__name__} (hidden {hidden})"
+        ],
+    )  # fmt: skip
+
+
+BUILDERS = {
+    "clip": clip_b16,
+    "siglip": siglip_b16_384,
+    "videomae": videomae_b,
+    "ast": ast_b_10s,
+    "eva": eva02_b16,
+}
 
 
 # -- schedule -----------------------------------------------------------------------------------

@@ -268,6 +268,16 @@ def test_eva_compile_fullgraph_matches_eager():
     assert counts == model.tome.tokens_per_layer == expected_counts(17, [4, 4], 1)
 
 
+def test_eva_torch_export_matches_eager():
+    model, x = make_eva("rope_vit", depth=2)
+    tome.patch(model, r=4)
+    with torch.no_grad():
+        ref = model(x)
+        exported = torch.export.export(model, (x,))
+        torch.testing.assert_close(exported.module()(x), ref, atol=1e-5, rtol=1e-5)
+    assert model.tome.tokens_per_layer == expected_counts(17, [4, 4], 1)
+
+
 def test_eva_training_with_patch_dropout_and_checkpointing():
     model, x = make_eva("eva02", patch_drop_rate=0.25)
     tome.patch(model, r=2)

@@ -16,6 +16,18 @@ _NOTES: dict[str, tuple[str, str, str]] = {
         "between attention and MLP in every `Block`; avg/attention pooling size-weighted",
         "tiny random configs (ViT, DeiT, DINOv2, registers, qk-norm); real DINOv2-S/14",
     ),
+    "tome.patch.timm_eva": (
+        "carry",
+        "between attention and MLP in every `EvaBlock` / `EvaBlockPostNorm`; merged tokens rotate (RoPE) by the "
+        "size-weighted mean of their patches' sin/cos; pooling size-weighted",
+        "tiny random configs (EVA-02, vit_*_rope*, mixed RoPE, DINOv3 with registers, PE attention pooling, post-norm)",
+    ),
+    "tome.patch.timm_naflex": (
+        "masked",
+        "between attention and MLP (ViT `Block` or RoPE `EvaBlock`); each image merges its own patches, padding "
+        "changes none of them; pooling with `patch_valid` size-weighted",
+        "tiny random configs (learned / RoPE / mixed-RoPE positions, registers, attention pooling, key-only mask)",
+    ),
     "tome.patch.transformers": (
         "carry",
         "between attention and MLP in every layer; pooling heads size-weighted",

@@ -38,7 +38,7 @@ from tome.patch.handle import BlockCall, ToMeHandle
 ROPE_MERGES = ("mean", "normalized", "first")
 DEFAULT_ROPE_MERGE = "mean"
 
-# block class -> its parts (pre-norm EVA-02 block; post-norm block of EVA-02-E / InternViT style)
+# block class -> its parts (pre-norm EVA-02 block; post-norm block of EVA-02-E)
 _BLOCK_PARTS = {
     "EvaBlock": ("norm1", "attn", "gamma_1", "drop_path1", "norm2", "mlp", "gamma_2", "drop_path2"),
     "EvaBlockPostNorm": ("attn", "norm1", "drop_path1", "mlp", "norm2", "drop_path2"),
