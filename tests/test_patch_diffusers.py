@@ -434,3 +434,60 @@ def test_pipeline_call_patched_and_unpatched(tmp_path):
     assert tome.unpatch(pipe) is pipe
     assert "tome" not in pipe.unet.__dict__
     assert torch.equal(generate(), reference)
+
+
+# -- tome's own options: match_every, merge_queries ------------------------------------------------
+
+
+def test_match_every_shares_one_matching_per_resolution(monkeypatch):
+    from tome.patch import diffusers as tome_diffusers
+
+    calls = []
+    original = tome_diffusers.random2d_matching
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape[1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tome_diffusers, "random2d_matching", counting)
+    unet, inputs = _sd_unet(), _inputs()
+    tome.patch(unet, ratio=0.5)
+    every_block = _run(unet, inputs)
+    assert calls == [256] * 3  # three blocks at full resolution, one matching each
+    calls.clear()
+    unet.tome.match_every = 3
+    shared = _run(unet, inputs)
+    assert calls == [256]
+    assert not torch.equal(shared, every_block)
+    calls.clear()
+    unet.tome.match_every = 2
+    _run(unet, inputs)
+    assert calls == [256, 256]
+    with pytest.raises(ValueError, match="match_every"):
+        unet.tome.match_every = 0
+    # gradient checkpointing recomputes with the plan each block used
+    unet.train()
+    unet.enable_gradient_checkpointing()
+    unet(**inputs).sample.square().mean().backward()
+
+
+def test_merge_queries_false_merges_keys_and_values_only():
+    unet, inputs = _sd_unet(), _inputs()
+    reference = _run(unet, inputs)
+    tome.patch(unet, ratio=0.5, merge_queries=False)
+    lengths = {"q": [], "k": []}
+    attn1 = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    attn1.to_q.register_forward_hook(lambda m, a, o: lengths["q"].append(a[0].shape[1]))
+    attn1.to_k.register_forward_hook(lambda m, a, o: lengths["k"].append(a[0].shape[1]))
+    kv_only = _run(unet, inputs)
+    assert lengths == {"q": [256], "k": [128]}
+    unet.tome.merge_queries = True
+    both = _run(unet, inputs)
+    assert 0 < _rel_change(kv_only, reference) < _rel_change(both, reference)
+    unet.tome.ratio = 0.0
+    unet.tome.merge_queries = False
+    assert torch.equal(_run(unet, inputs), reference)
+
+
+def _rel_change(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()

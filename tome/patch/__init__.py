@@ -91,7 +91,12 @@ _ADAPTERS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
         "diffusers",
         "diffusers.",
         "tome.patch.diffusers_dit",
-        ("PixArtTransformer2DModel", "DiTTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel"),
+        (
+            "PixArtTransformer2DModel",
+            "DiTTransformer2DModel",
+            "SD3Transformer2DModel",
+            "FluxTransformer2DModel",
+        ),
     ),
     ("open_clip", "open_clip.", "tome.patch.open_clip", ("VisionTransformer", "CLIP", "CustomTextCLIP")),
 )
@@ -132,6 +137,8 @@ def patch(
     merge_crossattn: bool | None = None,
     merge_mlp: bool | None = None,
     seed: int | None = None,
+    match_every: int | None = None,
+    merge_queries: bool | None = None,
     min_tokens: int | None = None,
     hidden_weight: float | None = None,
 ) -> nn.Module:
@@ -179,17 +186,21 @@ def patch(
     beside the keys'); defaults: the best measured on a tuning half of real text
     (``benchmarks/text.py``); settable later on the handle. Errors for other models.
 
-    Diffusion models (a diffusers ``UNet2DConditionModel``: SD 1.x / 2.x, SDXL; or a
-    ``DiffusionPipeline``, whose ``unet`` is patched) take tomesd's arguments with tomesd's
-    meanings and defaults, all settable later on ``unet.tome``: ``ratio`` (default 0.5: the
-    fraction of each merging block's tokens merged away), ``max_downsample`` (1, 2, 4 or 8,
-    default 1; SDXL's finest attention level needs 2), ``sx``, ``sy`` (default 2, 2: one
-    destination per cell), ``use_rand`` (default True: a random destination per cell, drawn from
-    a generator seeded per block call with ``seed``, default 0, and the timestep; never the global
-    RNG), ``merge_attn`` (True), ``merge_crossattn`` (False), ``merge_mlp`` (False). Each block
-    merges before those ops and unmerges after them, so it returns full-length tokens (see
-    :mod:`tome.patch.diffusers`). ``r`` and the transformer-encoder options above are errors
-    there, and these are errors for other models.
+    Diffusion models (a diffusers ``UNet2DConditionModel``: SD 1.x / 2.x, SDXL; a DiT:
+    ``PixArtTransformer2DModel``, ``DiTTransformer2DModel``, ``SD3Transformer2DModel``,
+    ``FluxTransformer2DModel``; or a ``DiffusionPipeline``, whose ``unet`` or ``transformer`` is
+    patched) take tomesd's arguments with tomesd's meanings and defaults, all settable later on
+    ``model.tome``: ``ratio`` (default 0.5: the fraction of each merging block's tokens merged
+    away), ``max_downsample`` (1, 2, 4 or 8, default 1; SDXL's finest attention level needs 2),
+    ``sx``, ``sy`` (default 2, 2: one destination per cell), ``use_rand`` (default True: a random
+    destination per cell, chosen by a hash of ``seed``, default 0, the timestep and the block,
+    on the timestep's device; never the global RNG), ``merge_attn`` (True), ``merge_crossattn``
+    (False), ``merge_mlp`` (False); and tome's own ``match_every`` (blocks of one resolution
+    sharing one matching) and ``merge_queries`` (False: ToDo-style, keys and values only); see
+    :class:`tome.patch.diffusers.DiffusionHandle`. Each block merges before those ops and
+    unmerges after them, so it returns full-length tokens (see :mod:`tome.patch.diffusers`).
+    ``r`` and the transformer-encoder options above are errors there, and these are errors for
+    other models.
 
     Patching twice is one patch with the latest arguments; :func:`unpatch` restores the
     original behaviour exactly. Supported: timm ``VisionTransformer``; transformers ViT,
@@ -212,6 +223,7 @@ def patch(
     given = {
         "max_downsample": max_downsample, "sx": sx, "sy": sy, "use_rand": use_rand,
         "merge_attn": merge_attn, "merge_crossattn": merge_crossattn, "merge_mlp": merge_mlp, "seed": seed,
+        "match_every": match_every, "merge_queries": merge_queries,
     }  # fmt: skip
     diffusion = {name: value for name, value in given.items() if value is not None}
     denoiser = _pipeline_denoiser(model)

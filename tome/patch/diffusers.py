@@ -55,6 +55,11 @@ DEFAULTS = {
     "merge_mlp": False,
     "seed": 0,
 }
+# tome's own options (not tomesd's): see DiffusionHandle
+EXTRA_DEFAULTS = {
+    "match_every": 1,
+    "merge_queries": True,
+}
 _DOWNSAMPLES = (1, 2, 4, 8)
 # the ops of a BasicTransformerBlock and the setting that merges each
 _OPS = (("attn1", "merge_attn"), ("attn2", "merge_crossattn"), ("ff", "merge_mlp"))
@@ -84,6 +89,14 @@ def _downsample(name: str, value: object) -> int:
 def _seed(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected an int, got {value!r}")
+    return value
+
+
+def _every(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"{name}: expected an int >= 1 (how many blocks of one resolution share a matching), got {value!r}"
+        )
     return value
 
 
@@ -129,10 +142,12 @@ class _UNetCall:
     (``height x width``: the latent for a UNet, the patch grid for a DiT) and its timestep
     (a tensor stays on its device: randomness is keyed on it there)."""
 
-    __slots__ = ("height", "timestep", "width")
+    __slots__ = ("height", "plans", "shared", "timestep", "width")
 
     def __init__(self, height: int, width: int, timestep: object) -> None:
         self.height, self.width, self.timestep = height, width, timestep
+        self.plans: dict[int, _BlockMerge | None] = {}  # block index -> the merge it used
+        self.shared: dict[int, list] = {}  # tokens -> [blocks that used it, the latest matching]
 
 
 class _BlockMerge:
@@ -178,6 +193,13 @@ class DiffusionHandle(ToMeHandle):
             its own way).
         merge_attn, merge_crossattn, merge_mlp: which ops run on merged tokens.
         seed: the seed of the random choice (see :func:`block_key`).
+        match_every: tome's: ``k`` consecutive merging blocks of one resolution in a denoiser
+            call share one matching (computed on the first one's input); 1 (tomesd): every
+            block matches its own input.
+        merge_queries: tome's: ``False`` merges only the keys and values of self-attention
+            (ToDo-style, Smith et al. 2024): every token keeps its own query, so the
+            attention's output needs no unmerge; ``BasicTransformerBlock`` self-attention
+            only (UNets, PixArt, DiT), joint attention (SD3, Flux) always merges queries.
         blocks: the patched blocks' module names, in call order of a forward pass.
     """
 
@@ -190,11 +212,13 @@ class DiffusionHandle(ToMeHandle):
     merge_crossattn = _Setting(_flag)
     merge_mlp = _Setting(_flag)
     seed = _Setting(_seed)
+    match_every = _Setting(_every)
+    merge_queries = _Setting(_flag)
 
     def __init__(self, blocks: list[str], **settings) -> None:
         super().__init__(len(blocks), 0, protected=0)
         self.blocks = list(blocks)
-        for name, value in {**DEFAULTS, **settings}.items():
+        for name, value in {**DEFAULTS, **EXTRA_DEFAULTS, **settings}.items():
             setattr(self, name, value)
 
     def _init_transient(self) -> None:
@@ -226,7 +250,7 @@ class DiffusionHandle(ToMeHandle):
         self._r_per_layer = [0] * self.num_layers
 
     def patch_options(self) -> dict:
-        return {name: getattr(self, name) for name in DEFAULTS}
+        return {name: getattr(self, name) for name in (*DEFAULTS, *EXTRA_DEFAULTS)}
 
     def slot(self) -> _CallSlot | _TracedSlot:
         """The per-thread slot of the calls running in this thread."""
@@ -242,6 +266,21 @@ class DiffusionHandle(ToMeHandle):
         call ``call`` (tomesd's rules), or ``None`` when it merges nothing."""
         if call is None or self.ratio == 0 or not any(getattr(self, flag) for flag in _FLAGS):
             return None
+        if index in call.plans:  # recomputed by gradient checkpointing: the same merge
+            return call.plans[index]
+        N = hidden.shape[1]
+        shared = call.shared.get(N)
+        if self.match_every > 1 and shared is not None and shared[0] < self.match_every:
+            # the matching of an earlier block of this resolution in this call
+            shared[0] += 1
+            call.plans[index] = shared[1]
+            return shared[1]
+        current = self._match(index, hidden, call)
+        call.shared[N] = [1, current]
+        call.plans[index] = current
+        return current
+
+    def _match(self, index: int, hidden: torch.Tensor, call: _UNetCall) -> _BlockMerge | None:
         B, N = hidden.shape[:2]
         original = call.height * call.width
         downsample = max(1, math.ceil(math.sqrt(original // max(N, 1))))
@@ -269,7 +308,7 @@ class DiffusionHandle(ToMeHandle):
         )
 
     def __repr__(self) -> str:
-        options = ", ".join(f"{name}={getattr(self, name)!r}" for name in DEFAULTS)
+        options = ", ".join(f"{name}={getattr(self, name)!r}" for name in (*DEFAULTS, *EXTRA_DEFAULTS))
         return f"DiffusionHandle(family={self.family!r}, blocks={self.num_layers}, {options})"
 
 
@@ -340,6 +379,14 @@ def _op_forward(module: nn.Module, op: str, handle: DiffusionHandle, *args, **kw
             "tokens; set unet.tome.merge_attn = False (or ratio = 0) or unpatch the UNet"
         )
     merged = M.merge(current.plan, hidden, "mean")
+    if op == "attn1" and not handle.merge_queries and kwargs.get("encoder_hidden_states") is None:
+        # ToDo-style: full-length queries attend to the merged tokens' keys and values, as in
+        # cross-attention; the output is already full length.
+        if len(args) > 1:
+            raise TypeError(
+                "tome: merge_queries=False expects attn1's arguments by keyword, as diffusers passes them"
+            )
+        return type(module).forward(module, hidden, **{**kwargs, "encoder_hidden_states": merged})
     if args:
         out = type(module).forward(module, merged, *args[1:], **kwargs)
     else:
@@ -387,7 +434,7 @@ def _check_settings(r, prop_attn, unmerge_output, options) -> None:
             raise TypeError(
                 f"{name}: not an option for diffusion models (tome merges them as tomesd does: "
                 "merge -> op -> unmerge in every block); their options are ratio, max_downsample, "
-                "sx, sy, use_rand, merge_attn, merge_crossattn, merge_mlp and seed"
+                "sx, sy, use_rand, merge_attn, merge_crossattn, merge_mlp, seed, match_every and merge_queries"
             )
 
 
@@ -402,7 +449,7 @@ def apply(
     **diffusion,
 ) -> DiffusionHandle:
     _check_settings(r, prop_attn, unmerge_output, MergeOptions() if options is None else options)
-    unknown = sorted(set(diffusion) - set(DEFAULTS))
+    unknown = sorted(set(diffusion) - set(DEFAULTS) - set(EXTRA_DEFAULTS))
     if unknown:
         raise TypeError(f"{unknown[0]}: not an option of tome.patch")
     settings = {**diffusion, "ratio": DEFAULTS["ratio"] if ratio is None else ratio}
@@ -426,8 +473,8 @@ def apply(
         handle.install_method(model, "forward", _unet_forward, handle)
         for index, (_, block) in enumerate(blocks):
             handle.install_method(block, "forward", _block_forward, index, handle)
-            for op, flag in _OPS:
+            for op, _ in _OPS:
                 module = getattr(block, op, None)
                 if isinstance(module, nn.Module):
-                    handle.install_method(module, "forward", _op_forward, flag, handle)
+                    handle.install_method(module, "forward", _op_forward, op, handle)
     return handle

@@ -62,7 +62,7 @@ MODELS = {
 }
 # block class -> its ops and the setting that merges each ("rope": Flux's rotary attention)
 BLOCKS: dict[str, tuple[tuple[str, str], ...]] = {
-    "BasicTransformerBlock": D._OPS,
+    "BasicTransformerBlock": tuple((op, op) for op, _ in D._OPS),  # by op name (see _op_forward)
     "JointTransformerBlock": (("attn", "merge_attn"), ("attn2", "merge_attn"), ("ff", "merge_mlp")),
     "FluxTransformerBlock": (("attn", "rope"), ("ff", "merge_mlp")),
     "FluxSingleTransformerBlock": (("attn", "rope"), ("proj_mlp", "merge_mlp"), ("proj_out", "merge_mlp")),
@@ -223,7 +223,7 @@ def apply(
     from tome.patch.handle import MergeOptions
 
     D._check_settings(r, prop_attn, unmerge_output, MergeOptions() if options is None else options)
-    unknown = sorted(set(diffusion) - set(D.DEFAULTS))
+    unknown = sorted(set(diffusion) - set(D.DEFAULTS) - set(D.EXTRA_DEFAULTS))
     if unknown:
         raise TypeError(f"{unknown[0]}: not an option of tome.patch")
     settings = {**diffusion, "ratio": D.DEFAULTS["ratio"] if ratio is None else ratio}
