@@ -382,3 +382,15 @@ def test_text_defaults_and_the_options_are_refused_elsewhere():
     with pytest.raises(TypeError, match="min_tokens: an option of text encoders"):
         tome.patch(vit, r=1, min_tokens=4)
     assert not hasattr(vit, "tome")
+
+
+def test_matching_metric_cosine_is_the_weighted_sum_of_the_parts():
+    handle = patch(make("BertModel"), ratio=0.2, hidden_weight=0.3).tome
+    keys, hidden = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 32)
+    features = handle.similarity_features(keys)
+    metric = handle.matching_metric(features, hidden)
+    cos = torch.nn.functional.cosine_similarity
+    expected = 0.7 * cos(features[0, 0], features[0, 1], dim=0) + 0.3 * cos(hidden[0, 0], hidden[0, 1], dim=0)
+    torch.testing.assert_close(cos(metric[0, 0], metric[0, 1], dim=0), expected)
+    handle.hidden_weight = 0.0
+    assert handle.matching_metric(features, hidden) is features
