@@ -222,3 +222,20 @@ def test_export_and_compile_agree_with_eager():
         torch.testing.assert_close(exported.module()(ids, mask), reference, atol=1e-5, rtol=1e-5)
         compiled = torch.compile(Encoder(model), backend="eager", fullgraph=True)
         torch.testing.assert_close(compiled(ids, mask), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_zero_behaves_as_unpatched():
+    model = make()
+    ids, mask = texts([8])
+    try:
+        with torch.no_grad():
+            expected = output(model, ids[:0], mask[:0]).shape
+    except RuntimeError as error:  # ModernBERT itself cannot run an empty batch
+        expected = type(error)
+    patch(model, ratio=0.3)
+    if isinstance(expected, type):
+        with pytest.raises(expected):
+            output(model, ids[:0], mask[:0])
+    else:
+        with torch.no_grad():
+            assert output(model, ids[:0], mask[:0]).shape == expected
