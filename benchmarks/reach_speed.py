@@ -2,7 +2,7 @@
 
 One command, one process; prints a markdown table (progress goes to stderr)::
 
-    python benchmarks/reach_speed.py                  # all four: ~10 minutes on 2 loaded CPU cores
+    python benchmarks/reach_speed.py                  # all five: ~12 minutes on 2 loaded CPU cores
     python benchmarks/reach_speed.py --cases clip --reps 2      # a subset (see --help)
     python benchmarks/reach_speed.py --ramp           # the (r, -1.0) ramp instead of a constant r
 

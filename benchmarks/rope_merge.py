@@ -33,8 +33,17 @@ output can do). ``attends ~k patches``: the exact head's perplexity (exp of its 
 entropy), how wide the positional kernel is at that ``beta``. The method is chosen on the first half of the photos ("calibration") and
 reported on the second ("held out").
 
+``--student``: a RoPE model with trained weights, made here. A small Eva in EVA-02-Ti's layout
+(6 blocks, SwiGLU, axial RoPE, *no* absolute position embedding, 112 px: 8 x 8 patches of 14 px)
+is trained to reproduce the real DINOv2-S's CLS and patch features (cosine loss) on the first
+half of the photos (9 views each: the photo and 8 random crops with flips; AdamW, one-cycle,
+``--epochs``), then measured on the held-out half: the cosine of its CLS and (unmerged) patch
+features to the unmerged student's, for each rotary method, after ``tome.patch(model, r)``. It
+also prints how much the student leans on RoPE (the same weights with the rotations removed).
+
     python benchmarks/rope_merge.py              # ~2 min on 2 CPU cores (one thread)
     python benchmarks/rope_merge.py --limit 20 --r 8 16
+    python benchmarks/rope_merge.py --student --r 4 6 8    # a RoPE Eva trained here (~5 min)
 """
 
 from __future__ import annotations
