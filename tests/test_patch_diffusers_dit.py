@@ -342,3 +342,16 @@ def test_pixart_pipeline_call_with_prompt_embeds():
     tome.unpatch(pipe)
     assert "tome" not in pipe.transformer.__dict__
     assert torch.equal(generate(), reference)
+
+
+def test_random_destinations_need_no_host_read_of_the_timestep():
+    # fullgraph: a .item() / float() of the timestep would be a graph break, hence an error
+    from tome.merge2d import grid_destinations
+
+    def destinations(t):
+        return grid_destinations(8, 8, 2, 2, key=tome_diffusers.block_key(0, t, 3))
+
+    compiled = torch.compile(destinations, fullgraph=True, backend="eager")
+    t = torch.tensor(500)
+    assert torch.equal(compiled(t), destinations(t))
+    assert not torch.equal(destinations(torch.tensor(499)), destinations(t))
