@@ -355,3 +355,18 @@ def test_random_destinations_need_no_host_read_of_the_timestep():
     t = torch.tensor(500)
     assert torch.equal(compiled(t), destinations(t))
     assert not torch.equal(destinations(torch.tensor(499)), destinations(t))
+
+
+def test_merge_groups_on_the_latent_grid_for_one_block():
+    from tome.tools.vis_diffusion import diffusion_panels, merge_groups
+
+    model, inputs = _flux()
+    tome.patch(model, ratio=0.5)
+    for block in (0, 2):  # a double-stream block; a single-stream one (text tokens left out)
+        source, grid = merge_groups(model, inputs, block)
+        assert grid == (8, 8) and source.shape == (2, 64)
+        assert sorted(set(source[0].tolist())) == list(range(32))  # 32 groups of the 64 tokens
+    panels = diffusion_panels(model, inputs, torch.rand(2, 3, 64, 64), block=0)
+    assert panels.colors.shape == (2, 64, 64, 3) and panels.num_groups == [32, 32]
+    model.tome.ratio = 0.0
+    assert merge_groups(model, inputs, 0)[0] is None
