@@ -143,6 +143,17 @@ def test_eva_schedules_ratio_and_unmerge_output():
     torch.testing.assert_close(full, model.tome.unmerge(merged))
 
 
+def test_eva_dynamic_img_size_two_resolutions():
+    model, _ = make_eva("rope_vit", dynamic_img_size=True)
+    tome.patch(model, r=3)
+    for side in (64, 96):
+        x = torch.randn(1, 3, side, side)
+        with torch.no_grad():
+            model(x)
+        n0 = (side // 16) ** 2 + 1
+        assert model.tome.tokens_per_layer == expected_counts(n0, [3, 3, 3], 1)
+
+
 def test_eva_avg_pool_is_size_weighted():
     model, x = make_eva("eva02")  # global_pool="avg" over the patch tokens, then fc_norm
     tome.patch(model, r=4)
