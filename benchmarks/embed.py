@@ -42,6 +42,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT.parent / "shared" / "images" / "imagenet-samples"
+RAY = str(Path(sys.executable).with_name("ray"))  # the ray command of this Python's environment
 
 
 def _load() -> str:
@@ -91,7 +92,7 @@ def main() -> None:
     cluster = None
     if args.cluster:
         cluster = subprocess.run(
-            ["ray", "start", "--head", f"--num-cpus={os.cpu_count()}", "--include-dashboard=false"],
+            [RAY, "start", "--head", f"--num-cpus={os.cpu_count()}", "--include-dashboard=false"],
             capture_output=True,
             text=True,
         )
@@ -120,7 +121,7 @@ def main() -> None:
                         )
     finally:
         if cluster is not None:
-            subprocess.run(["ray", "stop"], capture_output=True)
+            subprocess.run([RAY, "stop"], capture_output=True)
     print(f"load average at the end: {_load()}")
     print()
     print(
