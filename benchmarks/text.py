@@ -21,7 +21,7 @@ ones: held-out) and the STS pairs (``--sts-pairs``, spread evenly over the file)
 recommended options were chosen on the calibration halves only (``benchmarks/text_experiments.py``);
 both halves are printed side by side, so a gap between them shows over-fitting.
 
-    python benchmarks/text.py                          # the default set (~16 min on 2 busy cores)
+    python benchmarks/text.py                          # the default set (8 min on 2 cores at load 2-3)
     python benchmarks/text.py --lengths 256 --limit 32 --reps 3 --sts-pairs 500   # a quick look
     python benchmarks/text.py --set all                # + the option ablations (slower)
     python benchmarks/text.py --ratio 0.1 0.2 --opt metric=head_keys --no-sts
