@@ -702,10 +702,21 @@ def _load(
         "kind": kind,
         "model": model.name,
         "setting": setting_label(setting),
-        "options": dict(sorted(options.items())),
+        "options": _effective_options(
+            model.handle() if kind == "text" else model.module.__dict__.get("tome")
+        ),
         **extra,
     }
     return model, meta
+
+
+def _effective_options(handle) -> dict:
+    """The options the patched model merges with, defaults included (so that a rerun under a tome
+    whose defaults changed is refused, not mixed in); none when unpatched."""
+    if handle is None or not hasattr(handle, "patch_options"):
+        return {}
+    found = {k: v for k, v in handle.patch_options().items() if k not in ("r", "ratio")}
+    return json.loads(json.dumps(dict(sorted(found.items())), default=str))
 
 
 def embed(
