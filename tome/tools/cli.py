@@ -1104,8 +1104,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, metavar="FILE.parquet", help="the parquet file to write or finish"
     )
     schedule = em.add_mutually_exclusive_group()
-    schedule.add_argument("--r", metavar="R", help=f"{_R_HELP} (default: 16 for images; 0: unmerged)")
-    schedule.add_argument("--ratio", metavar="P", help=f"{_RATIO_HELP} (default for texts: 0.1)")
+    schedule.add_argument(
+        "--r", metavar="R", help="tokens merged per block, one schedule: 16, 16:-0.75 (a ramp) or a per-layer "
+        "[8,8,4] (default for images: 16; 0: unmerged)",
+    )  # fmt: skip
+    schedule.add_argument(
+        "--ratio", metavar="P", help="instead of --r: every block merges away this fraction of each item's "
+        "mergeable tokens (default for texts: 0.1)",
+    )  # fmt: skip
     em.add_argument("--batch", type=int, default=32, help="items per forward pass (default: 32)")
     em.add_argument(
         "--chunk",
