@@ -394,3 +394,17 @@ def test_matching_metric_cosine_is_the_weighted_sum_of_the_parts():
     torch.testing.assert_close(cos(metric[0, 0], metric[0, 1], dim=0), expected)
     handle.hidden_weight = 0.0
     assert handle.matching_metric(features, hidden) is features
+
+
+def test_text_settings_through_a_wrapper():
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = make("BertModel")
+
+    wrapper = tome.patch(Wrapper(), ratio=0.2)
+    wrapper.tome.min_tokens = 5
+    wrapper.tome.hidden_weight = 0.25
+    assert wrapper.encoder.tome.min_tokens == 5 and wrapper.encoder.tome.hidden_weight == 0.25
+    with pytest.raises(AttributeError, match="only r, ratio"):
+        wrapper.tome.keep_outliers = 1

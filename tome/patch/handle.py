@@ -598,6 +598,7 @@ class PatchedModels:
     """
 
     _SETTINGS = ("r", "ratio", "prop_attn", "unmerge_output")
+    _FAMILY_SETTINGS = ("min_tokens", "hidden_weight", "positions", "window")
 
     def __init__(self, models: dict[str, nn.Module]) -> None:
         object.__setattr__(self, "models", dict(models))
@@ -622,9 +623,17 @@ class PatchedModels:
         )
 
     def __setattr__(self, name: str, value) -> None:
-        if name not in self._SETTINGS:
-            raise AttributeError(f"{name}: only {', '.join(self._SETTINGS)} can be set on PatchedModels")
-        for handle in self.handles.values():
+        if name not in self._SETTINGS and name not in self._FAMILY_SETTINGS:
+            settable = ", ".join((*self._SETTINGS, *self._FAMILY_SETTINGS))
+            raise AttributeError(f"{name}: only {settable} can be set on PatchedModels")
+        handles = list(self.handles.values())
+        if name in self._FAMILY_SETTINGS:
+            # A family's own setting (text encoders: min_tokens, hidden_weight) goes to the
+            # models that have it.
+            handles = [h for h in handles if isinstance(getattr(type(h), name, None), property)]
+            if not handles:
+                raise AttributeError(f"{name}: none of the models patched inside this one has this setting")
+        for handle in handles:
             setattr(handle, name, value)
 
     def __repr__(self) -> str:
