@@ -499,13 +499,16 @@ def test_naflex_mask_that_is_not_key_padding_is_refused():
     mask = torch.zeros(3, 1, 40, 40)
     mask[:, :, :, 30:] = torch.finfo(torch.float32).min  # keys 30.. masked for every query
     mask[0, :, 5, 7] = torch.finfo(torch.float32).min  # and one real pair in image 0
-    with pytest.raises(ValueError, match=r"key-padding mask only"), torch.no_grad():
-        model(
-            batch["patches"],
-            patch_coord=batch["patch_coord"],
-            patch_valid=batch["patch_valid"],
-            attn_mask=mask,
-        )
+    for schedule in (3, [0, 3, 3]):  # merging from block 0, or in later blocks only
+        model.tome.r = schedule
+        with pytest.raises(ValueError, match=r"key-padding mask only"), torch.no_grad():
+            model(
+                batch["patches"],
+                patch_coord=batch["patch_coord"],
+                patch_valid=batch["patch_valid"],
+                attn_mask=mask,
+            )
+    model.tome.r = 3
     mask[0, :, 5, 7] = 0.0  # a key-padding mask of the user's own: honoured
     with torch.no_grad():
         model(

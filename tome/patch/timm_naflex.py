@@ -60,9 +60,10 @@ def _key_padding(handle: ToMeHandle, index: int, x: torch.Tensor, attn_mask: tor
             f"tokens, got shape {tuple(attn_mask.shape)}"
         )
     key_mask = handle.key_mask_from(attn_mask).expand(B, N)
-    if handle.schedules_merges(index) and not torch.compiler.is_compiling():
-        # Merged tokens get a key-padding mask (plus log size): anything else the mask says
-        # would be dropped, so refuse it (one check per pass).
+    merges = any(handle.schedules_merges(i) for i in range(index, handle.num_layers))
+    if merges and not torch.compiler.is_compiling():
+        # Merged tokens get a key-padding mask (plus log size) in every later block: anything
+        # else the mask says would be dropped, so refuse it (one check per pass).
         if attn_mask.dtype == torch.bool:
             allowed = attn_mask
         else:
