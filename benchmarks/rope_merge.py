@@ -196,6 +196,7 @@ def main() -> None:
         help="instead: train a small RoPE Eva on DINOv2-S features, then measure it",
     )
     parser.add_argument("--epochs", type=int, default=30, help="--student: training epochs (default 30)")
+    parser.add_argument("--seed", type=int, default=0, help="--student: seed of its init, crops and order")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.student:
@@ -252,12 +253,12 @@ STUDENT_SIZE = 112  # 8 x 8 patches of 14 px, for DINOv2-S and the student alike
 STUDENT_GRID = STUDENT_SIZE // 14
 
 
-def make_student() -> torch.nn.Module:
+def make_student(seed: int = 0) -> torch.nn.Module:
     """EVA-02-Ti's layout (SwiGLU, axial RoPE), 6 blocks, no absolute position embedding: every
     position it knows comes from RoPE."""
     import timm
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = timm.create_model(
         "eva02_tiny_patch14_224", pretrained=False, img_size=STUDENT_SIZE, depth=6, num_classes=384,
         use_abs_pos_emb=False, global_pool="token",
@@ -290,13 +291,13 @@ def augmented(photo: torch.Tensor, count: int, generator: torch.Generator) -> to
     return torch.stack(out)
 
 
-def train_student(teacher, train: torch.Tensor, epochs: int, log) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(0)
+def train_student(teacher, train: torch.Tensor, epochs: int, log, seed: int = 0) -> torch.nn.Module:
+    generator = torch.Generator().manual_seed(seed)
     crops = torch.cat([augmented(p, 8, generator) for p in train])
     crops = torch.cat([F.interpolate(train, size=STUDENT_SIZE, mode="bilinear", antialias=True), crops])
     with torch.no_grad():
         target = torch.cat([teacher(pixel_values=c).last_hidden_state for c in crops.split(64)])
-    model = make_student().train()
+    model = make_student(seed).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     steps = epochs * ((len(crops) + 31) // 32)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.1)
@@ -336,7 +337,7 @@ def student_main(args) -> None:
     full = photos(args.limit, size=224)
     half = len(full) // 2
     train, held = full[:half], full[half:]
-    model = train_student(teacher, train, args.epochs, log)
+    model = train_student(teacher, train, args.epochs, log, args.seed)
     small = F.interpolate(held, size=STUDENT_SIZE, mode="bilinear", antialias=True)
     with torch.no_grad():
         target = teacher(pixel_values=small).last_hidden_state
@@ -348,7 +349,7 @@ def student_main(args) -> None:
     cos = lambda a, b: F.cosine_similarity(a, b, dim=-1).mean().item()  # noqa: E731
     print(
         f"student: EVA-02-Ti layout, 6 blocks, RoPE only (no absolute positions), {STUDENT_SIZE} px "
-        f"({STUDENT_GRID}x{STUDENT_GRID} patches), trained {args.epochs} epochs on {half} photos x 9 crops to "
+        f"({STUDENT_GRID}x{STUDENT_GRID} patches), trained {args.epochs} epochs (seed {args.seed}) on {half} photos x 9 crops to "
         f"match DINOv2-S features; on the {len(held)} held-out photos: patch cosine to DINOv2-S "
         f"{cos(patch_ref, target[:, 1:]):.3f} (CLS {cos(cls_ref, target[:, 0]):.3f}); the same weights "
         f"without RoPE: patch cosine to the student {cos(patch_nope, patch_ref):.3f}, to DINOv2-S "
