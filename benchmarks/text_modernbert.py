@@ -14,8 +14,18 @@ on positions through RoPE and windows, not what a trained one would lose: treat 
 figures as a sanity check of the rules, and the speed figures as real (they do not depend on
 the weights).
 
-    python benchmarks/text_modernbert.py                  # ~6 min on 2 busy cores
-    python benchmarks/text_modernbert.py --lengths 256 --limit 16
+    python benchmarks/text_modernbert.py                  # 1 min on 2 cores at load 1-2
+    python benchmarks/text_modernbert.py --init-range 0.1 # layers that move the residual stream
+
+Measured (``python benchmarks/text_modernbert.py``, 16 + 16 texts per length, default rules
+positions="mean", window="span"): speed at 256 tokens 1.20x (FLOP-ideal 1.37x) at ratio 0.1,
+1.60x (1.85x) at 0.2; at 512 tokens 1.22x (1.40x) and 1.65x (1.91x) -- the gap is the merge step
+(768-wide matching features with hidden_weight 0.5) and the per-layer masks of merged local
+layers. Pooled cosine at ratio 0.2, halves A / B, 256 tokens: mean+span 0.9781 / 0.9869,
+mean+position 0.9799 / 0.9873, first+span 0.9767 / 0.9860, first+position 0.9793 / 0.9878; at 512
+tokens 0.9914 / 0.9949, 0.9927 / 0.9943, 0.9914 / 0.9947, 0.9916 / 0.9950; at ratio 0.1 all rules
+>= 0.9994. At this init the rules are within 0.002 of each other (the layers add little to the
+embeddings, so the pooled output hardly depends on attention).
 """
 
 from __future__ import annotations
