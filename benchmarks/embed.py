@@ -20,8 +20,8 @@ pipeline, not the model, bounds the speed).
 rounds and adds runs that connect to it (``--ray-address``), which is how a cluster is used:
 no Ray start in the job's time.
 
-    flock /tmp/tome-bench.lock python benchmarks/embed.py               # ~10 min on 2 idle cores
-    flock /tmp/tome-bench.lock python benchmarks/embed.py --cluster
+    flock /tmp/tome-bench.lock python benchmarks/embed.py --cluster --rounds 2   # the README's: 11 min on 2 cores
+    flock /tmp/tome-bench.lock python benchmarks/embed.py               # 3 rounds, no cluster runs
     python benchmarks/embed.py --photos 64 --rounds 1 --no-ray          # a smoke run
 
 The load average is printed at the start and the end: on a machine shared with other jobs the
