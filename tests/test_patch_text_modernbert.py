@@ -74,7 +74,7 @@ def test_r0_is_exact_merging_happens_and_unpatch_is_exact(name, attn):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize(
-    "settings", [{"ratio": 0.25}, {"r": 3}, {"ratio": 0.3, "positions": "first", "window": "position"}]
+    "settings", [{"ratio": 0.25}, {"r": 3}, {"ratio": 0.3, "positions": "mean", "window": "position"}]
 )
 def test_a_text_gives_the_same_output_alone_or_in_a_padded_batch(attn, settings):
     settings = dict(settings)
@@ -118,6 +118,8 @@ def test_the_local_window_of_merged_tokens():
     source = torch.tensor([[0, 1, 2, 2, 3, 4, 1, 4]])
     history = MergeHistory(source, torch.tensor([[1.0, 2, 2, 1, 2]]))
     call = BlockCall(PassState(4), 1, history, merged=True)
+    assert (handle.positions, handle.window) == ("first", "span")  # the defaults
+    handle.positions = "mean"
     spans = _group_positions(handle, call, torch.arange(8)[None])
     assert spans[0].tolist() == [[0.0, 3.5, 2.5, 4.0, 6.0]]  # mean original position
     assert spans[1].tolist() == [[0.0, 1.0, 2.0, 4.0, 5.0]] and spans[2].tolist() == [
@@ -133,7 +135,7 @@ def test_the_local_window_of_merged_tokens():
     assert not allowed[0, 1] and allowed[1, 2] and allowed[1, 3] and not allowed[0, 2]
     handle.positions = "first"
     assert _group_positions(handle, call, torch.arange(8)[None])[0].tolist() == [[0.0, 1.0, 2.0, 4.0, 5.0]]
-    with pytest.raises(ValueError, match="positions: expected one of mean, first"):
+    with pytest.raises(ValueError, match="positions: expected one of first, mean"):
         handle.positions = "middle"
 
 
@@ -176,7 +178,7 @@ def test_packed_sequences_never_merge_across_texts():
 
 def test_copies_pickles_and_settings():
     model = patch(make(), ratio=0.25)
-    model.tome.positions, model.tome.window = "first", "position"
+    model.tome.positions, model.tome.window = "mean", "position"
     ids, mask = texts([20, 9])
     with torch.no_grad():
         reference = output(model, ids, mask)
@@ -184,7 +186,7 @@ def test_copies_pickles_and_settings():
         twin.tome.ratio = 0.0
         torch.testing.assert_close(output(model, ids, mask), reference)
         loaded = pickle.loads(pickle.dumps(model))
-        assert (loaded.tome.positions, loaded.tome.window) == ("first", "position")
+        assert (loaded.tome.positions, loaded.tome.window) == ("mean", "position")
         torch.testing.assert_close(output(loaded, ids, mask), reference)
     assert model.tome.patch_options()["min_tokens"] == 0
 

@@ -40,7 +40,7 @@ _NOTES: dict[str, tuple[str, str, str]] = {
     ),
     "tome.patch.transformers_modernbert": (
         "masked",
-        "between attention and MLP; RoPE at each merged token's mean original position, local windows by its originals' span",
+        "between attention and MLP; RoPE at each merged token's first original position, local windows by its originals' span",
         "tiny random configs",
     ),
     "tome.patch.torchvision": (
