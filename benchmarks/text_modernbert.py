@@ -17,8 +17,8 @@ the weights).
     python benchmarks/text_modernbert.py                  # 1 min on 2 cores at load 1-2
     python benchmarks/text_modernbert.py --init-range 0.1 # layers that move the residual stream
 
-Measured (``python benchmarks/text_modernbert.py``, 16 + 16 texts per length, default rules
-positions="mean", window="span"): speed at 256 tokens 1.20x (FLOP-ideal 1.37x) at ratio 0.1,
+Measured (``python benchmarks/text_modernbert.py``, 16 + 16 texts per length, with the
+rules then default, positions="mean", window="span"): speed at 256 tokens 1.20x (FLOP-ideal 1.37x) at ratio 0.1,
 1.60x (1.85x) at 0.2; at 512 tokens 1.22x (1.40x) and 1.65x (1.91x) -- the gap is the merge step
 (768-wide matching features with hidden_weight 0.5) and the per-layer masks of merged local
 layers. Pooled cosine at ratio 0.2, halves A / B, 256 tokens: mean+span 0.9781 / 0.9869,
