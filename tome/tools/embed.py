@@ -809,13 +809,13 @@ def embed(
     ray_started = False
     try:
         if use_ray:
-            from tome.tools.embed_ray import run_ray, start_ray, warm_modules
+            from tome.tools.embed_ray import run_ray, start_ray
 
             # The model loads while Ray starts (ray.init must run in the main thread).
             with ThreadPoolExecutor(1, thread_name_prefix="tome-load") as pool:
                 loading = pool.submit(load)
                 try:
-                    ray_started = start_ray(ray_address, warm_modules(model, kind))
+                    ray_started = start_ray(ray_address)
                 finally:
                     loaded, meta = loading.result()
         else:
