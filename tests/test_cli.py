@@ -161,6 +161,17 @@ def test_bench_table_json_and_plot(tmp_path, capsys):
     assert data["batch"] == 2 and data["img_size"] == 64
 
 
+def test_bench_and_eval_take_a_timm_eva(photos, capsys):
+    # timm Eva (RoPE) goes through the tools like a VisionTransformer: merged, and unmerged to compare.
+    eva = ["--model", "timm:eva02_tiny_patch14_224", "--random-init", "--img-size", "56", "-q"]
+    assert main(["bench", "--r", "0,2", "--batch", "2", "--reps", "1", "--json", *eva]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert rows[0]["tokens"][-1] == 17 and rows[1]["tokens"][-1] < 17
+    assert main(["eval", "--images", str(photos), "--r", "2", "--speed-reps", "0", "--json", *eva]) == 0
+    reference, merged = json.loads(capsys.readouterr().out)["rows"]
+    assert reference["cls_cosine"] == 1.0 and 0 < merged["cls_cosine"] < 1
+
+
 def test_eval_on_labelled_folder(tmp_path, capsys):
     from PIL import Image
 

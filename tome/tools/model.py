@@ -265,7 +265,7 @@ def _width(module: nn.Module, family: str) -> int:
 # What this wrapper knows how to run, per family: class names found through the model's class
 # hierarchy (so a user's subclass of a supported model counts), and the library they come from.
 SUPPORTED: dict[str, tuple[str, ...]] = {
-    "timm": ("VisionTransformer",),
+    "timm": ("VisionTransformer", "Eva"),
     "transformers": (
         "ViTModel",
         "ViTForImageClassification",
