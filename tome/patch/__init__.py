@@ -19,6 +19,7 @@ __all__ = [
     "MergeOptions",
     "PatchedModels",
     "ToMeHandle",
+    "adapter_classes",
     "patch",
     "supported_families",
     "unpatch",
@@ -108,6 +109,15 @@ def supported_families() -> str:
     for family, _, _, classes in _ADAPTERS:
         names.setdefault(family, []).extend(classes)
     return "\n".join(f"  {family}: {', '.join(classes)}" for family, classes in names.items())
+
+
+def adapter_classes(adapter: str) -> tuple[str, ...]:
+    """The model class names the adapter module ``adapter`` patches, from the registry.
+
+    >>> adapter_classes("tome.patch.torchvision")
+    ('VisionTransformer',)
+    """
+    return tuple(name for _, _, module, names in _ADAPTERS if module == adapter for name in names)
 
 
 def _find_adapter(model: nn.Module) -> tuple[str, str] | None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from tome.patch import adapter_classes
 from tome.tools.errors import UserError
 from tome.tools.hub import Log, quiet_hub
 from tome.tools.text_model import TextModel
@@ -49,19 +50,9 @@ DEFAULT_TEXT_MODEL = "text:minilm"
 _DEFAULT_NAMES = ("", "minilm", "default", "all-minilm-l6-v2")
 _EXTRA = 'pip install "tome-merging[text]"'
 
-# The text encoders tome.patch supports (tome.patch.transformers_text).
-TEXT_CLASSES = (
-    "BertModel",
-    "BertForSequenceClassification",
-    "RobertaModel",
-    "RobertaForSequenceClassification",
-    "XLMRobertaModel",
-    "XLMRobertaForSequenceClassification",
-    "DistilBertModel",
-    "DistilBertForSequenceClassification",
-    "MPNetModel",
-    "MPNetForSequenceClassification",
-)
+# The text encoders the text tools run: the BERT family of tome.patch.transformers_text (read off
+# the adapters' registry, so the two cannot drift apart).
+TEXT_CLASSES = adapter_classes("tome.patch.transformers_text")
 
 _HEADING = re.compile(r"(=\s)+\S.*?(\s=)+")
 
