@@ -116,7 +116,8 @@ def start_ray(address: str | None) -> bool:
 
     No ``worker_process_setup_hook`` pre-imports the model's library: measured on 2 cores it
     made every worker (decoding tasks too) import torch and transformers at once, and the job
-    slower (400 photos, r=16:-0.75: 48 s with it, 39 s without).
+    slower (400 photos, r=16:-0.75, `tome embed --ray --json`, one run each: 48 s with it, 39 s
+    without).
     """
     import ray
 
