@@ -33,7 +33,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from tome.tools.embed import Item, Sink, Stats, decode_image, pixels_for
+from tome.tools.embed_inputs import Item, decode_image
+from tome.tools.embed_model import pixels_for
+from tome.tools.embed_run import Sink, Stats
 
 __all__ = ["run_ray", "start_ray", "stop_ray"]
 
