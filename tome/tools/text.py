@@ -8,8 +8,11 @@ Models (``--model``), each a :class:`~tome.tools.text_model.TextModel`:
 - ``text:FOLDER``: a sentence-transformers model saved in a local folder (``model.save(...)``);
 - ``text:NAME``: a sentence-transformers model from the Hugging Face hub (its cache first);
 - ``hf:ID_OR_FOLDER`` whose architecture is a supported text encoder (BERT, RoBERTa, XLM-R,
-  DistilBERT, MPNet and their sequence classifiers): the encoder with mean pooling over the
-  real tokens.
+  DistilBERT, MPNet, ModernBERT and their sequence classifiers): the encoder with mean pooling
+  over the real tokens.
+
+A sentence-transformers model may wrap any of these encoders (a ModernBERT one too); anything
+else is refused in one line naming the supported classes (:data:`TEXT_CLASSES`).
 
 Files:
 
@@ -50,9 +53,12 @@ DEFAULT_TEXT_MODEL = "text:minilm"
 _DEFAULT_NAMES = ("", "minilm", "default", "all-minilm-l6-v2")
 _EXTRA = 'pip install "tome-merging[text]"'
 
-# The text encoders the text tools run: the BERT family of tome.patch.transformers_text (read off
-# the adapters' registry, so the two cannot drift apart).
-TEXT_CLASSES = adapter_classes("tome.patch.transformers_text")
+# The text encoders the text tools run: the BERT family of tome.patch.transformers_text and
+# ModernBERT (tome.patch.transformers_modernbert), read off the adapters' registry so that the
+# two cannot drift apart.
+TEXT_CLASSES = adapter_classes("tome.patch.transformers_text") + adapter_classes(
+    "tome.patch.transformers_modernbert"
+)
 
 _HEADING = re.compile(r"(=\s)+\S.*?(\s=)+")
 
@@ -161,7 +167,7 @@ def check_text_spec(spec: str) -> None:
         return
     raise UserError(
         f"--texts needs a text model: --model text: (all-MiniLM-L6-v2), text:FOLDER_OR_NAME "
-        f"(sentence-transformers) or hf:ID_OR_FOLDER (a BERT-family encoder); got {spec.strip()!r}"
+        f"(sentence-transformers) or hf:ID_OR_FOLDER (a BERT-family or ModernBERT encoder); got {spec.strip()!r}"
     )
 
 

@@ -13,9 +13,12 @@ between attention and feed-forward):
 
     8 n d^2        query, key, value and output projections
     4 n^2 d        attention scores (Q K^T) and their weighted sum of values
-    4 m d d_ff     the feed-forward's two linear layers
+    4 m d d_ff     the feed-forward's two linear layers (6 m d d_ff for ModernBERT's gated
+                   feed-forward: its input projection is two d x d_ff matrices)
 
-Embeddings, layer norms, softmax, pooling and padding are not counted.
+ModernBERT's local (sliding-window) layers count every pair too: its SDPA and eager attention
+mask the pairs outside the window but still compute them. Embeddings, layer norms, softmax,
+pooling and padding are not counted.
 """
 
 from __future__ import annotations
@@ -50,17 +53,21 @@ class TextBenchRow:
     spread: float | None = None  # (slowest - fastest) / median of ``seconds``
 
 
-def encoder_flops(tokens: Sequence[int], width: int, ffn_width: int) -> float:
+def encoder_flops(tokens: Sequence[int], width: int, ffn_width: int, *, gated: bool = False) -> float:
     """FLOPs of one text through the encoder layers: ``tokens[i]`` enter layer i and
-    ``tokens[i + 1]`` are left after its merge (the module docstring has the formula).
+    ``tokens[i + 1]`` are left after its merge (the module docstring has the formula);
+    ``gated``: a gated feed-forward (ModernBERT's GLU, three d x d_ff matrices instead of two).
 
     >>> encoder_flops([4, 3], width=2, ffn_width=3)  # 8*4*2^2 + 4*4^2*2 + 4*3*2*3
     328.0
+    >>> encoder_flops([4, 3], width=2, ffn_width=3, gated=True)  # ... + 6*3*2*3
+    364.0
     """
     d, f = width, ffn_width
+    ffn = 6 if gated else 4
     total = 0
     for n, m in itertools.pairwise(tokens):
-        total += 8 * n * d * d + 4 * n * n * d + 4 * m * d * f
+        total += 8 * n * d * d + 4 * n * n * d + ffn * m * d * f
     return float(total)
 
 
@@ -74,7 +81,7 @@ def token_counts(model: TextModel, lengths: Sequence[int]) -> list[list[int]]:
 def _flops_and_tokens(model: TextModel, lengths: Sequence[int]) -> tuple[float, list[float]]:
     """Total FLOPs over the texts, and mean tokens per layer."""
     counts = token_counts(model, lengths)
-    flops = sum(encoder_flops(c, model.width, model.ffn_width) for c in counts)
+    flops = sum(encoder_flops(c, model.width, model.ffn_width, gated=model.gated_ffn) for c in counts)
     mean = [sum(column) / len(counts) for column in zip(*counts, strict=True)]
     return flops, mean
 
@@ -142,9 +149,9 @@ def _named(label: str) -> str:
     return label if "=" in label else f"r={label}"
 
 
-def format_table(rows: Sequence[TextBenchRow], per_layer: bool = True) -> str:
+def format_table(rows: Sequence[TextBenchRow], per_layer: bool = True, *, gated: bool = False) -> str:
     """A Markdown table, then a note when the timings were noisy, then the mean tokens per text
-    after each layer."""
+    after each layer; ``gated``: the FLOPs were counted for a gated feed-forward (ModernBERT)."""
     lines = [
         "| schedule | tokens in→out | GFLOPs | texts/s | spread | speedup | FLOP-ideal | efficiency |",
         "|---|---|---|---|---|---|---|---|",
@@ -156,7 +163,8 @@ def format_table(rows: Sequence[TextBenchRow], per_layer: bool = True) -> str:
         )
     lines.append(
         "(tokens: mean real tokens per text entering the first layer → left after the last; GFLOPs per text "
-        "in the encoder layers, a multiply-add counted as 2: 8nd² + 4n²d + 4md·d_ff per layer; "
+        f"in the encoder layers, a multiply-add counted as 2: 8nd² + 4n²d + {6 if gated else 4}md·d_ff per layer"
+        f"{' (gated feed-forward)' if gated else ''}; "
         "spread: (slowest - fastest) / median of the timed runs)"
     )
     note = noise_note([(row.r, row.spread) for row in rows])

@@ -1,27 +1,36 @@
 """One wrapper over text encoders for the tools: a sentence-transformers model, or a Hugging Face
-BERT-family encoder (mean pooling over its real tokens), with what ``tome bench`` and ``tome
-eval`` need of it: tokenizing texts once into length-sorted batches, embedding a batch, the
-encoder's sizes, and patching (``tome.patch(model, r=...)`` or ``ratio=...``).
+BERT-family or ModernBERT encoder (mean pooling over its real tokens), with what ``tome bench``
+and ``tome eval`` need of it: tokenizing texts once into length-sorted batches, embedding a
+batch, the encoder's sizes, and patching (``tome.patch(model, r=...)`` or ``ratio=...``, plus
+ModernBERT's ``positions`` / ``window`` rules, which live on its handle).
 
 :func:`tome.tools.text.load_text_model` builds one from a ``--model`` spec.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn as nn
 
 import tome
+from tome.patch import adapter_classes
 from tome.tools.errors import UserError
 from tome.tools.schedule_text import Ratio, r_label
 
-__all__ = ["PreparedTexts", "TextModel"]
+__all__ = ["HANDLE_RULES", "PreparedTexts", "TextModel"]
 
 # Models whose position ids start after the padding id (positions 0..pad_id are never used).
 _OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "mpnet")
+# ModernBERT's settings of where a merged token is (for RoPE and the local window): attributes
+# of its handle (tome.patch.transformers_modernbert.ModernBertHandle), not tome.patch keywords,
+# so they are set on the handle after patching.
+HANDLE_RULES = ("positions", "window")
+_MODERNBERT = adapter_classes("tome.patch.transformers_modernbert")
 
 
 @dataclass
@@ -76,6 +85,17 @@ class TextModel:
         return int(getattr(config, "intermediate_size", None) or config.hidden_dim)
 
     @property
+    def gated_ffn(self) -> bool:
+        """Whether the feed-forward is gated (ModernBERT's GLU: its input projection is two
+        ``width x ffn_width`` matrices, so it costs 1.5x a BERT feed-forward of that width)."""
+        return self.is_modernbert
+
+    @property
+    def is_modernbert(self) -> bool:
+        """Whether the encoder is a ModernBERT (RoPE, local layers: it takes :data:`HANDLE_RULES`)."""
+        return any(cls.__name__ in _MODERNBERT for cls in type(self.encoder).__mro__)
+
+    @property
     def limit(self) -> int:
         """The longest input the model takes (its position embeddings)."""
         config = self.config
@@ -99,7 +119,16 @@ class TextModel:
 
     def set_setting(self, setting, **options) -> None:
         """Unpatched for ``None``; else patched with the setting (an ``r`` schedule, or a
-        :class:`~tome.tools.schedule_text.Ratio`) and the :func:`tome.patch` options."""
+        :class:`~tome.tools.schedule_text.Ratio`) and the :func:`tome.patch` options; the
+        :data:`HANDLE_RULES` among ``options`` (ModernBERT only) are set on its handle."""
+        given = {name: options.pop(name, None) for name in HANDLE_RULES}
+        rules = {name: value for name, value in given.items() if value is not None}
+        # Checked even for the unpatched row, so a wrong flag fails before anything is timed.
+        if rules and not self.is_modernbert:
+            raise UserError(
+                f"--{next(iter(rules))}: a rule of ModernBERT models (where a merged token is for RoPE "
+                f"and the local window); {self.name} is a {self.architecture}"
+            )
         tome.unpatch(self.module)
         if setting is None:
             return
@@ -111,6 +140,13 @@ class TextModel:
         except (ValueError, TypeError) as error:
             flag = f"--ratio {setting.value:g}" if isinstance(setting, Ratio) else f"--r {r_label(setting)}"
             raise UserError(f"{flag}: {error}") from error
+        handle = self.handle()
+        for name, value in rules.items():
+            try:
+                setattr(handle, name, value)
+            except ValueError as error:  # the handle's own check: "positions: expected one of ..."
+                tome.unpatch(self.module)
+                raise UserError(f"--{error}") from None
 
     def handle(self) -> tome.ToMeHandle | None:
         """The handle of the patched encoder (None when unpatched)."""
@@ -163,10 +199,17 @@ class TextModel:
         """Embeddings ``(B, D)`` of one prepared batch."""
         if self.kind == "sentence-transformers":
             return self.module(dict(features))["sentence_embedding"]  # it adds to the dict it gets
-        inputs = {k: v for k, v in features.items() if isinstance(v, torch.Tensor)}
+        inputs = {k: v for k, v in features.items() if isinstance(v, torch.Tensor) and k in self._inputs}
         tokens = self.encoder(**inputs).last_hidden_state
         mask = inputs["attention_mask"].to(tokens.dtype)[..., None]
         return (tokens * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+    @cached_property
+    def _inputs(self) -> frozenset[str]:
+        """The inputs the encoder's forward names: a tokenizer may give more than the model
+        uses (BERT's tokenizer beside a ModernBERT gives ``token_type_ids``, which ModernBERT's
+        ``**kwargs`` would take and hand, unused, to every layer)."""
+        return frozenset(inspect.signature(type(self.encoder).forward).parameters) - {"self"}
 
     def run(self, prepared: PreparedTexts) -> None:
         """Every batch through the model, results discarded (what ``tome bench`` times)."""
