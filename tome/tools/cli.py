@@ -47,6 +47,14 @@ text models (with --texts FILE):
                          pooling)
 """
 
+_EPILOG_DIFFUSERS = """
+diffusion models (tome viz):
+  diffusers:FOLDER       a folder written by diffusers' save_pretrained: a pipeline (model_index.json:
+                         its unet or transformer and its vae; text encoders are not loaded) or a bare
+                         UNet2DConditionModel / PixArt / DiT / SD3 / Flux transformer with --vae FOLDER.
+                         --ratio (default 0.5) and tomesd's options; one PNG per photo and ratio
+"""
+
 _R_HELP = "tokens merged per block: 16, a list 0,8,13,16, or r:inflection (16:-1.0 ramps 32 -> 0)"
 _RATIO_HELP = (
     "instead of --r (tome.patch(model, ratio=P)): every block merges away this fraction of each image's "
@@ -84,6 +92,39 @@ def _add_model_args(parser: argparse.ArgumentParser, *, text: bool = False) -> N
     )
     group.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
     group.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes on stderr")
+
+
+def _add_diffusion_args(parser: argparse.ArgumentParser) -> None:
+    """viz's options for ``--model diffusers:FOLDER`` (None: the default, refused for ViTs)."""
+    group = parser.add_argument_group("diffusion models (--model diffusers:FOLDER; --ratio, default 0.5)")
+    group.add_argument(
+        "--block", metavar="B", help="the block drawn: its index in model.tome.blocks or its module name "
+        "(default: the first block that merges)",
+    )  # fmt: skip
+    group.add_argument(
+        "--timestep", type=int, metavar="T", help="noise the photo's latents to this timestep of the "
+        "model's 1000 (default: 500; small: the photo, large: mostly noise)",
+    )  # fmt: skip
+    group.add_argument(
+        "--seed", type=int, metavar="S", help="seed of the noise, the same for every photo (and of --use-rand) "
+        "(default: 0)",
+    )  # fmt: skip
+    group.add_argument(
+        "--vae", metavar="FOLDER", help="the VAE that encodes the photos: a VAE folder or a pipeline folder "
+        "(default: the pipeline's; needed for a bare denoiser folder)",
+    )  # fmt: skip
+    group.add_argument("--sx", type=int, metavar="N", help="tomesd's destination stride across (default: 2)")
+    group.add_argument("--sy", type=int, metavar="N", help="tomesd's destination stride down (default: 2)")
+    group.add_argument(
+        "--max-downsample", type=int, choices=(1, 2, 4, 8), help="UNets: blocks at most this much "
+        "downsampled merge (default: 1; SDXL needs 2)",
+    )  # fmt: skip
+    group.add_argument(
+        "--use-rand", action="store_true", help="a random destination per cell, as tomesd by default (here: "
+        "the top-left one, the same picture for any batch)",
+    )  # fmt: skip
+    group.add_argument("--merge-crossattn", action="store_true", help="cross-attention merges too")
+    group.add_argument("--merge-mlp", action="store_true", help="the feed-forward merges too")
 
 
 def _add_merge_args(parser: argparse.ArgumentParser) -> None:
@@ -157,6 +198,7 @@ def _set_threads(args) -> None:
 def _load(args, *, describe: bool = True):
     from tome.tools.loading import load_model
     from tome.tools.text import is_text_spec
+    from tome.tools.vis_diffusion import is_diffusers_spec
 
     if args.model is None:
         args.model = DEFAULT_MODEL
@@ -164,6 +206,10 @@ def _load(args, *, describe: bool = True):
         raise UserError(
             f"--model {args.model}: tome {args.command} runs vision models; text models work with "
             "tome bench and tome eval (--texts FILE)"
+        )
+    if is_diffusers_spec(args.model):
+        raise UserError(
+            f"--model {args.model}: tome {args.command} runs ViTs; diffusion models work with tome viz"
         )
     _set_threads(args)
     model = load_model(
@@ -542,11 +588,26 @@ def _text_eval(args) -> int:
 # -- viz -------------------------------------------------------------------------------------
 
 
-def _viz(model, paths: Sequence[Path], rs, out: Path, args) -> list[Path]:
+def _viz(model, paths: Sequence[Path], rs, out: Path, args, *, draw=None) -> list[Path]:
+    """Write one PNG per image and setting. ``draw(images, r) -> (pictures, file tag)``
+    makes the pictures (default: :func:`tome.tools.vis.visualize` on the ViT ``model``)."""
     from tome.tools.images import open_image
     from tome.tools.progress import progress_bar
     from tome.tools.schedule_text import Ratio, file_label
     from tome.tools.vis import visualize
+
+    if draw is None:
+
+        def draw(images, r):
+            pictures = visualize(
+                model,
+                images,
+                r,
+                outlines=not args.no_outlines,
+                average=args.average,
+                titles=not args.no_titles,
+            )
+            return pictures, f"{'' if isinstance(r, Ratio) else 'r'}{file_label(r)}"
 
     written: list[Path] = []
     used: set[str] = set()
@@ -566,16 +627,9 @@ def _viz(model, paths: Sequence[Path], rs, out: Path, args) -> list[Path]:
             bar.update(1)
             if not loaded:
                 continue
-            pictures = visualize(
-                model,
-                [image for _, image in loaded],
-                r,
-                outlines=not args.no_outlines,
-                average=args.average,
-                titles=not args.no_titles,
-            )
+            pictures, tag = draw([image for _, image in loaded], r)
             for (path, _), picture in zip(loaded, pictures, strict=True):
-                name = f"{path.stem}_{'' if isinstance(r, Ratio) else 'r'}{file_label(r)}"
+                name = f"{path.stem}_{tag}"
                 stem, k = name, 1
                 while name in used:
                     k += 1
@@ -598,8 +652,67 @@ def _viz(model, paths: Sequence[Path], rs, out: Path, args) -> list[Path]:
     return written
 
 
+# viz's flags for diffusers: models, and their tome.patch names (None: not given)
+_DIFFUSION_FLAGS = {
+    "block": None, "timestep": None, "seed": "seed", "vae": None, "sx": "sx", "sy": "sy",
+    "max_downsample": "max_downsample", "use_rand": "use_rand", "merge_crossattn": "merge_crossattn",
+    "merge_mlp": "merge_mlp",
+}  # fmt: skip
+
+
+def _diffusion_settings(args) -> list:
+    """``--ratio`` for a diffusion model (default tomesd's 0.5); ``--r`` is refused."""
+    from tome.tools.schedule_text import parse_ratio
+    from tome.tools.vis_diffusion import DEFAULT_RATIO
+
+    if args.r is not None:
+        raise UserError(
+            f"--r: a diffusion model merges a fraction of every merging block's tokens (tomesd's ratio); "
+            f"give --ratio (default {DEFAULT_RATIO})"
+        )
+    return parse_ratio(args.ratio if args.ratio is not None else str(DEFAULT_RATIO))
+
+
+def _diffusion_draw(args):
+    """Load ``--model diffusers:FOLDER`` and return viz's ``draw`` for it."""
+    from tome.tools.schedule_text import Ratio, file_label
+    from tome.tools.vis_diffusion import DEFAULT_TIMESTEP, load_diffusion, visualize_diffusion
+
+    for flag, value in (("--weights", args.weights), ("--random-init", args.random_init)):
+        if value:
+            raise UserError(f"{flag}: not for diffusers: models (the folder holds the weights)")
+    _set_threads(args)
+    model = load_diffusion(args.model, vae=args.vae, img_size=args.img_size)
+    _info(args, f"model: {model.describe()}")
+    options = {k: getattr(args, a) for a, k in _DIFFUSION_FLAGS.items() if k and getattr(args, a) is not None}
+    timestep = DEFAULT_TIMESTEP if args.timestep is None else args.timestep
+    told: set[int] = set()
+
+    def draw(images, ratio):
+        value = ratio.value if isinstance(ratio, Ratio) else float(ratio)
+        pictures, block = visualize_diffusion(
+            model, images, value, block=args.block, timestep=timestep, seed=args.seed or 0, options=options,
+            outlines=not args.no_outlines, average=args.average, titles=not args.no_titles,
+        )  # fmt: skip
+        if block not in told:
+            told.add(block)
+            _info(args, f"block {block}: {model.denoiser.tome.blocks[block]}")
+        return pictures, f"{file_label(ratio)}_block{block}"
+
+    return draw
+
+
 def cmd_viz(args) -> int:
-    rs = _settings(args)
+    from tome.tools.vis_diffusion import is_diffusers_spec
+
+    diffusion = is_diffusers_spec(args.model)
+    if not diffusion:
+        given = [a for a in _DIFFUSION_FLAGS if getattr(args, a) not in (None, False)]
+        if given:
+            raise UserError(
+                f"--{given[0].replace('_', '-')}: only for diffusion models (--model diffusers:FOLDER)"
+            )
+    rs = _diffusion_settings(args) if diffusion else _settings(args)
     _positive("--batch", args.batch)
     _positive("--scale", args.scale)
     out = _writable_dir(args.out)
@@ -608,9 +721,12 @@ def cmd_viz(args) -> int:
         raise UserError("no images found")
     if args.limit is not None:
         paths = paths[: _positive("--limit", args.limit)]
-    model = _load(args)
+    if diffusion:
+        model, draw = None, _diffusion_draw(args)
+    else:
+        model, draw = _load(args), None
     start = time.perf_counter()
-    written = _viz(model, paths, rs, out, args)
+    written = _viz(model, paths, rs, out, args, draw=draw)
     _info(args, f"{len(written)} picture(s) in {time.perf_counter() - start:.1f}s")
     for path in written:
         print(path)
@@ -967,14 +1083,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     viz = sub.add_parser(
         "viz",
-        help="pictures of the merged groups",
+        help="pictures of the merged groups (ViTs and diffusion models)",
         formatter_class=_Formatter,
         description="For every image, one PNG with three panels: the image as the model sees it, every "
-        "merged group in its own colour, and the pixels averaged per group.",
+        "merged group in its own colour, and the pixels averaged per group. A diffusion model "
+        "(--model diffusers:FOLDER) draws one block's groups on its latent grid, for the photo encoded by "
+        "the VAE and noised to --timestep, with zero text conditioning.",
         epilog="examples:\n"
         "  tome viz photo.jpg\n"
         "  tome viz photos/ --r 8,16 --out pictures/ --model timm:vit_base_patch16_224\n"
-        "  tome viz photos/ --average patch --no-outlines\n\n" + _EPILOG_MODELS,
+        "  tome viz photos/ --average patch --no-outlines\n"
+        "  tome viz photos/ --model diffusers:sd15/ --ratio 0.5 --timestep 500   # a pipeline folder\n"
+        "  tome viz photos/ --model diffusers:unet/ --vae vae/ --block 1 --sx 4 --sy 4\n\n"
+        + _EPILOG_MODELS
+        + _EPILOG_DIFFUSERS,
     )
     viz.add_argument(
         "inputs", nargs="+", metavar="IMAGE_OR_DIR", help="images or folders (searched recursively)"
@@ -993,6 +1115,7 @@ def build_parser() -> argparse.ArgumentParser:
     viz.add_argument("--no-outlines", action="store_true", help="do not draw group outlines")
     viz.add_argument("--no-titles", action="store_true", help="no captions above the panels")
     viz.add_argument("--scale", type=int, default=1, help="enlarge the PNGs by this integer factor")
+    _add_diffusion_args(viz)
     _add_model_args(viz)
     viz.set_defaults(func=cmd_viz)
 
