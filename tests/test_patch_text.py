@@ -392,8 +392,30 @@ def test_matching_metric_cosine_is_the_weighted_sum_of_the_parts():
     cos = torch.nn.functional.cosine_similarity
     expected = 0.7 * cos(features[0, 0], features[0, 1], dim=0) + 0.3 * cos(hidden[0, 0], hidden[0, 1], dim=0)
     torch.testing.assert_close(cos(metric[0, 0], metric[0, 1], dim=0), expected)
+    assert handle.unit_metric  # matching reads it without normalizing it again
+    torch.testing.assert_close(metric.norm(dim=-1), torch.ones(1, 2))
     handle.hidden_weight = 0.0
-    assert handle.matching_metric(features, hidden) is features
+    keys_only = handle.matching_metric(features, hidden)
+    torch.testing.assert_close(keys_only, torch.nn.functional.normalize(features, dim=-1))
+    handle.hidden_weight = 1.0
+    torch.testing.assert_close(
+        handle.matching_metric(features, hidden), torch.nn.functional.normalize(hidden, dim=-1)
+    )
+    assert handle.matching_metric(None, hidden) is None  # a block that merges nothing
+
+
+def test_padding_with_nan_changes_no_real_token():
+    # Merging zeroes tokens of size 0 (padding) before they are folded into a real token: NaN
+    # in the padding's hidden states (e.g. from fp16 overflow) cannot reach the real tokens.
+    plan_sizes = torch.tensor([[1.0, 1, 1, 1, 1, 1, 0, 0, 0]])
+    history = tome.merge.MergeHistory(torch.arange(9)[None], plan_sizes)
+    plan = tome.merge.masked_soft_matching(torch.randn(1, 9, 4), 3, torch.tensor([1]), history, protected=1)
+    x = torch.randn(1, 9, 5)
+    x[0, 6:] = float("nan")
+    for mode in ("mean", "mlerp"):
+        merged = tome.merge.merge(plan, x, mode)
+        real = plan.sizes[0] > 0
+        assert torch.isfinite(merged[0, real]).all(), mode
 
 
 def test_text_settings_through_a_wrapper():

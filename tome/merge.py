@@ -18,6 +18,8 @@ registers, ...) stay at the front, in order.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +40,7 @@ __all__ = [
     "outlier_bias",
     "per_row_r",
     "start_history",
+    "unit_features",
     "unmerge",
 ]
 
@@ -150,11 +153,52 @@ def _normalize(metric: torch.Tensor) -> torch.Tensor:
     return unit.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def unit_features(parts: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """One unit-norm similarity feature per token from several ``(B, N, D_i)`` parts: each part
+    normalized on its own and scaled by ``sqrt(weight)``, concatenated (``weights`` sum to 1).
+    The cosine similarity of the result is the weighted sum of the parts' cosines; a part with
+    a NaN/inf entry counts as all zero (as in matching). Float32, no gradient, one allocation:
+    pass it to the matching functions with ``normalized=True``.
+
+    >>> import torch.nn.functional as F
+    >>> keys, hidden = torch.randn(2, 5, 8), torch.randn(2, 5, 4)
+    >>> f = unit_features([keys, hidden], [0.5, 0.5])
+    >>> f.shape, torch.allclose(f.norm(dim=-1), torch.ones(2, 5))
+    (torch.Size([2, 5, 12]), True)
+    >>> cos = lambda t: F.normalize(t, dim=-1) @ F.normalize(t, dim=-1).transpose(1, 2)
+    >>> torch.allclose(f @ f.transpose(1, 2), 0.5 * cos(keys) + 0.5 * cos(hidden), atol=1e-6)
+    True
+    """
+    if len(parts) != len(weights) or not parts:
+        raise ValueError(
+            f"unit_features: expected as many weights as parts, got {len(weights)} and {len(parts)}"
+        )
+    with torch.no_grad():
+        parts = [p.detach().float() for p in parts]
+        scales = [
+            math.sqrt(w) / p.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            for p, w in zip(parts, weights, strict=True)
+        ]
+        if torch.compiler.is_compiling():  # compilers fuse this; `out=` slices do not trace
+            out = torch.cat([p * s for p, s in zip(parts, scales, strict=True)], dim=-1)
+        else:
+            # Eager: written in place into one buffer (fresh large blocks are slow on CPU: every
+            # page is faulted in on first touch).
+            shape = (*parts[0].shape[:-1], sum(p.shape[-1] for p in parts))
+            out = torch.empty(shape, dtype=torch.float32, device=parts[0].device)
+            start = 0
+            for part, scale in zip(parts, scales, strict=True):
+                torch.mul(part, scale, out=out[..., start : start + part.shape[-1]])
+                start += part.shape[-1]
+        return out.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def _split_ab(
-    metric: torch.Tensor, protected: int, sequence_ids: torch.Tensor | None
+    metric: torch.Tensor, protected: int, sequence_ids: torch.Tensor | None, normalized: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Normalized keys of sets A (even unprotected tokens) and B (odd), and their ids."""
-    metric = _normalize(metric[:, protected:])
+    """Normalized keys of sets A (even unprotected tokens) and B (odd), and their ids.
+    ``normalized``: the metric is unit-norm already (:func:`unit_features`): strided views, no copy."""
+    metric = metric[:, protected:] if normalized else _normalize(metric[:, protected:])
     if sequence_ids is None:
         return metric[:, ::2], metric[:, 1::2], None, None
     ids = sequence_ids[:, protected:]
@@ -243,8 +287,9 @@ def _match(
     sequence_ids: torch.Tensor | None,
     mask_id: int,
     token_bias: torch.Tensor | None = None,
+    normalized: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    a, b, ids_a, ids_b = _split_ab(metric, protected, sequence_ids)
+    a, b, ids_a, ids_b = _split_ab(metric, protected, sequence_ids, normalized)
     bias = None
     if token_bias is not None:
         token_bias = token_bias[:, protected:].float()
@@ -278,6 +323,7 @@ def bipartite_soft_matching(
     sequence_ids: torch.Tensor | None = None,
     mask_id: int = -100,
     token_bias: torch.Tensor | None = None,
+    normalized: bool = False,
 ) -> MergePlan:
     """Plan the merge of the ``r`` most similar tokens (no argument checking: see TokenMerger).
 
@@ -291,6 +337,8 @@ def bipartite_soft_matching(
         token_bias: optional ``(B, N)`` float term added to the score of every edge that
             touches a token (e.g. ``-4`` keeps a token out of every merge unless nothing else
             is left; see :func:`outlier_bias`). ``None``: plain ToMe.
+        normalized: ``metric`` is unit-norm per token already (:func:`unit_features`), so it
+            is not normalized again.
 
     Returns:
         The :class:`MergePlan`. Matching carries no gradient.
@@ -309,7 +357,7 @@ def bipartite_soft_matching(
 
     with torch.no_grad():
         # Stable ranking: equal scores merge in token order, so merges are deterministic.
-        src_local, dst_local = _match(metric, r, protected, sequence_ids, mask_id, token_bias)
+        src_local, dst_local = _match(metric, r, protected, sequence_ids, mask_id, token_bias, normalized)
         src = protected + 2 * src_local
         dst_in = protected + 1 + 2 * dst_local
         return _plan_from_sources(src, dst_in, in_sizes, N, r)
@@ -362,6 +410,7 @@ def masked_soft_matching(
     protected: int = 0,
     sequence_ids: torch.Tensor | None = None,
     token_bias: torch.Tensor | None = None,
+    normalized: bool = False,
 ) -> MergePlan:
     """Bipartite soft matching for padded (and packed) batches, decided row by row.
 
@@ -382,6 +431,8 @@ def masked_soft_matching(
         sequence_ids: optional ``(B, N)`` document ids of packed rows: real tokens merge only
             within their document.
         token_bias: as in :func:`bipartite_soft_matching`.
+        normalized: ``metric`` is unit-norm per token already (:func:`unit_features`), so it
+            is not normalized again.
 
     >>> sizes = torch.tensor([[1.0, 1, 1, 1, 1, 1, 0, 0, 0]])  # 6 real tokens, 3 padding
     >>> h = MergeHistory(torch.arange(9)[None], sizes)
@@ -407,7 +458,7 @@ def masked_soft_matching(
             else sequence_ids.long()
         )
         ids = torch.where(valid, ids, -1)  # a real token never pairs with padding
-        a, b, ids_a, ids_b = _split_ab(metric, protected, ids)
+        a, b, ids_a, ids_b = _split_ab(metric, protected, ids, normalized)
         scores = _scores(a, b, ids_a, ids_b, mask_id=-2)  # -2: no id means "padding pairs first"
         scores.masked_fill_((ids_a < 0)[:, :, None], float("-inf"))
         if token_bias is not None:
@@ -499,6 +550,10 @@ def _moved_and_targets(plan: MergePlan, x: torch.Tensor) -> tuple[torch.Tensor, 
     in the reduction dtype: gathered once for both the mean and mlerp's rescaling."""
     dtype = _reduce_dtype(x)
     moved = _gather_tokens(x, plan.src).to(dtype)
+    # A token of size 0 (padding) holds nothing: zeroed, it cannot change its destination by
+    # its value (weight 0 times NaN is NaN) nor by its norm (mlerp), whatever padding carries.
+    empty = plan.in_sizes.gather(1, plan.src) == 0
+    moved = moved.masked_fill(empty.view(empty.shape + (1,) * (x.dim() - 2)), 0)
     target = _gather_tokens(x, plan.kept.gather(1, plan.dst)).to(dtype)
     return moved, target
 

@@ -138,6 +138,10 @@ class ToMeHandle:
     made them, so each thread gets its own pass's answer.
     """
 
+    # Whether the metric adapters pass to :meth:`merge_layer` is unit-norm per token already
+    # (:func:`tome.merge.unit_features`), so matching does not normalize it again.
+    unit_metric: bool = False
+
     def __init__(
         self,
         num_layers: int,
@@ -461,18 +465,21 @@ class ToMeHandle:
             return x
         if metric is None:
             raise RuntimeError(f"tome: block {index} merges {r} tokens but its adapter passed no keys")
-        if call.valid is not None:
-            # Padding is zeroed first: folded into a real token (size 0) it changes nothing, and
-            # with norm 0 it never takes a real token's place among the kept outliers.
-            x = torch.where(call.valid[..., None], x, 0)
         bias = None
         if self.options.keep_outliers:
-            bias = M.outlier_bias(x, self.options.keep_outliers, self.protected)
+            # Padding zeroed for the ranking: with norm 0 it never takes a real token's place
+            # among the kept outliers. (Folded into a real token, padding changes nothing
+            # anyway: merging zeroes tokens of size 0.)
+            valid = call.valid
+            ranked = x if valid is None else torch.where(valid[..., None], x, 0)
+            bias = M.outlier_bias(ranked, self.options.keep_outliers, self.protected)
+        unit = self.unit_metric
         if call.valid is None:
-            plan = M.bipartite_soft_matching(metric, r, call.history, self.protected, token_bias=bias)
+            plan = M.bipartite_soft_matching(
+                metric, r, call.history, self.protected, token_bias=bias, normalized=unit
+            )
         else:
-            # Padded batch: every row merges by its own tokens alone; padding is zeroed so that
-            # folding it into a real token (size 0) changes nothing, whatever the mode.
+            # Padded batch: every row merges by its own tokens alone.
             real = call.valid.sum(dim=1)
             row_r = self.rows_removed(index, real).clamp_max(r)
             ids = call.pass_state.sequence_ids
@@ -481,7 +488,14 @@ class ToMeHandle:
                     1, call.history.source, ids
                 )
             plan = M.masked_soft_matching(
-                metric, r, row_r, call.history, self.protected, sequence_ids=ids, token_bias=bias
+                metric,
+                r,
+                row_r,
+                call.history,
+                self.protected,
+                sequence_ids=ids,
+                token_bias=bias,
+                normalized=unit,
             )
         history = M.advance(call.history, plan)
         state.histories[index] = history

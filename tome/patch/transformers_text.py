@@ -22,14 +22,13 @@ The sequence output (``last_hidden_state``) comes back at the original length by
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from tome import merge as M
 from tome.patch.handle import BlockCall, ToMeHandle
 
 _BIAS_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -59,6 +58,8 @@ class TextHandle(ToMeHandle):
             are decided by ``(1 - w) * cos(keys) + w * cos(hidden states)`` (``0``: keys only,
             as ToMe). Settable.
     """
+
+    unit_metric = True
 
     def __init__(
         self,
@@ -111,16 +112,17 @@ class TextHandle(ToMeHandle):
 
     def matching_metric(self, keys: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor | None:
         """The merge metric of a block from its keys' features (:meth:`take_keys`) and the
-        hidden states ``(B, N, C)`` it merges: the normalized parts concatenated with weights
-        ``sqrt(1 - w)`` and ``sqrt(w)``, so its cosine is the weighted sum of theirs."""
+        hidden states ``(B, N, C)`` it merges: both normalized and concatenated with weights
+        ``sqrt(1 - w)`` and ``sqrt(w)``, so its cosine is the weighted sum of theirs. Unit-norm
+        (:attr:`unit_metric`): one float32 buffer, which matching reads without another copy."""
+        if keys is None:
+            return None
         w = self._hidden_weight
-        if keys is None or w == 0:
-            return keys
-        h = F.normalize(hidden.float(), dim=-1)
+        if w == 0:
+            return M.unit_features([keys], [1.0])
         if w == 1:
-            return h
-        k = F.normalize(keys.float(), dim=-1)
-        return torch.cat([k * math.sqrt(1 - w), h * math.sqrt(w)], dim=-1)
+            return M.unit_features([hidden], [1.0])
+        return M.unit_features([keys, hidden], [1 - w, w])
 
 
 @dataclass(frozen=True)
