@@ -23,6 +23,7 @@ from tome.tools.progress import progress_bar
 __all__ = [
     "NOISY_SPREAD",
     "BenchRow",
+    "TableStyle",
     "block_macs",
     "flops_per_image",
     "format_spread",
@@ -224,29 +225,48 @@ def run_bench(
     return rows
 
 
-def format_table(rows: Sequence[BenchRow], per_layer: bool = True) -> str:
-    """A Markdown table (pastes into a README as is), then a note when the timings were noisy
-    (see :func:`noise_note`)."""
-    head = "| r | tokens | GFLOPs | images/s | spread | speedup | FLOP-ideal | efficiency |"
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        lines.append(
-            f"| {row.r} | {row.tokens[0]}→{row.tokens[-1]} | {row.gflops:.2f} | {row.images_per_s:.1f} | "
-            f"{format_spread(row.spread)} | {row.speedup:.2f}x | {row.ideal:.2f}x | {100 * row.efficiency:.0f}% |"
-        )
-    lines.append(
+@dataclass(frozen=True)
+class TableStyle:
+    """What differs between speed tables (images here, texts in :mod:`tome.tools.text_bench`):
+    the column names, how token counts and GFLOPs are written, the row field holding the
+    throughput, the note under the table and the title of the per-layer token counts."""
+
+    schedule: str = "r"
+    tokens: str = "tokens"
+    rate: str = "images/s"
+    rate_field: str = "images_per_s"
+    count: str = "{}"  # one token count (images: ints; texts: means over the texts)
+    gflops: str = "{:.2f}"
+    note: str = (
         "(GFLOPs per image, a multiply-add counted as 2 FLOPs; fvcore and the ToMe paper count 1. "
         "spread: (slowest - fastest) / median of the timed runs)"
     )
+    per_layer: str = "tokens after each block:"
+
+
+def format_table(rows: Sequence, per_layer: bool = True, *, style: TableStyle = TableStyle()) -> str:
+    """A Markdown table (pastes into a README as is), then a note when the timings were noisy
+    (see :func:`noise_note`), then the tokens after each block (``per_layer``). ``rows``: with
+    the fields of :class:`BenchRow` (``style.rate_field`` for the throughput)."""
+    head = f"| {style.schedule} | {style.tokens} | GFLOPs | {style.rate} | spread | speedup | FLOP-ideal | efficiency |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    count, gflops = style.count.format, style.gflops.format
+    for row in rows:
+        lines.append(
+            f"| {row.r} | {count(row.tokens[0])}→{count(row.tokens[-1])} | {gflops(row.gflops)} | "
+            f"{getattr(row, style.rate_field):.1f} | {format_spread(row.spread)} | {row.speedup:.2f}x | "
+            f"{row.ideal:.2f}x | {100 * row.efficiency:.0f}% |"
+        )
+    lines.append(style.note)
     note = noise_note([(row.r, row.spread) for row in rows])
     if note:
         lines.append(note)
     if per_layer:
         lines.append("")
-        lines.append("tokens after each block:")
+        lines.append(style.per_layer)
         width = max(len(_named(row.r)) for row in rows)
         for row in rows:
-            lines.append(f"  {_named(row.r):<{width}}  " + " ".join(str(t) for t in row.tokens[1:]))
+            lines.append(f"  {_named(row.r):<{width}}  " + " ".join(count(t) for t in row.tokens[1:]))
     return "\n".join(lines)
 
 

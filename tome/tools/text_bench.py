@@ -30,7 +30,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from tome.tools.bench import format_spread, noise_note, timing_spread
+from tome.tools.bench import TableStyle, timing_spread
+from tome.tools.bench import format_table as bench_table
 from tome.tools.progress import progress_bar
 from tome.tools.schedule_text import r_label
 from tome.tools.text_model import PreparedTexts, TextModel
@@ -145,38 +146,24 @@ def run_text_bench(
     return rows
 
 
-def _named(label: str) -> str:
-    return label if "=" in label else f"r={label}"
-
-
 def format_table(rows: Sequence[TextBenchRow], per_layer: bool = True, *, gated: bool = False) -> str:
     """A Markdown table, then a note when the timings were noisy, then the mean tokens per text
-    after each layer; ``gated``: the FLOPs were counted for a gated feed-forward (ModernBERT)."""
-    lines = [
-        "| schedule | tokens in→out | GFLOPs | texts/s | spread | speedup | FLOP-ideal | efficiency |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row.r} | {row.tokens[0]:.1f}→{row.tokens[-1]:.1f} | {row.gflops:.3f} | {row.texts_per_s:.1f} | "
-            f"{format_spread(row.spread)} | {row.speedup:.2f}x | {row.ideal:.2f}x | {100 * row.efficiency:.0f}% |"
-        )
-    lines.append(
-        "(tokens: mean real tokens per text entering the first layer → left after the last; GFLOPs per text "
-        f"in the encoder layers, a multiply-add counted as 2: 8nd² + 4n²d + {6 if gated else 4}md·d_ff per layer"
-        f"{' (gated feed-forward)' if gated else ''}; "
-        "spread: (slowest - fastest) / median of the timed runs)"
+    after each layer (:func:`tome.tools.bench.format_table` with the texts' columns);
+    ``gated``: the FLOPs were counted for a gated feed-forward (ModernBERT)."""
+    ffn = "6md·d_ff per layer (gated feed-forward)" if gated else "4md·d_ff per layer"
+    style = TableStyle(
+        schedule="schedule",
+        tokens="tokens in→out",
+        rate="texts/s",
+        rate_field="texts_per_s",
+        count="{:.1f}",
+        gflops="{:.3f}",
+        note="(tokens: mean real tokens per text entering the first layer → left after the last; GFLOPs per "
+        f"text in the encoder layers, a multiply-add counted as 2: 8nd² + 4n²d + {ffn}; "
+        "spread: (slowest - fastest) / median of the timed runs)",
+        per_layer="mean tokens per text after each layer:",
     )
-    note = noise_note([(row.r, row.spread) for row in rows])
-    if note:
-        lines.append(note)
-    if per_layer:
-        lines.append("")
-        lines.append("mean tokens per text after each layer:")
-        width = max(len(_named(row.r)) for row in rows)
-        for row in rows:
-            lines.append(f"  {_named(row.r):<{width}}  " + " ".join(f"{t:.1f}" for t in row.tokens[1:]))
-    return "\n".join(lines)
+    return bench_table(rows, per_layer, style=style)
 
 
 def to_json(rows: Sequence[TextBenchRow], **meta) -> str:
