@@ -288,6 +288,7 @@ def test_bench_on_the_real_minilm(texts_file, capsys):
     captured = capsys.readouterr()
     data = json.loads(captured.out)
     assert data["model"] == "all-MiniLM-L6-v2" and data["texts"] == 5 and data["max_tokens"] == 64
+    assert data["metric"] == "head_keys" and data["mode"] == "mlerp"  # what tome.patch used
     rows = {row["r"]: row for row in data["rows"]}
     assert list(rows) == ["0", "ratio=0.1", "ratio=0.2", "4"]
     assert rows["0"]["speedup"] == 1.0 and rows["0"]["ideal"] == 1.0
@@ -507,3 +508,32 @@ def test_a_modernbert_without_texts_is_told_to_give_it_texts(tiny_text_models, c
     spec = _spec(tiny_text_models, "modernbert")
     assert main(["bench", "--model", spec, "-q"]) == 2
     assert "a text model (ModernBertModel); give it texts" in _one_error_line(capsys)
+
+
+def test_text_tools_keep_the_text_default_metric_unless_asked():
+    # tome.patch picks head_keys for text encoders only when no metric is given: the tools'
+    # --metric must stay unset by default (it once passed "keys" to every model).
+    import transformers
+
+    import tome
+    from tome.tools.cli import _merge_kwargs, build_parser
+
+    parser = build_parser()
+    default = _merge_kwargs(parser.parse_args(["bench", "--model", "text:"]))
+    assert "metric" not in default
+    asked = _merge_kwargs(parser.parse_args(["bench", "--model", "text:", "--metric", "keys"]))
+    assert asked["metric"] == "keys"
+    bert = tome.patch(
+        transformers.BertModel(
+            transformers.BertConfig(
+                vocab_size=50,
+                hidden_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=32,
+            )
+        ),
+        ratio=0.1,
+        **default,
+    )
+    assert bert.tome.options.metric == "head_keys"

@@ -141,8 +141,8 @@ def _add_merge_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--metric",
         choices=METRICS,
-        default=default.metric,
-        help=f"matching similarity (default: {default.metric})",
+        default=None,  # the model's own default: tome.patch picks head_keys for text encoders
+        help=f"matching similarity (default: the model's: {default.metric}, head_keys for text encoders)",
     )
     group.add_argument(
         "--unmerge-detail",
@@ -163,17 +163,27 @@ def _merge_kwargs(args) -> dict:
 
     if not hasattr(args, "mode"):
         return {}
+    given = {"mode": args.mode, "unmerge_detail": args.unmerge_detail, "keep_outliers": args.keep_outliers}
+    if args.metric is not None:  # else tome.patch uses the model family's default metric
+        given["metric"] = args.metric
     try:  # MergeOptions checks the values (one place for the rules)
-        options = MergeOptions(
-            metric=args.metric,
-            mode=args.mode,
-            unmerge_detail=args.unmerge_detail,
-            keep_outliers=args.keep_outliers,
-        )
+        options = asdict(MergeOptions(**given))
     except (ValueError, TypeError) as error:
         name, _, message = str(error).partition(": ")  # "keep_outliers: expected ..."
         raise UserError(f"--{name.replace('_', '-')}: {message}") from None
-    return asdict(options)
+    return {k: v for k, v in options.items() if k in given}
+
+
+def _merge_report(args, *, text: bool = False) -> dict:
+    """Every merge option a run used, for its JSON: the ones given, the rest at the defaults
+    tome.patch applies (text encoders: ``head_keys``)."""
+    from dataclasses import asdict
+
+    from tome.patch.handle import MergeOptions
+    from tome.patch.transformers_text import DEFAULT_METRIC
+
+    used = asdict(MergeOptions(metric=DEFAULT_METRIC)) if text else asdict(MergeOptions())
+    return {**used, **_merge_kwargs(args)}
 
 
 def _options_note(args) -> str:
@@ -522,6 +532,7 @@ def _text_bench(args) -> int:
             "threads": threads,
             "dtype": "float32",
             "device": "cpu",
+            **_merge_report(args, text=True),
             **options,
         }
         print(to_json(rows, **meta))
@@ -563,7 +574,8 @@ def _text_eval(args) -> int:
             speed_reps=args.speed_reps,
         )
     if args.json:
-        meta = {"model": model.name, "texts": texts.count, "max_tokens": texts.max_tokens, **options}
+        meta = {"model": model.name, "texts": texts.count, "max_tokens": texts.max_tokens}
+        meta.update(_merge_report(args, text=True), **options)
         if pairs is not None:
             meta.update(sts=str(args.sts), sts_pairs=len(pairs))
         print(to_json(rows, **meta))
@@ -839,7 +851,7 @@ def _eval(model, paths: Sequence[Path], root: Path | None, rs, args, *, batch: i
         patch_kwargs=options,
         speed_reps=args.speed_reps,
     )
-    meta = {"model": model.name, "img_size": model.img_size, "images": len(paths), **options}
+    meta = {"model": model.name, "img_size": model.img_size, "images": len(paths), **_merge_report(args)}
     caption = (
         f"{model.name}, {model.img_size}px, {len(paths)} images, fidelity vs the unmerged model"
         f"{_options_note(args)}"
