@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _cli_errors import one_error_line
 
 from tome.tools.cli import main
 from tome.tools.data import demo_images
@@ -26,14 +27,6 @@ def photos(tmp_path) -> Path:
     for path in demo_images()[:2]:
         (folder / path.name).write_bytes(path.read_bytes())
     return folder
-
-
-def _one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in err if line.startswith("tome: error:")]
-    assert len(errors) == 1, err
-    assert "Traceback" not in "\n".join(err)
-    return errors[0]
 
 
 def test_help(capsys):
@@ -92,9 +85,9 @@ def test_viz_fails_when_no_image_is_readable(tmp_path, capsys):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"x")
     assert main(["viz", str(bad), "--out", str(tmp_path / "o"), *TINY]) == 2
-    assert "no readable images" in _one_error_line(capsys)
+    assert "no readable images" in one_error_line(capsys)
     assert main(["viz", str(tmp_path / "nothing.png"), "--out", str(tmp_path / "o"), *TINY]) == 2
-    assert "no images found" in _one_error_line(capsys)
+    assert "no images found" in one_error_line(capsys)
 
 
 def test_limit_must_be_positive(tmp_path, photos, capsys):
@@ -102,7 +95,7 @@ def test_limit_must_be_positive(tmp_path, photos, capsys):
     for command in (["eval", "--images", str(photos)], ["viz", str(photos), "--out", str(tmp_path)]):
         for limit in ("0", "-1"):
             assert main([*command, "--limit", limit, *tiny]) == 2
-            assert "--limit" in _one_error_line(capsys)
+            assert "--limit" in one_error_line(capsys)
 
 
 @pytest.mark.parametrize(
@@ -118,7 +111,7 @@ def test_limit_must_be_positive(tmp_path, photos, capsys):
 )
 def test_user_errors(args, message, capsys):
     assert main(args) == 2
-    assert message in _one_error_line(capsys)
+    assert message in one_error_line(capsys)
 
 
 def test_weights_that_do_not_fit(tmp_path, capsys):
@@ -127,18 +120,18 @@ def test_weights_that_do_not_fit(tmp_path, capsys):
     torch.save({"head.weight": torch.zeros(2, 2)}, tmp_path / "w.pth")
     args = ["bench", "--model", "timm:vit_tiny_patch16_224", "--weights", str(tmp_path / "w.pth")]
     assert main(args) == 2
-    assert "do not fit" in _one_error_line(capsys)
+    assert "do not fit" in one_error_line(capsys)
     assert main(["bench", "--weights", str(tmp_path / "absent.pth")]) == 2
-    assert "no such file" in _one_error_line(capsys)
+    assert "no such file" in one_error_line(capsys)
 
 
 def test_unwritable_output(tmp_path, photos, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert main(["viz", str(photos), "--out", str(blocker / "sub"), *TINY]) == 2
-    assert "cannot write" in _one_error_line(capsys)
+    assert "cannot write" in one_error_line(capsys)
     assert main(["bench", "--plot", str(blocker / "plot.png"), *TINY]) == 2
-    assert "cannot write" in _one_error_line(capsys)
+    assert "cannot write" in one_error_line(capsys)
 
 
 def test_bench_table_json_and_plot(tmp_path, capsys):
@@ -306,7 +299,7 @@ def test_viz_file_names_are_shell_safe(tmp_path, photos, capsys):
 def test_weights_that_are_not_a_checkpoint(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("my notes")
     assert main(["bench", *TINY, "--weights", str(tmp_path / "notes.txt")]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert "not a checkpoint tome reads (a .safetensors file, or a torch.save file" in line
 
 

@@ -19,6 +19,7 @@ pytest.importorskip("timm")
 pytest.importorskip("PIL")
 
 import pyarrow.parquet as pq
+from _cli_errors import one_error_line
 
 from tome.tools.cli import main
 from tome.tools.data import demo_images
@@ -45,14 +46,6 @@ def _rows(path: Path) -> dict[str, np.ndarray]:
     keys, values, _ = read_embeddings(path)
     assert len(keys) == len(set(keys)), "a key written twice"
     return dict(zip(keys, (np.asarray(v, dtype=np.float32) for v in values), strict=True))
-
-
-def _one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in err if line.startswith("tome: error:")]
-    assert len(errors) == 1, err
-    assert "Traceback" not in "\n".join(err)
-    return errors[0]
 
 
 def test_rows_metadata_and_embeddings_are_the_models_pooled_feature(tmp_path, photos):
@@ -205,7 +198,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, message, tmp_pat
     before = _files_under(tmp_path)
     r = "2" if case == "other_setting" else "1"
     assert main(["embed", *inputs, "--out", str(out), "--r", r, *TINY_ARGS, *extra]) == 2
-    assert message in _one_error_line(capsys)
+    assert message in one_error_line(capsys)
     assert _files_under(tmp_path) == before
 
 

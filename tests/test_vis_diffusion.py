@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _cli_errors import one_error_line
 
 from tome.tools.cli import main
 from tome.tools.data import demo_images
@@ -98,14 +99,6 @@ def vae_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("vae") / "vae"
     _vae().save_pretrained(folder)
     return folder
-
-
-def _one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in err if line.startswith("tome: error:")]
-    assert len(errors) == 1, err
-    assert "Traceback" not in "\n".join(err)
-    return errors[0]
 
 
 def _viz(folder: Path, photos: Path, out: Path, *extra: str) -> int:
@@ -208,7 +201,7 @@ def test_sdxl_unet_needs_max_downsample_2(tmp_path, photos, vae_folder, capsys):
     ).save_pretrained(folder)  # fmt: skip
     out = tmp_path / "out"
     assert _viz(folder, photos, out, "--vae", str(vae_folder), "--limit", "1") == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert "--ratio 0.5: no block" in line and "a larger --max-downsample" in line
     assert _viz(folder, photos, out, "--vae", str(vae_folder), "--limit", "1", "--max-downsample", "2") == 0
     [written] = out.glob("*.png")
@@ -265,14 +258,14 @@ def test_bad_inputs_are_one_line_errors(unet_pipeline, photos, tmp_path, capsys,
     ]  # fmt: skip
     for extra, pattern in cases:
         assert main(["viz", str(photos), "--out", out, "-q", *extra]) == 2, extra
-        line = _one_error_line(capsys)
+        line = one_error_line(capsys)
         assert re.search(pattern, line), (pattern, line)
     assert not list(Path(out).glob("*.png"))
 
 
 def test_other_commands_point_diffusion_models_to_viz(unet_pipeline, capsys):
     assert main(["bench", "--model", f"diffusers:{unet_pipeline}", "-q"]) == 2
-    assert "diffusion models work with tome viz" in _one_error_line(capsys)
+    assert "diffusion models work with tome viz" in one_error_line(capsys)
 
 
 def test_viz_help_names_the_diffusion_options(capsys):
