@@ -245,6 +245,27 @@ def test_import_tome_and_tome_embed_need_no_pyarrow_ray_or_pil():
     assert out.strip() == "[]"
 
 
+def test_ray_decoding_tasks_get_decode_batch_without_importing_tome(tmp_path):
+    """What a Ray decoding worker unpickles: by value inside ``shipped_by_value`` (the worker
+    imports neither tome nor torch), by reference outside it (the worker would import both)."""
+    cloudpickle = pytest.importorskip("ray.cloudpickle")
+    from tome.tools.decode import decode_batch, shipped_by_value
+
+    with shipped_by_value():
+        (tmp_path / "by_value.pkl").write_bytes(cloudpickle.dumps(decode_batch))
+    (tmp_path / "by_reference.pkl").write_bytes(cloudpickle.dumps(decode_batch))
+    code = (
+        "import pickle, sys, numpy as np; fn = pickle.load(open(sys.argv[1], 'rb')); "
+        "out = fn({'key': np.array(['k']), 'path': np.array([sys.argv[2]])}, 8, 0.875); "
+        "print(out['pixels'].shape, list(out['error']), [m for m in ('tome', 'torch') if m in sys.modules])"
+    )
+    photo = str(demo_images()[0])
+    for name, imported in (("by_value", []), ("by_reference", ["tome", "torch"])):
+        command = [sys.executable, "-c", code, str(tmp_path / f"{name}.pkl"), photo]
+        out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+        assert out.strip() == f"(1, 3, 8, 8) [''] {imported}", name
+
+
 def test_the_real_dinov2_gives_what_tome_eval_compares(tmp_path, dinov2_dir, images_dir):
     from tome.tools.images import open_image
     from tome.tools.loading import load_model

@@ -1,16 +1,12 @@
 """The inputs of ``tome embed``: the items to embed (every image under some folders, or every
-non-empty line of some text files), each once, and the decoding of one image into what the model
-sees, with the reason when it cannot be read (the job skips it and reports it).
+non-empty line of some text files), each once; and (from :mod:`tome.tools.decode`) the decoding
+of one image into what the model sees, with the reason when it cannot be read (the job skips it
+and reports it).
 
 >>> from tome.tools.data import demo_images
 >>> items = image_items(demo_images())
 >>> len(items), items[0].key == items[0].path
 (3, True)
->>> pixels, reason = decode_image(items[0].path, 32, None)
->>> pixels.shape, pixels.dtype.name, reason
-((3, 32, 32), 'uint8', None)
->>> decode_image(__file__, 32, None)[1].startswith("cannot read it as an image")
-True
 """
 
 from __future__ import annotations
@@ -20,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tome.tools.decode import decode_image  # re-exported: it was defined here
 from tome.tools.errors import UserError
 
 __all__ = ["TEXT_SUFFIXES", "Item", "decode_image", "image_items", "is_text_job", "text_items"]
@@ -95,22 +92,3 @@ def is_text_job(inputs: Sequence[str | Path], model: str | None, texts: bool | N
     if model is not None:
         return is_text_spec(model)
     return bool(inputs) and all(Path(p).suffix.lower() in TEXT_SUFFIXES and Path(p).is_file() for p in inputs)
-
-
-def decode_image(path: str, size: int, crop_pct: float | None):
-    """``(pixels, None)``: the image as the model sees it, a (3, size, size) uint8 numpy array,
-    resized as :meth:`tome.tools.model.Model.to_unit` resizes it (which gives these / 255); or
-    ``(None, reason)`` when it cannot be read. Needs PIL and numpy only."""
-    from PIL import Image
-
-    from tome.tools.images import resized
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-            rgb = image.convert("RGB")
-    except Exception as error:  # a corrupt file may raise anything from PIL's decoders
-        message = (str(error).splitlines() or [""])[0][:200]
-        return None, f"cannot read it as an image ({type(error).__name__}: {message})"
-    # uint8 until the model's side: 4x less to hold (or to send to a Ray actor)
-    return resized(rgb, size, crop_pct).transpose(2, 0, 1), None

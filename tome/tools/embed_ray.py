@@ -33,32 +33,12 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from tome.tools.embed_inputs import Item, decode_image
+from tome.tools.decode import decode_batch, shipped_by_value
+from tome.tools.embed_inputs import Item
 from tome.tools.embed_model import pixels_for
 from tome.tools.embed_run import Sink, Stats
 
 __all__ = ["run_ray", "start_ray", "stop_ray"]
-
-
-def _decode_batch(batch: dict, size: int, crop_pct: float | None) -> dict:
-    """A Ray task: decode and resize a batch of images into (B, 3, S, S) uint8; an error string
-    (else ``""``) per row."""
-    paths = batch["path"]
-    pixels = np.zeros((len(paths), 3, size, size), dtype=np.uint8)
-    errors, seconds = [], np.zeros(len(paths))
-    for i, path in enumerate(paths):
-        start = time.perf_counter()
-        found, reason = decode_image(str(path), size, crop_pct)
-        seconds[i] = time.perf_counter() - start
-        if found is not None:
-            pixels[i] = found
-        errors.append(reason or "")
-    return {
-        "key": batch["key"],
-        "pixels": pixels,
-        "error": np.array(errors, dtype=object),
-        "decode_s": seconds,
-    }
 
 
 class _Embedder:
@@ -175,7 +155,7 @@ def run_ray(
     data = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / batch)))
     if kind == "image":
         data = data.map_batches(
-            _decode_batch,
+            decode_batch,
             fn_kwargs={"size": model.img_size, "crop_pct": model.crop_pct},
             batch_size=batch,
             batch_format="numpy",
@@ -190,15 +170,16 @@ def run_ray(
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=1,
     )
-    for out in data.iter_batches(batch_size=None, batch_format="numpy"):
-        stats.decode_s += float(np.sum(out["decode_s"]))
-        stats.model_s += float(np.sum(out["model_s"]))
-        good = []
-        for i, (key, error) in enumerate(zip(out["key"], out["error"], strict=True)):
-            if error:
-                sink.skip(str(key), str(error))
-            else:
-                good.append(i)
-        if good:
-            sink.add([str(out["key"][i]) for i in good], out["embedding"][good])
+    with shipped_by_value():  # the decoding tasks get decode_batch without importing tome
+        for out in data.iter_batches(batch_size=None, batch_format="numpy"):
+            stats.decode_s += float(np.sum(out["decode_s"]))
+            stats.model_s += float(np.sum(out["model_s"]))
+            good = []
+            for i, (key, error) in enumerate(zip(out["key"], out["error"], strict=True)):
+                if error:
+                    sink.skip(str(key), str(error))
+                else:
+                    good.append(i)
+            if good:
+                sink.add([str(out["key"][i]) for i in good], out["embedding"][good])
     return f"Ray ({nodes} node(s), {int(ray.cluster_resources().get('CPU', 0))} CPUs), {actors} actor(s)"

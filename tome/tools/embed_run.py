@@ -16,7 +16,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from tome.tools.embed_inputs import Item, decode_image
+from tome.tools.decode import decode_image
+from tome.tools.embed_inputs import Item
 from tome.tools.embed_model import pixels_for
 from tome.tools.embed_store import Store
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from tome.tools.decode import resized
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -78,23 +80,6 @@ def to_unit(images: Sequence, size: int, crop_pct: float | None) -> torch.Tensor
     shorter side, then centre-cropped."""
     batch = [torch.from_numpy(resized(image, size, crop_pct)) for image in images]
     return torch.stack(batch).permute(0, 3, 1, 2).float().div_(255)
-
-
-def resized(image, size: int, crop_pct: float | None):
-    """One PIL RGB image -> (size, size, 3) uint8 numpy array, resized (and cropped) as
-    :func:`to_unit` does (``to_unit`` is these pixels / 255)."""
-    import numpy as np
-    from PIL import Image
-
-    if crop_pct is None:
-        image = image.resize((size, size), Image.BICUBIC)
-    else:
-        scale = size / crop_pct / min(image.size)
-        w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-        image = image.resize((w, h), Image.BICUBIC)
-        left, top = (w - size) // 2, (h - size) // 2
-        image = image.crop((left, top, left + size, top + size))
-    return np.asarray(image, dtype=np.uint8).copy()
 
 
 def normalize(unit: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
