@@ -59,6 +59,7 @@ def test_rows_metadata_and_embeddings_are_the_models_pooled_feature(tmp_path, ph
     result = embed(photos, out, r=1, batch=3, chunk=5, progress=False, **TINY)
     paths = sorted(p for p in photos.iterdir() if p.name != "broken.jpg")
     assert (result.rows, result.embedded, result.already) == (8, 8, 0)
+    assert 0 < result.load_s < result.first_row_s < result.seconds and result.stop_s == 0
     assert result.skipped == [(str(photos / "broken.jpg"), result.skipped[0][1])]
     assert "cannot read it as an image" in result.skipped[0][1]
     sidecar = (out.parent / "photos.parquet.skipped.tsv").read_text().splitlines()
@@ -357,6 +358,25 @@ def test_ray_gives_the_local_rows_and_resumes_a_local_run(tmp_path, photos, ray_
     finished = embed(photos, out, r=1, batch=3, chunk=3, ray=True, progress=False, **TINY)
     assert (finished.already, finished.embedded, finished.rows) == (3, 5, 8)
     assert list(_rows(out)) == list(want)
+
+
+@pytest.mark.slow
+def test_tome_embed_ray_starts_and_stops_its_own_ray(tmp_path, photos):
+    """`tome embed --ray` in a fresh process, as users run it: Ray started for the job and
+    stopped after it; the rows those of the local run."""
+    local = embed(photos, tmp_path / "local.parquet", r=1, batch=3, progress=False, **TINY)
+    out = tmp_path / "ray.parquet"
+    command = [sys.executable, "-m", "tome.tools.cli", "embed", str(photos), "--out", str(out)]
+    command += ["--r", "1", "--batch", "3", "--ray", "--json", *TINY_ARGS]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout)
+    assert summary["runner"].startswith("Ray (1 node(s)") and summary["rows"] == local.rows == 8
+    assert summary["load_s"] < summary["first_row_s"] < summary["seconds"] and summary["stop_s"] > 0
+    got, want = _rows(out), _rows(tmp_path / "local.parquet")
+    assert list(got) == list(want)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow

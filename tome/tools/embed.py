@@ -105,6 +105,10 @@ class EmbedResult:
     runner: str = "local"
     skipped_file: Path | None = None
     load_s: float = 0.0  # of ``seconds``: loading (and patching) the model
+    # of ``seconds``: from the start until the first row was done (the job's fixed start: loading
+    # the model and, on Ray, starting Ray, its workers and the model's actors), and stopping Ray
+    first_row_s: float = 0.0
+    stop_s: float = 0.0
 
     @property
     def items_per_s(self) -> float:
@@ -131,7 +135,8 @@ class EmbedResult:
         unit = "images" if self.kind == "image" else "texts"
         line = (
             f"{self.out}: {self.rows} rows; this run embedded {self.embedded} {unit} in {self.seconds:.1f}s "
-            f"({self.items_per_s:.1f}/s; {self.load_s:.1f}s of it loading the model; {self.runner}), "
+            f"({self.items_per_s:.1f}/s; {self.load_s:.1f}s of it loading the model, the first row after "
+            f"{self.first_row_s:.1f}s; {self.runner}), "
             f"{self.already} already there, "
             f"{len(self.skipped)} skipped"
         )
@@ -231,6 +236,7 @@ def embed(
     )
     use_ray = bool(ray or ray_address)
     ray_started = False
+    stop_s = 0.0
     try:
         if use_ray:
             from tome.tools.embed_ray import run_ray, start_ray
@@ -273,7 +279,9 @@ def embed(
         if ray_started:
             from tome.tools.embed_ray import stop_ray
 
+            stop_start = time.perf_counter()
             stop_ray()
+            stop_s = time.perf_counter() - stop_start
     rows = store.finish()
     skipped_file = store.write_skipped(stats.skipped)
     return EmbedResult(
@@ -291,6 +299,8 @@ def embed(
         runner=runner,
         skipped_file=skipped_file,
         load_s=load_s,
+        first_row_s=stats.first_row_at - start if stats.first_row_at is not None else 0.0,
+        stop_s=stop_s,
     )
 
 

@@ -33,6 +33,7 @@ class Stats:
     decode_s: float = 0.0
     model_s: float = 0.0
     wait_s: float = 0.0
+    first_row_at: float | None = None  # time.perf_counter() when the first row was done
 
 
 class Sink:
@@ -45,6 +46,7 @@ class Sink:
 
     def add(self, keys: Sequence[str], embeddings, *, tick: bool = True) -> None:
         """Rows ``keys`` with ``embeddings`` (n, D) float32; parts are written as they fill."""
+        self._first_row()
         self.keys.extend(keys)
         self.rows.extend(embeddings)
         if tick:
@@ -53,8 +55,13 @@ class Sink:
             self._flush(self.chunk)
 
     def skip(self, key: str, reason: str) -> None:
+        self._first_row()
         self.stats.skipped.append((key, reason))
         self.bar.update(1)
+
+    def _first_row(self) -> None:
+        if self.stats.first_row_at is None:
+            self.stats.first_row_at = time.perf_counter()
 
     def _flush(self, n: int) -> None:
         import numpy as np
