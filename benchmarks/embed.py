@@ -9,11 +9,14 @@ Every run is a fresh process, ``python -m tome.tools.cli embed PHOTOS --out NEW.
 -q ...``, timed from start to exit (imports, model loading, decoding, the model, writing): what
 a user waits for. The settings are interleaved: each round runs every configuration once, in
 turn; the table shows medians over ``--rounds``. Columns: images/s end to end; speedup over
-r=0 of the same runner; of the process time, seconds loading the model (``load_s``) and running
-the job after it; and from the job's own timers: seconds decoding + resizing (summed over the
-decoding threads, or Ray tasks), seconds in the model, decoding's share of the two, and (local
-runs) seconds the model waited for decoded images (``wait``: when it is large the input
-pipeline, not the model, bounds the speed).
+r=0 of the same runner; the process's seconds; of them, seconds outside the job (Python's start,
+the imports before the job, the exit); and from the job's own timers: seconds loading the model
+(``load_s``), seconds from the job's start until its first row was done (``first_row_s``: the
+fixed start, the model and on Ray starting Ray and the actors), seconds stopping Ray
+(``stop_s``), seconds decoding + resizing (summed over the decoding threads, or Ray tasks),
+seconds in the model, decoding's share of the two, and (local runs) seconds the model waited for
+decoded images (``wait``: when it is large the input pipeline, not the model, bounds the
+speed). ``benchmarks/ray_floor.py`` measures Ray's own fixed cost, with no tome in the job.
 
 ``--ray`` runs start a local Ray for the job and stop it (``tome embed --ray``); with
 ``--cluster`` the script also starts one local Ray cluster (``ray start --head``) before the
@@ -71,6 +74,7 @@ def _run(photos: Path, out: Path, setting: str, extra: list[str]) -> dict:
         sys.exit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     summary = json.loads(done.stdout)
     summary["wall"] = wall
+    summary["outside"] = wall - summary["seconds"]  # Python's start, the imports before the job, exit
     return summary
 
 
@@ -115,7 +119,7 @@ def main() -> None:
                         results.setdefault((runner, setting), []).append(summary)
                         print(
                             f"  round {round_ + 1} {runner:<18} r={setting:<9} {summary['wall']:6.1f}s "
-                            f"(load {summary['load_s']:.1f}s, decode {summary['decode_s']:.1f}s, "
+                            f"(load {summary['load_s']:.1f}s, first row {summary['first_row_s']:.1f}s, decode {summary['decode_s']:.1f}s, "
                             f"model {summary['model_s']:.1f}s)",
                             flush=True,
                         )
@@ -130,24 +134,25 @@ def main() -> None:
         "each run a fresh process"
     )
     print(
-        "| runner | r | images/s end to end | speedup vs r=0 | process s | model loading s | decode s | "
-        "model s | decoding share | model waited s |"
+        "| runner | r | images/s end to end | speedup vs r=0 | process s | outside the job s | "
+        "model loading s | first row s | stopping Ray s | decode s | model s | decoding share | model waited s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for runner, _ in runners:
         base = None
         for setting in settings:
             runs = results[(runner, setting)]
             wall = statistics.median(r["wall"] for r in runs)
             base = base or wall
-            med = {
-                k: statistics.median(r[k] for r in runs) for k in ("load_s", "decode_s", "model_s", "wait_s")
-            }
+            keys = ("load_s", "first_row_s", "stop_s", "decode_s", "model_s", "wait_s", "outside")
+            med = {k: statistics.median(r[k] for r in runs) for k in keys}
             share = med["decode_s"] / (med["decode_s"] + med["model_s"])
             wait = f"{med['wait_s']:.1f}" if runner == "local" else "-"
+            stop = f"{med['stop_s']:.1f}" if runner == "--ray" else "-"
             print(
                 f"| {runner} | {setting} | {args.photos / wall:.1f} | {base / wall:.2f}x | {wall:.1f} | "
-                f"{med['load_s']:.1f} | {med['decode_s']:.1f} | {med['model_s']:.1f} | {100 * share:.0f}% | {wait} |"
+                f"{med['outside']:.1f} | {med['load_s']:.1f} | {med['first_row_s']:.1f} | {stop} | "
+                f"{med['decode_s']:.1f} | {med['model_s']:.1f} | {100 * share:.0f}% | {wait} |"
             )
     if len(runners) > 1:
         print()
