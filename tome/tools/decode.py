@@ -90,12 +90,23 @@ def decode_batch(batch: dict, size: int, crop_pct: float | None) -> dict:
 def shipped_by_value() -> Iterator[None]:
     """While inside, cloudpickle (Ray's) pickles this module's functions by value, not as
     ``tome.tools.decode.NAME`` references that the unpickling worker would import (and with
-    them tome and torch). Undone on exit: cloudpickle's registry is process-wide."""
+    them tome and torch). Undone on exit: cloudpickle's registry is process-wide (so when another
+    job in this process registered it already, that job undoes it).
+
+    >>> import pytest; cloudpickle = pytest.importorskip("ray.cloudpickle")
+    >>> with shipped_by_value(), shipped_by_value():
+    ...     __name__ in cloudpickle.list_registry_pickle_by_value()
+    True
+    >>> __name__ in cloudpickle.list_registry_pickle_by_value()
+    False
+    """
     from ray import cloudpickle
 
-    module = sys.modules[__name__]
-    cloudpickle.register_pickle_by_value(module)
+    if __name__ in cloudpickle.list_registry_pickle_by_value():
+        yield
+        return
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
     try:
         yield
     finally:
-        cloudpickle.unregister_pickle_by_value(module)
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
