@@ -360,6 +360,18 @@ def test_ray_gives_the_local_rows_and_resumes_a_local_run(tmp_path, photos, ray_
     assert list(_rows(out)) == list(want)
 
 
+def test_ray_gets_one_block_per_model_batch():
+    pytest.importorskip("ray")
+    from tome.tools.embed_inputs import Item
+    from tome.tools.embed_ray import _blocks
+
+    items = [Item(f"k{i}", f"p{i}", "t" if i % 2 else None) for i in range(8)]
+    blocks = _blocks(items, 3)
+    assert [b.num_rows for b in blocks] == [3, 3, 2] and blocks[0].column_names == ["key", "path", "text"]
+    assert blocks[2].column("key").to_pylist() == ["k6", "k7"]
+    assert blocks[2].column("text").to_pylist() == ["", "t"]
+
+
 @pytest.mark.slow
 def test_tome_embed_ray_starts_and_stops_its_own_ray(tmp_path, photos):
     """`tome embed --ray` in a fresh process, as users run it: Ray started for the job and

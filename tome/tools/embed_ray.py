@@ -26,7 +26,6 @@ node), each using ``--threads`` torch threads (default: the node's CPU count).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -91,6 +90,25 @@ class _Embedder:
         }
 
 
+def _blocks(items: Sequence[Item], batch: int) -> list:
+    """The items as pyarrow tables of ``batch`` rows (the last one shorter): one Ray Data block
+    per model batch. Blocks of other sizes make Ray Data bundle two or more blocks per actor task
+    and return their rows together, a task later than they are done (measured: 400 photos in 13
+    blocks of 30-31 rows came back 62 rows at a time, the first ~4 s after it was embedded)."""
+    import pyarrow as pa
+
+    return [
+        pa.table(
+            {
+                "key": [item.key for item in part],
+                "path": [item.path for item in part],
+                "text": [item.text or "" for item in part],
+            }
+        )
+        for part in (items[i : i + batch] for i in range(0, len(items), batch))
+    ]
+
+
 def start_ray(address: str | None) -> bool:
     """Connect to the Ray at ``address`` (``auto``, ``HOST:6379``, ``ray://HOST:10001``), or
     start a local one when None, unless this process has a Ray already; True when it started
@@ -151,8 +169,7 @@ def run_ray(
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
     actors = actors or max(1, nodes)
-    rows = [{"key": item.key, "path": item.path, "text": item.text or ""} for item in items]
-    data = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / batch)))
+    data = ray.data.from_arrow(_blocks(items, batch))
     if kind == "image":
         data = data.map_batches(
             decode_batch,
