@@ -2,9 +2,9 @@
 
 This module imports nothing from tome (nor torch): ``tome embed --ray`` ships its functions to
 the Ray tasks that decode images *by value* (:func:`shipped_by_value`), so that a decoding
-worker starts without importing tome, and so torch (2-3 s of one core per worker on a small
-machine, taken from the model's actor while it starts). Keep it that way: a function here that
-used a tome name would make every decoding worker import tome again.
+worker starts without importing tome and torch (2-3 s of one core per worker on a small machine,
+taken from the model's actor while it starts). Keep it that way: a function here that used a
+tome name would make every decoding worker import tome again.
 
 >>> from tome.tools.data import demo_images
 >>> pixels, reason = decode_image(str(demo_images()[0]), 32, None)

@@ -56,9 +56,9 @@ from functools import partial
 from pathlib import Path
 
 # (`import X as X`: names this module had before its split, still importable from it)
+from tome.tools.decode import decode_image as decode_image
 from tome.tools.embed_inputs import TEXT_SUFFIXES as TEXT_SUFFIXES
 from tome.tools.embed_inputs import Item, image_items, is_text_job, text_items
-from tome.tools.embed_inputs import decode_image as decode_image
 from tome.tools.embed_model import load_job_model, resolve_setting
 from tome.tools.embed_model import pixels_for as pixels_for
 from tome.tools.embed_run import Sink, Stats, run_images, run_texts

@@ -1,7 +1,6 @@
 """The inputs of ``tome embed``: the items to embed (every image under some folders, or every
-non-empty line of some text files), each once; and (from :mod:`tome.tools.decode`) the decoding
-of one image into what the model sees, with the reason when it cannot be read (the job skips it
-and reports it).
+non-empty line of some text files), each once. Decoding an image is
+:mod:`tome.tools.decode`'s.
 
 >>> from tome.tools.data import demo_images
 >>> items = image_items(demo_images())
@@ -16,10 +15,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tome.tools.decode import decode_image  # re-exported: it was defined here
 from tome.tools.errors import UserError
 
-__all__ = ["TEXT_SUFFIXES", "Item", "decode_image", "image_items", "is_text_job", "text_items"]
+__all__ = ["TEXT_SUFFIXES", "Item", "image_items", "is_text_job", "text_items"]
 
 TEXT_SUFFIXES = (".txt", ".text")
 
