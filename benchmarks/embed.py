@@ -18,13 +18,15 @@ seconds in the model, decoding's share of the two, and (local runs) seconds the 
 decoded images (``wait``: when it is large the input pipeline, not the model, bounds the
 speed). ``benchmarks/ray_floor.py`` measures Ray's own fixed cost, with no tome in the job.
 
-``--ray`` runs start a local Ray for the job and stop it (``tome embed --ray``); with
+``--ray`` runs start a local Ray for the job and stop it (``tome embed --ray``; ``--ray-workers``
+compares numbers of decoding tasks at a time, ``tome embed --workers``); with
 ``--cluster`` the script also starts one local Ray cluster (``ray start --head``) before the
 rounds and adds runs that connect to it (``--ray-address``), which is how a cluster is used:
 no Ray start in the job's time.
 
     flock /tmp/tome-bench.lock python benchmarks/embed.py --cluster --rounds 2   # the README's: 11 min on 2 cores
     flock /tmp/tome-bench.lock python benchmarks/embed.py               # 3 rounds, no cluster runs
+    flock /tmp/tome-bench.lock python benchmarks/embed.py --settings 16:-0.75 --ray-workers 1,2,4
     python benchmarks/embed.py --photos 64 --rounds 1 --no-ray          # a smoke run
 
 The load average is printed at the start and the end: on a machine shared with other jobs the
@@ -87,11 +89,20 @@ def main() -> None:
     parser.add_argument("--settings", default="0,16:-0.75", help="--r settings, ';'-separated... or commas")
     parser.add_argument("--no-ray", action="store_true", help="local runs only")
     parser.add_argument("--cluster", action="store_true", help="also runs on a running local Ray cluster")
+    parser.add_argument(
+        "--ray-workers",
+        default="",
+        metavar="N,N",
+        help="--ray runs with each of these --workers (decoding tasks at a time) instead of the default",
+    )
     args = parser.parse_args()
 
     settings = [s.strip() for s in args.settings.split(",")]
     runners: list[tuple[str, list[str]]] = [("local", [])]
-    if not args.no_ray:
+    if not args.no_ray and args.ray_workers:
+        for n in args.ray_workers.split(","):
+            runners.append((f"--ray --workers {int(n)}", ["--ray", "--workers", str(int(n))]))
+    elif not args.no_ray:
         runners.append(("--ray", ["--ray"]))
     cluster = None
     if args.cluster:
@@ -148,7 +159,7 @@ def main() -> None:
             med = {k: statistics.median(r[k] for r in runs) for k in keys}
             share = med["decode_s"] / (med["decode_s"] + med["model_s"])
             wait = f"{med['wait_s']:.1f}" if runner == "local" else "-"
-            stop = f"{med['stop_s']:.1f}" if runner == "--ray" else "-"
+            stop = f"{med['stop_s']:.1f}" if runner.startswith("--ray ") or runner == "--ray" else "-"
             print(
                 f"| {runner} | {setting} | {args.photos / wall:.1f} | {base / wall:.2f}x | {wall:.1f} | "
                 f"{med['outside']:.1f} | {med['load_s']:.1f} | {med['first_row_s']:.1f} | {stop} | "

@@ -340,7 +340,8 @@ def test_ray_gives_the_local_rows_and_resumes_a_local_run(tmp_path, photos, ray_
     (photos / "broken.png").write_bytes(b"\x89PNG broken")
     local = embed(photos, tmp_path / "local.parquet", r=1, batch=3, chunk=3, progress=False, **TINY)
     on_ray = embed(photos, tmp_path / "ray.parquet", r=1, batch=3, chunk=3, ray=True, progress=False, **TINY)
-    assert on_ray.runner.startswith("Ray (1 node(s), 2 CPUs), 1 actor(s)") and on_ray.rows == local.rows == 8
+    assert on_ray.runner == "Ray (1 node(s), 2 CPUs), 1 actor(s), 1 decoding task(s) at a time"
+    assert on_ray.rows == local.rows == 8
     assert on_ray.skipped == local.skipped and len(local.skipped) == 1
     got, want = _rows(tmp_path / "ray.parquet"), _rows(tmp_path / "local.parquet")
     assert list(got) == list(want)  # the same rows, in the same order
@@ -355,7 +356,8 @@ def test_ray_gives_the_local_rows_and_resumes_a_local_run(tmp_path, photos, ray_
 
     with pytest.raises(RuntimeError):
         embed(photos, out, r=1, batch=3, chunk=3, on_chunk=crash, progress=False, **TINY)
-    finished = embed(photos, out, r=1, batch=3, chunk=3, ray=True, progress=False, **TINY)
+    finished = embed(photos, out, r=1, batch=3, chunk=3, ray=True, workers=2, progress=False, **TINY)
+    assert finished.runner.endswith(", 2 decoding task(s) at a time")  # --workers, on Ray
     assert (finished.already, finished.embedded, finished.rows) == (3, 5, 8)
     assert list(_rows(out)) == list(want)
 

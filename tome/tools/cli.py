@@ -1295,7 +1295,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="rows per part file: what a crash may redo (default: 512)",
     )
     em.add_argument(
-        "--workers", type=int, metavar="N", help="image decoding threads (default: min(4, CPU count))"
+        "--workers",
+        type=int,
+        metavar="N",
+        help="image decoding threads (default: min(4, CPU count)); with --ray, decoding tasks at a time "
+        "(default: one per 4 CPUs of the cluster)",
     )
     em.add_argument("--json", action="store_true", help="print the summary as JSON")
     group = em.add_argument_group("texts")

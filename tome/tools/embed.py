@@ -188,7 +188,8 @@ def embed(
         texts: the inputs are text files (default: when the model is ``text:`` or every input
             is a ``.txt`` file).
         batch: items per forward pass; chunk: rows per part file (what a crash can lose).
-        workers: decoding threads (default: ``min(4, cpu count)``); threads: torch's.
+        workers: decoding threads (default: ``min(4, cpu count)``); on Ray, decoding tasks at
+            a time (default: one per 4 CPUs of the cluster); threads: torch's.
         ray, ray_address, ray_actors: run on Ray Data (:mod:`tome.tools.embed_ray`): a local
             Ray started for the job, or the cluster at ``ray_address``; ``ray_actors`` model
             copies (default: one per node).
@@ -265,7 +266,7 @@ def embed(
             if pending and use_ray:
                 runner = run_ray(
                     loaded, kind, pending, sink, stats, batch=batch, actors=ray_actors, threads=threads,
-                    log=say,
+                    workers=workers, log=say,
                 )  # fmt: skip
             elif pending and kind == "image":
                 workers = workers or min(4, os.cpu_count() or 1)

@@ -37,7 +37,7 @@ from tome.tools.embed_inputs import Item
 from tome.tools.embed_model import pixels_for
 from tome.tools.embed_run import Sink, Stats
 
-__all__ = ["run_ray", "start_ray", "stop_ray"]
+__all__ = ["decoding_tasks", "run_ray", "start_ray", "stop_ray"]
 
 
 class _Embedder:
@@ -155,10 +155,12 @@ def run_ray(
     batch: int,
     actors: int | None,
     threads: int | None,
+    workers: int | None = None,
     log: Callable[[str], None],
 ) -> str:
     """Embed ``items`` on the Ray this process is connected to (:func:`start_ray`) into
-    ``sink``, in input order; returns how it ran."""
+    ``sink``, in input order; returns how it ran. ``workers``: decoding tasks at a time
+    (:func:`decoding_tasks`)."""
     import ray
     import ray.data
 
@@ -168,7 +170,9 @@ def run_ray(
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    cpus = int(ray.cluster_resources().get("CPU", 0))
     actors = actors or max(1, nodes)
+    tasks = decoding_tasks(workers, cpus)
     data = ray.data.from_arrow(_blocks(items, batch))
     if kind == "image":
         data = data.map_batches(
@@ -177,6 +181,7 @@ def run_ray(
             batch_size=batch,
             batch_format="numpy",
             num_cpus=0.5,  # not the actors' 1: Ray would fuse decoding into the actors
+            concurrency=tasks,
         )
     data = data.map_batches(
         _Embedder,
@@ -199,4 +204,20 @@ def run_ray(
                     good.append(i)
             if good:
                 sink.add([str(out["key"][i]) for i in good], out["embedding"][good])
-    return f"Ray ({nodes} node(s), {int(ray.cluster_resources().get('CPU', 0))} CPUs), {actors} actor(s)"
+    decoding = f", {tasks} decoding task(s) at a time" if kind == "image" else ""
+    return f"Ray ({nodes} node(s), {cpus} CPUs), {actors} actor(s){decoding}"
+
+
+def decoding_tasks(workers: int | None, cpus: int) -> int:
+    """How many decoding tasks Ray may run at a time: ``workers`` (``--workers``), else one per
+    4 CPUs of the cluster, at least one. Decoding is 7-12% of the default model's work (the
+    README's table), so a quarter of the CPUs keeps the actors fed; Ray's own default (a task
+    per free half CPU) starts a worker process for each, and on 2 CPUs those processes slowed
+    the actor's start (``python benchmarks/embed.py --settings 16:-0.75 --ray-workers 1,2,4``,
+    400 photos, medians of 3 interleaved rounds: 29.3 s / 30.0 s / 30.1 s end to end with 1 / 2 /
+    4 tasks at a time; Ray's default runs 2 here).
+
+    >>> decoding_tasks(None, 2), decoding_tasks(None, 64), decoding_tasks(3, 64)
+    (1, 16, 3)
+    """
+    return workers or max(1, cpus // 4)
