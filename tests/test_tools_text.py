@@ -170,6 +170,13 @@ def test_text_classes_are_the_ones_tome_patch_merges():
         (["bench", "--limit", "3"], "--limit: for text models only"),
         (["eval", "--images", "{tmp}", "--positions", "mean"], "--positions: for text models only"),
         (["bench", "--window", "position"], "--window: for text models only"),
+        (["bench", "--min-tokens", "4"], "--min-tokens: for text models only"),
+        (["eval", "--images", "{tmp}", "--hidden-weight", "0.2"], "--hidden-weight: for text models only"),
+        (["bench", "--texts", "{texts}", "--min-tokens", "-1"], "--min-tokens must be >= 0, got -1"),
+        (
+            ["eval", "--texts", "{texts}", "--hidden-weight", "1.5"],
+            "--hidden-weight must be in [0, 1], got 1.5",
+        ),
         (["eval", "--texts", "{texts}", "--sts-limit", "3"], "--sts-limit: give --sts FILE.tsv too"),
         (["eval", "--texts", "{texts}", "--sts", "{missing}"], "--sts {missing}: no such file"),
         (["bench", "--texts", "{texts}", "--img-size", "64"], "--img-size: for vision models"),
@@ -454,6 +461,22 @@ def test_bench_and_eval_on_a_tiny_modernbert(key, tiny_text_models, texts_file, 
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "| ratio=0.2 |" in out and "STS: 6 pairs of pairs.tsv" in out
+
+
+def test_min_tokens_and_hidden_weight_reach_the_handle(tiny_text_models, texts_file, capsys):
+    """``--min-tokens`` / ``--hidden-weight`` on a BERT: reported in the JSON (defaults too) and
+    in the caption, and --min-tokens 0 merges the short texts the default (24) keeps whole."""
+    common = ["--model", f"hf:{tiny_text_models['bert']}", "--texts", str(texts_file), "--batch", "3", "-q"]
+    bench = ["bench", *common, "--ratio", "0.3", "--reps", "1", "--json"]
+    assert main(bench) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert (default["min_tokens"], default["hidden_weight"]) == (24, 0.5)
+    assert main([*bench, "--min-tokens", "0", "--hidden-weight", "0"]) == 0
+    given = json.loads(capsys.readouterr().out)
+    assert (given["min_tokens"], given["hidden_weight"]) == (0, 0.0)
+    assert given["rows"][1]["tokens"][-1] < default["rows"][1]["tokens"][-1]
+    assert main(["eval", *common, "--ratio", "0.3", "--speed-reps", "0", "--min-tokens", "2"]) == 0
+    assert "; min_tokens=2" in capsys.readouterr().out.splitlines()[0]
 
 
 def test_a_tiny_modernbert_as_a_text_model(tiny_text_models):

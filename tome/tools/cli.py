@@ -180,10 +180,16 @@ def _merge_report(args, *, text: bool = False) -> dict:
     from dataclasses import asdict
 
     from tome.patch.handle import MergeOptions
-    from tome.patch.transformers_text import DEFAULT_METRIC
+    from tome.patch.transformers_text import DEFAULT_HIDDEN_WEIGHT, DEFAULT_METRIC, DEFAULT_MIN_TOKENS
 
-    used = asdict(MergeOptions(metric=DEFAULT_METRIC)) if text else asdict(MergeOptions())
-    return {**used, **_merge_kwargs(args)}
+    if not text:
+        return {**asdict(MergeOptions()), **_merge_kwargs(args)}
+    used = {
+        **asdict(MergeOptions(metric=DEFAULT_METRIC)),
+        "min_tokens": DEFAULT_MIN_TOKENS,
+        "hidden_weight": DEFAULT_HIDDEN_WEIGHT,
+    }
+    return {**used, **_merge_kwargs(args), **_text_merge_kwargs(args)}
 
 
 def _options_note(args) -> str:
@@ -347,6 +353,7 @@ def _add_text_args(parser: argparse.ArgumentParser, *, sts: bool) -> None:
         "(default: the model's max_seq_length)",
     )
     group.add_argument("--keep-headings", action="store_true", help="keep WikiText heading lines as texts")
+    _add_text_merge_args(group)
     # ModernBERT's rules (model.tome.positions / .window): no tome.patch keywords, see TextModel.
     from tome.patch.transformers_modernbert import POSITION_RULES, WINDOW_RULES
 
@@ -374,6 +381,38 @@ def _add_text_args(parser: argparse.ArgumentParser, *, sts: bool) -> None:
         )
 
 
+def _add_text_merge_args(group) -> None:
+    """The text encoders' own tome.patch options (``min_tokens``, ``hidden_weight``)."""
+    from tome.patch.transformers_text import DEFAULT_HIDDEN_WEIGHT, DEFAULT_MIN_TOKENS
+
+    group.add_argument(
+        "--min-tokens", type=int, metavar="N",
+        help=f"text encoders: a text is never merged below N tokens, so short ones stay whole "
+        f"(default: {DEFAULT_MIN_TOKENS})",
+    )  # fmt: skip
+    group.add_argument(
+        "--hidden-weight", type=float, metavar="W",
+        help="text encoders: the hidden states' share of the matching similarity, 0 to 1 (0: the "
+        f"keys alone, as ToMe; default: {DEFAULT_HIDDEN_WEIGHT})",
+    )  # fmt: skip
+
+
+def _text_merge_kwargs(args) -> dict:
+    """``--min-tokens`` / ``--hidden-weight`` as tome.patch keywords, when given; checked here so
+    that a wrong value names its flag."""
+    given = {}
+    min_tokens, weight = getattr(args, "min_tokens", None), getattr(args, "hidden_weight", None)
+    if min_tokens is not None:
+        if min_tokens < 0:
+            raise UserError(f"--min-tokens must be >= 0, got {min_tokens}")
+        given["min_tokens"] = min_tokens
+    if weight is not None:
+        if not 0 <= weight <= 1:  # also refuses nan
+            raise UserError(f"--hidden-weight must be in [0, 1], got {weight}")
+        given["hidden_weight"] = weight
+    return given
+
+
 def _text_mode(args) -> bool:
     """Whether the command runs a text model on ``--texts``; refuses flags of the other kind."""
     from tome.tools.text import check_text_spec, is_text_spec
@@ -384,7 +423,8 @@ def _text_mode(args) -> bool:
     if texts is None:
         if is_text_spec(args.model):
             raise UserError(f"--model {args.model}: a text model needs --texts FILE (one text per line)")
-        for name in ("max_tokens", "sts", "sts_limit", "keep_headings", "positions", "window"):
+        text_only = ("max_tokens", "sts", "sts_limit", "keep_headings", "positions", "window", "min_tokens")
+        for name in (*text_only, "hidden_weight"):
             if getattr(args, name, None) not in (None, False):
                 raise UserError(f"--{name.replace('_', '-')}: for text models only (give --texts FILE)")
         return False
@@ -401,6 +441,7 @@ def _text_mode(args) -> bool:
             raise UserError("--sts-limit: give --sts FILE.tsv too")
     if args.max_tokens is not None:
         _positive("--max-tokens", args.max_tokens)
+    _text_merge_kwargs(args)  # their checks, before the model loads
     return True
 
 
@@ -416,19 +457,21 @@ def _text_settings(args) -> list:
 
 
 def _text_options(args) -> dict:
-    """The tome.patch options, and ModernBERT's ``--positions`` / ``--window`` when given
-    (:meth:`~tome.tools.text_model.TextModel.set_setting` sets those on its handle)."""
+    """The tome.patch options (``--min-tokens`` / ``--hidden-weight`` too), and ModernBERT's
+    ``--positions`` / ``--window`` when given (:meth:`~tome.tools.text_model.TextModel.set_setting`
+    sets those on its handle)."""
     from tome.tools.text_model import HANDLE_RULES
 
     rules = {name: getattr(args, name) for name in HANDLE_RULES if getattr(args, name, None) is not None}
-    return {**_merge_kwargs(args), **rules}
+    return {**_merge_kwargs(args), **_text_merge_kwargs(args), **rules}
 
 
 def _text_options_note(args) -> str:
-    """:func:`_options_note` plus the ModernBERT rules given."""
+    """:func:`_options_note` plus the text encoders' options and the ModernBERT rules given."""
     from tome.tools.text_model import HANDLE_RULES
 
-    rules = [
+    rules = [f"{name}={value}" for name, value in _text_merge_kwargs(args).items()]
+    rules += [
         f"{name}={getattr(args, name)}" for name in HANDLE_RULES if getattr(args, name, None) is not None
     ]
     note = _options_note(args)
@@ -959,7 +1002,7 @@ def _embed_options(args) -> dict:
     except (ValueError, TypeError) as error:
         name, _, message = str(error).partition(": ")
         raise UserError(f"--{name.replace('_', '-')}: {message}") from None
-    return options
+    return {**options, **_text_merge_kwargs(args)}
 
 
 def cmd_embed(args) -> int:
@@ -1313,6 +1356,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="cut texts to N tokens (default: the model's max_seq_length)",
     )
+    _add_text_merge_args(group)
     group = em.add_argument_group("ray (pip install 'tome-merging[ray]')")
     group.add_argument(
         "--ray", action="store_true", help="run on Ray Data: a local Ray for this job unless --ray-address"

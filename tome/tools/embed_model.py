@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from tome.patch.transformers_text import ADAPTER_OPTIONS as TEXT_ENCODER_OPTIONS
 from tome.tools.embed_store import FORMAT
 from tome.tools.errors import UserError
 
@@ -92,6 +93,9 @@ def load_job_model(
             raise UserError(f"--model {spec}: a text model needs text files (one text a line), not images")
         if max_tokens is not None:
             raise UserError("--max-tokens: for text models only")
+        for name in TEXT_ENCODER_OPTIONS:
+            if name in options:
+                raise UserError(f"--{name.replace('_', '-')}: for text models only")
         if random_init:
             torch.manual_seed(0)  # the same random weights in every run: a resume must match
         model = load_model(spec, weights=weights, random_init=random_init, img_size=img_size, log=log)
