@@ -246,6 +246,26 @@ def test_console_script_errors_without_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_the_tome_command_is_main_then_an_exit_with_a_frozen_gc(monkeypatch, capsys):
+    """``tome`` (the console script) runs :func:`main` and exits with its status, the garbage
+    collector frozen first (a faster exit: benchmarks/exit_time.py)."""
+    import gc
+    from importlib.metadata import entry_points
+
+    from tome.tools.cli import console
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "tome"]
+    assert script.value == "tome.tools.cli:console"
+    monkeypatch.setattr(sys, "argv", ["tome"])
+    try:
+        with pytest.raises(SystemExit) as exited:
+            console()
+        assert exited.value.code == 2 and gc.get_freeze_count() > 0  # no command: help, status 2
+    finally:
+        gc.unfreeze()  # this process goes on
+    assert "usage: tome" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_eval_real_model_saliency(dinov2_dir, images_dir, capsys):
     args = [

@@ -1400,5 +1400,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+def console() -> None:
+    """The ``tome`` command: :func:`main`, then exit without the interpreter's last garbage
+    collections. A run leaves millions of objects (torch, transformers, the model) that Python's
+    finalization traverses again and again; frozen (``gc.freeze``), they are skipped (``python
+    benchmarks/exit_time.py``: see its docstring for the figures). Files are closed and atexit
+    handlers (Ray's, logging's) still run. Not in :func:`main`, which tests and scripts call in
+    a process that goes on (frozen objects are never collected)."""
+    import gc
+
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console()
