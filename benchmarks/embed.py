@@ -159,7 +159,7 @@ def main() -> None:
             med = {k: statistics.median(r[k] for r in runs) for k in keys}
             share = med["decode_s"] / (med["decode_s"] + med["model_s"])
             wait = f"{med['wait_s']:.1f}" if runner == "local" else "-"
-            stop = f"{med['stop_s']:.1f}" if runner.startswith("--ray ") or runner == "--ray" else "-"
+            stop = f"{med['stop_s']:.1f}" if runner.split()[0] == "--ray" else "-"
             print(
                 f"| {runner} | {setting} | {args.photos / wall:.1f} | {base / wall:.2f}x | {wall:.1f} | "
                 f"{med['outside']:.1f} | {med['load_s']:.1f} | {med['first_row_s']:.1f} | {stop} | "

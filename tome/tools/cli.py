@@ -413,6 +413,12 @@ def _text_merge_kwargs(args) -> dict:
     return given
 
 
+# Flags (argparse names) that only text runs take.
+_TEXT_ONLY_FLAGS = (
+    "max_tokens", "sts", "sts_limit", "keep_headings", "positions", "window", "min_tokens", "hidden_weight",
+)  # fmt: skip
+
+
 def _text_mode(args) -> bool:
     """Whether the command runs a text model on ``--texts``; refuses flags of the other kind."""
     from tome.tools.text import check_text_spec, is_text_spec
@@ -423,8 +429,7 @@ def _text_mode(args) -> bool:
     if texts is None:
         if is_text_spec(args.model):
             raise UserError(f"--model {args.model}: a text model needs --texts FILE (one text per line)")
-        text_only = ("max_tokens", "sts", "sts_limit", "keep_headings", "positions", "window", "min_tokens")
-        for name in (*text_only, "hidden_weight"):
+        for name in _TEXT_ONLY_FLAGS:
             if getattr(args, name, None) not in (None, False):
                 raise UserError(f"--{name.replace('_', '-')}: for text models only (give --texts FILE)")
         return False

@@ -10,7 +10,6 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from tome.patch.transformers_text import ADAPTER_OPTIONS as TEXT_ENCODER_OPTIONS
 from tome.tools.embed_store import FORMAT
 from tome.tools.errors import UserError
 
@@ -85,6 +84,7 @@ def load_job_model(
         model.set_setting(None if setting == 0 else setting, **options)
         extra = {"max_tokens": model.max_tokens, "img_size": None, "weights": None, "random_init": False}
     else:
+        from tome.patch.transformers_text import ADAPTER_OPTIONS
         from tome.tools.loading import DEFAULT_MODEL, load_model
         from tome.tools.text import is_text_spec
 
@@ -93,7 +93,7 @@ def load_job_model(
             raise UserError(f"--model {spec}: a text model needs text files (one text a line), not images")
         if max_tokens is not None:
             raise UserError("--max-tokens: for text models only")
-        for name in TEXT_ENCODER_OPTIONS:
+        for name in ADAPTER_OPTIONS:  # the text encoders' own tome.patch options
             if name in options:
                 raise UserError(f"--{name.replace('_', '-')}: for text models only")
         if random_init:
