@@ -61,9 +61,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import tome  # noqa: E402
-
-# (``tome.patch`` is the function: the adapter module by its full name)
-tome_diffusers = importlib.import_module("tome.patch.diffusers")
+from tome.adapters import diffusers_unet as tome_diffusers  # noqa: E402
 
 CLOCK = time.perf_counter
 NAMES = {

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import sys
 import time
 import weakref
@@ -56,8 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import diffusion as bench  # benchmarks/diffusion.py: the same models and inputs
 
-tome_diffusers = importlib.import_module("tome.patch.diffusers")
-tome_dit = importlib.import_module("tome.patch.diffusers_dit")
+from tome.adapters import diffusers_dit as tome_dit
+from tome.adapters import diffusers_unet as tome_diffusers
 
 aten = torch.ops.aten
 # the CPU kernel behind F.scaled_dot_product_attention (torch 2.14 has no FLOP formula for it)
@@ -70,7 +69,7 @@ def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
 
 CUSTOM = {} if CPU_SDPA in flop_counter.flop_registry else {CPU_SDPA: _cpu_sdpa_flops}
 
-# which group each merge setting's ops belong to (tome.patch.diffusers / diffusers_dit)
+# which group each merge setting's ops belong to (tome.adapters.diffusers_unet / diffusers_dit)
 GROUPS = {"merge_attn": "self-attention", "rope": "self-attention", "merge_crossattn": "cross-attention",
           "merge_mlp": "MLP"}  # fmt: skip
 BLOCK_OPS = {**tome_dit.BLOCKS, "BasicTransformerBlock": tome_diffusers._OPS}

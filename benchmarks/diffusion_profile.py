@@ -27,8 +27,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import tome  # noqa: E402
-from tome import merge as M  # noqa: E402
-from tome.merge2d import random2d_matching  # noqa: E402
+from tome.core import merge as M  # noqa: E402
+from tome.core.merge2d import random2d_matching  # noqa: E402
 
 GROUPS = {
     "convolution": ("aten::mkldnn_convolution", "aten::_slow_conv2d_forward", "aten::convolution"),

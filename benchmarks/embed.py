@@ -5,7 +5,7 @@ Input: ``--photos`` photos (default 400): the 100 ImageNet photos of
 folder (each one decoded, resized and embedded as its own row). Model: the default
 ``dinov2-s-saliency`` (DINOv2-S/14, 224 px, fp32, batch 32; its pooled CLS feature).
 
-Every run is a fresh process, ``python -m tome.tools.cli embed PHOTOS --out NEW.parquet --json
+Every run is a fresh process, ``python -m tome.cli.main embed PHOTOS --out NEW.parquet --json
 -q ...``, timed from start to exit (imports, model loading, decoding, the model, writing): what
 a user waits for. The settings are interleaved: each round runs every configuration once, in
 turn; the table shows medians over ``--rounds``. Columns: images/s end to end; speedup over
@@ -67,7 +67,7 @@ def _photos(folder: Path, count: int) -> Path:
 
 
 def _run(photos: Path, out: Path, setting: str, extra: list[str]) -> dict:
-    command = [sys.executable, "-m", "tome.tools.cli", "embed", str(photos), "--out", str(out)]
+    command = [sys.executable, "-m", "tome.cli.main", "embed", str(photos), "--out", str(out)]
     command += ["--r", setting, "--batch", "32", "--json", "-q", *extra]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)

@@ -1,8 +1,8 @@
 """How long a ``tome`` process takes to exit once its command is done, with and without
-``gc.freeze()`` before the exit (what :func:`tome.tools.cli.console`, the ``tome`` command,
+``gc.freeze()`` before the exit (what :func:`tome.cli.main.console`, the ``tome`` command,
 does).
 
-Each run is a fresh process that runs one command through :func:`tome.tools.cli.main` in
+Each run is a fresh process that runs one command through :func:`tome.cli.main.main` in
 process, prints the time, optionally freezes the garbage collector, and exits; the parent
 times the process's end. Commands: ``tome embed`` of 32 of the shared photos (the default
 DINOv2-S, r=16) and ``tome bench --texts`` on all-MiniLM-L6-v2 (one rep), when the text extras
@@ -35,7 +35,7 @@ TEXTS = ROOT.parent / "shared" / "text"
 
 CHILD = """
 import gc, sys, time
-from tome.tools.cli import main
+from tome.cli.main import main
 code = main(sys.argv[2:])
 if sys.argv[1] == "frozen":
     gc.freeze()

@@ -140,7 +140,7 @@ def decision_margin(metric: torch.Tensor, r: int, protected: int) -> float:
     """How close one block's merge decisions on one image (``metric`` (1, N, D)) were to going
     another way: the smallest score gap between the r-th and (r+1)-th best A token, or between
     a chosen A token's best and second-best B partner (bipartite soft matching on cosine
-    similarity, as ``tome.merge``)."""
+    similarity, as ``tome.core.merge``)."""
     keys = F.normalize(metric[0, protected:].float(), dim=-1)
     scores = keys[0::2] @ keys[1::2].T
     best = scores.amax(dim=-1).sort(descending=True)

@@ -33,9 +33,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tome.tools.eval import pearson  # noqa: E402
 from tome.tools.images import find_images, open_image  # noqa: E402
-from tome.tools.loading import load_model  # noqa: E402
+from tome.tools.measure.eval import pearson  # noqa: E402
+from tome.tools.models.loading import load_model  # noqa: E402
 from tome.tools.schedule_text import parse_r, r_label  # noqa: E402
 
 SHARED = ROOT.parent / "shared"

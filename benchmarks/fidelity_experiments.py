@@ -1,10 +1,10 @@
 """Merging variants that were tried on the shared DINOv2-S/14 and did *not* make it into
 ``tome.patch`` (each measured at equal FLOPs against the original algorithm).
 
-The variants need changes inside the merge step, so this script swaps parts of ``tome.merge`` and
+The variants need changes inside the merge step, so this script swaps parts of ``tome.core.merge`` and
 of the patched model's handle for the duration of one row (nothing here is library API): the
 handle's block protocol (``merge_layer(call, x, metric)``, ``attention_bias(call, dtype)``) and
-the per-pass state a :class:`~tome.patch.passes.BlockCall` carries (``call.pass_state``:
+the per-pass state a :class:`~tome.runtime.passes.BlockCall` carries (``call.pass_state``:
 ``histories``, ``deviations``, ``tokens``). Every row: 100 photos, 224 px, the tuned schedule
 ``[29,26,24,22,19,17,15,13,10,8,6,4]`` (FLOP-ideal 2.0x) with ``mode="mean"`` unless the row
 says otherwise; CLS cosine and saliency correlation against the unmerged model, as in
@@ -42,8 +42,8 @@ import fidelity as FB  # benchmarks/fidelity.py: model loading, FLOP model, metr
 import torch
 import torch.nn.functional as F
 
-from tome import merge as M
-from tome.patch.handle import detail as pass_detail
+from tome.core import merge as M
+from tome.runtime.handle import detail as pass_detail
 
 SCHEDULE = [29, 26, 24, 22, 19, 17, 15, 13, 10, 8, 6, 4]
 ORIGINAL = {"metric": "keys", "mode": "mean", "unmerge_detail": False}
@@ -242,7 +242,7 @@ def record(call, history: M.MergeHistory) -> None:
 def replace_merge(handle, probe: Probe, metric_fn=None, bias_fn=None, merge_fn=None) -> None:
     """Swap the handle's merge step for one whose metric and token bias come from the probe.
     ``metric_fn(index, keys, call)`` and ``bias_fn(index, keys, call)`` get the block's
-    :class:`~tome.patch.passes.BlockCall` (``call.history``: its input tokens' history,
+    :class:`~tome.runtime.passes.BlockCall` (``call.history``: its input tokens' history,
     ``call.merged``); ``merge_fn(index, plan, x, keys, call)``: the merged tokens, default
     ``M.merge``."""
 

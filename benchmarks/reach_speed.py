@@ -24,7 +24,7 @@ where the model lets one choose it):
 - ``eva``: timm ``Eva``, EVA-02-B/16 as the EVA-CLIP image tower (``eva02_base_patch16_clip_224``,
   ``num_classes=0``): 768 wide, 12 layers, axial RoPE, SwiGLU MLP (hidden 2048, three matrices)
   at 224 px: 196 patches + class token = 197 tokens; merged tokens rotate by the size-weighted
-  mean of their patches' sin/cos (:mod:`tome.patch.timm_eva`).
+  mean of their patches' sin/cos (:mod:`tome.adapters.timm_eva`).
 
 Schedule: for each configuration the constant ``r`` (or with ``--ramp`` the ``(r, -1.0)`` ramp)
 whose FLOP-ideal speedup, computed from ``model.tome.planned_tokens(N)`` before any pass, is

@@ -25,7 +25,7 @@ import types
 import torch
 import torch.nn as nn
 
-from tome.schedule import Schedule, resolve_schedule
+from tome.core.schedule import Schedule, resolve_schedule
 
 __all__ = ["ReferenceState", "apply", "bipartite_soft_matching", "merge_source", "merge_wavg", "remove"]
 

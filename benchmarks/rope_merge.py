@@ -60,12 +60,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import importlib  # noqa: E402
 
 import tome  # noqa: E402
-from tome.merge import MergeHistory  # noqa: E402
-
-timm_eva = importlib.import_module("tome.patch.timm_eva")
+from tome.adapters import timm_eva  # noqa: E402
+from tome.core.merge import MergeHistory  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 MODEL = SHARED / "models" / "dinov2-small-saliency"

@@ -31,7 +31,7 @@ Columns:
 - ref: speedup of ``benchmarks/reference_tome.py`` (the published algorithm written plainly:
   explicit attention with log-size bias, dense source matrix) at the same r on the same timm
   model, and ours/ref = our throughput / the reference's;
-- match / merge / unmerge %: share of one forward pass spent in ``tome.merge``'s matching
+- match / merge / unmerge %: share of one forward pass spent in ``tome.core.merge``'s matching
   (``bipartite_soft_matching``), merging (``merge`` and source-map update ``advance``) and
   unmerging, timed by wrappers in a separate, untimed pass (the reference: its matching, its
   weighted average and dense source update);
@@ -63,7 +63,7 @@ for path in (ROOT, ROOT / "tests", ROOT / "benchmarks"):
 import reference_tome  # noqa: E402
 
 import tome  # noqa: E402
-from tome import merge as M  # noqa: E402
+from tome.core import merge as M  # noqa: E402
 
 DINOV2 = ROOT.parent / "shared" / "models" / "dinov2-small-saliency"
 R_224 = [8, 13, 16, (16, -1.0)]

@@ -217,7 +217,7 @@ def configure(model, options: dict | None) -> None:
 
 
 def handle_of(model):
-    """The :class:`~tome.patch.handle.ToMeHandle` of the model inside a patched
+    """The :class:`~tome.runtime.handle.ToMeHandle` of the model inside a patched
     SentenceTransformer (``model.tome`` is a ``PatchedModels`` there)."""
     handles = list(model.tome.handles.values())
     assert len(handles) == 1, handles

@@ -77,7 +77,7 @@ import text as T  # benchmarks/text.py
 import torch
 import torch.nn.functional as F
 
-from tome import merge as M
+from tome.core import merge as M
 
 GROUPS: dict[str, list[tuple[str, dict, dict]]] = {
     # one option at a time around the library defaults, at ratio 0.1 (and 0.15)

@@ -18,7 +18,7 @@ one train step of every setting in turn, then one inference pass of every settin
 Columns: train step s (median seconds of one step of the whole batch); train speedup and
 inference speedup (over the unpatched model, from the medians); FLOP-ideal: forward FLOPs of the
 unpatched model / with merging, counted from the tokens each block saw
-(``model.tome.tokens_per_layer``) by ``tome.tools.bench.flops_per_image`` (patch embedding and
+(``model.tome.tokens_per_layer``) by ``tome.tools.measure.bench.flops_per_image`` (patch embedding and
 blocks; a multiply-add is 2 FLOPs).
 
     python benchmarks/training.py               # batch 32, 5 reps after 2 warm-ups: ~2.5 min on 2 idle cores
@@ -52,7 +52,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import tome  # noqa: E402
-from tome.tools.bench import flops_per_image  # noqa: E402
+from tome.tools.measure.bench import flops_per_image  # noqa: E402
 
 SIZE = 224
 NUM_CLASSES = 100

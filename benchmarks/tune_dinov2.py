@@ -20,12 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tome import tune  # noqa: E402
-from tome.tools.bench import format_table as bench_table  # noqa: E402
-from tome.tools.bench import run_bench  # noqa: E402
-from tome.tools.eval import evaluate  # noqa: E402
-from tome.tools.eval import format_table as eval_table  # noqa: E402
 from tome.tools.images import find_images, open_image  # noqa: E402
-from tome.tools.loading import DEFAULT_MODEL, load_model  # noqa: E402
+from tome.tools.measure.bench import format_table as bench_table  # noqa: E402
+from tome.tools.measure.bench import run_bench  # noqa: E402
+from tome.tools.measure.eval import evaluate  # noqa: E402
+from tome.tools.measure.eval import format_table as eval_table  # noqa: E402
+from tome.tools.models.loading import DEFAULT_MODEL, load_model  # noqa: E402
 
 
 def main() -> None:

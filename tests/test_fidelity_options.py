@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tome
-from tome import merge as M
+from tome.core import merge as M
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")

@@ -343,7 +343,7 @@ def test_key_with_a_nan_entry_counts_as_all_zero():
 
 
 def test_best_edges_gradients_stay_finite_with_nan_keys():
-    from tome.merge import best_edges
+    from tome.core.merge import best_edges
 
     keys = torch.randn(2, 9, 4)
     keys[0, 3, 1] = float("nan")

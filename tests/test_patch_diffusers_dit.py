@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import tome
-from tome.merge import bipartite_soft_matching
-from tome.merge2d import keep_prefix, random2d_matching
+from tome.core.merge import bipartite_soft_matching
+from tome.core.merge2d import keep_prefix, random2d_matching
 
 diffusers = pytest.importorskip("diffusers")
-dit = pytest.importorskip("tome.patch.diffusers_dit")
-from tome.patch import diffusers as tome_diffusers  # noqa: E402
+dit = pytest.importorskip("tome.adapters.diffusers_dit")
+from tome.adapters import diffusers_unet as tome_diffusers  # noqa: E402
 
 
 def _flux_ids(h: int, w: int) -> torch.Tensor:
@@ -207,10 +207,10 @@ def test_keep_prefix_keeps_text_in_front():
     plan = random2d_matching(x, 4, 4, 2, 2, r=6)
     joint = keep_prefix(plan, 3)
     text = torch.randn(2, 3, 4)
-    merged = tome.merge.merge(joint, torch.cat([text, x], 1), "mean")
+    merged = tome.core.merge.merge(joint, torch.cat([text, x], 1), "mean")
     assert torch.equal(merged[:, :3], text)
-    assert torch.allclose(merged[:, 3:], tome.merge.merge(plan, x, "mean"))
-    back = tome.merge.unmerge(joint.index, merged)
+    assert torch.allclose(merged[:, 3:], tome.core.merge.merge(plan, x, "mean"))
+    back = tome.core.merge.unmerge(joint.index, merged)
     assert torch.equal(back[:, :3], text) and back.shape == (2, 19, 4)
 
 
@@ -346,7 +346,7 @@ def test_pixart_pipeline_call_with_prompt_embeds():
 
 def test_random_destinations_need_no_host_read_of_the_timestep():
     # fullgraph: a .item() / float() of the timestep would be a graph break, hence an error
-    from tome.merge2d import grid_destinations
+    from tome.core.merge2d import grid_destinations
 
     def destinations(t):
         return grid_destinations(8, 8, 2, 2, key=tome_diffusers.block_key(0, t, 3))
@@ -358,7 +358,7 @@ def test_random_destinations_need_no_host_read_of_the_timestep():
 
 
 def test_merge_groups_on_the_latent_grid_for_one_block():
-    from tome.tools.vis_diffusion import diffusion_panels, merge_groups
+    from tome.tools.pictures.vis_diffusion import diffusion_panels, merge_groups
 
     model, inputs = _flux()
     tome.patch(model, ratio=0.5)

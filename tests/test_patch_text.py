@@ -362,7 +362,7 @@ def test_hidden_weight_decides_the_merges_with_the_keys():
 
 
 def test_text_defaults_and_the_options_are_refused_elsewhere():
-    from tome.patch import transformers_text as T
+    from tome.adapters import transformers_text as T
 
     model = tome.patch(make("BertModel"), ratio=0.1)
     assert (model.tome.min_tokens, model.tome.hidden_weight) == (
@@ -408,12 +408,14 @@ def test_padding_with_nan_changes_no_real_token():
     # Merging zeroes tokens of size 0 (padding) before they are folded into a real token: NaN
     # in the padding's hidden states (e.g. from fp16 overflow) cannot reach the real tokens.
     plan_sizes = torch.tensor([[1.0, 1, 1, 1, 1, 1, 0, 0, 0]])
-    history = tome.merge.MergeHistory(torch.arange(9)[None], plan_sizes)
-    plan = tome.merge.masked_soft_matching(torch.randn(1, 9, 4), 3, torch.tensor([1]), history, protected=1)
+    history = tome.core.merge.MergeHistory(torch.arange(9)[None], plan_sizes)
+    plan = tome.core.merge.masked_soft_matching(
+        torch.randn(1, 9, 4), 3, torch.tensor([1]), history, protected=1
+    )
     x = torch.randn(1, 9, 5)
     x[0, 6:] = float("nan")
     for mode in ("mean", "mlerp"):
-        merged = tome.merge.merge(plan, x, mode)
+        merged = tome.core.merge.merge(plan, x, mode)
         real = plan.sizes[0] > 0
         assert torch.isfinite(merged[0, real]).all(), mode
 

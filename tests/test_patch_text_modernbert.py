@@ -108,9 +108,9 @@ def test_padding_never_merges_with_real_tokens():
 
 
 def test_the_local_window_of_merged_tokens():
-    from tome.merge import MergeHistory
-    from tome.patch.passes import BlockCall, PassState
-    from tome.patch.transformers_modernbert import _group_positions, _merged_mask
+    from tome.adapters.transformers_modernbert import _group_positions, _merged_mask
+    from tome.core.merge import MergeHistory
+    from tome.runtime.passes import BlockCall, PassState
 
     handle = patch(make(), r=1).tome
     reachable = torch.finfo(torch.float32).min / 2

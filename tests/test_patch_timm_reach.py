@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib
 import io
 import pickle
 
@@ -17,9 +16,8 @@ timm = pytest.importorskip("timm")
 from timm.layers.pos_embed_sincos import apply_rot_embed_cat  # noqa: E402
 from timm.models.naflexvit import NaFlexVit, NaFlexVitCfg  # noqa: E402
 
-from tome.merge import MergeHistory  # noqa: E402
-
-timm_eva = importlib.import_module("tome.patch.timm_eva")
+from tome.adapters import timm_eva  # noqa: E402
+from tome.core.merge import MergeHistory  # noqa: E402
 
 SMALL = {"embed_dim": 64, "num_heads": 2, "depth": 3, "num_classes": 10}
 
@@ -350,7 +348,7 @@ def test_eva_unsupported_block_layout_is_a_clear_error():
 
 
 def test_support_list_names_eva_and_naflexvit():
-    supported_families = importlib.import_module("tome.patch").supported_families
+    from tome.runtime.registry import supported_families
 
     assert "timm: VisionTransformer, Eva, NaFlexVit" in supported_families()
 

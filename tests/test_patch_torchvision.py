@@ -172,7 +172,7 @@ def test_eval_matches_reference_attention():
     y = torch.randn(2, 9, 32)
     with torch.no_grad():
         expected, _ = mha(y, y, y, need_weights=False)
-        from tome.patch.mha import self_attention
+        from tome.adapters.common.mha import self_attention
 
         got, keys = self_attention(model.encoder.layers[0].self_attention, y, None)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

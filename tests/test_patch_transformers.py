@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import tome
-from tome.merge import max_r
+from tome.core.merge import max_r
 
 transformers = pytest.importorskip("transformers")
 
@@ -507,7 +507,7 @@ def test_unsupported_transformers_class_raises_type_error():
 
 def test_import_tome_does_not_import_transformers():
     code = (
-        "import sys, tome, tome.patch.transformers; "
+        "import sys, tome, tome.adapters.transformers_vision; "
         "assert 'transformers' not in sys.modules, 'transformers imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import tome
-from tome.merge import max_r
+from tome.core.merge import max_r
 
 transformers = pytest.importorskip("transformers")
 
@@ -726,7 +726,7 @@ def test_videomae_self_attention_without_its_parts_is_refused():
 
 
 def test_the_support_list_names_the_new_classes():
-    from tome.patch import supported_families
+    from tome.runtime.patching import supported_families
 
     listed = supported_families()
     for name in [*CLASSES, "CLIPModel"]:

@@ -1,4 +1,4 @@
-"""Tests for merge schedules: :func:`tome.schedule.resolve_schedule` and ``check_schedule``."""
+"""Tests for merge schedules: :func:`tome.core.schedule.resolve_schedule` and ``check_schedule``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 
 import tome
-from tome.schedule import check_schedule, resolve_schedule
+from tome.core.schedule import check_schedule, resolve_schedule
 
 
 def test_public_name():

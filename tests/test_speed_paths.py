@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tome
-from tome import merge as M
+from tome.core import merge as M
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

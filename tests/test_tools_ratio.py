@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import tome
-from tome.tools.cli import main
+from tome.cli.main import main
 from tome.tools.data import demo_images
 from tome.tools.errors import UserError
-from tome.tools.model import from_module
+from tome.tools.models.vision import from_module
 from tome.tools.schedule_text import Ratio, file_label, parse_ratio, r_label, setting_label
 
 timm = pytest.importorskip("timm")

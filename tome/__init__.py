@@ -6,10 +6,10 @@
 torch.Size([2, 7, 8])
 """
 
-from tome.merge import MODES, MergeHistory, attention_bias, max_r
-from tome.merger import TokenMerger
-from tome.patch import MergeOptions, PatchedModels, ToMeHandle, patch, unpatch
-from tome.schedule import resolve_schedule
+from tome.core.merge import MODES, MergeHistory, attention_bias, max_r
+from tome.core.merger import TokenMerger
+from tome.core.schedule import resolve_schedule
+from tome.runtime.patching import MergeOptions, PatchedModels, ToMeHandle, patch, unpatch
 
 __all__ = [
     "MODES",
@@ -31,7 +31,11 @@ __version__ = "0.1.0"
 
 # The tools layer (tome.tools) loads on first use of its names: ``import tome`` is the core and
 # the adapters only.
-_LAZY = {"tune": "tome.tools.tune", "TuneResult": "tome.tools.tune", "embed": "tome.tools.embed"}
+_LAZY = {
+    "tune": "tome.tools.tune.search",
+    "TuneResult": "tome.tools.tune.search",
+    "embed": "tome.tools.embed.job",
+}
 
 
 def __getattr__(name: str):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from tome.tools.decode import resized
+from tome.tools.embed.decode import resized
 
 __all__ = [
     "IMAGENET_MEAN",

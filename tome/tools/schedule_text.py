@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tome.schedule import check_ratio, check_schedule
+from tome.core.schedule import check_ratio, check_schedule
 from tome.tools.errors import UserError
 
 __all__ = ["Ratio", "file_label", "parse_r", "parse_ratio", "r_label", "setting_label"]

@@ -1,0 +1,1 @@
+"""Pieces several adapters share (public: adapters import these, never each other's privates)."""

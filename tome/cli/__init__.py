@@ -1,0 +1,1 @@
+"""The ``tome`` command (``tome demo | viz | bench | eval | tune | embed``)."""

@@ -1,0 +1,406 @@
+"""``tome.patch`` / ``tome.unpatch``: token merging for models the user already has.
+
+Adapters are found by class name through the model's MRO (and the module the class comes
+from), so a framework the user has not imported is never imported here. Each adapter lives in
+its own module and exposes ``apply(model, handle_kwargs) -> ToMeHandle``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+import torch.nn as nn
+
+from tome.core.schedule import Schedule, check_ratio, check_schedule
+from tome.runtime.handle import MergeOptions, PatchedModels, ToMeHandle
+
+__all__ = [
+    "MergeOptions",
+    "PatchedModels",
+    "ToMeHandle",
+    "adapter_classes",
+    "patch",
+    "supported_families",
+    "unpatch",
+]
+
+# (family, module prefix of the framework's classes, adapter module, supported class names)
+_ADAPTERS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    ("timm", "timm.", "tome.adapters.timm_vit", ("VisionTransformer",)),
+    # EVA-02 / EVA-CLIP / PE / DINOv3 / vit_*_rope*: rotary positions merged with the tokens
+    ("timm", "timm.", "tome.adapters.timm_eva", ("Eva",)),
+    # images of different sizes in one padded batch: merged image by image (masked)
+    ("timm", "timm.", "tome.adapters.timm_naflex", ("NaFlexVit",)),
+    (
+        "transformers",
+        "transformers.",
+        "tome.adapters.transformers_vision",
+        (
+            "ViTModel",
+            "ViTForImageClassification",
+            "Dinov2Model",
+            "Dinov2ForImageClassification",
+            "Dinov2WithRegistersModel",
+            "Dinov2WithRegistersForImageClassification",
+            "CLIPVisionModel",
+            "CLIPVisionModelWithProjection",
+            "CLIPForImageClassification",
+            "CLIPModel",
+            "SiglipVisionModel",
+            "SiglipModel",
+            "SiglipForImageClassification",
+            "Siglip2VisionModel",
+            "Siglip2Model",
+            "Siglip2ForImageClassification",
+            "VideoMAEModel",
+            "VideoMAEForVideoClassification",
+            "ASTModel",
+            "ASTForAudioClassification",
+            "ViTMAEModel",
+            "Dinov2Backbone",
+            "Dinov2WithRegistersBackbone",
+        ),
+    ),
+    (
+        "transformers",
+        "transformers.",
+        "tome.adapters.transformers_text",
+        (
+            "BertModel",
+            "BertForSequenceClassification",
+            "RobertaModel",
+            "RobertaForSequenceClassification",
+            "XLMRobertaModel",
+            "XLMRobertaForSequenceClassification",
+            "DistilBertModel",
+            "DistilBertForSequenceClassification",
+            "MPNetModel",
+            "MPNetForSequenceClassification",
+        ),
+    ),
+    (
+        "transformers",
+        "transformers.",
+        "tome.adapters.transformers_modernbert",
+        ("ModernBertModel", "ModernBertForSequenceClassification"),
+    ),
+    ("torchvision", "torchvision.", "tome.adapters.torchvision_vit", ("VisionTransformer",)),
+    # merge -> op -> unmerge in every transformer block (tomesd's scheme and options)
+    ("diffusers", "diffusers.", "tome.adapters.diffusers_unet", ("UNet2DConditionModel",)),
+    (
+        "diffusers",
+        "diffusers.",
+        "tome.adapters.diffusers_dit",
+        (
+            "PixArtTransformer2DModel",
+            "DiTTransformer2DModel",
+            "SD3Transformer2DModel",
+            "FluxTransformer2DModel",
+        ),
+    ),
+    ("open_clip", "open_clip.", "tome.adapters.open_clip", ("VisionTransformer", "CLIP", "CustomTextCLIP")),
+)
+
+
+def supported_families() -> str:
+    """One line per supported framework, listing the model classes ``patch`` accepts."""
+    names: dict[str, list[str]] = {}
+    for family, _, _, classes in _ADAPTERS:
+        names.setdefault(family, []).extend(classes)
+    return "\n".join(f"  {family}: {', '.join(classes)}" for family, classes in names.items())
+
+
+def adapter_classes(adapter: str) -> tuple[str, ...]:
+    """The model class names the adapter module ``adapter`` patches, from the registry.
+
+    >>> adapter_classes("tome.adapters.torchvision_vit")
+    ('VisionTransformer',)
+    """
+    return tuple(name for _, _, module, names in _ADAPTERS if module == adapter for name in names)
+
+
+def _find_adapter(model: nn.Module) -> tuple[str, str] | None:
+    for cls in type(model).__mro__:
+        for family, prefix, adapter, names in _ADAPTERS:
+            if cls.__name__ in names and cls.__module__.startswith(prefix):
+                return family, adapter
+    return None
+
+
+def patch(
+    model: nn.Module,
+    r: Schedule | None = None,
+    *,
+    ratio: float | None = None,
+    prop_attn: bool = True,
+    unmerge_output: bool | None = None,
+    metric: str | None = None,
+    mode: str = "mlerp",
+    unmerge_detail: bool = False,
+    keep_outliers: int = 0,
+    max_downsample: int | None = None,
+    sx: int | None = None,
+    sy: int | None = None,
+    use_rand: bool | None = None,
+    merge_attn: bool | None = None,
+    merge_crossattn: bool | None = None,
+    merge_mlp: bool | None = None,
+    seed: int | None = None,
+    match_every: int | None = None,
+    merge_queries: bool | None = None,
+    min_tokens: int | None = None,
+    hidden_weight: float | None = None,
+) -> nn.Module:
+    """Make ``model`` merge tokens in every transformer block, in place; returns ``model``.
+
+    Important args:
+        r: tokens removed per block: an int, a per-layer list, or ``(r, inflection)`` (a ramp
+            as in ToMe: ``(16, -1.0)`` removes 32 tokens in the first block, 0 in the last).
+            A list shorter than the number of blocks leaves the last blocks at 0. A block
+            never removes more than half its unprotected tokens (a warning says when the
+            schedule asks for more). Settable later as ``model.tome.r``. Default 16.
+        ratio: instead of ``r``: every block removes this fraction (``0 <= ratio < 1``) of
+            each row's mergeable tokens (short texts lose few tokens, long ones many). In a
+            padded batch every row counts its own real tokens, so its result does not depend
+            on the rest of the batch. Settable later as ``model.tome.ratio``.
+        unmerge_output: return the model's token outputs (``last_hidden_state``,
+            ``forward_features``, ...) at the original length, so dense heads work unchanged.
+            Default: ``True`` for text encoders (pooling reads every token with the
+            attention mask), ``False`` for vision models. Settable later as
+            ``model.tome.unmerge_output``.
+
+    Args to tinker with (defaults: the best measured at equal measured speed on DINOv2-S, see
+    the README; ``mode="mean"`` is the original ToMe):
+        prop_attn: proportional attention (add log of each token's size to the attention
+            logits), as in ToMe. Settable later as ``model.tome.prop_attn``.
+        metric: what similarity decides the merges (default: ``"keys"``; ``"head_keys"`` for text
+            encoders, measured much better there: benchmarks/text.py): ``"keys"`` (the cosine similarity of the
+            keys averaged over heads, ToMe) or ``"head_keys"`` (each head's key cosine
+            similarity, averaged over heads: better dense outputs at equal FLOPs, a matching
+            product ``heads`` times wider).
+        mode: ``"mlerp"`` (the size-weighted mean rescaled to the largest norm among the tokens
+            it combines, ToFu: Kim et al., WACV 2024) or ``"mean"`` (ToMe's size-weighted average).
+        unmerge_detail: with ``unmerge_output``, give every original token back its own
+            deviation from what its group became at each merge (memory O(B N C) per merging
+            block during the pass; no FLOPs). Better dense outputs; the class token is unchanged.
+        keep_outliers: ``k``: in every merging block the ``k`` unprotected tokens of largest
+            hidden-state norm are kept out of the merge, unless a block has to merge more
+            tokens than the others can give (ViTs without registers keep global information
+            in a few high-norm tokens: Darcet et al., "Vision Transformers Need Registers",
+            ICLR 2024).
+
+    Text encoders (transformers BERT-family and ModernBERT, sentence-transformers) also take
+    ``min_tokens`` (a text is never merged below this many tokens, so short texts stay whole)
+    and ``hidden_weight`` (the share of the hidden states' cosine in the matching similarity,
+    beside the keys'); defaults: the best measured on a tuning half of real text
+    (``benchmarks/text.py``); settable later on the handle. Errors for other models.
+
+    Diffusion models (a diffusers ``UNet2DConditionModel``: SD 1.x / 2.x, SDXL; a DiT:
+    ``PixArtTransformer2DModel``, ``DiTTransformer2DModel``, ``SD3Transformer2DModel``,
+    ``FluxTransformer2DModel``; or a ``DiffusionPipeline``, whose ``unet`` or ``transformer`` is
+    patched) take tomesd's arguments with tomesd's meanings and defaults, all settable later on
+    ``model.tome``: ``ratio`` (default 0.5: the fraction of each merging block's tokens merged
+    away), ``max_downsample`` (1, 2, 4 or 8, default 1; SDXL's finest attention level needs 2),
+    ``sx``, ``sy`` (default 2, 2: one destination per cell), ``use_rand`` (default True: a random
+    destination per cell, chosen by a hash of ``seed``, default 0, the timestep and the block,
+    on the timestep's device; never the global RNG), ``merge_attn`` (True), ``merge_crossattn``
+    (False), ``merge_mlp`` (False); and tome's own ``match_every`` (blocks of one resolution
+    sharing one matching) and ``merge_queries`` (False: ToDo-style, keys and values only); see
+    :class:`tome.adapters.diffusers_unet.DiffusionHandle`. Each block merges before those ops and
+    unmerges after them, so it returns full-length tokens (see :mod:`tome.adapters.diffusers_unet`).
+    ``r`` and the transformer-encoder options above are errors there, and these are errors for
+    other models.
+
+    Patching twice is one patch with the latest arguments; :func:`unpatch` restores the
+    original behaviour exactly. Supported: timm ``VisionTransformer``; transformers ViT,
+    DINOv2 (with registers), CLIP vision; torchvision ``VisionTransformer``. A wrapper
+    (``torch.compile(model)``, ``nn.DataParallel``, ``DistributedDataParallel``) or any module
+    that holds supported models is accepted too: the outermost supported models inside it are
+    patched, ``model.tome`` is then a :class:`PatchedModels`, and ``unpatch`` undoes all of it.
+    (A model compiled before patching recompiles on its next call: torch.compile's guards see
+    the change.)
+
+    Example:
+        >>> import timm, tome
+        >>> model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2)
+        >>> model = tome.patch(model, r=8)
+        >>> model.tome.r
+        8
+        >>> tome.unpatch(model) is model
+        True
+    """
+    given = {
+        "max_downsample": max_downsample, "sx": sx, "sy": sy, "use_rand": use_rand,
+        "merge_attn": merge_attn, "merge_crossattn": merge_crossattn, "merge_mlp": merge_mlp, "seed": seed,
+        "match_every": match_every, "merge_queries": merge_queries,
+    }  # fmt: skip
+    diffusion = {name: value for name, value in given.items() if value is not None}
+    denoiser = _pipeline_denoiser(model)
+    if denoiser is not None:
+        # A diffusers pipeline is not an nn.Module: it holds its denoiser (its ``unet``), which
+        # is what runs every step; that is patched, the pipeline object itself is not touched.
+        patch(
+            denoiser, r, ratio=ratio, prop_attn=prop_attn, unmerge_output=unmerge_output, metric=metric,
+            mode=mode, unmerge_detail=unmerge_detail, keep_outliers=keep_outliers, **diffusion,
+            min_tokens=min_tokens, hidden_weight=hidden_weight,
+        )  # fmt: skip
+        return model
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if r is not None and ratio is not None:
+        raise ValueError(f"r and ratio: give one schedule, not both (got r={r!r}, ratio={ratio!r})")
+    if ratio is not None:
+        check_ratio(ratio)
+    elif r is not None:
+        check_schedule(r)
+    options = MergeOptions(
+        metric=metric or "keys", mode=mode, unmerge_detail=unmerge_detail, keep_outliers=keep_outliers
+    )
+    settings = {
+        "prop_attn": prop_attn, "unmerge_output": unmerge_output, "options": options, "ratio": ratio,
+        "diffusion": diffusion, "default_metric": metric is None,
+        "adapter_options": {
+            name: value
+            for name, value in (("min_tokens", min_tokens), ("hidden_weight", hidden_weight))
+            if value is not None
+        },
+    }  # fmt: skip
+    if _find_adapter(model) is not None:
+        return _patch_one(model, r, settings)
+    framework = next((f for f, prefix, _, _ in _ADAPTERS if type(model).__module__.startswith(prefix)), None)
+    if framework is not None:
+        # A framework's own model that tome does not support (say a masked-image-modeling
+        # head): its head may need every token, so its backbone is not patched behind its back.
+        raise TypeError(
+            f"model: tome.patch does not support {type(model).__module__}.{type(model).__qualname__}. "
+            f"Supported model classes:\n{supported_families()}"
+        )
+    # A wrapper (torch.compile's OptimizedModule, DataParallel, DistributedDataParallel) or a
+    # user's module: patch the outermost supported models inside it.
+    targets = _supported_inside(model)
+    if not targets:
+        raise TypeError(
+            f"model: tome.patch does not support {type(model).__module__}.{type(model).__qualname__}, "
+            f"and none of its {sum(1 for _ in model.modules()) - 1} submodules is a supported model "
+            f"(searched the model itself, then every submodule, outermost first). Supported model "
+            f"classes:\n{supported_families()}"
+        )
+    previous = model.__dict__.get("tome")
+    if isinstance(previous, ToMeHandle):
+        unpatch(model)
+    done: list[nn.Module] = []
+    try:
+        for _, target in targets:
+            _patch_one(target, r, settings)
+            done.append(target)
+    except Exception:
+        for target in done:
+            unpatch(target)
+        raise
+    # Straight into __dict__: OptimizedModule forwards attribute writes to the module inside.
+    model.__dict__["tome"] = PatchedModels(dict(targets))
+    return model
+
+
+def _pipeline_denoiser(model: object) -> nn.Module | None:
+    """The denoiser of a diffusers ``DiffusionPipeline`` (its ``unet``, or a DiT pipeline's
+    ``transformer``; found by class name, never importing diffusers), or ``None`` if ``model``
+    is no pipeline."""
+    if not any(
+        cls.__name__ == "DiffusionPipeline" and cls.__module__.startswith("diffusers.")
+        for cls in type(model).__mro__
+    ):
+        return None
+    for name in ("unet", "transformer"):
+        denoiser = getattr(model, name, None)
+        if isinstance(denoiser, nn.Module):
+            return denoiser
+    raise TypeError(
+        f"model: tome.patch supports diffusers pipelines whose denoiser (their unet or transformer) "
+        f"is a supported model; this {type(model).__name__} has neither"
+    )
+
+
+def _supported_inside(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The outermost submodules of ``model`` that an adapter supports, in module order."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, sub in model.named_modules():
+        if sub is model or any(name.startswith(f"{outer}.") for outer, _ in found):
+            continue
+        if _find_adapter(sub) is not None:
+            found.append((name, sub))
+    return found
+
+
+def _patch_one(model: nn.Module, r: Schedule, settings: dict) -> nn.Module:
+    family, adapter = _find_adapter(model)
+    for name, sub in model.named_modules():
+        if sub is not model and isinstance(sub.__dict__.get("tome"), ToMeHandle):
+            raise ValueError(
+                f"model: its submodule {name!r} is already patched by tome; call "
+                f"tome.unpatch(model.{name}) first, or patch only one of the two"
+            )
+    module = importlib.import_module(adapter)
+    settings = dict(settings)
+    diffusion = settings.pop("diffusion", {})
+    # Options only some adapters take (text encoders: min_tokens, hidden_weight).
+    adapter_options = settings.pop("adapter_options", {})
+    accepted = getattr(module, "ADAPTER_OPTIONS", ())
+    for name in adapter_options:
+        if name not in accepted:
+            raise TypeError(
+                f"{name}: an option of text encoders (transformers BERT-family, ModernBERT, "
+                f"sentence-transformers), not of {type(model).__module__}.{type(model).__qualname__}"
+            )
+    settings.update(adapter_options)
+    if settings.pop("default_metric", False) and hasattr(module, "DEFAULT_METRIC"):
+        # The family's measured best (text encoders: head_keys, benchmarks/text.py).
+        settings["options"] = dataclasses.replace(settings["options"], metric=module.DEFAULT_METRIC)
+    if family == "diffusers":
+        # tomesd's options; the adapter refuses r and the transformer-encoder options.
+        settings.update(diffusion)
+    else:
+        if diffusion:
+            raise TypeError(
+                f"{next(iter(diffusion))}: tomesd's options ({', '.join(diffusion)}) apply to diffusion "
+                f"models only (a diffusers UNet2DConditionModel or DiffusionPipeline), not to "
+                f"{type(model).__module__}.{type(model).__qualname__}"
+            )
+        if r is None:
+            r = 0 if settings["ratio"] is not None else 16
+    if settings["unmerge_output"] is None:  # the family's default: text encoders unmerge
+        settings = {**settings, "unmerge_output": getattr(module, "DEFAULT_UNMERGE_OUTPUT", False)}
+    previous = model.__dict__.get("tome")
+    unpatch(model)
+    try:
+        handle: ToMeHandle = module.apply(model, r=r, **settings)
+    except Exception:
+        # Adapters check everything before changing the model; put the earlier patch back so a
+        # bad argument leaves the model as it was.
+        if isinstance(previous, ToMeHandle):
+            patch(model, **previous.patch_options())
+        raise
+    handle.family = family
+    model.__dict__["tome"] = handle
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch`: original forwards, no hooks, no ``model.tome`` (on a wrapper: on every
+    model patched inside it; on a diffusers pipeline: on its ``unet``). No-op if unpatched."""
+    denoiser = _pipeline_denoiser(model)
+    if denoiser is not None:  # a diffusers pipeline (not an nn.Module): its unet was patched
+        unpatch(denoiser)
+        return model
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    handle = model.__dict__.get("tome")
+    if isinstance(handle, ToMeHandle):
+        handle._restore()
+        del model.__dict__["tome"]
+    elif isinstance(handle, PatchedModels):
+        for inner in handle.models.values():
+            unpatch(inner)
+        del model.__dict__["tome"]
+    return model

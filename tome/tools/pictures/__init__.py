@@ -1,0 +1,1 @@
+"""Pictures of what was merged (``tome viz``, ``tome demo``): ViTs and diffusion models."""
