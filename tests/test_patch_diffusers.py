@@ -282,7 +282,7 @@ def test_diffusion_options_are_errors_for_other_models():
     vit = tv.VisionTransformer(
         image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64
     )
-    with pytest.raises(TypeError, match="sx: tomesd's options"):
+    with pytest.raises(TypeError, match="sx: an option of diffusion models"):
         tome.patch(vit, r=2, sx=2)
     assert "tome" not in vit.__dict__
 

@@ -386,7 +386,7 @@ def test_a_clip_without_a_vision_transformer_is_refused():
 
 
 def test_the_support_list_names_open_clip():
-    from tome.runtime.patching import supported_families
+    from tome.runtime.registry import supported_families
 
     assert "open_clip: VisionTransformer, CLIP, CustomTextCLIP" in supported_families()
 

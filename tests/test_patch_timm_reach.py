@@ -228,9 +228,12 @@ def test_rope_merge_is_settable_and_checked():
         for how in timm_eva.ROPE_MERGES:
             model.tome.rope_merge = how
             outputs[how] = model(x)
-        model.tome.rope_merge = "angles"
+        # checked when set (and as a tome.patch keyword), not first in a forward
         with pytest.raises(ValueError, match=r"rope_merge: expected one of mean, normalized, first"):
-            model(x)
+            model.tome.rope_merge = "angles"
+        with pytest.raises(ValueError, match=r"rope_merge: expected one of mean, normalized, first"):
+            tome.patch(model, r=4, rope_merge="angles")
+        assert model.tome.rope_merge == "first"  # the failed patch left the model as it was
     assert not torch.allclose(outputs["mean"], outputs["first"], atol=1e-4)
     assert not torch.allclose(outputs["mean"], outputs["normalized"], atol=1e-4)
 
@@ -350,7 +353,7 @@ def test_eva_unsupported_block_layout_is_a_clear_error():
 def test_support_list_names_eva_and_naflexvit():
     from tome.runtime.registry import supported_families
 
-    assert "timm: VisionTransformer, Eva, NaFlexVit" in supported_families()
+    assert "timm: Eva, NaFlexVit, VisionTransformer" in supported_families()
 
 
 # -- NaFlexVit -------------------------------------------------------------------------------------

@@ -726,7 +726,7 @@ def test_videomae_self_attention_without_its_parts_is_refused():
 
 
 def test_the_support_list_names_the_new_classes():
-    from tome.runtime.patching import supported_families
+    from tome.runtime.registry import supported_families
 
     listed = supported_families()
     for name in [*CLASSES, "CLIPModel"]:

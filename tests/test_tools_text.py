@@ -135,11 +135,9 @@ def test_read_sts(tmp_path, sts_file):
 
 
 def test_text_classes_are_the_ones_tome_patch_merges():
-    import importlib
+    from tome.runtime.registry import adapters
 
-    patch = importlib.import_module("tome.patch")  # the package (tome.patch is also the function)
-    adapters = ("tome.adapters.transformers_text", "tome.adapters.transformers_modernbert")
-    names = [name for _, _, module, names in patch._ADAPTERS if module in adapters for name in names]
+    names = [name for a in adapters() if a.name in ("transformers_text", "transformers_modernbert") for name in a.classes]
     assert set(TEXT_CLASSES) == set(names)
     assert {"BertModel", "ModernBertModel", "ModernBertForSequenceClassification"} <= set(TEXT_CLASSES)
 

@@ -50,6 +50,7 @@ import torch.nn as nn
 from tome.adapters import diffusers_unet as D
 from tome.adapters.diffusers_unet import DiffusionHandle, _UNetCall
 from tome.core import merge as M
+from tome.runtime.registry import MERGE_OP_UNMERGE, Adapter
 
 __all__ = ["BLOCKS", "MODELS", "apply", "rotate"]
 
@@ -250,3 +251,22 @@ def apply(
                     if isinstance(target, nn.Module):
                         handle.install_method(target, "forward", _rope_norm_forward, part, handle)
     return handle
+
+
+ADAPTER = Adapter(
+    library="diffusers",
+    classes=(
+        "PixArtTransformer2DModel",
+        "DiTTransformer2DModel",
+        "SD3Transformer2DModel",
+        "FluxTransformer2DModel",
+    ),
+    kind=MERGE_OP_UNMERGE,
+    title="diffusion models (a diffusers UNet2DConditionModel, PixArt / DiT / SD3 / Flux transformer, or DiffusionPipeline)",
+    apply=apply,
+    handle=DiffusionHandle,
+    merged="image tokens before attention (and optionally cross-attention, MLP), unmerged after; text tokens "
+    "never; Flux: merged tokens rotate at their destination's position",
+    tested_on="tiny random PixArt, DiT, SD3 (with SD3.5's dual attention), Flux; a PixArt-alpha pipeline",
+    takes_r=False,
+)

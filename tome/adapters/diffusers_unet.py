@@ -39,7 +39,9 @@ from tome.core import merge as M
 from tome.core.merge import MergePlan
 from tome.core.merge2d import keep_prefix, random2d_matching
 from tome.runtime.handle import MergeOptions, ToMeHandle
+from tome.runtime.options import Option
 from tome.runtime.passes import TokenRegistry
+from tome.runtime.registry import MERGE_OP_UNMERGE, Adapter
 
 __all__ = ["DEFAULTS", "DiffusionHandle", "apply", "block_key"]
 
@@ -104,22 +106,6 @@ def _ratio(name: str, value: object) -> float:
     from tome.core.schedule import check_ratio
 
     return check_ratio(value)
-
-
-class _Setting:
-    """A checked, settable attribute of :class:`DiffusionHandle` (stored as ``_name``)."""
-
-    def __init__(self, check) -> None:
-        self.check = check
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def __get__(self, handle, owner=None):
-        return self if handle is None else handle.__dict__["_" + self.name]
-
-    def __set__(self, handle, value) -> None:
-        handle.__dict__["_" + self.name] = self.check(self.name, value)
 
 
 class _CallSlot(threading.local):
@@ -203,23 +189,35 @@ class DiffusionHandle(ToMeHandle):
         blocks: the patched blocks' module names, in call order of a forward pass.
     """
 
-    ratio = _Setting(_ratio)
-    max_downsample = _Setting(_downsample)
-    sx = _Setting(_stride)
-    sy = _Setting(_stride)
-    use_rand = _Setting(_flag)
-    merge_attn = _Setting(_flag)
-    merge_crossattn = _Setting(_flag)
-    merge_mlp = _Setting(_flag)
-    seed = _Setting(_seed)
-    match_every = _Setting(_every)
-    merge_queries = _Setting(_flag)
+    ratio = Option(DEFAULTS["ratio"], _ratio, "the fraction of each merging block's tokens merged away")
+    max_downsample = Option(
+        DEFAULTS["max_downsample"],
+        _downsample,
+        "blocks at a downsampling of at most this (1, 2, 4 or 8) merge",
+    )
+    sx = Option(DEFAULTS["sx"], _stride, "the destination stride across: one destination per sy x sx cell")
+    sy = Option(DEFAULTS["sy"], _stride, "the destination stride down: one destination per sy x sx cell")
+    use_rand = Option(
+        DEFAULTS["use_rand"], _flag, "a random destination in each cell (else the top-left one)"
+    )
+    merge_attn = Option(DEFAULTS["merge_attn"], _flag, "self-attention runs on merged tokens")
+    merge_crossattn = Option(DEFAULTS["merge_crossattn"], _flag, "cross-attention runs on merged tokens")
+    merge_mlp = Option(DEFAULTS["merge_mlp"], _flag, "the feed-forward runs on merged tokens")
+    seed = Option(DEFAULTS["seed"], _seed, "the seed of the random destinations (see block_key)")
+    match_every = Option(
+        EXTRA_DEFAULTS["match_every"],
+        _every,
+        "k consecutive merging blocks of one resolution share one matching",
+    )
+    merge_queries = Option(
+        EXTRA_DEFAULTS["merge_queries"],
+        _flag,
+        "False: merge only self-attention's keys and values (ToDo-style)",
+    )
 
     def __init__(self, blocks: list[str], **settings) -> None:
-        super().__init__(len(blocks), 0, protected=0)
+        super().__init__(len(blocks), 0, protected=0, **settings)
         self.blocks = list(blocks)
-        for name, value in {**DEFAULTS, **EXTRA_DEFAULTS, **settings}.items():
-            setattr(self, name, value)
 
     def _init_transient(self) -> None:
         super()._init_transient()
@@ -478,3 +476,16 @@ def apply(
                 if isinstance(module, nn.Module):
                     handle.install_method(module, "forward", _op_forward, op, handle)
     return handle
+
+
+ADAPTER = Adapter(
+    library="diffusers",
+    classes=("UNet2DConditionModel",),
+    kind=MERGE_OP_UNMERGE,
+    title="diffusion models (a diffusers UNet2DConditionModel, PixArt / DiT / SD3 / Flux transformer, or DiffusionPipeline)",
+    apply=apply,
+    handle=DiffusionHandle,
+    merged="before self-attention (and optionally cross-attention, MLP), unmerged after: full-length outputs",
+    tested_on="tiny random UNets; tomesd as the reference",
+    takes_r=False,
+)

@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from tome.adapters.common.mha import check_fused, self_attention
 from tome.runtime.handle import BlockCall, ToMeHandle
+from tome.runtime.registry import CARRY, Adapter
 
 _DEFAULT_PARTS = ("ln_1", "attn", "ls_1", "ln_2", "mlp", "ls_2")
 _CUSTOM_PARTS = ("ln_1", "attn", "ln_attn", "ls_1", "ln_2", "mlp", "ls_2")
@@ -232,3 +233,15 @@ def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
                 transformer, "forward_intermediates", _forward_intermediates, handle, pools_tokens
             )
     return handle
+
+
+ADAPTER = Adapter(
+    library="open_clip",
+    classes=("VisionTransformer", "CLIP", "CustomTextCLIP"),
+    kind=CARRY,
+    title="open_clip models",
+    apply=apply,
+    handle=ToMeHandle,
+    merged="the image tower only (`encode_text` untouched); pooling size-weighted",
+    tested_on="tiny random configs",
+)

@@ -32,11 +32,27 @@ import torch
 import torch.nn as nn
 
 from tome.adapters import timm_vit as _timm
+from tome.adapters.common.timm import VISION
 from tome.core.merge import MergeHistory
 from tome.runtime.handle import BlockCall, ToMeHandle
+from tome.runtime.options import Option, one_of
+from tome.runtime.registry import CARRY, Adapter
 
 ROPE_MERGES = ("mean", "normalized", "first")
 DEFAULT_ROPE_MERGE = "mean"
+
+
+class RopeHandle(ToMeHandle):
+    """The handle of a model with rotary positions (timm ``Eva``, ``NaFlexVit`` with RoPE):
+    :class:`ToMeHandle` plus how a merged token rotates."""
+
+    rope_merge = Option(
+        DEFAULT_ROPE_MERGE,
+        one_of(*ROPE_MERGES),
+        "how a merged token rotates: the size-weighted mean of its patches' sin/cos ('mean'), "
+        "renormalized ('normalized'), or its first patch's ('first')",
+    )
+
 
 # block class -> its parts (pre-norm EVA-02 block; post-norm block of EVA-02-E)
 _BLOCK_PARTS = {
@@ -128,8 +144,6 @@ def block_rope(handle: ToMeHandle, call: BlockCall, rope: torch.Tensor | None) -
     if rope is None or not call.merged:
         return rope
     how = getattr(handle, "rope_merge", DEFAULT_ROPE_MERGE)
-    if how not in ROPE_MERGES:
-        raise ValueError(f"model.tome.rope_merge: expected one of {', '.join(ROPE_MERGES)}, got {how!r}")
     return merged_rope(rope, call.history, handle.protected, how, call.pass_state.key_valid)
 
 
@@ -199,8 +213,7 @@ def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
     kinds = [check_block(i, block, model.num_prefix_tokens) for i, block in enumerate(blocks)]
     if not hasattr(type(model), "pool"):
         raise TypeError("tome: this timm version's Eva has no pool(); please upgrade timm")
-    handle = ToMeHandle(len(blocks), r, protected=model.num_prefix_tokens, **settings)
-    handle.rope_merge = DEFAULT_ROPE_MERGE
+    handle = RopeHandle(len(blocks), r, protected=model.num_prefix_tokens, **settings)
     with handle.installing():
         for index, (block, kind) in enumerate(zip(blocks, kinds, strict=True)):
             handle.install_hook(block.attn.k_norm, _timm._key_hook, index, handle)
@@ -211,3 +224,18 @@ def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
         if hasattr(type(model), "forward_intermediates"):
             handle.install_method(model, "forward_intermediates", forward_intermediates)
     return handle
+
+
+ADAPTER = Adapter(
+    library="timm",
+    classes=("Eva",),
+    kind=CARRY,
+    title="timm vision transformers with rotary positions (Eva, NaFlexVit)",
+    apply=apply,
+    handle=RopeHandle,
+    merged="between attention and MLP in every `EvaBlock` / `EvaBlockPostNorm`; merged tokens rotate (RoPE) by "
+    "the size-weighted mean of their patches' sin/cos; pooling size-weighted",
+    tested_on="tiny random configs (EVA-02, vit_*_rope*, mixed RoPE, DINOv3 with registers, PE attention "
+    "pooling, post-norm)",
+    vision=VISION,
+)

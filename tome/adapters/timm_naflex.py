@@ -29,6 +29,7 @@ import torch.nn as nn
 from tome.adapters import timm_eva as _eva
 from tome.adapters import timm_vit as _timm
 from tome.runtime.handle import BlockCall, ToMeHandle
+from tome.runtime.registry import MASKED, Adapter
 
 _VIT_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 
@@ -148,8 +149,7 @@ def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
     for name in ("_pool", "forward_features"):
         if not hasattr(type(model), name):
             raise TypeError(f"tome: this timm version's NaFlexVit has no {name}(); please upgrade timm")
-    handle = ToMeHandle(len(blocks), r, protected=model.num_prefix_tokens, **settings)
-    handle.rope_merge = _eva.DEFAULT_ROPE_MERGE
+    handle = _eva.RopeHandle(len(blocks), r, protected=model.num_prefix_tokens, **settings)
     with handle.installing():
         for index, (block, kind) in enumerate(zip(blocks, kinds, strict=True)):
             handle.install_hook(block.attn.k_norm, _timm._key_hook, index, handle)
@@ -163,3 +163,17 @@ def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
         if hasattr(type(model), "forward_intermediates"):
             handle.install_method(model, "forward_intermediates", _eva.forward_intermediates)
     return handle
+
+
+ADAPTER = Adapter(
+    library="timm",
+    classes=("NaFlexVit",),
+    kind=MASKED,
+    title="timm vision transformers with rotary positions (Eva, NaFlexVit)",
+    apply=apply,
+    handle=_eva.RopeHandle,
+    merged="between attention and MLP (ViT `Block` or RoPE `EvaBlock`); each image merges its own patches, "
+    "padding changes none of them; pooling with `patch_valid` size-weighted",
+    tested_on="tiny random configs (learned / RoPE / mixed-RoPE positions, registers, attention pooling, "
+    "key-only mask)",
+)

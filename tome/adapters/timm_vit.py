@@ -13,7 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from tome.adapters.common.timm import VISION
 from tome.runtime.handle import ToMeHandle
+from tome.runtime.registry import CARRY, Adapter
 
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 _ATTN_PARTS = ("qkv", "k_norm", "proj", "num_heads")
@@ -102,3 +104,16 @@ def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
         handle.install_method(model, "forward_features", _forward_features)
         handle.install_method(model, "pool", _pool)
     return handle
+
+
+ADAPTER = Adapter(
+    library="timm",
+    classes=("VisionTransformer",),
+    kind=CARRY,
+    title="timm vision transformers",
+    apply=apply,
+    handle=ToMeHandle,
+    merged="between attention and MLP in every `Block`; avg/attention pooling size-weighted",
+    tested_on="tiny random configs (ViT, DeiT, DINOv2, registers, qk-norm); real DINOv2-S/14",
+    vision=VISION,
+)

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from tome.adapters.common.mha import check_fused, self_attention
 from tome.runtime.handle import ToMeHandle
+from tome.runtime.registry import CARRY, Adapter, InputSizes, VisionInfo
 
 _BLOCK_PARTS = ("ln_1", "self_attention", "dropout", "ln_2", "mlp")
 
@@ -69,3 +70,44 @@ def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
             handle.install_method(block, "forward", _block_forward, index, handle)
         handle.install_hook(encoder.ln, _output_hook, handle)
     return handle
+
+
+# -- what the tools need -------------------------------------------------------------------------
+
+
+def _tools_tokens(model: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = model._process_input(pixels)
+    cls = model.class_token.expand(x.shape[0], -1, -1)
+    x = model.encoder(torch.cat([cls, x], dim=1))
+    return x, model.heads(x[:, 0])
+
+
+def _tools_input_sizes(model: nn.Module) -> InputSizes:
+    size = int(model.image_size)
+    return InputSizes(
+        fixed=(size, size), why=f"torchvision, built with image_size={size}, which its forward checks"
+    )
+
+
+ADAPTER = Adapter(
+    library="torchvision",
+    classes=("VisionTransformer",),
+    kind=CARRY,
+    title="torchvision vision transformers",
+    apply=apply,
+    handle=ToMeHandle,
+    merged="between attention and MLP in every `EncoderBlock`",
+    tested_on="tiny random configs",
+    vision=VisionInfo(
+        tokens=_tools_tokens,
+        pool=lambda model, tokens: tokens[:, 0],
+        run=lambda model, pixels: model(pixels),
+        blocks=lambda model: list(model.encoder.layers),
+        width=lambda model: int(model.hidden_dim),
+        default_size=lambda model: int(model.image_size),
+        patch_size=lambda model: int(model.patch_size),
+        protected=lambda model: 1,
+        num_classes=lambda model: int(model.heads[-1].out_features),
+        input_sizes=_tools_input_sizes,
+    ),
+)

@@ -39,10 +39,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from tome.adapters.transformers_text import (  # tome.patch reads the defaults from the adapter
-    ADAPTER_OPTIONS,  # noqa: F401
-    DEFAULT_METRIC,  # noqa: F401
-    DEFAULT_UNMERGE_OUTPUT,  # noqa: F401
+from tome.adapters.transformers_text import (
+    TEXT_DEFAULTS,
     TextHandle,
     _begin,
     _check_attention_mask,
@@ -50,6 +48,8 @@ from tome.adapters.transformers_text import (  # tome.patch reads the defaults f
     _TextFamily,
 )
 from tome.runtime.handle import BlockCall
+from tome.runtime.options import Option, one_of
+from tome.runtime.registry import MASKED, Adapter
 
 POSITION_RULES = ("first", "mean")
 WINDOW_RULES = ("span", "position")
@@ -62,39 +62,19 @@ _PARTS = ("attn_norm", "attn", "mlp_norm", "mlp")
 
 
 class ModernBertHandle(TextHandle):
-    """:class:`TextHandle` plus where merged tokens are for RoPE and the local window.
+    """:class:`TextHandle` plus where merged tokens are for RoPE and the local window."""
 
-    Attributes:
-        positions: ``"first"`` (a merged token's first original position) or ``"mean"`` (the
-            mean of its original positions).
-        window: ``"span"`` (local layers: a key is in a query's window if any of their
-            originals are) or ``"position"`` (by the merged tokens' positions).
-    """
-
-    def __init__(self, *args, positions: str = "first", window: str = "span", **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.positions = positions
-        self.window = window
-
-    @property
-    def positions(self) -> str:
-        return self._positions
-
-    @positions.setter
-    def positions(self, value: str) -> None:
-        if value not in POSITION_RULES:
-            raise ValueError(f"positions: expected one of {', '.join(POSITION_RULES)}, got {value!r}")
-        self._positions = value
-
-    @property
-    def window(self) -> str:
-        return self._window
-
-    @window.setter
-    def window(self, value: str) -> None:
-        if value not in WINDOW_RULES:
-            raise ValueError(f"window: expected one of {', '.join(WINDOW_RULES)}, got {value!r}")
-        self._window = value
+    positions = Option(
+        "first",
+        one_of(*POSITION_RULES),
+        "where a merged token is for RoPE: its first original position ('first') or their mean ('mean')",
+    )
+    window = Option(
+        "span",
+        one_of(*WINDOW_RULES),
+        "local layers: a key is in a query's window if any of their originals are ('span'), or by the "
+        "merged tokens' positions ('position')",
+    )
 
 
 def _check_layer(index: int, layer: nn.Module) -> None:
@@ -287,4 +267,17 @@ def apply(model: nn.Module, *, r, **settings) -> ModernBertHandle:
     return handle
 
 
-__all__ = ["ModernBertHandle", "apply"]
+__all__ = ["ADAPTER", "ModernBertHandle", "apply"]
+
+ADAPTER = Adapter(
+    library="transformers",
+    classes=("ModernBertModel", "ModernBertForSequenceClassification"),
+    kind=MASKED,
+    title="text encoders (transformers BERT-family, ModernBERT, sentence-transformers)",
+    apply=apply,
+    handle=ModernBertHandle,
+    merged="between attention and MLP; RoPE at each merged token's first original position, local windows "
+    "by its originals' span",
+    tested_on="tiny random configs",
+    defaults=TEXT_DEFAULTS,
+)

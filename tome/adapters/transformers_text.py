@@ -30,70 +30,44 @@ import torch.nn as nn
 
 from tome.core import merge as M
 from tome.runtime.handle import BlockCall, ToMeHandle
+from tome.runtime.options import Option, at_least, number_in
+from tome.runtime.registry import MASKED, Adapter
 
 _BIAS_IMPLEMENTATIONS = ("eager", "sdpa")
-# Pooling reads every token together with the attention mask: the sequence output comes back at
-# the original length unless the user asks otherwise.
-DEFAULT_UNMERGE_OUTPUT = True
-# On all-MiniLM-L6-v2 at ratio 0.1, per-head key similarity kept the embedding cosine at 0.986
-# against 0.970 for head-averaged keys (held-out paragraphs, benchmarks/text.py).
-DEFAULT_METRIC = "head_keys"
+# Text encoders' defaults of the shared options. unmerge_output: pooling reads every token with
+# the attention mask, so the sequence output comes back at the original length unless the user
+# asks otherwise. metric: on all-MiniLM-L6-v2 at ratio 0.1, per-head key similarity kept the
+# embedding cosine at 0.986 against 0.970 for head-averaged keys (held-out paragraphs,
+# benchmarks/text.py).
+TEXT_DEFAULTS = {"unmerge_output": True, "metric": "head_keys"}
 PACKED_KEYWORD = "tome_sequence_ids"
-# The text adapters' own options (tome.patch keywords, settable on the handle). Defaults: the
-# best measured on the tuning halves of WikiText-2 / STS-2015 on all-MiniLM-L6-v2
-# (benchmarks/text_experiments.py); held-out figures in benchmarks/text.py and the README.
-ADAPTER_OPTIONS = ("min_tokens", "hidden_weight")
+# The text adapters' own options (TextHandle). Defaults: the best measured on the tuning halves
+# of WikiText-2 / STS-2015 on all-MiniLM-L6-v2 (benchmarks/experiments); held-out figures in
+# benchmarks/text.py and docs/text.md.
 DEFAULT_MIN_TOKENS = 24
 DEFAULT_HIDDEN_WEIGHT = 0.5
 
 
 class TextHandle(ToMeHandle):
-    """The handle of a patched text encoder: :class:`ToMeHandle` plus two settings.
-
-    Attributes:
-        min_tokens: a row (a text) is never merged below this many tokens: short texts (STS
-            sentences, queries) stay whole, long ones merge by the schedule. Depends on the row
-            alone, so batch invariance holds. Settable.
-        hidden_weight: the share ``w`` of the hidden states in the matching similarity: merges
-            are decided by ``(1 - w) * cos(keys) + w * cos(hidden states)`` (``0``: keys only,
-            as ToMe). Settable.
-    """
+    """The handle of a patched text encoder: :class:`ToMeHandle` plus two settings (declared
+    options: ``tome.patch`` keywords, settable here)."""
 
     unit_metric = True
 
-    def __init__(
-        self,
-        *args,
-        min_tokens: int = DEFAULT_MIN_TOKENS,
-        hidden_weight: float = DEFAULT_HIDDEN_WEIGHT,
-        **kwargs,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.min_tokens = min_tokens
-        self.hidden_weight = hidden_weight
-
-    @property
-    def min_tokens(self) -> int:
-        return self._min_tokens
-
-    @min_tokens.setter
-    def min_tokens(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"min_tokens: expected an int >= 0, got {value!r}")
-        self._min_tokens = value
-
-    @property
-    def hidden_weight(self) -> float:
-        return self._hidden_weight
-
-    @hidden_weight.setter
-    def hidden_weight(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-            raise ValueError(f"hidden_weight: expected a number in [0, 1], got {value!r}")
-        self._hidden_weight = float(value)
-
-    def patch_options(self) -> dict:
-        return {**super().patch_options(), "min_tokens": self.min_tokens, "hidden_weight": self.hidden_weight}
+    min_tokens = Option(
+        DEFAULT_MIN_TOKENS,
+        at_least(0),
+        "a row (a text) is never merged below this many tokens: short texts stay whole, long ones "
+        "merge by the schedule (depends on the row alone: batch invariance holds)",
+        flag="--min-tokens",
+    )
+    hidden_weight = Option(
+        DEFAULT_HIDDEN_WEIGHT,
+        number_in(0, 1),
+        "the share w of the hidden states in the matching similarity: (1 - w) cos(keys) + "
+        "w cos(hidden states); 0: keys only, as ToMe",
+        flag="--hidden-weight",
+    )
 
     def _floor(self, removed: int, num_tokens: int) -> int:
         return max(0, min(removed, num_tokens - self._min_tokens))
@@ -430,3 +404,27 @@ def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
         handle.install_hook(output_module, _output_hook, handle)
         handle.install_pre_hook(base, _check_attention_mask, handle)
     return handle
+
+
+ADAPTER = Adapter(
+    library="transformers",
+    classes=(
+        "BertModel",
+        "BertForSequenceClassification",
+        "RobertaModel",
+        "RobertaForSequenceClassification",
+        "XLMRobertaModel",
+        "XLMRobertaForSequenceClassification",
+        "DistilBertModel",
+        "DistilBertForSequenceClassification",
+        "MPNetModel",
+        "MPNetForSequenceClassification",
+    ),
+    kind=MASKED,
+    title="text encoders (transformers BERT-family, ModernBERT, sentence-transformers)",
+    apply=apply,
+    handle=TextHandle,
+    merged="between attention and feed-forward; each row merges its own real tokens, padding changes none of them",
+    tested_on="tiny random configs; real all-MiniLM-L6-v2 (sentence-transformers)",
+    defaults=TEXT_DEFAULTS,
+)

@@ -55,6 +55,7 @@ import torch.nn as nn
 
 from tome.core import merge as M
 from tome.runtime.handle import BlockCall, ToMeHandle
+from tome.runtime.registry import CARRY, Adapter, InputSizes, VisionInfo, pair
 
 # Attention implementations that take an additive float mask of shape (B, 1, 1, N).
 _BIAS_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -473,3 +474,134 @@ def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
         if isinstance(head, nn.Module):
             handle.install_pre_hook(head, _head_pre_hook, handle)
     return handle
+
+
+# -- what the tools need (ViT, DINOv2 (with registers), CLIP vision) ---------------------------
+
+
+def _tools_base(model: nn.Module) -> nn.Module:
+    for name in ("vision_model", "dinov2", "vit"):
+        if isinstance(getattr(model, name, None), nn.Module):
+            return getattr(model, name)
+    return model
+
+
+def _tools_tokens(model: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    base = _tools_base(model)
+    if base is model:
+        return model(pixel_values=pixels).last_hidden_state, None
+    captured: dict = {}
+
+    def hook(module, args, output):
+        captured["x"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    hook_handle = base.register_forward_hook(hook)
+    try:
+        out = model(pixel_values=pixels)
+    finally:
+        hook_handle.remove()
+    return captured["x"], getattr(out, "logits", None)
+
+
+def _tools_pool(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    post = getattr(_tools_base(model), "post_layernorm", None)  # CLIP: pooled = post_layernorm(CLS)
+    cls = tokens[:, 0]
+    return post(cls) if isinstance(post, nn.Module) else cls
+
+
+def _tools_blocks(model: nn.Module) -> list[nn.Module]:
+    base = _tools_base(model)
+    for path in ("encoder.layer", "encoder.layers", "layers", "layer"):
+        found = _find(base, path)
+        if isinstance(found, nn.ModuleList):
+            return list(found)
+    lists = [m for m in base.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise TypeError(f"cannot find the transformer blocks of {type(model).__name__}")
+    return list(max(lists, key=len))
+
+
+def _vision_config(model: nn.Module):
+    return getattr(model.config, "vision_config", model.config)
+
+
+def _tools_num_classes(model: nn.Module) -> int:
+    if any("ForImageClassification" in name for name in _class_names(model)):
+        return int(getattr(model.config, "num_labels", 0))
+    return 0
+
+
+def _tools_input_sizes(model: nn.Module) -> InputSizes:
+    """DINOv2 (with registers) interpolates its position embeddings in every forward: any
+    multiple of the patch size. ViT and CLIP vision take ``config.image_size`` unless called with
+    ``interpolate_pos_encoding=True``, which the tools do not do."""
+    config = _vision_config(model)
+    if str(getattr(config, "model_type", "")).startswith("dinov2"):
+        return InputSizes(multiple=int(config.patch_size), why="DINOv2 interpolates its position embeddings")
+    fixed = pair(config.image_size)
+    return InputSizes(
+        fixed=fixed,
+        why=f"config.image_size of {type(model).__name__}; other sizes need interpolate_pos_encoding=True",
+    )
+
+
+VISION = VisionInfo(
+    tokens=_tools_tokens,
+    pool=_tools_pool,
+    run=lambda model, pixels: model(pixel_values=pixels),
+    blocks=_tools_blocks,
+    width=lambda model: int(_vision_config(model).hidden_size),
+    default_size=lambda model: pair(_vision_config(model).image_size)[0],
+    patch_size=lambda model: int(_vision_config(model).patch_size),
+    protected=lambda model: 1 + int(getattr(_vision_config(model), "num_register_tokens", 0) or 0),
+    num_classes=_tools_num_classes,
+    input_sizes=_tools_input_sizes,
+    classes=(
+        "ViTModel",
+        "ViTForImageClassification",
+        "Dinov2Model",
+        "Dinov2ForImageClassification",
+        "Dinov2WithRegistersModel",
+        "Dinov2WithRegistersForImageClassification",
+        "CLIPVisionModel",
+        "CLIPVisionModelWithProjection",
+        "CLIPForImageClassification",
+    ),
+)
+
+ADAPTER = Adapter(
+    library="transformers",
+    classes=(
+        "ViTModel",
+        "ViTForImageClassification",
+        "Dinov2Model",
+        "Dinov2ForImageClassification",
+        "Dinov2WithRegistersModel",
+        "Dinov2WithRegistersForImageClassification",
+        "CLIPVisionModel",
+        "CLIPVisionModelWithProjection",
+        "CLIPForImageClassification",
+        "CLIPModel",
+        "SiglipVisionModel",
+        "SiglipModel",
+        "SiglipForImageClassification",
+        "Siglip2VisionModel",
+        "Siglip2Model",
+        "Siglip2ForImageClassification",
+        "VideoMAEModel",
+        "VideoMAEForVideoClassification",
+        "ASTModel",
+        "ASTForAudioClassification",
+        "ViTMAEModel",
+        "Dinov2Backbone",
+        "Dinov2WithRegistersBackbone",
+    ),
+    kind=CARRY,
+    title="transformers vision models",
+    apply=apply,
+    handle=ToMeHandle,
+    merged="between attention and MLP in every layer; pooling heads size-weighted",
+    tested_on="tiny random configs (ViT, DINOv2, CLIP, SigLIP/SigLIP2 with NaFlex padding, VideoMAE, AST, "
+    "ViT-MAE, backbones); real DINOv2-S/14",
+    vision=VISION,
+)

@@ -34,6 +34,7 @@ from tome.core import merge as M
 from tome.core.merge import MergeHistory
 from tome.core.schedule import Schedule, check_ratio, check_schedule, resolve_schedule
 from tome.runtime.install import FORMAT, InstalledHook, InstalledMethod, check_format, refuse_script
+from tome.runtime.options import declared_options, set_options
 from tome.runtime.passes import BlockCall, PassState, TokenRegistry
 
 __all__ = ["BlockCall", "MergeOptions", "PatchedModels", "ToMeHandle"]
@@ -153,7 +154,13 @@ class ToMeHandle:
         options: MergeOptions | None = None,
         family: str = "",
         ratio: float | None = None,
+        **family_options: object,
     ) -> None:
+        declared = declared_options(type(self))
+        unknown = sorted(set(family_options) - set(declared))
+        if unknown:
+            raise TypeError(f"{unknown[0]}: not an option of {type(self).__name__}")
+        set_options(self, declared.values(), family_options)
         self.num_layers = num_layers
         self.protected = protected
         self.prop_attn = prop_attn
@@ -252,6 +259,7 @@ class ToMeHandle:
             "prop_attn": self.prop_attn,
             "unmerge_output": self.unmerge_output,
             **asdict(self.options),
+            **{name: getattr(self, name) for name in declared_options(type(self))},
         }
 
     def planned_tokens(self, num_tokens: int) -> list[int]:
@@ -612,7 +620,6 @@ class PatchedModels:
     """
 
     _SETTINGS = ("r", "ratio", "prop_attn", "unmerge_output")
-    _FAMILY_SETTINGS = ("min_tokens", "hidden_weight", "positions", "window")
 
     def __init__(self, models: dict[str, nn.Module]) -> None:
         object.__setattr__(self, "models", dict(models))
@@ -637,16 +644,15 @@ class PatchedModels:
         )
 
     def __setattr__(self, name: str, value) -> None:
-        if name not in self._SETTINGS and name not in self._FAMILY_SETTINGS:
-            settable = ", ".join((*self._SETTINGS, *self._FAMILY_SETTINGS))
-            raise AttributeError(f"{name}: only {settable} can be set on PatchedModels")
         handles = list(self.handles.values())
-        if name in self._FAMILY_SETTINGS:
-            # A family's own setting (text encoders: min_tokens, hidden_weight) goes to the
+        family = {option for h in handles for option in declared_options(type(h))}
+        if name not in self._SETTINGS and name not in family:
+            settable = ", ".join((*self._SETTINGS, *sorted(family - set(self._SETTINGS))))
+            raise AttributeError(f"{name}: only {settable} can be set on PatchedModels")
+        if name not in self._SETTINGS:
+            # A family's own option (text encoders: min_tokens, hidden_weight) goes to the
             # models that have it.
-            handles = [h for h in handles if isinstance(getattr(type(h), name, None), property)]
-            if not handles:
-                raise AttributeError(f"{name}: none of the models patched inside this one has this setting")
+            handles = [h for h in handles if name in declared_options(type(h))]
         for handle in handles:
             setattr(handle, name, value)
 

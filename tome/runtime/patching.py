@@ -1,131 +1,23 @@
 """``tome.patch`` / ``tome.unpatch``: token merging for models the user already has.
 
-Adapters are found by class name through the model's MRO (and the module the class comes
-from), so a framework the user has not imported is never imported here. Each adapter lives in
-its own module and exposes ``apply(model, handle_kwargs) -> ToMeHandle``.
+The model's adapter is found in the registry (:mod:`tome.runtime.registry`) by class name
+through the model's MRO (and the module the class comes from), so a framework the user has not
+imported is never imported here. Family options (``min_tokens``, tomesd's ``sx``, ...) are the
+:class:`~tome.runtime.options.Option` declarations of the adapter's handle class: any of them
+is a keyword here, checked before the model changes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 
 import torch.nn as nn
 
 from tome.core.schedule import Schedule, check_ratio, check_schedule
 from tome.runtime.handle import MergeOptions, PatchedModels, ToMeHandle
+from tome.runtime.registry import Adapter, adapter_for, framework_of, option_owners, supported_families
 
-__all__ = [
-    "MergeOptions",
-    "PatchedModels",
-    "ToMeHandle",
-    "adapter_classes",
-    "patch",
-    "supported_families",
-    "unpatch",
-]
-
-# (family, module prefix of the framework's classes, adapter module, supported class names)
-_ADAPTERS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
-    ("timm", "timm.", "tome.adapters.timm_vit", ("VisionTransformer",)),
-    # EVA-02 / EVA-CLIP / PE / DINOv3 / vit_*_rope*: rotary positions merged with the tokens
-    ("timm", "timm.", "tome.adapters.timm_eva", ("Eva",)),
-    # images of different sizes in one padded batch: merged image by image (masked)
-    ("timm", "timm.", "tome.adapters.timm_naflex", ("NaFlexVit",)),
-    (
-        "transformers",
-        "transformers.",
-        "tome.adapters.transformers_vision",
-        (
-            "ViTModel",
-            "ViTForImageClassification",
-            "Dinov2Model",
-            "Dinov2ForImageClassification",
-            "Dinov2WithRegistersModel",
-            "Dinov2WithRegistersForImageClassification",
-            "CLIPVisionModel",
-            "CLIPVisionModelWithProjection",
-            "CLIPForImageClassification",
-            "CLIPModel",
-            "SiglipVisionModel",
-            "SiglipModel",
-            "SiglipForImageClassification",
-            "Siglip2VisionModel",
-            "Siglip2Model",
-            "Siglip2ForImageClassification",
-            "VideoMAEModel",
-            "VideoMAEForVideoClassification",
-            "ASTModel",
-            "ASTForAudioClassification",
-            "ViTMAEModel",
-            "Dinov2Backbone",
-            "Dinov2WithRegistersBackbone",
-        ),
-    ),
-    (
-        "transformers",
-        "transformers.",
-        "tome.adapters.transformers_text",
-        (
-            "BertModel",
-            "BertForSequenceClassification",
-            "RobertaModel",
-            "RobertaForSequenceClassification",
-            "XLMRobertaModel",
-            "XLMRobertaForSequenceClassification",
-            "DistilBertModel",
-            "DistilBertForSequenceClassification",
-            "MPNetModel",
-            "MPNetForSequenceClassification",
-        ),
-    ),
-    (
-        "transformers",
-        "transformers.",
-        "tome.adapters.transformers_modernbert",
-        ("ModernBertModel", "ModernBertForSequenceClassification"),
-    ),
-    ("torchvision", "torchvision.", "tome.adapters.torchvision_vit", ("VisionTransformer",)),
-    # merge -> op -> unmerge in every transformer block (tomesd's scheme and options)
-    ("diffusers", "diffusers.", "tome.adapters.diffusers_unet", ("UNet2DConditionModel",)),
-    (
-        "diffusers",
-        "diffusers.",
-        "tome.adapters.diffusers_dit",
-        (
-            "PixArtTransformer2DModel",
-            "DiTTransformer2DModel",
-            "SD3Transformer2DModel",
-            "FluxTransformer2DModel",
-        ),
-    ),
-    ("open_clip", "open_clip.", "tome.adapters.open_clip", ("VisionTransformer", "CLIP", "CustomTextCLIP")),
-)
-
-
-def supported_families() -> str:
-    """One line per supported framework, listing the model classes ``patch`` accepts."""
-    names: dict[str, list[str]] = {}
-    for family, _, _, classes in _ADAPTERS:
-        names.setdefault(family, []).extend(classes)
-    return "\n".join(f"  {family}: {', '.join(classes)}" for family, classes in names.items())
-
-
-def adapter_classes(adapter: str) -> tuple[str, ...]:
-    """The model class names the adapter module ``adapter`` patches, from the registry.
-
-    >>> adapter_classes("tome.adapters.torchvision_vit")
-    ('VisionTransformer',)
-    """
-    return tuple(name for _, _, module, names in _ADAPTERS if module == adapter for name in names)
-
-
-def _find_adapter(model: nn.Module) -> tuple[str, str] | None:
-    for cls in type(model).__mro__:
-        for family, prefix, adapter, names in _ADAPTERS:
-            if cls.__name__ in names and cls.__module__.startswith(prefix):
-                return family, adapter
-    return None
+__all__ = ["MergeOptions", "PatchedModels", "ToMeHandle", "patch", "supported_families", "unpatch"]
 
 
 def patch(
@@ -139,18 +31,7 @@ def patch(
     mode: str = "mlerp",
     unmerge_detail: bool = False,
     keep_outliers: int = 0,
-    max_downsample: int | None = None,
-    sx: int | None = None,
-    sy: int | None = None,
-    use_rand: bool | None = None,
-    merge_attn: bool | None = None,
-    merge_crossattn: bool | None = None,
-    merge_mlp: bool | None = None,
-    seed: int | None = None,
-    match_every: int | None = None,
-    merge_queries: bool | None = None,
-    min_tokens: int | None = None,
-    hidden_weight: float | None = None,
+    **family_options: object,
 ) -> nn.Module:
     """Make ``model`` merge tokens in every transformer block, in place; returns ``model``.
 
@@ -230,20 +111,13 @@ def patch(
         >>> tome.unpatch(model) is model
         True
     """
-    given = {
-        "max_downsample": max_downsample, "sx": sx, "sy": sy, "use_rand": use_rand,
-        "merge_attn": merge_attn, "merge_crossattn": merge_crossattn, "merge_mlp": merge_mlp, "seed": seed,
-        "match_every": match_every, "merge_queries": merge_queries,
-    }  # fmt: skip
-    diffusion = {name: value for name, value in given.items() if value is not None}
     denoiser = _pipeline_denoiser(model)
     if denoiser is not None:
         # A diffusers pipeline is not an nn.Module: it holds its denoiser (its ``unet``), which
         # is what runs every step; that is patched, the pipeline object itself is not touched.
         patch(
             denoiser, r, ratio=ratio, prop_attn=prop_attn, unmerge_output=unmerge_output, metric=metric,
-            mode=mode, unmerge_detail=unmerge_detail, keep_outliers=keep_outliers, **diffusion,
-            min_tokens=min_tokens, hidden_weight=hidden_weight,
+            mode=mode, unmerge_detail=unmerge_detail, keep_outliers=keep_outliers, **family_options,
         )  # fmt: skip
         return model
     if not isinstance(model, nn.Module):
@@ -254,22 +128,19 @@ def patch(
         check_ratio(ratio)
     elif r is not None:
         check_schedule(r)
+    for name in family_options:
+        if not option_owners(name):
+            raise TypeError(f"{name}: not an option of tome.patch")
     options = MergeOptions(
         metric=metric or "keys", mode=mode, unmerge_detail=unmerge_detail, keep_outliers=keep_outliers
     )
     settings = {
         "prop_attn": prop_attn, "unmerge_output": unmerge_output, "options": options, "ratio": ratio,
-        "diffusion": diffusion, "default_metric": metric is None,
-        "adapter_options": {
-            name: value
-            for name, value in (("min_tokens", min_tokens), ("hidden_weight", hidden_weight))
-            if value is not None
-        },
+        "default_metric": metric is None, "family_options": family_options,
     }  # fmt: skip
-    if _find_adapter(model) is not None:
+    if adapter_for(model) is not None:
         return _patch_one(model, r, settings)
-    framework = next((f for f, prefix, _, _ in _ADAPTERS if type(model).__module__.startswith(prefix)), None)
-    if framework is not None:
+    if framework_of(model) is not None:
         # A framework's own model that tome does not support (say a masked-image-modeling
         # head): its head may need every token, so its backbone is not patched behind its back.
         raise TypeError(
@@ -328,60 +199,57 @@ def _supported_inside(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for name, sub in model.named_modules():
         if sub is model or any(name.startswith(f"{outer}.") for outer, _ in found):
             continue
-        if _find_adapter(sub) is not None:
+        if adapter_for(sub) is not None:
             found.append((name, sub))
     return found
 
 
+def _family_settings(
+    adapter: Adapter, model: nn.Module, r: Schedule, settings: dict
+) -> tuple[Schedule, dict]:
+    """``r`` and the settings ``adapter.apply`` takes: the family's options checked against what
+    it declares, its defaults where the user gave none."""
+    settings = dict(settings)
+    given = settings.pop("family_options")
+    declared = adapter.options
+    for name in given:
+        if name not in declared:
+            owners = sorted({a.title for a in option_owners(name)})
+            raise TypeError(
+                f"{name}: an option of {' and '.join(owners)}, not of "
+                f"{type(model).__module__}.{type(model).__qualname__}"
+            )
+    settings.update(given)
+    if settings.pop("default_metric") and "metric" in adapter.defaults:
+        # The family's measured best (text encoders: head_keys, benchmarks/text.py).
+        settings["options"] = dataclasses.replace(settings["options"], metric=adapter.defaults["metric"])
+    if settings["unmerge_output"] is None:
+        settings["unmerge_output"] = adapter.defaults.get("unmerge_output", False)
+    if adapter.takes_r and r is None:
+        r = 0 if settings["ratio"] is not None else 16
+    return r, settings
+
+
 def _patch_one(model: nn.Module, r: Schedule, settings: dict) -> nn.Module:
-    family, adapter = _find_adapter(model)
+    adapter = adapter_for(model)
     for name, sub in model.named_modules():
         if sub is not model and isinstance(sub.__dict__.get("tome"), ToMeHandle):
             raise ValueError(
                 f"model: its submodule {name!r} is already patched by tome; call "
                 f"tome.unpatch(model.{name}) first, or patch only one of the two"
             )
-    module = importlib.import_module(adapter)
-    settings = dict(settings)
-    diffusion = settings.pop("diffusion", {})
-    # Options only some adapters take (text encoders: min_tokens, hidden_weight).
-    adapter_options = settings.pop("adapter_options", {})
-    accepted = getattr(module, "ADAPTER_OPTIONS", ())
-    for name in adapter_options:
-        if name not in accepted:
-            raise TypeError(
-                f"{name}: an option of text encoders (transformers BERT-family, ModernBERT, "
-                f"sentence-transformers), not of {type(model).__module__}.{type(model).__qualname__}"
-            )
-    settings.update(adapter_options)
-    if settings.pop("default_metric", False) and hasattr(module, "DEFAULT_METRIC"):
-        # The family's measured best (text encoders: head_keys, benchmarks/text.py).
-        settings["options"] = dataclasses.replace(settings["options"], metric=module.DEFAULT_METRIC)
-    if family == "diffusers":
-        # tomesd's options; the adapter refuses r and the transformer-encoder options.
-        settings.update(diffusion)
-    else:
-        if diffusion:
-            raise TypeError(
-                f"{next(iter(diffusion))}: tomesd's options ({', '.join(diffusion)}) apply to diffusion "
-                f"models only (a diffusers UNet2DConditionModel or DiffusionPipeline), not to "
-                f"{type(model).__module__}.{type(model).__qualname__}"
-            )
-        if r is None:
-            r = 0 if settings["ratio"] is not None else 16
-    if settings["unmerge_output"] is None:  # the family's default: text encoders unmerge
-        settings = {**settings, "unmerge_output": getattr(module, "DEFAULT_UNMERGE_OUTPUT", False)}
+    r, settings = _family_settings(adapter, model, r, settings)
     previous = model.__dict__.get("tome")
     unpatch(model)
     try:
-        handle: ToMeHandle = module.apply(model, r=r, **settings)
+        handle: ToMeHandle = adapter.apply(model, r=r, **settings)
     except Exception:
         # Adapters check everything before changing the model; put the earlier patch back so a
         # bad argument leaves the model as it was.
         if isinstance(previous, ToMeHandle):
             patch(model, **previous.patch_options())
         raise
-    handle.family = family
+    handle.family = adapter.library
     model.__dict__["tome"] = handle
     return model
 

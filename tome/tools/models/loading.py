@@ -271,7 +271,7 @@ def _hf_model(ident: str, weights: Path | None, img_size: int | None, log: Log |
         std = tuple(pre.get("image_std", std))
     if img_size is None:
         img_size = 224 if vcfg.model_type.startswith("dinov2") else int(vcfg.image_size)
-    sizes = input_sizes(module, "transformers")
+    sizes = input_sizes(module)
     if not sizes.accepts(img_size, img_size):
         raise UserError(f"--img-size {img_size}: {spec} takes {sizes.describe()}")
     protected = 1 + int(getattr(vcfg, "num_register_tokens", 0) or 0)

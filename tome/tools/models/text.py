@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 import tome
-from tome.runtime.patching import adapter_classes
+from tome.runtime.registry import adapter_named
 from tome.tools.errors import UserError
 from tome.tools.schedule_text import Ratio, r_label
 
@@ -26,11 +26,10 @@ __all__ = ["HANDLE_RULES", "PreparedTexts", "TextModel"]
 
 # Models whose position ids start after the padding id (positions 0..pad_id are never used).
 _OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "mpnet")
-# ModernBERT's settings of where a merged token is (for RoPE and the local window): attributes
-# of its handle (tome.adapters.transformers_modernbert.ModernBertHandle), not tome.patch keywords,
-# so they are set on the handle after patching.
+# ModernBERT's settings of where a merged token is (for RoPE and the local window): options of
+# its handle (tome.adapters.transformers_modernbert.ModernBertHandle), set after patching.
 HANDLE_RULES = ("positions", "window")
-_MODERNBERT = adapter_classes("tome.adapters.transformers_modernbert")
+_MODERNBERT = adapter_named("transformers_modernbert").classes
 
 
 @dataclass

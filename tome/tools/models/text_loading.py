@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from tome.runtime.patching import adapter_classes
+from tome.runtime.registry import adapter_named
 from tome.tools.errors import UserError
 from tome.tools.models.hub import Log, quiet_hub
 from tome.tools.models.text import TextModel
@@ -56,9 +56,7 @@ _EXTRA = 'pip install "tome-merging[text]"'
 # The text encoders the text tools run: the BERT family of tome.adapters.transformers_text and
 # ModernBERT (tome.adapters.transformers_modernbert), read off the adapters' registry so that the
 # two cannot drift apart.
-TEXT_CLASSES = adapter_classes("tome.adapters.transformers_text") + adapter_classes(
-    "tome.adapters.transformers_modernbert"
-)
+TEXT_CLASSES = adapter_named("transformers_text").classes + adapter_named("transformers_modernbert").classes
 
 _HEADING = re.compile(r"(=\s)+\S.*?(\s=)+")
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 import tome
+from tome.runtime.registry import Adapter, VisionInfo, adapter_for, adapters, framework_of
 from tome.tools.errors import UserError
 from tome.tools.images import IMAGENET_MEAN, IMAGENET_STD, normalize, to_unit
 from tome.tools.models.saliency import SaliencyHead
@@ -23,7 +24,6 @@ from tome.tools.models.sizes import input_sizes
 from tome.tools.schedule_text import Ratio, r_label
 
 __all__ = [
-    "SUPPORTED",
     "Model",
     "Outputs",
     "check_size",
@@ -56,7 +56,7 @@ class Model:
     """A ViT from any supported library, with what ``tome`` commands need to know."""
 
     module: nn.Module
-    family: str  # "timm" | "transformers" | "torchvision"
+    family: str  # the library: "timm" | "transformers" | "torchvision"
     name: str
     img_size: int
     patch_size: int
@@ -84,12 +84,17 @@ class Model:
         return self.grid[0] * self.grid[1]
 
     @property
+    def vision(self) -> VisionInfo:
+        """What the model's adapter publishes for the tools."""
+        return _vision_info(self.module)
+
+    @property
     def blocks(self) -> list[nn.Module]:
-        return _find_blocks(self.module, self.family)
+        return self.vision.blocks(self.module)
 
     @property
     def width(self) -> int:
-        return _width(self.module, self.family)
+        return self.vision.width(self.module)
 
     # -- patching --------------------------------------------------------------------------
 
@@ -142,24 +147,15 @@ class Model:
 
     def tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The model's final token sequence (B, N0, C) at full length, and its logits."""
-        family, module = self.family, self.module
-        if family == "timm":
-            x = module.forward_features(pixels)
-            logits = module.forward_head(x) if self.num_classes else None
-        elif family == "transformers":
-            x, logits = _hf_tokens(module, pixels)
-        else:
-            x, logits = _torchvision_tokens(module, pixels, self.num_classes)
+        module = self.module
+        x, logits = self.vision.tokens(module, pixels)
+        logits = logits if self.num_classes else None
         if self.patched and x.shape[1] != self.protected + self.num_patches:
             x = module.tome.unmerge(x)
         return x, logits
 
     def pooled_from(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.family == "timm":
-            return self.module.forward_head(tokens, pre_logits=True)
-        if self.family == "transformers":
-            return _hf_pool(self.module, tokens)
-        return tokens[:, 0]
+        return self.vision.pool(self.module, tokens)
 
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor, saliency: bool = True) -> Outputs:
@@ -177,9 +173,7 @@ class Model:
     @torch.inference_mode()
     def run_backbone(self, pixels: torch.Tensor) -> object:
         """The plain forward the user would run (what ``bench`` times)."""
-        if self.family == "transformers":
-            return self.module(pixel_values=pixels)
-        return self.module(pixels)
+        return self.vision.run(self.module, pixels)
 
     def describe(self) -> str:
         extra = ", saliency head" if self.head is not None else ""
@@ -190,129 +184,51 @@ class Model:
         )
 
 
-# -- per-family helpers ------------------------------------------------------------------------
+# -- what the adapters publish for the tools --------------------------------------------------------
 
 
-def _hf_base(module: nn.Module) -> nn.Module:
-    for name in ("vision_model", "dinov2", "vit"):
-        if isinstance(getattr(module, name, None), nn.Module):
-            return getattr(module, name)
-    return module
+def _tools_adapter(module: nn.Module) -> Adapter | None:
+    adapter = adapter_for(module)
+    if adapter is None or adapter.vision is None:
+        return None
+    classes = adapter.vision.classes
+    if classes is not None and not any(cls.__name__ in classes for cls in type(module).__mro__):
+        return None
+    return adapter
 
 
-def _hf_tokens(module: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    base = _hf_base(module)
-    if base is module:
-        out = module(pixel_values=pixels)
-        return out.last_hidden_state, None
-    captured: dict = {}
-
-    def hook(mod, args, output):
-        captured["x"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
-
-    handle = base.register_forward_hook(hook)
-    try:
-        out = module(pixel_values=pixels)
-    finally:
-        handle.remove()
-    logits = getattr(out, "logits", None)
-    return captured["x"], logits
+def _vision_info(module: nn.Module) -> VisionInfo:
+    adapter = _tools_adapter(module)
+    if adapter is None:
+        raise TypeError(f"model: {_TOOLS} do not support {_qualname(module)}")
+    return adapter.vision
 
 
-def _hf_pool(module: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    base = _hf_base(module)
-    post = getattr(base, "post_layernorm", None)  # CLIP: pooled = post_layernorm(CLS)
-    cls = tokens[:, 0]
-    return post(cls) if isinstance(post, nn.Module) else cls
-
-
-def _torchvision_tokens(module: nn.Module, pixels: torch.Tensor, num_classes: int):
-    x = module._process_input(pixels)
-    cls = module.class_token.expand(x.shape[0], -1, -1)
-    x = module.encoder(torch.cat([cls, x], dim=1))
-    logits = module.heads(x[:, 0]) if num_classes else None
-    return x, logits
-
-
-def _find_blocks(module: nn.Module, family: str) -> list[nn.Module]:
-    if family == "timm":
-        return list(module.blocks)
-    if family == "torchvision":
-        return list(module.encoder.layers)
-    base = _hf_base(module)
-    for path in ("encoder.layer", "encoder.layers", "layers", "layer"):
-        found: object = base
-        for name in path.split("."):
-            found = getattr(found, name, None)
-        if isinstance(found, nn.ModuleList):
-            return list(found)
-    lists = [m for m in base.modules() if isinstance(m, nn.ModuleList)]
-    if not lists:
-        raise UserError(f"cannot find the transformer blocks of {type(module).__name__}")
-    return list(max(lists, key=len))
-
-
-def _width(module: nn.Module, family: str) -> int:
-    if family == "timm":
-        return int(module.embed_dim)
-    if family == "torchvision":
-        return int(module.hidden_dim)
-    config = getattr(module, "config", None)
-    config = getattr(config, "vision_config", config)
-    return int(config.hidden_size)
-
-
-# What this wrapper knows how to run, per family: class names found through the model's class
-# hierarchy (so a user's subclass of a supported model counts), and the library they come from.
-SUPPORTED: dict[str, tuple[str, ...]] = {
-    "timm": ("VisionTransformer", "Eva"),
-    "transformers": (
-        "ViTModel",
-        "ViTForImageClassification",
-        "Dinov2Model",
-        "Dinov2ForImageClassification",
-        "Dinov2WithRegistersModel",
-        "Dinov2WithRegistersForImageClassification",
-        "CLIPVisionModel",
-        "CLIPVisionModelWithProjection",
-        "CLIPForImageClassification",
-    ),
-    "torchvision": ("VisionTransformer",),
-}
+def _supported() -> dict[str, list[str]]:
+    names: dict[str, list[str]] = {}
+    for adapter in adapters():
+        if adapter.vision is not None:
+            names.setdefault(adapter.library, []).extend(adapter.vision.classes or adapter.classes)
+    return names
 
 
 def supported_classes() -> str:
-    """One line per library, listing the model classes :func:`from_module` wraps."""
-    return "\n".join(f"  {family}: {', '.join(names)}" for family, names in SUPPORTED.items())
+    """One line per library, listing the model classes :func:`from_module` wraps (read from the
+    adapters' registry: those that publish :class:`~tome.runtime.registry.VisionInfo`)."""
+    return "\n".join(f"  {family}: {', '.join(names)}" for family, names in _supported().items())
 
 
 def family_of(module: nn.Module) -> str | None:
-    """``"timm"``, ``"transformers"`` or ``"torchvision"`` for a supported model (or a subclass of
-    one), else None."""
-    for cls in type(module).__mro__:
-        for family, names in SUPPORTED.items():
-            if cls.__name__ in names and cls.__module__.startswith(family + "."):
-                return family
-    return None
-
-
-def _default_size(module: nn.Module, family: str) -> int:
-    """The model's own input size: timm's ``patch_embed.img_size``, torchvision's
-    ``image_size``, the transformers config's ``image_size`` (its pretraining size)."""
-    if family == "timm":
-        return int(module.patch_embed.img_size[0])
-    if family == "torchvision":
-        return int(module.image_size)
-    config = getattr(module.config, "vision_config", module.config)
-    size = config.image_size
-    return int(size if isinstance(size, int | float) else size[0])
+    """The library of a model the tools run (or of a subclass of one), else None."""
+    adapter = _tools_adapter(module)
+    return None if adapter is None else adapter.library
 
 
 def check_size(model: Model, height: int, width: int | None = None) -> None:
     """Raise ``ValueError`` naming the sizes ``model`` accepts when it does not take
     ``height`` x ``width`` pixels (square when ``width`` is None)."""
     width = height if width is None else width
-    sizes = input_sizes(model.module, model.family)
+    sizes = input_sizes(model.module)
     if not sizes.accepts(height, width):
         raise ValueError(f"{model.name} takes {sizes.describe()}; got {height}x{width}")
 
@@ -344,7 +260,7 @@ def find_model(module: nn.Module) -> tuple[str, nn.Module]:
         raise TypeError(f"model: expected a torch.nn.Module, got {type(module).__name__}")
     if family_of(module) is not None:
         return "", module
-    if any(type(module).__module__.startswith(f"{family}.") for family in SUPPORTED):
+    if framework_of(module) in _supported():
         raise TypeError(
             f"model: {_TOOLS} do not support {_qualname(module)}; supported model classes:\n"
             f"{supported_classes()}"
@@ -389,42 +305,16 @@ def from_module(module: nn.Module, *, img_size: int | None = None, name: str = "
     if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int)):
         raise TypeError(f"img_size: expected an int (pixels per side), got {type(img_size).__name__}")
     name = name or type(module).__name__
-    if family == "timm":
-        model = Model(
-            module,
-            "timm",
-            name,
-            _default_size(module, family),
-            int(module.patch_embed.patch_size[0]),
-            int(module.num_prefix_tokens),
-            num_classes=int(module.num_classes),
-        )
-    elif family == "transformers":
-        cfg = getattr(module.config, "vision_config", module.config)
-        num = (
-            int(getattr(module.config, "num_labels", 0))
-            if any("ForImageClassification" in cls.__name__ for cls in type(module).__mro__)
-            else 0
-        )
-        model = Model(
-            module,
-            "transformers",
-            name,
-            _default_size(module, family),
-            int(cfg.patch_size),
-            1 + int(getattr(cfg, "num_register_tokens", 0) or 0),
-            num_classes=num,
-        )
-    else:
-        model = Model(
-            module,
-            "torchvision",
-            name,
-            _default_size(module, family),
-            int(module.patch_size),
-            1,
-            num_classes=int(module.heads[-1].out_features),
-        )
+    vision = _vision_info(module)
+    model = Model(
+        module,
+        family,
+        name,
+        vision.default_size(module),
+        vision.patch_size(module),
+        vision.protected(module),
+        num_classes=vision.num_classes(module),
+    )
     if given is not module:
         model.container = given
     if img_size is not None and img_size != model.img_size:

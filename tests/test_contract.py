@@ -1,0 +1,277 @@
+"""The contract every registered model family keeps, parametrized over the adapter registry.
+
+For each adapter in :func:`tome.runtime.registry.adapters`, on a tiny random model of one of its
+classes: no merging (``r=0`` / ``ratio=0``) gives the unpatched outputs; merging changes them;
+``unpatch`` gives back bit-identical outputs and ``state_dict``; patching leaves the
+``state_dict`` as it was; deep copies and pickles are independent patched models with the same
+outputs. Per-family files keep what is particular to each family.
+
+A new family adds a builder to ``BUILDERS`` (the first test fails until it does).
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import tome
+from tome.runtime.registry import adapter_for, adapters
+
+Built = tuple[torch.nn.Module, Callable[[torch.nn.Module], torch.Tensor]]
+
+
+def _out(output) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, tuple):
+        return _out(output[0])
+    for name in ("last_hidden_state", "sample", "logits"):
+        value = getattr(output, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    raise TypeError(f"no tensor in {type(output).__name__}")
+
+
+def _images(size: int, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _timm_vit() -> Built:
+    timm = pytest.importorskip("timm")
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=4,
+        embed_dim=32,
+        depth=3,
+        num_heads=2,
+    )
+    x = _images(32)
+    return model, lambda m: m(x)
+
+
+def _timm_eva() -> Built:
+    timm = pytest.importorskip("timm")
+    model = timm.create_model(
+        "eva02_tiny_patch14_224",
+        pretrained=False,
+        img_size=56,
+        embed_dim=32,
+        depth=3,
+        num_heads=2,
+        num_classes=5,
+    )
+    x = _images(56)
+    return model, lambda m: m.forward_head(m.forward_features(x), pre_logits=True)
+
+
+def _timm_naflex() -> Built:
+    pytest.importorskip("timm")
+    from timm.models.naflexvit import NaFlexVit, NaFlexVitCfg
+
+    model = NaFlexVit(
+        NaFlexVitCfg(patch_size=4, embed_dim=32, depth=3, num_heads=2, pos_embed_grid_size=(8, 8)),
+        num_classes=5,
+    )
+    x = _images(32)
+    return model, lambda m: m(x)
+
+
+def _transformers_vision() -> Built:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=4
+    )  # fmt: skip
+    model = transformers.ViTModel(config)
+    x = _images(32)
+    return model, lambda m: m(pixel_values=x).last_hidden_state[:, 0]
+
+
+def _texts(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(3, vocab, (2, 40), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 30:] = 0
+    ids[1, 30:] = 0
+    return ids, mask
+
+
+def _transformers_text() -> Built:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64
+    )
+    model = transformers.BertModel(config)
+    ids, mask = _texts(50)
+    return model, lambda m: m(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+def _transformers_modernbert() -> Built:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ModernBertConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        max_position_embeddings=128, local_attention=8, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        cls_token_id=1, sep_token_id=2,
+    )  # fmt: skip
+    model = transformers.ModernBertModel(config)
+    model.set_attn_implementation("sdpa")
+    ids, mask = _texts(50)
+    return model, lambda m: m(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+def _torchvision_vit() -> Built:
+    models = pytest.importorskip("torchvision.models")
+    model = models.VisionTransformer(
+        image_size=32, patch_size=4, num_layers=3, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=5
+    )
+    torch.nn.init.normal_(model.heads.head.weight)  # torchvision initializes the head to zeros
+    x = _images(32)
+    return model, lambda m: m(x)
+
+
+def _open_clip() -> Built:
+    pytest.importorskip("open_clip")
+    from open_clip.transformer import VisionTransformer
+
+    model = VisionTransformer(
+        image_size=32, patch_size=4, width=32, layers=3, heads=2, mlp_ratio=2.0, output_dim=16
+    )
+    x = _images(32)
+    return model, lambda m: m(x)
+
+
+def _diffusers_unet() -> Built:
+    diffusers = pytest.importorskip("diffusers")
+    model = diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=16, attention_head_dim=8,
+        sample_size=16, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    inputs = {
+        "sample": torch.randn(2, 4, 16, 16, generator=g),
+        "timestep": torch.tensor(500),
+        "encoder_hidden_states": torch.randn(2, 7, 16, generator=g),
+    }
+    return model, lambda m: m(**inputs).sample
+
+
+def _diffusers_dit() -> Built:
+    diffusers = pytest.importorskip("diffusers")
+    model = diffusers.PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+        cross_attention_dim=16, sample_size=16, patch_size=2, caption_channels=12, norm_num_groups=4,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    inputs = {
+        "hidden_states": torch.randn(2, 4, 16, 16, generator=g),
+        "encoder_hidden_states": torch.randn(2, 5, 12, generator=g),
+        "timestep": torch.full((2,), 500),
+        "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+    }
+    return model, lambda m: m(**inputs).sample
+
+
+BUILDERS: dict[str, Callable[[], Built]] = {
+    "timm_vit": _timm_vit,
+    "timm_eva": _timm_eva,
+    "timm_naflex": _timm_naflex,
+    "transformers_vision": _transformers_vision,
+    "transformers_text": _transformers_text,
+    "transformers_modernbert": _transformers_modernbert,
+    "torchvision_vit": _torchvision_vit,
+    "open_clip": _open_clip,
+    "diffusers_unet": _diffusers_unet,
+    "diffusers_dit": _diffusers_dit,
+}
+NAMES = [adapter.name for adapter in adapters()]
+
+
+def _settings(name: str, merging: bool) -> dict:
+    adapter = next(a for a in adapters() if a.name == name)
+    if not adapter.takes_r:
+        return {"ratio": 0.5 if merging else 0.0}
+    options = {"min_tokens": 0} if "min_tokens" in adapter.options else {}
+    return {"r": 4 if merging else 0, **options}
+
+
+def _build(name: str) -> Built:
+    torch.manual_seed(0)
+    model, run = BUILDERS[name]()
+    return model.eval(), run
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_every_registered_family_has_a_builder():
+    assert sorted(BUILDERS) == sorted(NAMES), "add a tiny model of the new family to BUILDERS"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_builder_makes_a_model_of_its_family(name):
+    model, _ = _build(name)
+    assert adapter_for(model).name == name
+
+
+@pytest.mark.parametrize("name", NAMES)
+@torch.no_grad()
+def test_no_merging_is_exact_and_merging_changes_the_output(name):
+    model, run = _build(name)
+    reference = _out(run(model))
+    state = _state(model)
+    tome.patch(model, **_settings(name, merging=False))
+    torch.testing.assert_close(_out(run(model)), reference, rtol=1e-5, atol=1e-5)
+    tome.patch(model, **_settings(name, merging=True))
+    merged = _out(run(model))
+    assert merged.shape == reference.shape
+    assert not torch.allclose(merged, reference, atol=1e-6), "nothing merged"
+    assert _same_state(_state(model), state), "patching changed the state_dict"
+    tome.unpatch(model)
+    assert "tome" not in model.__dict__
+    assert torch.equal(_out(run(model)), reference)
+    assert _same_state(_state(model), state)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@torch.no_grad()
+def test_copies_are_independent_patched_models(name, how):
+    model, run = _build(name)
+    tome.patch(model, **_settings(name, merging=True))
+    merged = _out(run(model))
+    twin = copy.deepcopy(model) if how == "deepcopy" else pickle.loads(pickle.dumps(model))
+    assert torch.equal(_out(run(twin)), merged)
+    tome.unpatch(twin)
+    assert isinstance(model.tome, tome.ToMeHandle)  # the original stays patched
+    assert torch.equal(_out(run(model)), merged)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_family_option_is_a_patch_keyword_and_a_handle_attribute(name):
+    model, _ = _build(name)
+    adapter = adapter_for(model)
+    options = adapter.options
+    given = {n: option.default for n, option in options.items()}
+    if not adapter.takes_r:
+        given.pop("ratio", None)
+    tome.patch(model, **{**_settings(name, merging=True), **given})
+    for option_name, option in options.items():
+        assert getattr(model.tome, option_name) == given.get(option_name, getattr(model.tome, option_name))
+        assert model.tome.patch_options()[option_name] == getattr(model.tome, option_name)
+        setattr(model.tome, option_name, getattr(model.tome, option_name))  # settable
+        with pytest.raises((TypeError, ValueError), match=option_name):
+            setattr(model.tome, option_name, object())
+        assert option.doc
+    with pytest.raises(TypeError, match=r"not_an_option: not an option of tome\.patch"):
+        tome.patch(model, r=2, not_an_option=1)
