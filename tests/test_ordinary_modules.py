@@ -8,6 +8,7 @@ import copy
 import io
 import pickle
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,7 +214,7 @@ def test_loading_a_model_from_another_patch_format_names_both_versions():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(install, "FORMAT", 99)
         with pytest.raises(
-            RuntimeError, match=r"saved by tome \S+ \(patch format 1\); tome \S+ reads patch format 99"
+            RuntimeError, match=r"saved by tome \S+ \(patch format 2\); tome \S+ reads patch format 99"
         ):
             pickle.loads(data)
 
@@ -391,3 +392,13 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     assert result["tokens"] == model.tome.tokens_per_layer == [17, 14, 11, 8]
     for name, p in model.named_parameters():
         torch.testing.assert_close(result["grads"][name], p.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_a_model_saved_before_the_layout_change_names_its_format():
+    """tests/data/patched_format1.pkl: a tiny torchvision ViT patched (r=1) and pickled by tome
+    0.1.0 at d63f885, whose modules lived under tome.patch; loading it names both formats."""
+    path = Path(__file__).parent / "data" / "patched_format1.pkl"
+    with pytest.raises(
+        RuntimeError, match=r"saved by tome 0\.1\.0 \(patch format 1\); tome \S+ reads patch format 2"
+    ):
+        pickle.loads(path.read_bytes())

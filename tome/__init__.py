@@ -9,7 +9,12 @@ torch.Size([2, 7, 8])
 from tome.core.merge import MODES, MergeHistory, attention_bias, max_r
 from tome.core.merger import TokenMerger
 from tome.core.schedule import resolve_schedule
+from tome.runtime.install import register_legacy_finder
 from tome.runtime.patching import MergeOptions, PatchedModels, ToMeHandle, patch, unpatch
+
+# A model pickled by tome before the redesign names modules under tome.patch: loading it says
+# which tome wrote it (patch format 1) instead of failing with a bare ModuleNotFoundError.
+register_legacy_finder()
 
 __all__ = [
     "MODES",
@@ -27,7 +32,7 @@ __all__ = [
     "tune",
     "unpatch",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # The tools layer (tome.tools) loads on first use of its names: ``import tome`` is the core and
 # the adapters only.

@@ -40,6 +40,8 @@ _BIAS_IMPLEMENTATIONS = ("eager", "sdpa")
 # embedding cosine at 0.986 against 0.970 for head-averaged keys (held-out paragraphs,
 # benchmarks/text.py).
 TEXT_DEFAULTS = {"unmerge_output": True, "metric": "head_keys"}
+DEFAULT_METRIC = TEXT_DEFAULTS["metric"]  # TODO(cli): read from the registry
+ADAPTER_OPTIONS = ("min_tokens", "hidden_weight")  # TODO(cli): read from the registry
 PACKED_KEYWORD = "tome_sequence_ids"
 # The text adapters' own options (TextHandle). Defaults: the best measured on the tuning halves
 # of WikiText-2 / STS-2015 on all-MiniLM-L6-v2 (benchmarks/experiments); held-out figures in
