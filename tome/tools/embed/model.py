@@ -84,7 +84,7 @@ def load_job_model(
         model.set_setting(None if setting == 0 else setting, **options)
         extra = {"max_tokens": model.max_tokens, "img_size": None, "weights": None, "random_init": False}
     else:
-        from tome.adapters.transformers_text import ADAPTER_OPTIONS
+        from tome.runtime.registry import adapter_named
         from tome.tools.models.loading import DEFAULT_MODEL, load_model
         from tome.tools.models.text_loading import is_text_spec
 
@@ -93,7 +93,7 @@ def load_job_model(
             raise UserError(f"--model {spec}: a text model needs text files (one text a line), not images")
         if max_tokens is not None:
             raise UserError("--max-tokens: for text models only")
-        for name in ADAPTER_OPTIONS:  # the text encoders' own tome.patch options
+        for name in adapter_named("transformers_text").options:  # the text encoders' own options
             if name in options:
                 raise UserError(f"--{name.replace('_', '-')}: for text models only")
         if random_init:
