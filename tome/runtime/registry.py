@@ -33,6 +33,7 @@ __all__ = [
     "KINDS",
     "MASKED",
     "MERGE_OP_UNMERGE",
+    "REDUCE_ONCE",
     "Adapter",
     "InputSizes",
     "VisionInfo",
@@ -49,7 +50,10 @@ __all__ = [
 CARRY = "carry"  # merge between attention and MLP; the shorter sequence goes on
 MASKED = "masked"  # carry, with a per-row rule: a row never depends on the rest of its batch
 MERGE_OP_UNMERGE = "merge → op → unmerge"  # each block gets and returns full-length tokens
-KINDS = (CARRY, MASKED, MERGE_OP_UNMERGE)
+# vision-language models: each image's visual tokens merge once, between the vision side and the
+# language model, so the prefill and the KV cache shrink
+REDUCE_ONCE = "reduce once, before the decoder"
+KINDS = (CARRY, MASKED, MERGE_OP_UNMERGE, REDUCE_ONCE)
 
 
 @dataclass(frozen=True)
