@@ -56,7 +56,7 @@ import torch
 import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "tests", ROOT / "benchmarks"):
+for path in (ROOT, ROOT / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
@@ -122,7 +122,7 @@ def dinov2_transformers(size: int) -> Model:
 
 
 def dinov2_timm(size: int) -> Model:
-    from _dinov2_timm import timm_dinov2_from_hf
+    from hf_to_timm import timm_dinov2_from_hf
     from transformers import Dinov2Model
 
     module = timm_dinov2_from_hf(Dinov2Model.from_pretrained(str(DINOV2)), img_size=size)

@@ -18,7 +18,7 @@ For every config (a schedule and ``tome.patch`` options) and every length:
 
 Held-out figures: the paragraphs are split by Wikipedia article (even articles: calibration, odd
 ones: held-out) and the STS pairs (``--sts-pairs``, spread evenly over the file) alternately. The
-recommended options were chosen on the calibration halves only (``benchmarks/text_experiments.py``);
+recommended options were chosen on the calibration halves only (``experiments/text_experiments.py``);
 both halves are printed side by side, so a gap between them shows over-fitting.
 
     python benchmarks/text.py                          # the default set (8 min on 2 cores at load 2-3)
@@ -61,7 +61,7 @@ WIKITEXT = SHARED / "text" / "wikitext2-valid.txt"
 STS = SHARED / "text" / "sts2015-test.tsv"
 
 # The text encoders' defaults in tome.patch (metric="head_keys", min_tokens=24,
-# hidden_weight=0.5) were chosen on the calibration halves with benchmarks/text_experiments.py
+# hidden_weight=0.5) were chosen on the calibration halves with experiments/text_experiments.py
 # (paragraphs of 128 and 256 tokens, STS): per-head keys decide the merges better than
 # head-averaged ones (mean cosine 0.965 -> 0.986 at ratio 0.1); adding the hidden states' cosine
 # (hidden_weight 0.25-0.75) raises it to ~0.989-0.990 ("tune" group: 0.5 best at ratio 0.115,

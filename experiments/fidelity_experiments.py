@@ -10,9 +10,9 @@ the per-pass state a :class:`~tome.runtime.passes.BlockCall` carries (``call.pas
 says otherwise; CLS cosine and saliency correlation against the unmerged model, as in
 ``benchmarks/fidelity.py``.
 
-    python benchmarks/fidelity_experiments.py              # all groups (~6 min on 2 cores)
-    python benchmarks/fidelity_experiments.py --group split --limit 40
-    python benchmarks/fidelity_experiments.py --group weighting --schedule 28,26,24,21,19,17,15,13,11,8,6,4
+    python experiments/fidelity_experiments.py              # all groups (~6 min on 2 cores)
+    python experiments/fidelity_experiments.py --group split --limit 40
+    python experiments/fidelity_experiments.py --group weighting --schedule 28,26,24,21,19,17,15,13,11,8,6,4
 
 Groups:
     split      which tokens form set A: the plain result moves by up to 0.005 when only the
@@ -37,13 +37,20 @@ import contextlib
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
-import fidelity as FB  # benchmarks/fidelity.py: model loading, FLOP model, metrics
 import torch
 import torch.nn.functional as F
 
-from tome.core import merge as M
-from tome.runtime.handle import detail as pass_detail
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+import fidelity as FB  # noqa: E402  (benchmarks/fidelity.py: model loading, FLOP model, metrics)
+
+from tome.core import merge as M  # noqa: E402
+from tome.runtime.handle import detail as pass_detail  # noqa: E402
 
 SCHEDULE = [29, 26, 24, 22, 19, 17, 15, 13, 10, 8, 6, 4]
 ORIGINAL = {"metric": "keys", "mode": "mean", "unmerge_detail": False}

@@ -19,9 +19,9 @@ patched model's handle for one row (nothing here is library API):
 - ``protect_sep``: the [SEP] token is kept out of the merge (through the ``keep_outliers``
   token bias, swapped for one that marks [SEP], plus the ``k - 1`` largest-norm tokens).
 
-    python benchmarks/text_experiments.py                  # all groups (~25 min on 2 busy cores)
-    python benchmarks/text_experiments.py --group options --limit 32 --sts-pairs 400
-    python benchmarks/text_experiments.py --group final --half held-out --limit 48
+    python experiments/text_experiments.py                  # all groups (~25 min on 2 busy cores)
+    python experiments/text_experiments.py --group options --limit 32 --sts-pairs 400
+    python experiments/text_experiments.py --group final --half held-out --limit 48
 
 What was found (``--limit 48 --sts-pairs 1000``: 48 paragraphs per length, 500 STS pairs,
 unmerged Spearman 82.65 on calibration; cos = mean embedding cosine at 128 / 256 tokens):
@@ -72,12 +72,19 @@ import argparse
 import contextlib
 import sys
 import time
+from pathlib import Path
 
-import text as T  # benchmarks/text.py
 import torch
 import torch.nn.functional as F
 
-from tome.core import merge as M
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+import text as T  # noqa: E402  (benchmarks/text.py)
+
+from tome.core import merge as M  # noqa: E402
 
 GROUPS: dict[str, list[tuple[str, dict, dict]]] = {
     # one option at a time around the library defaults, at ratio 0.1 (and 0.15)
@@ -343,7 +350,7 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     bench = Bench(args.lengths, args.limit, args.sts_pairs, args.threads, args.half)
-    print(f"<!-- {' '.join(['python benchmarks/text_experiments.py', *sys.argv[1:]])} -->")
+    print(f"<!-- {' '.join(['python experiments/text_experiments.py', *sys.argv[1:]])} -->")
     counts = ", ".join(f"{len(bench.texts[n])} at {n}" for n in args.lengths)
     print(
         f"{args.half} halves only: paragraphs {counts}"

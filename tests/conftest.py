@@ -9,8 +9,10 @@
   else a folder holding the 3 photos bundled with the package (``tome.tools.data``).
 - ``shared_dinov2_dir``: only the ../shared copy (for tests that compare the two routes).
 
-``TOME_SHARED_DIR`` names another shared folder (a folder that does not exist tests the
-fallbacks: ``TOME_SHARED_DIR=/nonexistent pytest ...``).
+``TOME_SHARED_DIR`` names another shared folder; ``TOME_SHARED_DIR=none`` hides it, as on a user's
+clone. Every test that reads the shared folder (through the fixtures above, or ``SHARED`` itself
+in its own fixture: see ``_SHARED_FIXTURES``) is marked ``shared``, so that CI runs exactly those
+again without it: ``TOME_SHARED_DIR=none pytest -m shared`` (.ci/run).
 """
 
 from __future__ import annotations
@@ -22,10 +24,32 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(os.environ.get("TOME_SHARED_DIR") or Path(__file__).resolve().parents[1].parent / "shared")
+_HIDDEN = Path("/nonexistent/TOME_SHARED_DIR=none")  # a path, so that SHARED / "text" still works
+
+
+def _shared_dir() -> Path:
+    chosen = os.environ.get("TOME_SHARED_DIR", "")
+    if chosen.lower() == "none":
+        return _HIDDEN
+    return Path(chosen).expanduser() if chosen else Path(__file__).resolve().parents[1].parent / "shared"
+
+
+SHARED = _shared_dir()
 DINOV2_DIR = SHARED / "models" / "dinov2-small-saliency"
 IMAGES_DIR = SHARED / "images" / "imagenet-samples"
 _WEIGHT_FILES = ("config.json", "model.safetensors", "saliency_head.safetensors")
+# The fixtures whose value depends on the shared folder: the three below, and test_patch_text's
+# ``paragraphs`` (wikitext from SHARED / "text", skipped without it). tests/test_without_shared.py
+# checks that nothing else in the tests reads the shared folder.
+_SHARED_FIXTURES = frozenset({"dinov2_dir", "shared_dinov2_dir", "images_dir", "paragraphs"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``shared`` each test that uses the shared folder (directly or through another fixture:
+    ``fixturenames`` is the closure)."""
+    for item in items:
+        if _SHARED_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.shared)
 
 
 def _has_shared_dinov2() -> bool:

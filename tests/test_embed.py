@@ -274,7 +274,13 @@ def test_the_real_dinov2_gives_what_tome_eval_compares(tmp_path, dinov2_dir, ima
     from tome.tools.images import open_image
     from tome.tools.models.loading import load_model
 
+    # 4 photos: the shared ones, or (without ../shared) the 3 bundled ones and a copy of the first
+    # under another name, so that the batch is the same size either way.
     paths = sorted(images_dir.iterdir())[:4]
+    for i in range(4 - len(paths)):
+        extra = tmp_path / f"copy{i}_{paths[i].name}"
+        extra.write_bytes(paths[i].read_bytes())
+        paths.append(extra)
     out = tmp_path / "dinov2.parquet"
     result = embed(paths, out, model=f"hf:{dinov2_dir}", r="16:-0.75", progress=False)
     model = load_model(f"hf:{dinov2_dir}")
