@@ -243,7 +243,7 @@ def framework_of(model: object) -> str | None:
 def supported_families() -> str:
     """One line per library, listing the model classes ``tome.patch`` accepts.
 
-    >>> supported_families().splitlines()[0].startswith("  diffusers: UNet2DConditionModel")
+    >>> supported_families().splitlines()[0].startswith("  diffusers: PixArtTransformer2DModel")
     True
     """
     names: dict[str, list[str]] = {}
