@@ -137,7 +137,12 @@ def test_read_sts(tmp_path, sts_file):
 def test_text_classes_are_the_ones_tome_patch_merges():
     from tome.runtime.registry import adapters
 
-    names = [name for a in adapters() if a.name in ("transformers_text", "transformers_modernbert") for name in a.classes]
+    names = [
+        name
+        for a in adapters()
+        if a.name in ("transformers_text", "transformers_modernbert")
+        for name in a.classes
+    ]
     assert set(TEXT_CLASSES) == set(names)
     assert {"BertModel", "ModernBertModel", "ModernBertForSequenceClassification"} <= set(TEXT_CLASSES)
 

@@ -6,15 +6,7 @@
 torch.Size([2, 7, 8])
 """
 
-from tome.core.merge import MODES, MergeHistory, attention_bias, max_r
-from tome.core.merger import TokenMerger
-from tome.core.schedule import resolve_schedule
-from tome.runtime.install import register_legacy_finder
-from tome.runtime.patching import MergeOptions, PatchedModels, ToMeHandle, patch, unpatch
-
-# A model pickled by tome before the redesign names modules under tome.patch: loading it says
-# which tome wrote it (patch format 1) instead of failing with a bare ModuleNotFoundError.
-register_legacy_finder()
+from tome.runtime.legacy import register_legacy_finder
 
 __all__ = [
     "MODES",
@@ -34,9 +26,25 @@ __all__ = [
 ]
 __version__ = "0.2.0"
 
-# The tools layer (tome.tools) loads on first use of its names: ``import tome`` is the core and
-# the adapters only.
+# A model pickled by tome before the redesign names modules under tome.patch: loading it says
+# which tome wrote it (patch format 1) instead of failing with a bare ModuleNotFoundError.
+register_legacy_finder()
+
+# Every public name loads on first use (PEP 562), so ``import tome`` itself imports no torch:
+# ``tome --help`` stays light. The core and the adapters need only torch; the tools load only
+# when tune / embed are used.
 _LAZY = {
+    "MODES": "tome.core.merge",
+    "MergeHistory": "tome.core.merge",
+    "attention_bias": "tome.core.merge",
+    "max_r": "tome.core.merge",
+    "TokenMerger": "tome.core.merger",
+    "resolve_schedule": "tome.core.schedule",
+    "MergeOptions": "tome.runtime.patching",
+    "PatchedModels": "tome.runtime.patching",
+    "ToMeHandle": "tome.runtime.patching",
+    "patch": "tome.runtime.patching",
+    "unpatch": "tome.runtime.patching",
     "tune": "tome.tools.tune.search",
     "TuneResult": "tome.tools.tune.search",
     "embed": "tome.tools.embed.job",

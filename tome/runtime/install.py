@@ -14,8 +14,6 @@ Each change is recorded as data (the module, the attribute name or hook id) on t
 from __future__ import annotations
 
 import importlib
-import importlib.abc
-import sys
 from collections.abc import Callable
 
 import torch.nn as nn
@@ -24,7 +22,6 @@ __all__ = [
     "FORMAT",
     "InstalledHook",
     "InstalledMethod",
-    "LegacyLayoutFinder",
     "check_format",
     "qualified_name",
 ]
@@ -32,7 +29,7 @@ __all__ = [
 # Version of what a pickled patched model holds (the handle's state and these objects); raise it
 # when their meaning changes, so an older tome refuses a newer file with a clear message.
 # 2: the layout of tome 0.1 after the redesign (tome.runtime, tome.adapters); format 1 files name
-# modules under tome.patch, which no longer exists (see LegacyLayoutFinder).
+# modules under tome.patch, which no longer exists (see tome.runtime.legacy).
 FORMAT = 2
 
 
@@ -129,21 +126,3 @@ def refuse_script(module: nn.Module) -> nn.Module:
         "torch.export.export(model, (inputs,)) or torch.onnx.export(model, (inputs,), dynamo=True) "
         "for deployment, torch.compile(model) for speed, or tome.unpatch(model) before scripting"
     )
-
-
-class LegacyLayoutFinder(importlib.abc.MetaPathFinder):
-    """Answers imports of ``tome.patch.*`` (the modules of patch format 1, which a patched model
-    pickled by an earlier tome names) with the format error of :func:`check_format` instead of
-    a bare ``ModuleNotFoundError``. Stateless; registered once by :func:`register_legacy_finder`.
-    """
-
-    def find_spec(self, fullname: str, path=None, target=None):
-        if fullname == "tome.patch" or fullname.startswith("tome.patch."):
-            check_format(1, "0.1.0")
-        return None
-
-
-def register_legacy_finder() -> None:
-    """Put one :class:`LegacyLayoutFinder` on ``sys.meta_path`` (idempotent; ``import tome`` does)."""
-    if not any(isinstance(finder, LegacyLayoutFinder) for finder in sys.meta_path):
-        sys.meta_path.append(LegacyLayoutFinder())

@@ -65,7 +65,7 @@ from tome.tools.embed.model import pixels_for as pixels_for
 from tome.tools.embed.store import FORMAT as FORMAT
 from tome.tools.embed.store import IDENTITY as IDENTITY
 from tome.tools.embed.store import META_KEY as META_KEY
-from tome.tools.embed.store import Store, check_out, read_embeddings
+from tome.tools.embed.store import Store, check_before_load, check_out, read_embeddings
 from tome.tools.errors import UserError
 
 __all__ = [
@@ -220,6 +220,8 @@ def embed(
         raise UserError("tome embed writes parquet: pip install pyarrow (or 'tome-merging[ray]')")
     if (ray or ray_address) and importlib_missing("ray"):
         raise UserError("--ray needs Ray Data: pip install 'tome-merging[ray]'")
+    # a rerun with another setting is refused before the model loads (and again, whole, after)
+    check_before_load(path, _known_meta(kind, setting, options, weights, random_init, img_size, max_tokens))
     if threads is not None:
         torch.set_num_threads(threads)
     load_start = time.perf_counter()
@@ -303,6 +305,32 @@ def embed(
         first_row_s=stats.first_row_at - start if stats.first_row_at is not None else 0.0,
         stop_s=stop_s,
     )
+
+
+def _known_meta(kind: str, setting, options: dict, weights, random_init, img_size, max_tokens) -> dict:
+    """What :func:`~tome.tools.embed.model.load_job_model`'s metadata will say that is known before
+    the model loads: not the model's name, nor what the model brings (its default input size or
+    text length, the merge options not given)."""
+    import json
+
+    from tome.tools.schedule_text import setting_label
+
+    known = {
+        "format": FORMAT,
+        "kind": kind,
+        "setting": setting_label(setting),
+        "options": json.loads(json.dumps({k: v for k, v in options.items() if v is not None}, default=str)),
+    }
+    if kind == "text":
+        known.update(weights=None, random_init=False, img_size=None)
+        if max_tokens is not None:
+            known["max_tokens"] = max_tokens
+    else:
+        known.update(weights=os.path.abspath(weights) if weights else None, random_init=bool(random_init))
+        known["max_tokens"] = None
+        if img_size is not None and img_size > 0:  # else refused when the model loads
+            known["img_size"] = img_size
+    return known
 
 
 def _import_ray_data_then(load: Callable):

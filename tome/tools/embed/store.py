@@ -29,7 +29,7 @@ from pathlib import Path
 
 from tome.tools.errors import UserError
 
-__all__ = ["FORMAT", "IDENTITY", "META_KEY", "Store", "check_out", "read_embeddings"]
+__all__ = ["FORMAT", "IDENTITY", "META_KEY", "Store", "check_before_load", "check_out", "read_embeddings"]
 
 FORMAT = "tome-embed/1"
 META_KEY = b"tome"
@@ -88,9 +88,19 @@ def _metadata_of(path: Path) -> dict | None:
         return None
 
 
-def _difference(old: dict, new: dict) -> str | None:
+def _difference(old: dict, new: dict, *, partial: bool = False) -> str | None:
+    """What differs between two metadata, in :data:`IDENTITY` order. ``partial``: ``new`` holds
+    only what is known before the model loads; its keys alone are compared, and of its
+    ``options`` (the ones given) only those ``old`` records."""
     for key in IDENTITY:
-        if old.get(key) != new.get(key):
+        if partial and key not in new:
+            continue
+        if partial and key == "options":
+            recorded = old.get("options") or {}
+            for name, value in new["options"].items():
+                if name in recorded and recorded[name] != value:
+                    return f"{name} {recorded[name]!r}, this run {value!r}"
+        elif old.get(key) != new.get(key):
             return f"{key} {old.get(key)!r}, this run {new.get(key)!r}"
     return None
 
@@ -123,9 +133,10 @@ class Store:
         self.log = log or (lambda line: None)
         self._next = 0
 
-    def check(self) -> None:
+    def check(self, *, partial: bool = False) -> None:
         """:class:`UserError` when ``out`` (or its parts) holds rows another model or setting
-        made, or is not a file ``tome embed`` wrote."""
+        made, or is not a file ``tome embed`` wrote. ``partial``: the store's metadata holds only
+        what is known before the model loads (see :func:`check_before_load`)."""
         if self.out.is_dir():
             raise UserError(f"--out {self.out}: a folder; expected a .parquet file name")
         found: list[tuple[str, dict | None]] = []
@@ -143,7 +154,7 @@ class Store:
                     f"--out {self.out}: {where} exists and is not a file tome embed wrote; "
                     "give another --out (it is not overwritten)"
                 )
-            diff = _difference(meta, self.meta)
+            diff = _difference(meta, self.meta, partial=partial)
             if diff is not None:
                 raise UserError(
                     f"--out {self.out}: its rows were made with another {diff}; resuming would mix "
@@ -245,6 +256,28 @@ def _version() -> str:
     from tome import __version__
 
     return __version__
+
+
+def check_before_load(out: Path, known: dict) -> None:
+    """:meth:`Store.check` with what is known of this run's metadata before its model loads
+    (``known``: some of :data:`IDENTITY`, ``kind`` among them; ``options``: the ones given), so that
+    a rerun with another setting is refused before a model that may take a minute to load;
+    :meth:`Store.check` compares the whole metadata after.
+
+    >>> import tempfile
+    >>> out = Path(tempfile.mkdtemp()) / "rows.parquet"
+    >>> meta = {"format": FORMAT, "kind": "text", "setting": "ratio=0.1", "options": {"mode": "mean"}}
+    >>> store = Store(out, meta)
+    >>> store.check(); _ = store.open(); _ = store.write(["a.txt:1"], [[1.0]]); _ = store.finish()
+    >>> check_before_load(out, {"format": FORMAT, "kind": "text", "setting": "ratio=0.1", "options": {}})
+    >>> check_before_load(out, {**meta, "setting": "ratio=0.2"})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    tome.tools.errors.UserError: --out ...: its rows were made with another setting 'ratio=0.1', this run 'ratio=0.2'; ...
+    >>> check_before_load(out, {**meta, "options": {"mode": "mlerp"}})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    tome.tools.errors.UserError: --out ...: its rows were made with another mode 'mean', this run 'mlerp'; ...
+    """
+    Store(out, known).check(partial=True)
 
 
 def check_out(out: str | Path) -> Path:
