@@ -61,7 +61,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import tome  # noqa: E402
-from tome.adapters import diffusers_unet as tome_diffusers  # noqa: E402
+from tome.adapters.common import diffusion as tome_diffusion  # noqa: E402
 
 CLOCK = time.perf_counter
 NAMES = {
@@ -187,7 +187,7 @@ def forward(net: torch.nn.Module, inputs: dict) -> tuple[float, torch.Tensor]:
 
 @contextlib.contextmanager
 def timed_matching(total: list[float]) -> Iterator[None]:
-    original = tome_diffusers.random2d_matching
+    original = tome_diffusion.random2d_matching
 
     def wrapper(*args, **kwargs):
         start = CLOCK()
@@ -196,11 +196,11 @@ def timed_matching(total: list[float]) -> Iterator[None]:
         finally:
             total[0] += CLOCK() - start
 
-    tome_diffusers.random2d_matching = wrapper
+    tome_diffusion.random2d_matching = wrapper
     try:
         yield
     finally:
-        tome_diffusers.random2d_matching = original
+        tome_diffusion.random2d_matching = original
 
 
 def _label(options: dict) -> str:

@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import diffusion as bench  # benchmarks/diffusion.py: the same models and inputs
 
 from tome.adapters import diffusers_dit as tome_dit
-from tome.adapters import diffusers_unet as tome_diffusers
+from tome.adapters.common import diffusion as tome_diffusion
 
 aten = torch.ops.aten
 # the CPU kernel behind F.scaled_dot_product_attention (torch 2.14 has no FLOP formula for it)
@@ -72,7 +72,7 @@ CUSTOM = {} if CPU_SDPA in flop_counter.flop_registry else {CPU_SDPA: _cpu_sdpa_
 # which group each merge setting's ops belong to (tome.adapters.diffusers_unet / diffusers_dit)
 GROUPS = {"merge_attn": "self-attention", "rope": "self-attention", "merge_crossattn": "cross-attention",
           "merge_mlp": "MLP"}  # fmt: skip
-BLOCK_OPS = {**tome_dit.BLOCKS, "BasicTransformerBlock": tome_diffusers._OPS}
+BLOCK_OPS = {**tome_dit.BLOCKS, "BasicTransformerBlock": tome_diffusion.OPS}
 
 # (label, ratio, options beyond the model's base options)
 SETTINGS = [
@@ -95,7 +95,7 @@ class Count:
 
 @contextlib.contextmanager
 def _matching_flops(counter: flop_counter.FlopCounterMode, total: list[int]) -> Iterator[None]:
-    original = tome_diffusers.random2d_matching
+    original = tome_diffusion.random2d_matching
 
     def wrapper(*args, **kwargs):
         before = counter.get_total_flops()
@@ -104,11 +104,11 @@ def _matching_flops(counter: flop_counter.FlopCounterMode, total: list[int]) -> 
         finally:
             total[0] += counter.get_total_flops() - before
 
-    tome_diffusers.random2d_matching = wrapper
+    tome_diffusion.random2d_matching = wrapper
     try:
         yield
     finally:
-        tome_diffusers.random2d_matching = original
+        tome_diffusion.random2d_matching = original
 
 
 def _groups(net: torch.nn.Module, counts: dict[str, dict]) -> dict[str, int]:

@@ -16,6 +16,7 @@ import torch
 import tome
 from tome.core.merge import merge, unmerge
 from tome.core.merge2d import grid_destinations, grid_partition, random2d_matching
+from tome.runtime.base import PatchHandle
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -250,6 +251,61 @@ def test_settings_are_settable_and_checked():
         unet.tome.unmerge(torch.randn(1, 4, 4))
 
 
+def test_the_handle_is_a_patch_handle_without_the_token_protocol():
+    # A diffusion handle shares settings, installing, copies and pickles with every handle
+    # (PatchHandle), not the token models' schedule, block protocol and results.
+    unet = _sd_unet()
+    tome.patch(unet, ratio=0.5)
+    handle = unet.tome
+    assert isinstance(handle, PatchHandle) and not isinstance(handle, tome.ToMeHandle)
+    for token_only in ("begin_layer", "merge_layer", "history", "tokens_per_layer", "prop_attn", "options"):
+        assert not hasattr(handle, token_only), token_only
+    assert repr(handle).startswith(
+        "DiffusionHandle(family='diffusers', blocks=7, ratio=0.5, max_downsample=1,"
+    )
+    assert list(handle.patch_options()) == [
+        "ratio", "max_downsample", "sx", "sy", "use_rand", "merge_attn", "merge_crossattn", "merge_mlp",
+        "seed", "match_every", "merge_queries",
+    ]  # fmt: skip
+
+
+def test_merge_groups_are_the_latest_calls_merges():
+    unet, inputs = _sd_unet(), _inputs()
+    tome.patch(unet, ratio=0.5)
+    assert unet.tome.merge_groups() == {}  # no call yet
+    _run(unet, inputs)
+    groups = unet.tome.merge_groups()
+    assert sorted(groups) == [0, 4, 5]  # the blocks at full resolution (max_downsample 1)
+    for index in groups:
+        source, (h, w) = groups[index].source, groups[index].grid
+        assert (h, w) == (16, 16) and source.shape == (2, 256)
+        assert int(source.max()) + 1 == 128  # ratio 0.5 of 256 tokens merged away
+    twin = copy.deepcopy(unet)
+    assert twin.tome.merge_groups() == {}  # results belong to the calls, not to copies
+    unet.tome.ratio = 0.0
+    _run(unet, inputs)
+    assert unet.tome.merge_groups() == {}
+
+
+def test_a_wrapper_sets_each_shared_setting_on_the_models_that_have_it():
+    torchvision = pytest.importorskip("torchvision")
+
+    class Both(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.unet = _sd_unet()
+            self.vit = torchvision.models.VisionTransformer(32, 8, 2, 2, 16, 32)
+
+    both = tome.patch(Both(), ratio=0.25)
+    both.tome.prop_attn = False  # the ViT's; a diffusion model has no prop_attn
+    assert both.tome.handles["vit"].prop_attn is False and not hasattr(both.tome.handles["unet"], "prop_attn")
+    both.tome.ratio = 0.1
+    assert both.tome.handles["unet"].ratio == both.tome.handles["vit"].ratio == 0.1
+    only = tome.patch(torch.nn.Sequential(_sd_unet()))
+    with pytest.raises(AttributeError, match="prop_attn"):
+        only.tome.prop_attn = False
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
@@ -458,7 +514,7 @@ def test_pipeline_call_patched_and_unpatched(tmp_path):
 
     reference = generate()
     assert tome.patch(pipe, ratio=0.5) is pipe
-    assert isinstance(pipe.unet.tome, tome.ToMeHandle) and pipe.unet.tome.ratio == 0.5
+    assert isinstance(pipe.unet.tome, PatchHandle) and pipe.unet.tome.ratio == 0.5
     calls = []
     pipe.unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape))
     merged = generate()
@@ -474,16 +530,16 @@ def test_pipeline_call_patched_and_unpatched(tmp_path):
 
 
 def test_match_every_shares_one_matching_per_resolution(monkeypatch):
-    from tome.adapters import diffusers_unet as tome_diffusers
+    from tome.adapters.common import diffusion as tome_diffusion
 
     calls = []
-    original = tome_diffusers.random2d_matching
+    original = tome_diffusion.random2d_matching
 
     def counting(*args, **kwargs):
         calls.append(args[0].shape[1])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(tome_diffusers, "random2d_matching", counting)
+    monkeypatch.setattr(tome_diffusion, "random2d_matching", counting)
     unet, inputs = _sd_unet(), _inputs()
     tome.patch(unet, ratio=0.5)
     every_block = _run(unet, inputs)

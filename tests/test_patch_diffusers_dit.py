@@ -16,7 +16,8 @@ from tome.core.merge2d import keep_prefix, random2d_matching
 
 diffusers = pytest.importorskip("diffusers")
 dit = pytest.importorskip("tome.adapters.diffusers_dit")
-from tome.adapters import diffusers_unet as tome_diffusers  # noqa: E402
+from tome.adapters.common import diffusion as tome_diffusion  # noqa: E402
+from tome.runtime.base import PatchHandle  # noqa: E402
 
 
 def _flux_ids(h: int, w: int) -> torch.Tensor:
@@ -150,9 +151,9 @@ def _identity_plans(monkeypatch):
         if call is None:
             return None
         identity = bipartite_soft_matching(hidden, 0)
-        return tome_diffusers._BlockMerge(identity, hidden.shape[0], hidden.shape[1])
+        return tome_diffusion.BlockMerge(identity, hidden.shape[0], hidden.shape[1])
 
-    monkeypatch.setattr(tome_diffusers.DiffusionHandle, "plan", plan)
+    monkeypatch.setattr(tome_diffusion.DiffusionHandle, "plan", plan)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -335,7 +336,7 @@ def test_pixart_pipeline_call_with_prompt_embeds():
 
     reference = generate()
     assert tome.patch(pipe, ratio=0.5) is pipe
-    assert isinstance(pipe.transformer.tome, tome.ToMeHandle)
+    assert isinstance(pipe.transformer.tome, PatchHandle)
     merged = generate()
     assert merged.shape == reference.shape and torch.isfinite(merged).all()
     assert not torch.equal(merged, reference)
@@ -349,7 +350,7 @@ def test_random_destinations_need_no_host_read_of_the_timestep():
     from tome.core.merge2d import grid_destinations
 
     def destinations(t):
-        return grid_destinations(8, 8, 2, 2, key=tome_diffusers.block_key(0, t, 3))
+        return grid_destinations(8, 8, 2, 2, key=tome_diffusion.block_key(0, t, 3))
 
     compiled = torch.compile(destinations, fullgraph=True, backend="eager")
     t = torch.tensor(500)

@@ -3,7 +3,8 @@
 A DiT is one global token sequence: the ``h x w`` patches of the latent (``patch_size`` 2 for
 PixArt, DiT and SD3; Flux's packed 2 x 2 latents), the same length in every block. Each block
 gets and returns full-length tokens, exactly as in the UNets (:mod:`tome.adapters.diffusers_unet`):
-its ops run on merged image tokens and their outputs are unmerged before the residual, with
+its ops run on merged image tokens and their outputs are unmerged before the residual (the
+handle and the forwards are shared with the UNets: :mod:`tome.adapters.common.diffusion`), with
 tomesd's matching (one destination per ``sy x sx`` cell of the patch grid, the block's input as
 the similarity) and tomesd's options and meanings (``max_downsample`` does not apply: a DiT
 has one resolution).
@@ -47,8 +48,18 @@ import weakref
 import torch
 import torch.nn as nn
 
-from tome.adapters import diffusers_unet as D
-from tome.adapters.diffusers_unet import DiffusionHandle, _UNetCall
+from tome.adapters.common.diffusion import (
+    BLOCKS,
+    DenoiserCall,
+    DiffusionHandle,
+    block_forward,
+    diffusers_class,
+    diffusion_settings,
+    op_forward,
+    run_block,
+    run_denoiser,
+    transformer_blocks,
+)
 from tome.core import merge as M
 from tome.runtime.registry import MERGE_OP_UNMERGE, Adapter
 
@@ -61,21 +72,7 @@ MODELS = {
     "SD3Transformer2DModel": (3, "patches"),
     "FluxTransformer2DModel": (3, "img_ids"),
 }
-# block class -> its ops and the setting that merges each ("rope": Flux's rotary attention)
-BLOCKS: dict[str, tuple[tuple[str, str], ...]] = {
-    "BasicTransformerBlock": tuple((op, op) for op, _ in D._OPS),  # by op name (see _op_forward)
-    "JointTransformerBlock": (("attn", "merge_attn"), ("attn2", "merge_attn"), ("ff", "merge_mlp")),
-    "FluxTransformerBlock": (("attn", "rope"), ("ff", "merge_mlp")),
-    "FluxSingleTransformerBlock": (("attn", "rope"), ("proj_mlp", "merge_mlp"), ("proj_out", "merge_mlp")),
-}
 _ATTENTION_ARGS = ("hidden_states", "encoder_hidden_states", "attention_mask", "image_rotary_emb")
-
-
-def _diffusers_class(module: nn.Module, names) -> str | None:
-    for cls in type(module).__mro__:
-        if cls.__name__ in names and cls.__module__.startswith("diffusers."):
-            return cls.__name__
-    return None
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -140,13 +137,8 @@ def _dit_forward(model: nn.Module, timestep_at: int, source: str, handle: Diffus
                 grid = (h, w) if h * w == hidden.shape[1] else None
             else:
                 grid = _img_ids_grid(handle, ids, hidden.shape[1])
-    slot = handle.slot()
-    previous = slot.unet
-    slot.unet = None if grid is None else _UNetCall(grid[0], grid[1], timestep)
-    try:
-        return type(model).forward(model, *args, **kwargs)
-    finally:
-        slot.unet = previous
+    call = None if grid is None else DenoiserCall(grid[0], grid[1], timestep)
+    return run_denoiser(model, handle, call, args, kwargs)
 
 
 def _single_block_forward(block: nn.Module, index: int, handle: DiffusionHandle, *args, **kwargs):
@@ -155,7 +147,7 @@ def _single_block_forward(block: nn.Module, index: int, handle: DiffusionHandle,
     names = ("hidden_states", "encoder_hidden_states")
     text_states = args[1] if len(args) > 1 else kwargs.get(names[1])
     text = text_states.shape[1] if isinstance(text_states, torch.Tensor) else 0
-    return D._run_block(block, index, handle, text, args, kwargs)
+    return run_block(block, index, handle, text, args, kwargs)
 
 
 def _rope_attention_forward(module: nn.Module, handle: DiffusionHandle, *args, **kwargs):
@@ -211,39 +203,24 @@ def _rope_norm_forward(module: nn.Module, part: int, handle: DiffusionHandle, *a
 # -- patching ---------------------------------------------------------------------------------------
 
 
-def apply(
-    model: nn.Module,
-    *,
-    r=None,
-    ratio: float | None = None,
-    prop_attn: bool = True,
-    unmerge_output: bool = False,
-    options=None,
-    **diffusion,
-) -> DiffusionHandle:
-    from tome.runtime.handle import MergeOptions
-
-    D._check_settings(r, prop_attn, unmerge_output, MergeOptions() if options is None else options)
-    unknown = sorted(set(diffusion) - set(D.DEFAULTS) - set(D.EXTRA_DEFAULTS))
-    if unknown:
-        raise TypeError(f"{unknown[0]}: not an option of tome.patch")
-    settings = {**diffusion, "ratio": D.DEFAULTS["ratio"] if ratio is None else ratio}
-    spec = MODELS[_diffusers_class(model, MODELS)]
-    blocks = [(name, m, kind) for name, m in model.named_modules() if (kind := _diffusers_class(m, BLOCKS))]
+def apply(model: nn.Module, **given) -> DiffusionHandle:
+    settings = diffusion_settings(**given)
+    spec = MODELS[diffusers_class(model, MODELS)]
+    blocks = transformer_blocks(model)
     if not blocks:
         raise TypeError(f"model: this {type(model).__name__} has no transformer block; nothing to merge")
     handle = DiffusionHandle([name for name, _, _ in blocks], **settings)  # checks every setting
     with handle.installing():
         handle.install_method(model, "forward", _dit_forward, *spec, handle)
         for index, (_, block, kind) in enumerate(blocks):
-            forward = _single_block_forward if kind == "FluxSingleTransformerBlock" else D._block_forward
+            forward = _single_block_forward if kind == "FluxSingleTransformerBlock" else block_forward
             handle.install_method(block, "forward", forward, index, handle)
             for op, flag in BLOCKS[kind]:
                 module = getattr(block, op, None)
                 if not isinstance(module, nn.Module):
                     continue
                 if flag != "rope":
-                    handle.install_method(module, "forward", D._op_forward, flag, handle)
+                    handle.install_method(module, "forward", op_forward, flag, handle)
                     continue
                 handle.install_method(module, "forward", _rope_attention_forward, handle)
                 for norm, part in (("norm_q", 0), ("norm_k", 0), ("norm_added_q", 2), ("norm_added_k", 2)):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from tome.adapters.common.classes import class_names
 from tome.adapters.common.mha import check_fused, self_attention
 from tome.runtime.handle import BlockCall, ToMeHandle
 from tome.runtime.registry import CARRY, Adapter
@@ -41,17 +42,13 @@ _BLOCKS = (
 )
 
 
-def _names(obj: object) -> list[str]:
-    return [cls.__name__ for cls in type(obj).__mro__ if cls.__module__.startswith("open_clip.")]
-
-
 def _has_parts(module: nn.Module, parts: tuple[str, ...]) -> bool:
     return all(isinstance(getattr(module, p, None), nn.Module) for p in parts)
 
 
 def _check_custom_attention(index: int, attn: nn.Module) -> None:
     problems = []
-    if "Attention" not in _names(attn) or not all(
+    if "Attention" not in class_names(attn, "open_clip") or not all(
         hasattr(attn, p) for p in ("in_proj_weight", "num_heads", "ln_k", "logit_scale", "use_fsdpa")
     ):
         problems.append(f"attention {type(attn).__name__} is not open_clip.transformer.Attention")
@@ -71,7 +68,7 @@ def _check_custom_attention(index: int, attn: nn.Module) -> None:
 
 def _check_block(index: int, block: nn.Module) -> str:
     """``"default"`` or ``"custom"``: the kind of block, after checking its parts."""
-    names = _names(block)
+    names = class_names(block, "open_clip")
     if "ResidualAttentionBlock" in names and _has_parts(block, _DEFAULT_PARTS):
         check_fused(block.attn, where=f"open_clip block {index}", batch_first=False)
         return "default"
@@ -179,10 +176,10 @@ def _forward_intermediates(transformer: nn.Module, handle: ToMeHandle, pools_tok
 
 
 def _vision_tower(model: nn.Module) -> nn.Module:
-    if "VisionTransformer" in _names(model):
+    if "VisionTransformer" in class_names(model, "open_clip"):
         return model
     visual = getattr(model, "visual", None)
-    if isinstance(visual, nn.Module) and "VisionTransformer" in _names(visual):
+    if isinstance(visual, nn.Module) and "VisionTransformer" in class_names(visual, "open_clip"):
         return visual
     kind = type(visual).__name__ if visual is not None else "missing"
     hint = ""

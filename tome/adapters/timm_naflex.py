@@ -26,24 +26,29 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from tome.adapters import timm_eva as _eva
-from tome.adapters import timm_vit as _timm
+from tome.adapters.common.rope import RopeHandle, block_rope
+from tome.adapters.common.timm_blocks import (
+    VIT_BLOCK_PARTS,
+    check_eva_block,
+    forward_intermediates,
+    install,
+    run_eva_block,
+    run_vit_block,
+)
 from tome.runtime.handle import BlockCall, ToMeHandle
 from tome.runtime.registry import MASKED, Adapter
-
-_VIT_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 
 
 def _check_block(index: int, block: nn.Module, num_prefix_tokens: int) -> str:
     if type(block).__name__ == "Block":
-        if not all(hasattr(block, p) for p in _VIT_PARTS) or not hasattr(block.attn, "k_norm"):
+        if not all(hasattr(block, p) for p in VIT_BLOCK_PARTS) or not hasattr(block.attn, "k_norm"):
             raise TypeError(
                 f"tome: timm NaFlexVit block {index} is a Block without the parts of "
                 "timm.models.vision_transformer.Block (norm1/attn with k_norm/ls1/drop_path1/norm2/mlp/...)"
             )
         return "Block"
     if type(block).__name__ in ("EvaBlock", "EvaBlockPostNorm"):
-        return _eva.check_block(index, block, num_prefix_tokens, where="timm NaFlexVit")
+        return check_eva_block(index, block, num_prefix_tokens, where="timm NaFlexVit")
     raise TypeError(
         f"tome: timm NaFlexVit block {index} is a {type(block).__name__}; supported: "
         "timm.models.vision_transformer.Block and timm.models.eva.EvaBlock (NaFlexVit's default "
@@ -101,14 +106,8 @@ def _block_forward(
     # The model's own mask until something merged; then log(size), padding keys masked.
     bias = handle.attention_bias(call, x.dtype) if call.merged else attn_mask
     if kind != "Block":
-        return _eva.run_block(
-            block, kind, handle, call, x, _eva.block_rope(handle, call, rope), bias, is_causal
-        )
-    handle.take_keys()  # nothing left over from an interrupted call in this thread
-    attn_out = block.attn(block.norm1(x), attn_mask=bias, is_causal=is_causal)
-    x = x + block.drop_path1(block.ls1(attn_out))
-    x = handle.merge_layer(call, x, handle.take_keys())
-    return handle.end_layer(call, x + block.drop_path2(block.ls2(block.mlp(block.norm2(x)))))
+        return run_eva_block(block, kind, handle, call, x, block_rope(handle, call, rope), bias, is_causal)
+    return run_vit_block(block, handle, call, x, bias, is_causal)
 
 
 def _vit_block_forward(
@@ -149,19 +148,14 @@ def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
     for name in ("_pool", "forward_features"):
         if not hasattr(type(model), name):
             raise TypeError(f"tome: this timm version's NaFlexVit has no {name}(); please upgrade timm")
-    handle = _eva.RopeHandle(len(blocks), r, protected=model.num_prefix_tokens, **settings)
-    with handle.installing():
-        for index, (block, kind) in enumerate(zip(blocks, kinds, strict=True)):
-            handle.install_hook(block.attn.k_norm, _timm._key_hook, index, handle)
-            if kind == "Block":
-                handle.install_method(block, "forward", _vit_block_forward, index, handle)
-            else:
-                handle.install_method(block, "forward", _block_forward, index, handle, kind)
-        handle.install_hook(model.norm, _timm._norm_hook, handle)
-        handle.install_method(model, "forward_features", _forward_features)
-        handle.install_method(model, "_pool", _pool)
-        if hasattr(type(model), "forward_intermediates"):
-            handle.install_method(model, "forward_intermediates", _eva.forward_intermediates)
+    handle = RopeHandle(len(blocks), r, protected=model.num_prefix_tokens, **settings)
+    forwards = [(_vit_block_forward,) if kind == "Block" else (_block_forward, kind) for kind in kinds]
+    methods = {
+        "forward_features": _forward_features,
+        "_pool": _pool,
+        "forward_intermediates": forward_intermediates,
+    }
+    install(handle, model, blocks, forwards, methods)
     return handle
 
 
@@ -171,7 +165,7 @@ ADAPTER = Adapter(
     kind=MASKED,
     title="timm vision transformers with rotary positions (Eva, NaFlexVit)",
     apply=apply,
-    handle=_eva.RopeHandle,
+    handle=RopeHandle,
     merged="between attention and MLP (ViT `Block` or RoPE `EvaBlock`); each image merges its own patches, "
     "padding changes none of them; pooling with `patch_valid` size-weighted",
     tested_on="tiny random configs (learned / RoPE / mixed-RoPE positions, registers, attention pooling, "

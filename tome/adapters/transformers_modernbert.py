@@ -8,8 +8,9 @@ Each patched layer is re-composed from its own parts::
     x = x + mlp(mlp_norm(x))
 
 and the final norm's output is unmerged (``unmerge_output``) so pooling sees every token. As for
-the BERT family (:mod:`tome.adapters.transformers_text`, whose :class:`TextHandle` this adapter
-uses), padding never merges with real tokens, every row merges by its own similarities (batch
+the BERT family (:mod:`tome.adapters.transformers_text`; the handle both extend,
+:class:`~tome.adapters.common.text.TextHandle`, is in :mod:`tome.adapters.common.text`),
+padding never merges with real tokens, every row merges by its own similarities (batch
 invariance), ``ratio`` / ``min_tokens`` / ``hidden_weight`` work the same, and packed sequences
 take ``tome_sequence_ids`` (with ``position_ids`` restarting in every document). The merge metric
 is the keys *before* RoPE (what a token says, not where it is).
@@ -39,15 +40,16 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from tome.adapters.transformers_text import (
+from tome.adapters.common.classes import class_names, find_known
+from tome.adapters.common.text import (
     TEXT_DEFAULTS,
+    TextFamily,
     TextHandle,
-    _begin,
-    _check_attention_mask,
-    _class_names,
-    _TextFamily,
+    begin_text_layer,
+    check_attention_mask,
+    refuse_outliers,
 )
-from tome.runtime.handle import BlockCall
+from tome.runtime.handle import BlockCall, current_sequence_ids
 from tome.runtime.options import Option, one_of
 from tome.runtime.registry import MASKED, Adapter
 
@@ -57,7 +59,7 @@ WINDOW_RULES = ("span", "position")
 # position ids of the pass, so merged tokens know where their originals were.
 POSITIONS_KEYWORD = "tome_position_ids"
 
-_FAMILY = _TextFamily("layers", "ModernBertEncoderLayer", "attn.Wqkv", "attn", "modernbert", "final_norm")
+_FAMILY = TextFamily("layers", "ModernBertEncoderLayer", "attn.Wqkv", "attn", "modernbert", "final_norm")
 _PARTS = ("attn_norm", "attn", "mlp_norm", "mlp")
 
 
@@ -79,7 +81,7 @@ class ModernBertHandle(TextHandle):
 
 def _check_layer(index: int, layer: nn.Module) -> None:
     missing = [p for p in _PARTS if not isinstance(getattr(layer, p, None), nn.Module)]
-    if "ModernBertEncoderLayer" not in _class_names(layer) or missing:
+    if "ModernBertEncoderLayer" not in class_names(layer) or missing:
         raise TypeError(
             f"tome: ModernBERT layer {index} is a {type(layer).__name__}"
             f"{' without ' + ', '.join(missing) if missing else ''}; expected a ModernBertEncoderLayer with "
@@ -138,7 +140,7 @@ def _merged_mask(
         allowed = allowed & call.valid[:, None, :]
     ids = call.pass_state.sequence_ids
     if ids is not None:
-        current = ids if not call.merged else _current_ids(ids, call)
+        current = current_sequence_ids(call)
         allowed = allowed & (current[:, :, None] == current[:, None, :])
     if window is not None and spans is not None:
         position, low, high = spans
@@ -156,11 +158,6 @@ def _merged_mask(
     return out[:, None]
 
 
-def _current_ids(ids: torch.Tensor, call: BlockCall) -> torch.Tensor:
-    current = torch.full(call.history.sizes.shape, -100, dtype=ids.dtype, device=ids.device)
-    return current.scatter(1, call.history.source, ids)
-
-
 def _layer_forward(
     layer: nn.Module,
     index: int,
@@ -172,7 +169,7 @@ def _layer_forward(
     **kwargs,
 ) -> torch.Tensor:
     original_positions = kwargs.pop(POSITIONS_KEYWORD, None)
-    call = _begin(layer, index, handle, _FAMILY, hidden_states, attention_mask, kwargs)
+    call = begin_text_layer(layer, index, handle, _FAMILY, hidden_states, attention_mask, kwargs)
     window = None if layer.attention_type == "full_attention" else layer.attn.config.sliding_window
     packed = call.pass_state.sequence_ids is not None
     mask, cos_sin = attention_mask, position_embeddings
@@ -225,7 +222,7 @@ def _final_norm_hook(handle: ModernBertHandle, module: nn.Module, args: tuple, o
 def _forward_positions(handle: ModernBertHandle, module: nn.Module, args: tuple, kwargs: dict):
     """Pre-hook of the base model: check the attention mask, and hand the pass's position ids
     to every layer (by a keyword that the model forwards to its layers)."""
-    _check_attention_mask(handle, module, args, kwargs)
+    check_attention_mask(handle, module, args, kwargs)
     positions = kwargs.get("position_ids")
     if positions is None and len(args) > 2:
         positions = args[2]
@@ -235,19 +232,13 @@ def _forward_positions(handle: ModernBertHandle, module: nn.Module, args: tuple,
 
 
 def apply(model: nn.Module, *, r, **settings) -> ModernBertHandle:
-    options = settings.get("options")
-    if options is not None and options.keep_outliers:
-        raise ValueError(
-            f"keep_outliers: expected 0 for text encoders, got {options.keep_outliers}: in a padded batch "
-            "it would make a text's merges depend on the rest of its batch"
-        )
-    base = None
-    for candidate in (model, getattr(model, "base_model", None)):
-        if isinstance(candidate, nn.Module) and "ModernBertModel" in _class_names(candidate):
-            base = candidate
-            break
-    if base is None:
+    refuse_outliers(
+        settings, "in a padded batch it would make a text's merges depend on the rest of its batch"
+    )
+    found = find_known((model, getattr(model, "base_model", None)), {"ModernBertModel": _FAMILY})
+    if found is None:
         raise TypeError(f"tome: {type(model).__name__} has no ModernBertModel inside")
+    base = found[0]
     layers = list(getattr(base, "layers", None) or [])
     rotary = getattr(base, "rotary_emb", None)
     final_norm = getattr(base, "final_norm", None)

@@ -53,6 +53,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 
+from tome.adapters.common.classes import class_names, find_known
 from tome.core import merge as M
 from tome.runtime.handle import BlockCall, ToMeHandle
 from tome.runtime.registry import CARRY, Adapter, InputSizes, VisionInfo, pair
@@ -189,18 +190,13 @@ _POOLING_HEADS = (
 )
 
 
-def _class_names(obj: object) -> list[str]:
-    return [cls.__name__ for cls in type(obj).__mro__]
-
-
 def _find_backbone(model: nn.Module) -> tuple[nn.Module, _Family]:
     # The model itself (ViTModel, ...) or the base model inside a task model (model.vit, ...), or
     # the vision tower of a two-tower model (CLIPModel.vision_model, ...).
-    for candidate in (model, getattr(model, "base_model", None), getattr(model, "vision_model", None)):
-        if isinstance(candidate, nn.Module):
-            for name in _class_names(candidate):
-                if name in _BACKBONES:
-                    return candidate, _BACKBONES[name]
+    candidates = (model, getattr(model, "base_model", None), getattr(model, "vision_model", None))
+    found = find_known(candidates, _BACKBONES)
+    if found is not None:
+        return found
     raise TypeError(
         f"tome: {type(model).__name__} has no vision transformer backbone that tome knows; "
         f"supported backbones: {', '.join(_BACKBONES)}"
@@ -232,7 +228,7 @@ def _check_layer(index: int, layer: nn.Module, family: _Family) -> None:
     layout, spec = family.layout, family.attention
     parts = layout.parts()
     missing = [p for p in parts if not isinstance(getattr(layer, p, None), nn.Module)]
-    if family.layer_class not in _class_names(layer) or missing:
+    if family.layer_class not in class_names(layer) or missing:
         raise TypeError(
             f"tome: transformers layer {index} is a {type(layer).__name__}"
             f"{' without ' + ', '.join(missing) if missing else ''}; expected a {family.layer_class} "
@@ -242,7 +238,7 @@ def _check_layer(index: int, layer: nn.Module, family: _Family) -> None:
     core = _core(attn, spec)
     wanted = f"a {spec.cls} with a {spec.key} Linear and {spec.head_dim}"
     ok = (
-        spec.cls in _class_names(attn)
+        spec.cls in class_names(attn)
         and isinstance(core, nn.Module)
         and isinstance(_find(attn, spec.key), nn.Linear)
         and isinstance(getattr(core, spec.head_dim, None), int)
@@ -456,7 +452,7 @@ def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
     # merged, kept in front.
     protected = family.protected + int(getattr(backbone.config, "num_register_tokens", 0) or 0)
     handle = ToMeHandle(len(layers), r, protected=protected, **settings)
-    always = any(name in _POOLING_HEADS for name in _class_names(model))
+    always = any(name in _POOLING_HEADS for name in class_names(model))
     spec = family.attention
     with handle.installing():
         for index, layer in enumerate(layers):
@@ -526,7 +522,7 @@ def _vision_config(model: nn.Module):
 
 
 def _tools_num_classes(model: nn.Module) -> int:
-    if any("ForImageClassification" in name for name in _class_names(model)):
+    if any("ForImageClassification" in name for name in class_names(model)):
         return int(getattr(model.config, "num_labels", 0))
     return 0
 

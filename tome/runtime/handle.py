@@ -1,8 +1,12 @@
-"""``ToMeHandle``: the settings of a patched model (``model.tome``) and the block protocol.
+"""``ToMeHandle``: the handle (``model.tome``) of a patched token model, and the block protocol.
 
-The handle holds settings only (``r``, ``prop_attn``, ``unmerge_output``, options); everything a
-forward pass merges lives in that pass's own :class:`~tome.runtime.passes.PassState`, which travels
-with the token tensors (:mod:`tome.runtime.passes`). One patched model can therefore run in several
+:class:`~tome.runtime.base.PatchHandle` gives every handle its options, installing and undoing,
+copies and pickles; this handle adds what merging between the blocks of a token model needs:
+the schedule (``r`` or ``ratio``), ``prop_attn``, ``unmerge_output``, the
+:class:`~tome.runtime.merge_options.MergeOptions`, the block protocol below, the results of the
+latest pass and :meth:`~ToMeHandle.unmerge`. It holds settings only; everything a forward pass
+merges lives in that pass's own :class:`~tome.runtime.passes.PassState`, which travels with the
+token tensors (:mod:`tome.runtime.passes`). One patched model can therefore run in several
 threads at once, be deep-copied, pickled and exported like any module.
 
 Adapters (one per framework) re-compose each transformer block from the library's own
@@ -18,95 +22,39 @@ submodules and call the handle at these points of every block::
                                                       # last block: unmerge + detail
 Adapters that read the keys with a forward hook hand them over with :meth:`offer_keys` /
 :meth:`take_keys` (a per-thread slot that lives only during one block call).
+
+``MergeOptions`` (:mod:`tome.runtime.merge_options`), ``PatchHandle`` (:mod:`tome.runtime.base`)
+and ``PatchedModels`` (:mod:`tome.runtime.models`) are importable from here too.
 """
 
 from __future__ import annotations
 
 import threading
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from tome.core import merge as M
 from tome.core.merge import MergeHistory
 from tome.core.schedule import Schedule, check_ratio, check_schedule, resolve_schedule
-from tome.runtime.install import FORMAT, InstalledHook, InstalledMethod, check_format, refuse_script
-from tome.runtime.options import declared_options, set_options
+from tome.runtime.base import PatchHandle
+from tome.runtime.merge_options import MERGE_MODES, METRICS, MergeOptions
+from tome.runtime.models import PatchedModels
+from tome.runtime.options import flag
 from tome.runtime.passes import BlockCall, PassState, TokenRegistry
 
-__all__ = ["BlockCall", "MergeOptions", "PatchedModels", "ToMeHandle"]
-
-METRICS = ("keys", "head_keys")
-MERGE_MODES = ("mlerp", "mean")
-
-
-@dataclass(frozen=True)
-class MergeOptions:
-    """How a patched model merges: the keyword options of :func:`tome.patch` that are fixed
-    when patching (``r``, ``prop_attn`` and ``unmerge_output`` stay settable on the handle).
-
-    The defaults are the best measured at equal *measured* speed on a real model
-    (``benchmarks/fidelity.py``, README): ToMe with ``mode="mlerp"``.
-    ``MergeOptions(mode="mean")`` is the original ToMe.
-
-    Attributes:
-        metric: what similarity decides the merges: ``"keys"`` (the cosine similarity of the
-            keys averaged over heads, as in ToMe) or ``"head_keys"`` (the mean over heads of
-            each head's key cosine similarity: better dense outputs at equal FLOPs, but a
-            matching product ``heads`` times wider: on CPU the merge step of DINOv2-S goes
-            from ~2.3% to ~4% of the forward at 224 px and from 2.5% to 5.3% at 518 px).
-        mode: ``"mlerp"`` (the size-weighted mean, rescaled to the largest norm among the
-            tokens it combines: ToFu, Kim et al., WACV 2024) or ``"mean"`` (ToMe).
-        unmerge_detail: when the output is unmerged (``unmerge_output``), give every original
-            token back its own deviation from what its group became at each merge (better
-            dense outputs at equal FLOPs, mostly when few tokens are left; ~0.7% of a ViT-S
-            forward on CPU in memory traffic).
-        keep_outliers: in every merging block, the ``k`` unprotected tokens of largest norm are
-            kept out of the merge, unless a block has to merge more tokens than the others can
-            give (Darcet et al., "Vision Transformers Need Registers", 2024).
-
-    >>> MergeOptions(mode="mean")  # the original ToMe
-    MergeOptions(metric='keys', mode='mean', unmerge_detail=False, keep_outliers=0)
-    >>> MergeOptions(metric="head_keys").similarity_features(torch.randn(2, 5, 6, 64)).shape
-    torch.Size([2, 5, 384])
-    """
-
-    metric: str = "keys"
-    mode: str = "mlerp"
-    unmerge_detail: bool = False
-    keep_outliers: int = 0
-
-    def __post_init__(self) -> None:
-        if self.metric not in METRICS:
-            raise ValueError(f"metric: expected one of {', '.join(METRICS)}, got {self.metric!r}")
-        if self.mode not in MERGE_MODES:
-            raise ValueError(f"mode: expected one of {', '.join(MERGE_MODES)}, got {self.mode!r}")
-        if not isinstance(self.unmerge_detail, bool):
-            raise TypeError(f"unmerge_detail: expected True or False, got {self.unmerge_detail!r}")
-        if (
-            isinstance(self.keep_outliers, bool)
-            or not isinstance(self.keep_outliers, int)
-            or self.keep_outliers < 0
-        ):
-            raise ValueError(f"keep_outliers: expected an int >= 0, got {self.keep_outliers!r}")
-
-    def similarity_features(self, keys: torch.Tensor) -> torch.Tensor:
-        """The matching metric from per-head keys ``(B, N, heads, head_dim)``: ``(B, N, D)``."""
-        if self.metric == "keys":
-            return keys.mean(dim=-2)
-        # Every head normalized on its own, then concatenated: the cosine similarity of the
-        # result is the mean of the per-head cosines, so no head dominates by its key norm.
-        return F.normalize(keys.float(), dim=-1).flatten(-2)
-
-
-def _check_flag(name: str, value: object) -> bool:
-    # bool("no") is True: a string or a number would silently mean something else.
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected True or False, got {value!r}")
-    return value
+__all__ = [
+    "MERGE_MODES",
+    "METRICS",
+    "BlockCall",
+    "MergeOptions",
+    "PatchHandle",
+    "PatchedModels",
+    "ToMeHandle",
+    "current_sequence_ids",
+    "detail",
+]
 
 
 def _is_tracing() -> bool:
@@ -120,9 +68,20 @@ class _KeySlot(threading.local):
     value: torch.Tensor | None = None
 
 
-class ToMeHandle:
-    """Settings of a patched model, reachable as ``model.tome``, and the results of its latest
-    forward pass.
+def current_sequence_ids(call: BlockCall) -> torch.Tensor | None:
+    """The document id of every current token of a packed pass (``tome_sequence_ids``), or
+    ``None`` for a pass that is not packed: tokens merge only within a document, so every
+    original token of a group has its group's id (``-100``: a group of padding only)."""
+    ids = call.pass_state.sequence_ids
+    if ids is None or not call.merged:
+        return ids
+    current = torch.full(call.history.sizes.shape, -100, dtype=ids.dtype, device=ids.device)
+    return current.scatter(1, call.history.source, ids)
+
+
+class ToMeHandle(PatchHandle):
+    """Settings of a patched token model (a ViT, a text encoder: every family but the diffusion
+    models), reachable as ``model.tome``, and the results of its latest forward pass.
 
     Attributes:
         r: the schedule (int, per-layer list or ``(r, inflection)``); settable.
@@ -142,6 +101,8 @@ class ToMeHandle:
     # Whether the metric adapters pass to :meth:`merge_layer` is unit-norm per token already
     # (:func:`tome.core.merge.unit_features`), so matching does not normalize it again.
     unit_metric: bool = False
+    # Per-pass bookkeeping (see PatchHandle): built by _init_transient.
+    _transient = ("_registry", "_keys", "_last", "_tracing", "_traced_keys", "_warned_cap")
 
     def __init__(
         self,
@@ -156,24 +117,14 @@ class ToMeHandle:
         ratio: float | None = None,
         **family_options: object,
     ) -> None:
-        declared = declared_options(type(self))
-        unknown = sorted(set(family_options) - set(declared))
-        if unknown:
-            raise TypeError(f"{unknown[0]}: not an option of {type(self).__name__}")
-        set_options(self, declared.values(), family_options)
-        self.num_layers = num_layers
+        super().__init__(num_layers, family=family, **family_options)
         self.protected = protected
         self.prop_attn = prop_attn
         self.unmerge_output = unmerge_output
         self.options = MergeOptions() if options is None else options
-        self.family = family
         self.r = r
         if ratio is not None:
             self.ratio = ratio
-        # What patch changed, as data (module, attribute or hook id): undone by unpatch; deep
-        # copies and pickles carry it along with the modules it names.
-        self._installed: list[tuple[str, nn.Module, object]] = []
-        self._init_transient()
 
     def _init_transient(self) -> None:
         # Per-pass bookkeeping: never copied, pickled or shared with a copy.
@@ -183,21 +134,6 @@ class ToMeHandle:
         self._tracing: tuple[PassState, int] | None = None
         self._traced_keys: torch.Tensor | None = None
         self._warned_cap = False
-
-    # -- copies and pickles ------------------------------------------------------------------
-
-    def __getstate__(self) -> dict:
-        from tome import __version__
-
-        state = {k: v for k, v in self.__dict__.items() if k not in _TRANSIENT}
-        return {"format": FORMAT, "tome_version": __version__, "state": state}
-
-    def __setstate__(self, saved: dict) -> None:
-        if not isinstance(saved, dict) or "format" not in saved:
-            check_format(None, "unknown")
-        check_format(saved["format"], saved.get("tome_version", "unknown"))
-        self.__dict__.update(saved["state"])
-        self._init_transient()
 
     # -- settings ------------------------------------------------------------------------------
 
@@ -235,7 +171,7 @@ class ToMeHandle:
 
     @prop_attn.setter
     def prop_attn(self, value: bool) -> None:
-        self._prop_attn = _check_flag("prop_attn", value)
+        self._prop_attn = flag("prop_attn", value)
 
     @property
     def unmerge_output(self) -> bool:
@@ -243,7 +179,7 @@ class ToMeHandle:
 
     @unmerge_output.setter
     def unmerge_output(self, value: bool) -> None:
-        self._unmerge_output = _check_flag("unmerge_output", value)
+        self._unmerge_output = flag("unmerge_output", value)
 
     @property
     def r_per_layer(self) -> list[int]:
@@ -259,7 +195,7 @@ class ToMeHandle:
             "prop_attn": self.prop_attn,
             "unmerge_output": self.unmerge_output,
             **asdict(self.options),
-            **{name: getattr(self, name) for name in declared_options(type(self))},
+            **super().patch_options(),
         }
 
     def planned_tokens(self, num_tokens: int) -> list[int]:
@@ -281,56 +217,6 @@ class ToMeHandle:
         if self._ratio is not None:
             return min(int(max(num_tokens - self.protected, 0) * self._ratio + 1e-9), cap)
         return min(self._r_per_layer[index], cap)
-
-    # -- installing (used by adapters) ---------------------------------------------------------
-
-    def install_method(self, module: nn.Module, name: str, function, *bound: object) -> None:
-        """Give one ``module`` instance a method ``name`` = ``function(module, *bound, ...)``
-        (a module-level function), shadowing the class's; ``unpatch`` deletes it again."""
-        if name in module.__dict__:
-            raise RuntimeError(
-                f"tome: {type(module).__name__}.{name} is already replaced on this instance (is a "
-                "model containing this one already patched by tome? unpatch it first)"
-            )
-        setattr(module, name, InstalledMethod(function, module, *bound))
-        self._installed.append(("method", module, name))
-        if "__prepare_scriptable__" not in module.__dict__:
-            module.__prepare_scriptable__ = InstalledMethod(refuse_script, module)
-            self._installed.append(("method", module, "__prepare_scriptable__"))
-
-    def install_pre_hook(self, module: nn.Module, function, *bound: object) -> None:
-        """Register the forward pre-hook ``function(*bound, module, args, kwargs)`` on ``module``
-        (it sees keyword arguments too); ``unpatch`` removes it."""
-        hook = module.register_forward_pre_hook(InstalledHook(function, *bound), with_kwargs=True)
-        self._installed.append(("pre_hook", module, hook.id))
-
-    def install_hook(self, module: nn.Module, function, *bound: object) -> None:
-        """Register the forward hook ``function(*bound, module, args, output)`` on ``module``;
-        ``unpatch`` removes it."""
-        hook = module.register_forward_hook(InstalledHook(function, *bound))
-        self._installed.append(("hook", module, hook.id))
-
-    def _restore(self) -> None:
-        while self._installed:
-            kind, module, key = self._installed.pop()
-            if kind == "method":
-                module.__dict__.pop(key, None)
-            elif kind == "pre_hook":
-                module._forward_pre_hooks.pop(key, None)
-                module._forward_pre_hooks_with_kwargs.pop(key, None)
-            else:
-                for hooks in (
-                    module._forward_hooks,
-                    module._forward_hooks_with_kwargs,
-                    module._forward_hooks_always_called,
-                ):
-                    hooks.pop(key, None)
-        self._init_transient()
-
-    def installing(self) -> _Installing:
-        """Adapters make their changes inside ``with handle.installing():``: if one fails, the
-        ones already made are undone, so a failed patch never leaves a hook or a forward behind."""
-        return _Installing(self)
 
     # -- the block protocol (used by adapters) -------------------------------------------------
 
@@ -490,11 +376,7 @@ class ToMeHandle:
             # Padded batch: every row merges by its own tokens alone.
             real = call.valid.sum(dim=1)
             row_r = self.rows_removed(index, real).clamp_max(r)
-            ids = call.pass_state.sequence_ids
-            if ids is not None and call.merged:
-                ids = torch.full_like(call.history.sizes, -100, dtype=ids.dtype).scatter(
-                    1, call.history.source, ids
-                )
+            ids = current_sequence_ids(call)
             plan = M.masked_soft_matching(
                 metric,
                 r,
@@ -605,74 +487,6 @@ class ToMeHandle:
             f"protected={self.protected}, prop_attn={self.prop_attn}, unmerge_output={self.unmerge_output}, "
             f"options={self.options})"
         )
-
-
-class PatchedModels:
-    """``model.tome`` of a module that holds patched models (a ``torch.compile`` /
-    ``DataParallel`` / ``DistributedDataParallel`` wrapper, or a user's module).
-
-    Setting ``r``, ``prop_attn`` or ``unmerge_output`` sets it on every patched model inside;
-    any other attribute is read from the handle of the only one (with several, read
-    ``handles[name]``).
-
-    Attributes:
-        models: submodule name -> patched model.
-    """
-
-    _SETTINGS = ("r", "ratio", "prop_attn", "unmerge_output")
-
-    def __init__(self, models: dict[str, nn.Module]) -> None:
-        object.__setattr__(self, "models", dict(models))
-
-    @property
-    def handles(self) -> dict[str, ToMeHandle]:
-        """Submodule name -> its :class:`ToMeHandle`."""
-        return {name: model.tome for name, model in self.models.items()}
-
-    def __getattr__(self, name: str):
-        if name.startswith("__") or name == "models":  # pickling and copying probe dunders
-            raise AttributeError(name)
-        handles = list(self.handles.values())
-        if len(handles) == 1:
-            return getattr(handles[0], name)
-        values = [getattr(h, name) for h in handles]
-        if name in self._SETTINGS and all(v == values[0] for v in values):
-            return values[0]
-        raise AttributeError(
-            f"{name}: {len(handles)} models are patched inside this one ({', '.join(self.models)}); read "
-            f"model.tome.handles[name].{name}"
-        )
-
-    def __setattr__(self, name: str, value) -> None:
-        handles = list(self.handles.values())
-        family = {option for h in handles for option in declared_options(type(h))}
-        if name not in self._SETTINGS and name not in family:
-            settable = ", ".join((*self._SETTINGS, *sorted(family - set(self._SETTINGS))))
-            raise AttributeError(f"{name}: only {settable} can be set on PatchedModels")
-        if name not in self._SETTINGS:
-            # A family's own option (text encoders: min_tokens, hidden_weight) goes to the
-            # models that have it.
-            handles = [h for h in handles if name in declared_options(type(h))]
-        for handle in handles:
-            setattr(handle, name, value)
-
-    def __repr__(self) -> str:
-        return f"PatchedModels({', '.join(f'{n or type(m).__name__}: {m.tome!r}' for n, m in self.models.items())})"
-
-
-_TRANSIENT = ("_registry", "_keys", "_last", "_tracing", "_traced_keys", "_warned_cap")
-
-
-class _Installing:
-    def __init__(self, handle: ToMeHandle) -> None:
-        self.handle = handle
-
-    def __enter__(self) -> ToMeHandle:
-        return self.handle
-
-    def __exit__(self, kind, value, traceback) -> None:
-        if kind is not None:
-            self.handle._restore()
 
 
 def detail(state: PassState, num_blocks: int | None = None) -> torch.Tensor:

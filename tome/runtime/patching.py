@@ -14,6 +14,7 @@ import dataclasses
 import torch.nn as nn
 
 from tome.core.schedule import Schedule, check_ratio, check_schedule
+from tome.runtime.base import PatchHandle
 from tome.runtime.handle import MergeOptions, PatchedModels, ToMeHandle
 from tome.runtime.registry import Adapter, adapter_for, framework_of, option_owners, supported_families
 
@@ -158,7 +159,7 @@ def patch(
             f"classes:\n{supported_families()}"
         )
     previous = model.__dict__.get("tome")
-    if isinstance(previous, ToMeHandle):
+    if isinstance(previous, PatchHandle):
         unpatch(model)
     done: list[nn.Module] = []
     try:
@@ -233,7 +234,7 @@ def _family_settings(
 def _patch_one(model: nn.Module, r: Schedule, settings: dict) -> nn.Module:
     adapter = adapter_for(model)
     for name, sub in model.named_modules():
-        if sub is not model and isinstance(sub.__dict__.get("tome"), ToMeHandle):
+        if sub is not model and isinstance(sub.__dict__.get("tome"), PatchHandle):
             raise ValueError(
                 f"model: its submodule {name!r} is already patched by tome; call "
                 f"tome.unpatch(model.{name}) first, or patch only one of the two"
@@ -242,11 +243,11 @@ def _patch_one(model: nn.Module, r: Schedule, settings: dict) -> nn.Module:
     previous = model.__dict__.get("tome")
     unpatch(model)
     try:
-        handle: ToMeHandle = adapter.apply(model, r=r, **settings)
+        handle: PatchHandle = adapter.apply(model, r=r, **settings)
     except Exception:
         # Adapters check everything before changing the model; put the earlier patch back so a
         # bad argument leaves the model as it was.
-        if isinstance(previous, ToMeHandle):
+        if isinstance(previous, PatchHandle):
             patch(model, **previous.patch_options())
         raise
     handle.family = adapter.library
@@ -264,7 +265,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     handle = model.__dict__.get("tome")
-    if isinstance(handle, ToMeHandle):
+    if isinstance(handle, PatchHandle):
         handle._restore()
         del model.__dict__["tome"]
     elif isinstance(handle, PatchedModels):

@@ -72,8 +72,6 @@ __all__ = [
     "visualize_diffusion",
 ]
 
-_OPS = ("attn1", "attn", "ff", "attn2", "proj_mlp")
-
 # The denoisers tome.patch merges (tome.adapters.diffusers_unet, tome.adapters.diffusers_dit).
 DENOISERS = (
     "UNet2DConditionModel",
@@ -108,43 +106,17 @@ def block_groups(
     return, for every block of ``blocks`` (indices into ``model.tome.blocks``; default: all)
     that merged in this call, ``(source, grid)``: ``source`` ``(B, h * w)`` the group (merged
     position) of every image token of the block's ``h x w`` grid. Blocks that merged nothing
-    (a UNet block below ``max_downsample``, ``ratio`` 0) are left out."""
+    (a UNet block below ``max_downsample``, ``ratio`` 0) are left out. Reads what the handle
+    publishes of the call (:meth:`~tome.adapters.common.diffusion.DiffusionHandle.merge_groups`)."""
     handle = model.tome
-    wanted = range(len(handle.blocks)) if blocks is None else blocks
-    seen: dict[int, tuple] = {}
-
-    def looker(index: int):
-        def look(module, args, output):
-            # During an op's forward its block's merge plan and the denoiser call are in the slot.
-            current, call = handle.slot().block, handle.slot().unet
-            if index not in seen and current is not None and call is not None:
-                seen[index] = (current, call)
-
-        return look
-
-    hooks = []
-    for index in wanted:
-        target = model.get_submodule(handle.blocks[index])
-        for op in _OPS:
-            if isinstance(getattr(target, op, None), nn.Module):
-                hooks.append(getattr(target, op).register_forward_hook(looker(index)))
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return {index: _groups(*seen[index]) for index in sorted(seen)}
-
-
-def _groups(current, call) -> tuple[torch.Tensor, tuple[int, int]]:
-    """A block's merge plan -> ``(source, grid)`` over its image tokens."""
-    index = current.plan.index[:, current.text :] - current.text  # image tokens only
-    tokens = index.shape[1]
-    # the block's grid: the call's full-resolution grid, downsampled as tomesd computes it
-    scale = max(1, round((call.height * call.width / tokens) ** 0.5))
-    h = -(-call.height // scale)
-    return index, (h, tokens // h)
+    wanted = set(range(len(handle.blocks)) if blocks is None else blocks)
+    with torch.no_grad():
+        model(**inputs)
+    return {
+        index: (groups.source, groups.grid)
+        for index, groups in handle.merge_groups().items()
+        if index in wanted
+    }
 
 
 def merge_groups(
@@ -223,10 +195,10 @@ class DiffusionModel:
 
     @property
     def blocks(self) -> int:
-        """How many transformer blocks ``tome.patch`` wraps (BLOCKS holds the UNets' too)."""
-        from tome.adapters.diffusers_dit import BLOCKS, _diffusers_class
+        """How many transformer blocks ``tome.patch`` wraps."""
+        from tome.adapters.common.diffusion import transformer_blocks
 
-        return sum(1 for m in self.denoiser.modules() if _diffusers_class(m, BLOCKS))
+        return len(transformer_blocks(self.denoiser))
 
     def describe(self) -> str:
         latent = self.img_size // self.vae_scale

@@ -1,0 +1,425 @@
+"""Reduce once, before the decoder: what every vision-language adapter shares.
+
+A vision-language model turns each image into ``n`` visual tokens (vision tower, projector) and
+writes them into ``n`` placeholder tokens of the prompt (``input_ids == image_token_id``) before
+the language model reads the prompt. Merging them once, between the two, shortens the sequence
+the language model reads: the prefill does less work and the KV cache holds fewer tokens, for
+every layer and every step of ``generate()``. Three pure pieces, no ``nn.Module``:
+
+- :func:`kept_tokens`: how many tokens an image of ``n`` tokens keeps (``visual_tokens`` /
+  ``visual_ratio``);
+- :func:`reduce_images`: each image's features ``(n_i, D)`` merged down to its ``k_i`` tokens
+  with tome's own core (bipartite soft matching, size-weighted means), repeated until ``k_i``
+  is reached, since one step can remove at most half the tokens. An image's result depends on
+  that image alone: images of one size are matched as one batch, each by its own similarities;
+- :func:`shorten_prompts`: the prompt rewritten to match: each image's run of placeholders
+  keeps ``k_i`` of its ``n_i`` tokens, every per-token input (``attention_mask``, ``labels``,
+  ...) loses the same positions, and the rows are padded again to the longest, on the side the
+  batch was padded on (left when it had none: the decoder convention for ``generate()``).
+
+The language model then numbers the shorter sequence consecutively (its positions come from
+the cache length), so text after an image sits ``n - k`` positions earlier than it would have:
+the language model sees an image of ``k`` tokens, as if the vision side had produced that many.
+
+>>> feats = [torch.randn(16, 8), torch.randn(16, 8)]
+>>> [f.shape[0] for f in reduce_images(feats, visual_tokens=4, visual_ratio=None)]
+[4, 4]
+>>> ids = torch.tensor([[5, 9, 9, 9, 9, 6]])  # one image of 4 tokens (placeholder 9)
+>>> shorten_prompts(ids, None, 9, [4], [2], {}, pad_id=0).tensors["input_ids"].tolist()
+[[5, 9, 9, 6]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tome.core import merge as M
+from tome.runtime.base import PatchHandle
+from tome.runtime.merge_options import MergeOptions
+from tome.runtime.options import Option
+
+__all__ = [
+    "VISUAL_DEFAULTS",
+    "Shortened",
+    "VisualHandle",
+    "kept_tokens",
+    "merged_positions",
+    "reduce_features",
+    "reduce_images",
+    "reduce_images_tracked",
+    "refuse_token_settings",
+    "shorten_prompts",
+]
+
+
+def kept_tokens(num_tokens: int, visual_tokens: int | None, visual_ratio: float | None) -> int:
+    """Tokens an image of ``num_tokens`` keeps: at most ``visual_tokens``, or all but
+    ``floor(visual_ratio * num_tokens)`` (never fewer than 1); all of them when neither is set.
+
+    >>> kept_tokens(576, 64, None), kept_tokens(576, None, 0.75), kept_tokens(10, 64, None)
+    (64, 144, 10)
+    """
+    if visual_tokens is not None:
+        return min(num_tokens, visual_tokens)
+    if visual_ratio is not None:
+        return max(1, num_tokens - int(num_tokens * visual_ratio + 1e-9))
+    return num_tokens
+
+
+def reduce_features(
+    features: torch.Tensor, keep: int, protected: int = 0
+) -> tuple[torch.Tensor, M.MergeHistory]:
+    """``(I, n, D)`` -> ``(I, keep, D)`` and the merge history (which original tokens each
+    merged token holds, and how many): every image's tokens merged down to ``keep`` by
+    bipartite soft matching on their own cosine similarities, each merged token the
+    size-weighted mean of the original tokens it holds (exact through the repeated steps).
+
+    One matching step removes at most half the tokens, so ``576 -> 64`` takes four steps
+    (288, 144, 72, 64), each matching the tokens the previous one left. Merged tokens keep the
+    order of the tokens they merged into (raster order, for the 1-D positions that follow).
+    The first ``protected`` tokens (a class token the model passes on) never merge, so at
+    least ``protected + 1`` tokens remain.
+    """
+    images, n = features.shape[:2]
+    history = M.start_history(images, n, features.device)
+    x = features
+    keep = max(keep, protected + 1)
+    while x.shape[1] > keep:
+        r = min(x.shape[1] - keep, M.max_r(x.shape[1], protected))
+        # The features themselves are the similarity: what the language model will read.
+        plan = M.bipartite_soft_matching(x, r, history, protected)
+        x = M.merge(plan, x, "mean")
+        history = M.advance(history, plan)
+    return x, history
+
+
+def reduce_images(
+    features: Sequence[torch.Tensor],
+    visual_tokens: int | None,
+    visual_ratio: float | None,
+    protected: int = 0,
+) -> list[torch.Tensor]:
+    """Each image's features ``(n_i, D)`` merged down to :func:`kept_tokens` of ``n_i`` (the
+    first ``protected`` of them never merge); images of one size go through
+    :func:`reduce_features` together (one loop step per distinct size, never per token); each
+    image's result depends on that image alone."""
+    groups: dict[int, list[int]] = {}
+    for index, image in enumerate(features):
+        groups.setdefault(image.shape[0], []).append(index)
+    out: list[torch.Tensor] = list(features)
+    for n, members in groups.items():
+        keep = max(kept_tokens(n, visual_tokens, visual_ratio), protected + 1)
+        if keep >= n:
+            continue
+        merged, _ = reduce_features(torch.stack([features[i] for i in members]), keep, protected)
+        for row, index in enumerate(members):
+            out[index] = merged[row]
+    return out
+
+
+@dataclass(frozen=True)
+class Shortened:
+    """A prompt batch rewritten by :func:`shorten_prompts`.
+
+    Attributes:
+        tensors: the rewritten per-token tensors, ``(B, width)`` each, by name
+            (``"input_ids"``, ``"attention_mask"`` and the extras given).
+        width: the new sequence length.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    width: int
+
+
+# What new padding positions hold, per input name (input_ids: the pad id given)
+_FILLS = {"attention_mask": 0, "labels": -100, "position_ids": 0, "token_type_ids": 0}
+
+
+def shorten_prompts(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    placeholder: int,
+    before: Sequence[int],
+    after: Sequence[int],
+    extra: Mapping[str, torch.Tensor],
+    *,
+    pad_id: int,
+) -> Shortened | None:
+    """Rewrite a prompt batch so that image ``i`` has ``after[i]`` placeholders, not ``before[i]``.
+
+    Images are numbered in the order their placeholders come in the batch, row by row (the order
+    in which the models write the features in). Image ``i``'s first ``after[i]`` placeholders
+    stay, the others go, from ``input_ids`` and, position for position, from
+    ``attention_mask`` and every ``extra`` ``(B, L)`` tensor (``labels``, ...). Padding is
+    dropped and the rows padded again to the longest (``pad_id``; ``labels``: -100; others: 0),
+    on the side the batch was padded on, left when it had none. A mask is made when the rows
+    end up of different lengths and none was given.
+
+    Returns ``None`` when the placeholders do not add up to ``sum(before)``: the caller then runs
+    the model unchanged, so that the model raises its own error.
+    """
+    B, L = input_ids.shape
+    device = input_ids.device
+    is_image = input_ids == placeholder
+    before_t = torch.as_tensor(list(before), dtype=torch.long, device=device)
+    after_t = torch.as_tensor(list(after), dtype=torch.long, device=device)
+    if int(is_image.sum()) != int(before_t.sum()):  # one host sync per call, not per token
+        return None
+    ends = before_t.cumsum(0)
+    # The batch-wide number of every placeholder, row by row: its image and its place in it.
+    number = is_image.reshape(-1).long().cumsum(0).reshape(B, L) - 1
+    image = torch.searchsorted(ends, number.clamp_min(0), right=True).clamp_max(len(before) - 1)
+    place = number - (ends - before_t)[image]
+    real = torch.ones_like(is_image) if attention_mask is None else attention_mask.bool()
+    keep = real & (~is_image | (place < after_t[image]))
+    lengths = keep.sum(1)
+    width = int(lengths.max())
+    # Right padding only if the batch clearly had it (some row ends with padding, none starts
+    # with it); otherwise left, as generate() wants.
+    right = attention_mask is not None and bool((~real[:, -1]).any() & real[:, 0].all())
+    rank = keep.long().cumsum(1) - 1
+    if not right:
+        rank = rank + (width - lengths)[:, None]
+    # Dropped positions are written to a spare column at the end, which is cut off.
+    target = torch.where(keep, rank, width)
+
+    def rewrite(tensor: torch.Tensor, fill: int) -> torch.Tensor:
+        out = torch.full((B, width + 1), fill, dtype=tensor.dtype, device=tensor.device)
+        return out.scatter(1, target.to(tensor.device), tensor)[:, :width]
+
+    tensors = {"input_ids": rewrite(input_ids, pad_id)}
+    if attention_mask is not None:
+        tensors["attention_mask"] = rewrite(attention_mask, 0)
+    elif bool((lengths != width).any()):
+        tensors["attention_mask"] = rewrite(torch.ones_like(input_ids), 0)
+    for name, tensor in extra.items():
+        tensors[name] = rewrite(tensor, _FILLS.get(name, 0))
+    return Shortened(tensors, width)
+
+
+def reduce_images_tracked(
+    features: Sequence[torch.Tensor],
+    visual_tokens: int | None,
+    visual_ratio: float | None,
+    protected: int = 0,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """As :func:`reduce_images`, and each image's source map too: ``(n_i,)`` int64, the index
+    of the merged token (``0 .. k_i - 1``) that holds each of the image's original tokens (the
+    identity for an image left as it was). What :func:`merged_positions` needs.
+
+    >>> merged, sources = reduce_images_tracked([torch.randn(8, 4)], 2, None)
+    >>> merged[0].shape, sources[0].shape, sorted(set(sources[0].tolist()))
+    (torch.Size([2, 4]), torch.Size([8]), [0, 1])
+    """
+    groups: dict[int, list[int]] = {}
+    for index, image in enumerate(features):
+        groups.setdefault(image.shape[0], []).append(index)
+    out: list[torch.Tensor] = list(features)
+    sources = [torch.arange(image.shape[0], device=image.device) for image in features]
+    for n, members in groups.items():
+        keep = max(kept_tokens(n, visual_tokens, visual_ratio), protected + 1)
+        if keep >= n:
+            continue
+        merged, history = reduce_features(torch.stack([features[i] for i in members]), keep, protected)
+        for row, index in enumerate(members):
+            out[index] = merged[row]
+            sources[index] = history.source[row]
+    return out, sources
+
+
+def merged_positions(
+    positions: torch.Tensor,
+    input_ids: torch.Tensor,
+    placeholder: int,
+    sources: Sequence[torch.Tensor],
+    after: Sequence[int],
+) -> torch.Tensor:
+    """Positions for a prompt whose images were merged, before :func:`shorten_prompts` drops
+    the placeholders: ``positions`` ``(R, B, L)`` (e.g. M-RoPE's ``(t, h, w)`` rows) of the
+    prompt as given; image ``i``'s ``j``-th placeholder gets the position of its merged token
+    ``j``: the size-weighted mean of the positions of the original tokens it holds (rounded to
+    the nearest integer, per row), so that its first ``after[i]`` placeholders, the ones
+    :func:`shorten_prompts` keeps, carry its merged tokens' positions. Every other token keeps
+    its position (text after an image included).
+
+    Images are numbered as in :func:`shorten_prompts` (in the order their placeholders come,
+    row by row); ``sources[i]`` is image ``i``'s source map and ``after[i]`` its number of
+    merged tokens (:func:`reduce_images_tracked`).
+
+    >>> ids = torch.tensor([[5, 9, 9, 9, 9, 6]])
+    >>> pos = torch.tensor([[[0, 1, 2, 3, 4, 9]]])
+    >>> merged_positions(pos, ids, 9, [torch.tensor([0, 1, 0, 1])], [2]).tolist()  # (1+3)/2, (2+4)/2
+    [[[0, 2, 3, 3, 4, 9]]]
+    """
+    R, B, L = positions.shape
+    if not sources:
+        return positions
+    device = positions.device
+    is_image = (input_ids == placeholder).reshape(-1).to(device)
+    before_t = torch.tensor([s.shape[0] for s in sources], dtype=torch.long, device=device)
+    after_t = torch.as_tensor(list(after), dtype=torch.long, device=device)
+    # one entry per placeholder, in batch order: its image, its place in it, its merged token
+    image = torch.repeat_interleave(torch.arange(len(sources), device=device), before_t)
+    place = torch.arange(image.shape[0], device=device) - (before_t.cumsum(0) - before_t)[image]
+    first = (after_t.cumsum(0) - after_t)[image]  # the image's first merged token, batch-wide
+    group = first + torch.cat([s.to(device) for s in sources])
+    where = is_image.nonzero().squeeze(1)  # one host sync per call
+    if where.shape[0] != image.shape[0]:
+        raise ValueError(
+            f"merged_positions: {where.shape[0]} placeholders for images of {image.shape[0]} tokens"
+        )
+    exact = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+    values = positions.reshape(R, B * L)[:, where].to(exact)
+    total = int(sum(after))
+    sums = torch.zeros(R, total, dtype=exact, device=device).index_add_(1, group, values)
+    means = torch.round(sums / torch.bincount(group, minlength=total).to(exact)).to(positions.dtype)
+    # the j-th placeholder of image i takes merged token j of image i (j < after[i])
+    slot = place < after_t[image]
+    out = positions.reshape(R, B * L).clone()
+    out[:, where[slot]] = means[:, (first + place)[slot]]
+    return out.reshape(R, B, L)
+
+
+# -- the handle of vision-language models ---------------------------------------------------------
+
+# visual_ratio=0.75: LLaVA-1.5's 576 tokens -> 144. Not measured on a trained model (none is
+# reachable offline): the middle of the published range of training-free reductions (VisionZip
+# keeps 192 / 128 / 64 of 576, i.e. 67-89% removed, at ~98-94% of the accuracy) and a ratio, so
+# that it means the same for any image size.
+VISUAL_DEFAULTS = {"visual_tokens": None, "visual_ratio": 0.75}
+
+
+def _visual_tokens(name: str, value: object) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name}: expected an int >= 1 (tokens per image) or None, got {value!r}")
+    return value
+
+
+def _visual_ratio(name: str, value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise ValueError(
+            f"{name}: expected a number in [0, 1) (the fraction of each image's tokens merged away) "
+            f"or None, got {value!r}"
+        )
+    return float(value)
+
+
+class _OneOfTwo(Option):
+    """An option of a pair of which one is active: setting it to a value (not ``None``) sets
+    the other one to ``None``, so the latest one set is the one that counts."""
+
+    def __init__(self, default: object, check, doc: str, *, other: str) -> None:
+        super().__init__(default, check, doc)
+        self.other = other
+
+    def __set__(self, obj, value) -> None:
+        super().__set__(obj, value)
+        if value is not None:
+            obj.__dict__["_" + self.other] = None
+
+
+class VisualHandle(PatchHandle):
+    """``model.tome`` of a patched vision-language model: how far each image is reduced.
+
+    Attributes:
+        visual_tokens: each image reaches the language model as at most this many tokens
+            (``None``: :attr:`visual_ratio` decides).
+        visual_ratio: the fraction of each image's tokens merged away (``0 <= visual_ratio < 1``;
+            ``None``: :attr:`visual_tokens` decides).
+
+    One of the two is active: setting one (to a value) sets the other to ``None``. Both
+    ``None``: nothing merges.
+    """
+
+    visual_tokens = _OneOfTwo(
+        VISUAL_DEFAULTS["visual_tokens"],
+        _visual_tokens,
+        "each image reaches the language model as at most this many tokens",
+        other="visual_ratio",
+    )
+    visual_ratio = _OneOfTwo(
+        VISUAL_DEFAULTS["visual_ratio"],
+        _visual_ratio,
+        "the fraction of each image's visual tokens merged away before the language model",
+        other="visual_tokens",
+    )
+
+    def __init__(self, **options: object) -> None:
+        tokens, ratio = options.get("visual_tokens"), options.get("visual_ratio")
+        if tokens is not None and ratio is not None:
+            raise ValueError(
+                f"visual_tokens and visual_ratio: give one, not both (got visual_tokens={tokens!r}, "
+                f"visual_ratio={ratio!r})"
+            )
+        if tokens is not None:
+            options["visual_ratio"] = None  # else the default ratio would be set after it
+        super().__init__(0, **options)  # no blocks: one merge, before the language model
+
+    @property
+    def r(self) -> None:
+        """A vision-language model merges by :attr:`visual_tokens` / :attr:`visual_ratio`; ``r``
+        is always ``None``."""
+        return None
+
+    @r.setter
+    def r(self, value) -> None:
+        if value is not None:
+            raise TypeError(
+                f"r: a vision-language model merges each image's tokens once, before the language "
+                f"model; set model.tome.visual_tokens or model.tome.visual_ratio (got r={value!r})"
+            )
+
+    @property
+    def ratio(self) -> None:
+        """Always ``None``: see :attr:`visual_ratio`."""
+        return None
+
+    @ratio.setter
+    def ratio(self, value) -> None:
+        if value is not None:
+            raise TypeError(
+                f"ratio: a vision-language model merges each image's tokens once, before the "
+                f"language model; set model.tome.visual_ratio (got ratio={value!r})"
+            )
+
+    def merges(self) -> bool:
+        """Whether the settings merge anything at all."""
+        return self.visual_tokens is not None or bool(self.visual_ratio)
+
+    def unmerge(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise TypeError(
+            "tome: a patched vision-language model merges each image once, before the language "
+            "model; there is nothing to unmerge"
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"VisualHandle(family={self.family!r}, visual_tokens={self.visual_tokens!r}, "
+            f"visual_ratio={self.visual_ratio!r})"
+        )
+
+
+def refuse_token_settings(r, ratio, prop_attn, unmerge_output, options: MergeOptions | None) -> None:
+    """Refuse the token models' settings given to a vision-language model, naming its options."""
+    for name, value in (("r", r), ("ratio", ratio)):
+        if value is not None:
+            raise TypeError(
+                f"{name}: a vision-language model merges each image's tokens once, before the "
+                f"language model; pass visual_tokens= (tokens per image) or visual_ratio= (the "
+                f"fraction merged away) instead of {name} (got {name}={value!r})"
+            )
+    given = {"prop_attn": (prop_attn, True), "unmerge_output": (unmerge_output, False)}
+    defaults = MergeOptions()
+    given.update({n: (getattr(options, n), getattr(defaults, n)) for n in vars(defaults)} if options else {})
+    for name, (value, default) in given.items():
+        if value != default:
+            raise TypeError(
+                f"{name}: not an option for vision-language models (each image's tokens merge "
+                "once, by size-weighted means, before the language model); their options are "
+                "visual_tokens and visual_ratio"
+            )

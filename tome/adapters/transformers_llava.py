@@ -1,0 +1,206 @@
+"""transformers ``LlavaForConditionalGeneration`` (LLaVA-1.5 and its kin): reduce once, before the
+decoder.
+
+Every image reaches the language model as at most ``visual_tokens`` tokens (or with
+``visual_ratio`` of its tokens merged away): its projected visual features (CLS already dropped
+by the model) are merged by tome's own core, and the prompt's run of ``image_token_id``
+placeholders for that image is shortened to match (:mod:`tome.adapters.common.vlm`). The
+language model reads the shorter sequence: a shorter prefill, a smaller KV cache, every decode
+step as before.
+
+What is installed on the top model (module-level functions: a patched model deep-copies and
+pickles; ``tome.unpatch`` takes it all away):
+
+- ``generate`` (an instance method shadowing the class's): when given ``input_ids`` and
+  ``pixel_values`` it computes the image features once (the model's own
+  ``get_image_features``), merges them, shortens ``input_ids`` / ``attention_mask`` and calls the
+  model's own ``generate`` with the merged features as ``mm_encoder_outputs`` (transformers'
+  own way to give pre-computed features; it passes them to the prefill only) instead of
+  ``pixel_values``. The returned sequences start with the prompt exactly as given: merging
+  does not show in the output format. (A ``streamer`` is shown the shortened prompt; scores,
+  logits and the new tokens are as usual.)
+- a forward pre-hook (so ``forward``'s signature, which ``generate`` inspects, stays the
+  class's): a direct call ``model(input_ids=..., pixel_values=...)`` is rewritten the same way,
+  ``labels`` included, so its logits have the shortened length.
+
+Why merge the projected features, and by their own similarity: that is what the language model
+reads (a merged token is the mean of the embeddings it replaces), it needs no attention weights
+(SDPA / FlashAttention stay on) and no knowledge of the vision tower's layers. Not measured
+against other choices (the vision tower's keys, merging before the projector): no trained VLM is
+reachable offline here (docs/vlm.md).
+
+Merged only when ``input_ids`` and ``pixel_values`` are given (the processor's inputs); a
+text-only prompt, ``inputs_embeds`` or pre-computed ``mm_encoder_outputs`` run unchanged. A
+prompt whose placeholders do not match its images runs unchanged too, so the model raises its
+own error.
+
+Example (a tiny random LLaVA):
+
+>>> import torch, tome
+>>> from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+>>> vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+...                           num_attention_heads=2, image_size=32, patch_size=4)
+>>> text = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+...                    num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+>>> llava = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_id=99)).eval()
+>>> ids = torch.tensor([[1, 5] + [99] * 64 + [7]])  # 64 placeholders: (32 / 4) ** 2 patches
+>>> inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+...           "pixel_values": torch.randn(1, 3, 32, 32)}
+>>> llava = tome.patch(llava, visual_tokens=16)
+>>> out = llava.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+>>> out.sequences.shape, out.cache.get_seq_length()  # prompt as given; the cache: 3 + 16 + 2
+(torch.Size([1, 70]), 21)
+>>> tome.unpatch(llava) is llava
+True
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn as nn
+
+from tome.adapters.common.vlm import VISUAL_DEFAULTS as DEFAULTS
+from tome.adapters.common.vlm import VisualHandle, reduce_images, refuse_token_settings, shorten_prompts
+from tome.runtime.merge_options import MergeOptions
+from tome.runtime.registry import REDUCE_ONCE, Adapter
+
+__all__ = ["DEFAULTS", "VisualHandle", "apply"]
+
+# Per-token inputs of forward() that lose the same positions as input_ids.
+_PER_TOKEN = ("labels", "position_ids", "token_type_ids")
+# Arguments of get_image_features that forward() and generate() take.
+_ENCODER_ARGS = ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
+
+
+# -- the rewrite (module-level: patched models pickle and deep-copy) -----------------------------
+
+
+def _reduced(model: nn.Module, handle: VisualHandle, ids: object, kwargs: dict) -> tuple[dict, int] | None:
+    """``kwargs`` (a forward's or generate's keyword arguments, ``input_ids`` given as ``ids``)
+    rewritten: merged image features as ``mm_encoder_outputs`` instead of ``pixel_values``,
+    ``input_ids`` and the per-token inputs shortened; and the new length. ``None``: run as is."""
+    pixels = kwargs.get("pixel_values")
+    if (
+        not handle.merges()
+        or not isinstance(ids, torch.Tensor)
+        or ids.dim() != 2
+        or pixels is None
+        or kwargs.get("inputs_embeds") is not None
+        or kwargs.get("mm_encoder_outputs") is not None
+    ):
+        return None
+    mask = kwargs.get("attention_mask")
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != ids.shape):
+        return None  # a 4-D mask, or one that covers a cache: not a prompt of its own
+    encoder = {name: kwargs[name] for name in _ENCODER_ARGS if kwargs.get(name) is not None}
+    image = model.get_image_features(pixel_values=pixels, return_dict=True, **encoder)
+    features = list(image.pooler_output)
+    # "full": the model passes the class token on, first in each image's features; it stays.
+    strategy = kwargs.get("vision_feature_select_strategy") or model.config.vision_feature_select_strategy
+    merged = reduce_images(features, handle.visual_tokens, handle.visual_ratio, int(strategy == "full"))
+    before = [f.shape[0] for f in features]
+    after = [f.shape[0] for f in merged]
+    if before == after:
+        return None
+    extra = {
+        name: kwargs[name]
+        for name in _PER_TOKEN
+        if isinstance(kwargs.get(name), torch.Tensor) and kwargs[name].shape == ids.shape
+    }
+    pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
+    shortened = shorten_prompts(
+        ids,
+        mask,
+        model.config.image_token_id,
+        before,
+        after,
+        extra,
+        pad_id=pad if isinstance(pad, int) else 0,
+    )
+    if shortened is None:
+        return None  # placeholders and images do not match: the model's own error
+    image.pooler_output = merged
+    rewritten = {k: v for k, v in kwargs.items() if k not in ("pixel_values", "input_ids", "inputs")}
+    rewritten.update(shortened.tensors)
+    rewritten["mm_encoder_outputs"] = {"image": image}
+    return rewritten, shortened.width
+
+
+def _generate(model: nn.Module, handle: VisualHandle, *args, **kwargs):
+    # generate(inputs=None, ...): the prompt comes positionally, as inputs= or as input_ids=.
+    ids = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
+    with torch.no_grad():  # as generate() itself encodes the images
+        reduced = _reduced(model, handle, ids, kwargs)
+    if reduced is None:
+        return type(model).generate(model, *args, **kwargs)
+    rewritten, width = reduced
+    for name in ("max_length", "min_length"):  # they count the prompt: the one as given
+        if isinstance(rewritten.get(name), int):
+            rewritten[name] -= ids.shape[1] - width
+    if args:  # the shortened prompt where the prompt was
+        args = (rewritten.pop("input_ids"), *args[1:])
+    out = type(model).generate(model, *args, **rewritten)
+    # The sequences start with the prompt exactly as given, then the new tokens (beam search and
+    # num_return_sequences repeat each prompt, in order).
+    sequences = out if isinstance(out, torch.Tensor) else out.sequences
+    prompt = ids.to(sequences.device).repeat_interleave(sequences.shape[0] // ids.shape[0], dim=0)
+    sequences = torch.cat([prompt, sequences[:, width:]], dim=1)
+    if isinstance(out, torch.Tensor):
+        return sequences
+    out.sequences = sequences
+    return out
+
+
+def _forward_pre_hook(handle: VisualHandle, model: nn.Module, args: tuple, kwargs: dict):
+    if kwargs.get("pixel_values") is None and len(args) < 2:
+        return None  # the common case (every decode step): nothing to look at
+    if args:  # positional arguments, by the class's own signature
+        bound = inspect.signature(type(model).forward).bind(model, *args, **kwargs)
+        named = dict(bound.arguments)
+        named.pop(next(iter(named)))  # self
+        kwargs = {**named.pop("kwargs", {}), **named}
+    reduced = _reduced(model, handle, kwargs.get("input_ids"), kwargs)
+    return None if reduced is None else ((), reduced[0])
+
+
+# -- patching ---------------------------------------------------------------------------------------
+
+
+def apply(
+    model: nn.Module,
+    *,
+    r=None,
+    ratio: float | None = None,
+    prop_attn: bool = True,
+    unmerge_output: bool = False,
+    options: MergeOptions | None = None,
+    **visual: object,
+) -> VisualHandle:
+    refuse_token_settings(r, ratio, prop_attn, unmerge_output, options)
+    if not callable(getattr(model, "get_image_features", None)) or not isinstance(
+        getattr(model.config, "image_token_id", None), int
+    ):
+        raise TypeError(
+            f"tome: expected a LLaVA model with get_image_features() and config.image_token_id, "
+            f"got a {type(model).__name__}"
+        )
+    handle = VisualHandle(**visual)  # checks every option before the model changes
+    with handle.installing():
+        handle.install_method(model, "generate", _generate, handle)
+        handle.install_pre_hook(model, _forward_pre_hook, handle)
+    return handle
+
+
+ADAPTER = Adapter(
+    library="transformers",
+    classes=("LlavaForConditionalGeneration",),
+    kind=REDUCE_ONCE,
+    title="vision-language models (transformers LlavaForConditionalGeneration)",
+    apply=apply,
+    handle=VisualHandle,
+    merged="each image's visual tokens, once, before the language model: shorter prefill and KV cache",
+    tested_on="tiny random configs (CLIP vision + Llama)",
+    takes_r=False,
+)

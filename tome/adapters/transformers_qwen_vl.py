@@ -1,0 +1,269 @@
+"""transformers ``Qwen2_5_VLForConditionalGeneration`` and ``Qwen2VLForConditionalGeneration``:
+reduce once, before the decoder (images; videos run unmerged).
+
+Every image reaches the language model as at most ``visual_tokens`` tokens (or with
+``visual_ratio`` of its tokens merged away): its visual features (the vision tower's output after
+the 2x2 patch merger, what the language model reads) are merged by tome's own core, and the
+image's run of ``image_token_id`` placeholders is shortened to match
+(:mod:`tome.adapters.common.vlm`), as for LLaVA (:mod:`tome.adapters.transformers_llava`).
+
+Positions (3-D M-RoPE): the positions of the prompt as given are computed first, exactly as the
+unpatched model would (``get_rope_index`` when ``mm_token_type_ids`` and ``image_grid_thw`` are
+given, as the processor gives them; else the plain 1-D positions the model then uses); every text
+token keeps its position, and each merged visual token gets the size-weighted mean, rounded, of
+the ``(t, h, w)`` positions of the tokens it holds. The shortened prompt goes to the model with
+these ``position_ids``, so the language model sees each image at the place and scale it would
+have had (Qwen's positions already span an image by its grid, ``max(h, w)`` steps, not by its
+token count), only sparser; decode steps continue from the original prompt's positions
+(``generate()`` extends the given ``position_ids`` by one per step; ``model.model.rope_deltas`` is
+set for a continuation without them).
+
+What is installed on the top model (module-level functions; ``tome.unpatch`` takes it all away):
+``generate`` (an instance method shadowing the class's) and a forward pre-hook, as for LLaVA.
+
+Merged only when ``input_ids``, ``pixel_values`` and ``image_grid_thw`` are given; a text-only
+prompt, ``inputs_embeds``, pre-computed ``mm_encoder_outputs``, videos (``pixel_values_videos``)
+or a call continuing a cache run unchanged, as does a prompt whose placeholders do not match its
+images (the model raises its own error).
+
+Example (a tiny random Qwen2.5-VL):
+
+>>> import torch, tome
+>>> from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+>>> vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+...               patch_size=4, window_size=16, fullatt_block_indexes=[1])
+>>> text = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+...             num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+...             rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1e4})
+>>> qwen = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+...     vision_config=vision, text_config=text, image_token_id=99, video_token_id=98)).eval()
+>>> grid = torch.tensor([[1, 8, 8]])  # 64 patches -> 16 tokens after the 2x2 merger
+>>> ids = torch.tensor([[1, 5] + [99] * 16 + [7]])
+>>> inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "image_grid_thw": grid,
+...           "mm_token_type_ids": (ids == 99).int(), "pixel_values": torch.randn(64, 3 * 2 * 4 * 4)}
+>>> qwen = tome.patch(qwen, visual_tokens=4)
+>>> out = qwen.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+>>> out.sequences.shape, out.cache.get_seq_length()  # prompt as given; the cache: 2 + 4 + 1 + 2
+(torch.Size([1, 22]), 9)
+>>> tome.unpatch(qwen) is qwen
+True
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn as nn
+
+from tome.adapters.common.vlm import (
+    VisualHandle,
+    merged_positions,
+    reduce_images_tracked,
+    refuse_token_settings,
+    shorten_prompts,
+)
+
+# The handle and the refusal of the token models' settings are LLaVA's: one family of options.
+from tome.runtime.merge_options import MergeOptions
+from tome.runtime.registry import REDUCE_ONCE, Adapter
+
+__all__ = ["apply"]
+
+# Per-token inputs of forward() / generate() that lose the same positions as input_ids.
+_PER_TOKEN = ("labels", "token_type_ids", "mm_token_type_ids")
+
+
+def _cache_length(kwargs: dict) -> int:
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is None:
+        return 0
+    length = getattr(cache, "get_seq_length", None)
+    return int(length()) if callable(length) else 1
+
+
+def _original_positions(model: nn.Module, ids: torch.Tensor, kwargs: dict, generating: bool) -> torch.Tensor:
+    """``(3, B, L)``: the M-RoPE positions the unpatched model gives the prompt as given."""
+    given = kwargs.get("position_ids")
+    if isinstance(given, torch.Tensor):
+        if given.dim() == 2:
+            return given[None].expand(3, -1, -1)
+        return given[-3:]  # (4, B, L): the text row first, then (t, h, w)
+    mask = kwargs.get("attention_mask")
+    types = kwargs.get("mm_token_type_ids")
+    if types is not None and kwargs.get("image_grid_thw") is not None:
+        positions, _ = model.model.get_rope_index(
+            ids,
+            mm_token_type_ids=types,
+            image_grid_thw=kwargs.get("image_grid_thw"),
+            video_grid_thw=kwargs.get("video_grid_thw"),
+            second_per_grid_ts=kwargs.get("second_per_grid_ts"),
+            attention_mask=mask,
+        )
+        return positions
+    B, L = ids.shape
+    if generating and mask is not None:  # generate()'s own 1-D positions
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    else:  # a forward numbers every column, padding included
+        positions = torch.arange(L, device=ids.device).expand(B, L)
+    return positions[None].expand(3, B, L)
+
+
+def _reduced(
+    model: nn.Module, handle: VisualHandle, ids: object, kwargs: dict, generating: bool
+) -> tuple[dict, int] | None:
+    """``kwargs`` rewritten: merged image features as ``mm_encoder_outputs`` instead of
+    ``pixel_values``, ``input_ids`` and the per-token inputs shortened, ``position_ids`` of the
+    shortened prompt; and its new length. ``None``: run as is."""
+    pixels = kwargs.get("pixel_values")
+    grid = kwargs.get("image_grid_thw")
+    if (
+        not handle.merges()
+        or not isinstance(ids, torch.Tensor)
+        or ids.dim() != 2
+        or pixels is None
+        or grid is None
+        or kwargs.get("inputs_embeds") is not None
+        or kwargs.get("mm_encoder_outputs") is not None
+        or kwargs.get("pixel_values_videos") is not None
+        or _cache_length(kwargs) > 0
+    ):
+        return None
+    mask = kwargs.get("attention_mask")
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != ids.shape):
+        return None  # a 4-D mask, or one that covers a cache: not a prompt of its own
+    given = kwargs.get("position_ids")
+    if given is not None and (
+        not isinstance(given, torch.Tensor)
+        or given.shape[-2:] != ids.shape
+        or not (given.dim() == 2 or (given.dim() == 3 and given.shape[0] in (3, 4)))
+    ):
+        return None
+    placeholder = model.config.image_token_id
+    before = (grid.prod(-1) // model.model.visual.spatial_merge_size**2).tolist()
+    if int((ids == placeholder).sum()) != sum(before):
+        return None  # placeholders and images do not match: the model's own error
+    image = model.get_image_features(pixel_values=pixels, image_grid_thw=grid, return_dict=True)
+    features = list(image.pooler_output)
+    merged, sources = reduce_images_tracked(features, handle.visual_tokens, handle.visual_ratio)
+    after = [f.shape[0] for f in merged]
+    if before == after:
+        return None
+    original = _original_positions(model, ids, kwargs, generating)
+    positions = merged_positions(original, ids, placeholder, sources, after)
+    extra = {
+        name: kwargs[name]
+        for name in _PER_TOKEN
+        if isinstance(kwargs.get(name), torch.Tensor) and kwargs[name].shape == ids.shape
+    }
+    extra.update({f"_position_{row}": positions[row] for row in range(3)})
+    pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
+    shortened = shorten_prompts(
+        ids, mask, placeholder, before, after, extra, pad_id=pad if isinstance(pad, int) else 0
+    )
+    if shortened is None:
+        return None
+    tensors = dict(shortened.tensors)
+    rope = torch.stack([tensors.pop(f"_position_{row}") for row in range(3)])
+    new_mask = tensors.get("attention_mask")
+    real = torch.ones_like(tensors["input_ids"]) if new_mask is None else new_mask.long()
+    text = (real.cumsum(-1) - 1).masked_fill(real == 0, 0)  # what generate() numbers the tokens
+    # A continuation without position_ids (the model's rope_deltas) goes on from the original
+    # prompt's last position: delta = its max + 1 - the shortened row's real tokens.
+    highest = original.masked_fill(~_real(mask, ids)[None], 0).amax(dim=(0, 2))
+    model.model.rope_deltas = (highest + 1 - real.sum(-1))[:, None]
+    if generating or (isinstance(given, torch.Tensor) and given.dim() == 3 and given.shape[0] == 4):
+        # generate(): the text row first (the mask is built from it), as generate() builds them
+        tensors["position_ids"] = torch.cat([text[None], rope])
+    else:
+        tensors["position_ids"] = rope
+    image.pooler_output = merged
+    rewritten = {k: v for k, v in kwargs.items() if k not in ("pixel_values", "input_ids", "inputs")}
+    rewritten.update(tensors)
+    rewritten["mm_encoder_outputs"] = {"image": image}
+    return rewritten, shortened.width
+
+
+def _real(mask: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
+    return torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+
+
+def _generate(model: nn.Module, handle: VisualHandle, *args, **kwargs):
+    # generate(inputs=None, ...): the prompt comes positionally, as inputs= or as input_ids=.
+    ids = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
+    with torch.no_grad():  # as generate() itself encodes the images
+        reduced = _reduced(model, handle, ids, kwargs, generating=True)
+    if reduced is None:
+        return type(model).generate(model, *args, **kwargs)
+    rewritten, width = reduced
+    for name in ("max_length", "min_length"):  # they count the prompt: the one as given
+        if isinstance(rewritten.get(name), int):
+            rewritten[name] -= ids.shape[1] - width
+    if args:  # the shortened prompt where the prompt was
+        args = (rewritten.pop("input_ids"), *args[1:])
+    out = type(model).generate(model, *args, **rewritten)
+    # The sequences start with the prompt exactly as given, then the new tokens.
+    sequences = out if isinstance(out, torch.Tensor) else out.sequences
+    prompt = ids.to(sequences.device).repeat_interleave(sequences.shape[0] // ids.shape[0], dim=0)
+    sequences = torch.cat([prompt, sequences[:, width:]], dim=1)
+    if isinstance(out, torch.Tensor):
+        return sequences
+    out.sequences = sequences
+    return out
+
+
+def _forward_pre_hook(handle: VisualHandle, model: nn.Module, args: tuple, kwargs: dict):
+    if kwargs.get("pixel_values") is None and len(args) < 2:
+        return None  # the common case (every decode step): nothing to look at
+    if args:  # positional arguments, by the class's own signature
+        bound = inspect.signature(type(model).forward).bind(model, *args, **kwargs)
+        named = dict(bound.arguments)
+        named.pop(next(iter(named)))  # self
+        kwargs = {**named.pop("kwargs", {}), **named}
+    reduced = _reduced(model, handle, kwargs.get("input_ids"), kwargs, generating=False)
+    return None if reduced is None else ((), reduced[0])
+
+
+# -- patching ---------------------------------------------------------------------------------------
+
+
+def apply(
+    model: nn.Module,
+    *,
+    r=None,
+    ratio: float | None = None,
+    prop_attn: bool = True,
+    unmerge_output: bool = False,
+    options: MergeOptions | None = None,
+    **visual: object,
+) -> VisualHandle:
+    refuse_token_settings(r, ratio, prop_attn, unmerge_output, options)
+    inner = getattr(model, "model", None)
+    if (
+        not callable(getattr(model, "get_image_features", None))
+        or not callable(getattr(inner, "get_rope_index", None))
+        or not isinstance(getattr(model.config, "image_token_id", None), int)
+    ):
+        raise TypeError(
+            f"tome: expected a Qwen2-VL / Qwen2.5-VL model with get_image_features(), "
+            f"model.get_rope_index() and config.image_token_id, got a {type(model).__name__}"
+        )
+    handle = VisualHandle(**visual)  # checks every option before the model changes
+    with handle.installing():
+        handle.install_method(model, "generate", _generate, handle)
+        handle.install_pre_hook(model, _forward_pre_hook, handle)
+    return handle
+
+
+ADAPTER = Adapter(
+    library="transformers",
+    classes=("Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration"),
+    kind=REDUCE_ONCE,
+    title="vision-language models (transformers Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration)",
+    apply=apply,
+    handle=VisualHandle,
+    merged="each image's visual tokens, once, before the language model, M-RoPE positions kept: "
+    "shorter prefill and KV cache",
+    tested_on="tiny random configs (Qwen2.5-VL, Qwen2-VL)",
+    takes_r=False,
+)
