@@ -122,8 +122,9 @@ def dinov2_transformers(size: int) -> Model:
 
 
 def dinov2_timm(size: int) -> Model:
-    from hf_to_timm import timm_dinov2_from_hf
     from transformers import Dinov2Model
+
+    from tome.tools.models.timm_from_hf import timm_dinov2_from_hf
 
     module = timm_dinov2_from_hf(Dinov2Model.from_pretrained(str(DINOV2)), img_size=size)
     return _timm_model(module, size)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from _vlm import IMAGE, tiny_llava, tiny_qwen, without_capture_hooks
 
 import tome
 from tome.runtime.base import PatchHandle
@@ -178,83 +179,42 @@ def _diffusers_dit() -> Built:
     return model, lambda m: m(**inputs).sample
 
 
-def _transformers_llava() -> Built:
-    transformers = pytest.importorskip("transformers")
-    vision = transformers.CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-        patch_size=4,
-    )  # fmt: skip
-    text = transformers.LlamaConfig(
-        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, pad_token_id=0,
-    )  # fmt: skip
-    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_id=99)
-    model = transformers.LlavaForConditionalGeneration(config)
-    # two prompts, left-padded, with one image of 64 placeholders each
-    ids = torch.randint(3, 90, (2, 20), generator=torch.Generator().manual_seed(1))
+def _vlm_prompts(ids: torch.Tensor, visual: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two prompts, left-padded, each ``ids`` then one image of ``visual`` placeholders."""
     mask = torch.ones_like(ids)
-    ids[1, :6], mask[1, :6] = 0, 0
-    ids = torch.cat([ids, torch.full((2, 64), 99), torch.full((2, 3), 7)], dim=1)
-    mask = torch.cat([mask, torch.ones(2, 67, dtype=mask.dtype)], dim=1)
-    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": _images(32)}
+    ids[1, :4], mask[1, :4] = 0, 0
+    ids = torch.cat([ids, torch.full((2, visual), IMAGE), torch.full((2, 3), 7)], dim=1)
+    return ids, torch.cat([mask, torch.ones(2, visual + 3, dtype=mask.dtype)], dim=1)
 
+
+def _next_token_logits(inputs: dict) -> Callable[[torch.nn.Module], torch.Tensor]:
     def run(m: torch.nn.Module) -> torch.Tensor:
         logits = m(**inputs).logits[:, -1]  # the next token's: the same shape, merged or not
-        # transformers 5 installs local closures as forward hooks on the first call that captures
-        # hidden states (LLaVA always does), after which even the unpatched model does not
-        # pickle; dropped here (transformers reinstalls them on the next call), so that the
-        # copies test checks tome's part.
-        for module in m.modules():
-            for key, hook in list(module._forward_hooks.items()):
-                if getattr(hook, "__name__", "") == "output_capturing_hook":
-                    del module._forward_hooks[key]
-            module.__dict__.pop("_output_capturing_hooks_installed", None)
+        without_capture_hooks(m)  # so that the copies test checks tome's part
         return logits
 
-    return model, run
+    return run
+
+
+def _transformers_llava() -> Built:
+    pytest.importorskip("transformers")
+    ids, mask = _vlm_prompts(torch.randint(3, 90, (2, 20), generator=torch.Generator().manual_seed(1)), 64)
+    return tiny_llava(), _next_token_logits(
+        {"input_ids": ids, "attention_mask": mask, "pixel_values": _images(32)}
+    )
 
 
 def _transformers_qwen_vl() -> Built:
-    transformers = pytest.importorskip("transformers")
-    vision = {
-        "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 32,
-        "patch_size": 4, "window_size": 16, "fullatt_block_indexes": [1],
-    }  # fmt: skip
-    text = {
-        "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "pad_token_id": 0,
-        "rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1e4},
-    }  # fmt: skip
-    config = transformers.Qwen2_5_VLConfig(
-        vision_config=vision, text_config=text, image_token_id=99, video_token_id=98
-    )
-    model = transformers.Qwen2_5_VLForConditionalGeneration(config)
-    # two prompts, left-padded, with one image each: 8x8 patches -> 16 tokens (2x2 merger)
-    ids = torch.randint(3, 90, (2, 12), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    ids[1, :4], mask[1, :4] = 0, 0
-    ids = torch.cat([ids, torch.full((2, 16), 99), torch.full((2, 3), 7)], dim=1)
-    mask = torch.cat([mask, torch.ones(2, 19, dtype=mask.dtype)], dim=1)
+    pytest.importorskip("transformers")
+    ids, mask = _vlm_prompts(torch.randint(3, 90, (2, 12), generator=torch.Generator().manual_seed(1)), 16)
     inputs = {
         "input_ids": ids,
         "attention_mask": mask,
-        "mm_token_type_ids": (ids == 99).int(),
-        "image_grid_thw": torch.tensor([[1, 8, 8], [1, 8, 8]]),
+        "mm_token_type_ids": (ids == IMAGE).int(),
+        "image_grid_thw": torch.tensor([[1, 8, 8], [1, 8, 8]]),  # 8x8 patches -> 16 tokens (2x2 merger)
         "pixel_values": torch.randn(128, 3 * 2 * 4 * 4, generator=torch.Generator().manual_seed(2)),
     }
-
-    def run(m: torch.nn.Module) -> torch.Tensor:
-        logits = m(**inputs).logits[:, -1]  # the next token's: the same shape, merged or not
-        # transformers 5's output-capturing hooks (local closures) do not pickle: dropped here
-        # (reinstalled on the next call), so that the copies test checks tome's part.
-        for module in m.modules():
-            for key, hook in list(module._forward_hooks.items()):
-                if getattr(hook, "__name__", "") == "output_capturing_hook":
-                    del module._forward_hooks[key]
-            module.__dict__.pop("_output_capturing_hooks_installed", None)
-        return logits
-
-    return model, run
+    return tiny_qwen(), _next_token_logits(inputs)
 
 
 BUILDERS: dict[str, Callable[[], Built]] = {

@@ -18,34 +18,9 @@ transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "Qwen2_5_VLForConditionalGeneration"):
     pytest.skip("no Qwen2.5-VL in this transformers", allow_module_level=True)
 
-IMAGE, VIDEO, START, END = 99, 98, 97, 96  # image_token_id, video_token_id, vision start / end
-PAD = 0
+from _vlm import END, IMAGE, PAD, START, VIDEO, language_model_calls, tiny_qwen, without_capture_hooks  # noqa: E402
+
 PATCH = 3 * 2 * 4 * 4  # a flattened patch: channels x temporal_patch_size x patch_size ** 2
-TEXT = {
-    "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "pad_token_id": PAD, "bos_token_id": 1,
-    "eos_token_id": 2, "rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1e4},
-}  # fmt: skip
-TOKENS = {
-    "image_token_id": IMAGE,
-    "video_token_id": VIDEO,
-    "vision_start_token_id": START,
-    "vision_end_token_id": END,
-}
-
-
-def _qwen(version: str = "2.5", seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    if version == "2.5":
-        vision = {
-            "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 32,
-            "patch_size": 4, "window_size": 16, "fullatt_block_indexes": [1],
-        }  # fmt: skip
-        config = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=TEXT, **TOKENS)
-        return transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
-    vision = {"depth": 2, "embed_dim": 32, "hidden_size": 32, "mlp_ratio": 2, "num_heads": 2, "patch_size": 4}
-    config = transformers.Qwen2VLConfig(vision_config=vision, text_config=TEXT, **TOKENS)
-    return transformers.Qwen2VLForConditionalGeneration(config).eval()
 
 
 def _tokens(grid: tuple[int, int, int]) -> int:
@@ -95,32 +70,6 @@ def _generate(model, inputs: dict, **kwargs):
     return model.generate(**inputs, **GREEDY, return_dict_in_generate=True, output_logits=True, **kwargs)
 
 
-def _language_model_calls(model, run) -> list[dict]:
-    """What the language model reads, call by call (the first: the prefill)."""
-    seen: list[dict] = []
-
-    def hook(module, args, kwargs):
-        seen.append({"length": kwargs["inputs_embeds"].shape[1], "position_ids": kwargs.get("position_ids")})
-
-    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        run()
-    finally:
-        handle.remove()
-    return seen
-
-
-def _without_capture_hooks(model: torch.nn.Module) -> torch.nn.Module:
-    """transformers 5's own output-capturing hooks (local closures) do not pickle; dropped here
-    (transformers reinstalls them on the next call), so what is checked is tome's part."""
-    for module in model.modules():
-        for key, hook in list(module._forward_hooks.items()):
-            if getattr(hook, "__name__", "") == "output_capturing_hook":
-                del module._forward_hooks[key]
-        module.__dict__.pop("_output_capturing_hooks_installed", None)
-    return model
-
-
 # -- the pure pieces ------------------------------------------------------------------------------
 
 
@@ -163,7 +112,7 @@ def test_merged_positions_are_the_rounded_means_and_text_keeps_its_own():
 @pytest.mark.parametrize("version", ["2.5", "2"])
 @pytest.mark.parametrize("settings", [{"visual_ratio": 0.0}, {"visual_tokens": 24}, {"visual_tokens": 1000}])
 def test_no_merging_is_exact(version, settings):
-    model = _qwen(version)
+    model = tiny_qwen(version)
     inputs = _batch([A, B])
     logits = model(**inputs).logits
     reference = _generate(model, inputs)
@@ -180,11 +129,11 @@ def test_no_merging_is_exact(version, settings):
     ("settings", "kept"), [({"visual_tokens": 6}, [6, 6, 6]), ({"visual_ratio": 0.75}, [6, 4, 6])]
 )
 def test_the_prefill_and_the_cache_shrink_by_the_merged_tokens(version, settings, kept):
-    model = tome.patch(_qwen(version), **settings)
+    model = tome.patch(tiny_qwen(version), **settings)
     inputs = _batch([A, B])
     width = inputs["input_ids"].shape[1]  # the row with two images: 2 + 2 * 2 + 16 + 24 + 2 = 48
     lengths = [len(_prompt(*A)) - (24 - kept[0]), width - (16 - kept[1] + 24 - kept[2])]
-    calls = _language_model_calls(model, lambda: _generate(model, inputs))
+    calls = language_model_calls(model, lambda: _generate(model, inputs))
     assert calls[0]["length"] == max(lengths)
     assert [c["length"] for c in calls[1:]] == [1] * (GREEDY["max_new_tokens"] - 1)  # decode unchanged
     out = _generate(model, inputs)
@@ -192,7 +141,7 @@ def test_the_prefill_and_the_cache_shrink_by_the_merged_tokens(version, settings
     assert torch.equal(out.sequences[:, :width], inputs["input_ids"])  # the prompts as given
     assert out.sequences.shape == (2, width + GREEDY["max_new_tokens"])
     # a direct forward reads the shortened prompt too
-    forward = _language_model_calls(model, lambda: model(**inputs))
+    forward = language_model_calls(model, lambda: model(**inputs))
     assert [c["length"] for c in forward] == [calls[0]["length"]]
     assert model(**inputs).logits.shape[1] == calls[0]["length"]
 
@@ -210,14 +159,14 @@ def _prefill_inputs(model, run) -> dict:
 
 @torch.no_grad()
 def test_positions_text_keeps_its_own_and_decoding_continues_the_original_prompt():
-    model = _qwen()
+    model = tiny_qwen()
     inputs = _batch([A, B])
     ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
-    reference = _language_model_calls(model, lambda: _generate(model, inputs))
+    reference = language_model_calls(model, lambda: _generate(model, inputs))
     deltas = model.model.rope_deltas.clone()
     full = reference[0]["position_ids"]  # (4, B, L): generate()'s text row, then (t, h, w)
     tome.patch(model, visual_tokens=5)
-    calls = _language_model_calls(model, lambda: _generate(model, inputs))
+    calls = language_model_calls(model, lambda: _generate(model, inputs))
     prefill = _prefill_inputs(model, lambda: _generate(model, inputs))
     s_ids, s_mask, short = prefill["input_ids"], prefill["attention_mask"].bool(), prefill["position_ids"]
     assert torch.equal(short, calls[0]["position_ids"])
@@ -241,7 +190,7 @@ def test_positions_text_keeps_its_own_and_decoding_continues_the_original_prompt
 
 @torch.no_grad()
 def test_merged_positions_are_the_mean_of_their_tokens():
-    model = tome.patch(_qwen(), visual_tokens=3)
+    model = tome.patch(tiny_qwen(), visual_tokens=3)
     inputs = _batch([A])
     ids = inputs["input_ids"]
     full, _ = model.model.get_rope_index(
@@ -249,7 +198,7 @@ def test_merged_positions_are_the_mean_of_their_tokens():
     )
     features = model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
     _, (source,) = reduce_images_tracked(list(features), 3, None)
-    calls = _language_model_calls(model, lambda: _generate(model, inputs))
+    calls = language_model_calls(model, lambda: _generate(model, inputs))
     short = calls[0]["position_ids"][1:, 0]  # (3, L')
     image = full[:, 0, ids[0] == IMAGE].double()
     expected = torch.stack([image[:, source == j].mean(1).round() for j in range(3)], 1).long()
@@ -261,7 +210,7 @@ def test_merged_positions_are_the_mean_of_their_tokens():
 @torch.no_grad()
 @pytest.mark.parametrize("settings", [{"visual_tokens": 5}, {"visual_ratio": 0.5}])
 def test_each_row_of_a_padded_batch_is_its_own_run(settings):
-    model = tome.patch(_qwen(), **settings)
+    model = tome.patch(tiny_qwen(), **settings)
     together = _generate(model, _batch([C, B, A], seed=3))
     inputs = _batch([C, B, A], seed=3)
     patches = inputs["pixel_values"]
@@ -280,19 +229,19 @@ def test_each_row_of_a_padded_batch_is_its_own_run(settings):
 
 @torch.no_grad()
 def test_without_mm_token_type_ids_the_model_s_own_positions():
-    model = _qwen()
+    model = tiny_qwen()
     inputs = _batch([A, B], types=False)
     reference = _generate(model, inputs)
     tome.patch(model, visual_tokens=1000)
     assert torch.equal(_generate(model, inputs).sequences, reference.sequences)
     model.tome.visual_tokens = 4
-    calls = _language_model_calls(model, lambda: _generate(model, inputs))
+    calls = language_model_calls(model, lambda: _generate(model, inputs))
     assert calls[0]["length"] == inputs["input_ids"].shape[1] - (16 - 4 + 24 - 4)
 
 
 @torch.no_grad()
 def test_beam_search_sampling_without_cache_and_positional_prompts():
-    model = tome.patch(_qwen(), visual_tokens=4)
+    model = tome.patch(tiny_qwen(), visual_tokens=4)
     inputs = _batch([A, B])
     width = inputs["input_ids"].shape[1]
     beams = model.generate(**inputs, max_new_tokens=3, num_beams=3, num_return_sequences=2, do_sample=False)
@@ -307,7 +256,7 @@ def test_beam_search_sampling_without_cache_and_positional_prompts():
 
 
 def test_labels_are_shortened_with_the_prompt():
-    model = tome.patch(_qwen(), visual_tokens=4)
+    model = tome.patch(tiny_qwen(), visual_tokens=4)
     inputs = _batch([A, B])
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
     labels = labels.masked_fill(labels == IMAGE, -100)
@@ -320,7 +269,7 @@ def test_labels_are_shortened_with_the_prompt():
 
 @torch.no_grad()
 def test_text_only_prompts_and_mismatched_images():
-    model = _qwen()
+    model = tiny_qwen()
     text = {"input_ids": torch.tensor([[1, 5, 6, 7]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
     reference = model.generate(**text, **GREEDY)
     tome.patch(model, visual_tokens=4)
@@ -333,14 +282,14 @@ def test_text_only_prompts_and_mismatched_images():
 
 @torch.no_grad()
 def test_unpatch_copies_and_pickles():
-    model = _qwen()
+    model = tiny_qwen()
     inputs = _batch([A, B])
     state = {k: v.clone() for k, v in model.state_dict().items()}
     reference = _generate(model, inputs)
     tome.patch(model, visual_tokens=4)
     merged = _generate(model, inputs)
     assert not torch.equal(merged.logits[0], reference.logits[0])
-    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(_without_capture_hooks(model)))):
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(without_capture_hooks(model)))):
         assert twin.tome.visual_tokens == 4
         assert torch.equal(_generate(twin, inputs).sequences, merged.sequences)
         tome.unpatch(twin)
@@ -355,7 +304,7 @@ def test_unpatch_copies_and_pickles():
 
 
 def test_the_options():
-    model = tome.patch(_qwen(), visual_tokens=64)
+    model = tome.patch(tiny_qwen(), visual_tokens=64)
     assert type(model.tome).__name__ == "VisualHandle"
     assert model.tome.patch_options() == {"visual_tokens": 64, "visual_ratio": None}
     model.tome.visual_ratio = 0.5
@@ -376,17 +325,17 @@ def test_the_options():
     ],
 )
 def test_bad_options_are_clear_errors_and_change_nothing(settings, error, match):
-    model = tome.patch(_qwen(), visual_tokens=16)
+    model = tome.patch(tiny_qwen(), visual_tokens=16)
     with pytest.raises(error, match=match):
         tome.patch(model, **settings)
     assert model.tome.visual_tokens == 16  # the earlier patch is back
     with pytest.raises(error, match=match):
-        tome.patch(_qwen(), **settings)
+        tome.patch(tiny_qwen(), **settings)
 
 
 @torch.no_grad()
 def test_a_prompt_with_a_video_runs_unmerged():
-    model = _qwen()
+    model = tiny_qwen()
     inputs = _batch([A])
     video = [START] + [VIDEO] * 32 + [END]  # 2 x 8 x 8 patches -> 32 tokens
     ids = torch.cat([inputs["input_ids"][:, :3], torch.tensor([video]), inputs["input_ids"][:, 3:]], dim=1)

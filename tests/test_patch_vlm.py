@@ -10,6 +10,7 @@ import pickle
 
 import pytest
 import torch
+from _vlm import IMAGE, PAD, language_model_calls, tiny_llava, without_capture_hooks
 
 import tome
 from tome.adapters.common.vlm import kept_tokens, reduce_features, reduce_images, shorten_prompts
@@ -17,23 +18,7 @@ from tome.core import merge as M
 
 transformers = pytest.importorskip("transformers")
 
-IMAGE = 99  # image_token_id
-PAD = 0
 PATCHES = 64  # (32 px / 4 px) ** 2 visual tokens per image (CLS dropped)
-
-
-def _llava(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    vision = transformers.CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-        patch_size=4,
-    )  # fmt: skip
-    text = transformers.LlamaConfig(
-        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
-    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE)
-    return transformers.LlavaForConditionalGeneration(config).eval()
 
 
 def _prompt(before: list[int], images: int, after: list[int]) -> list[int]:
@@ -64,28 +49,7 @@ def _generate(model, inputs: dict, **kwargs):
 
 def _prefill_lengths(model, run) -> list[int]:
     """The sequence lengths the language model reads, call by call (the first: the prefill)."""
-    seen: list[int] = []
-    hook = model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True
-    )
-    try:
-        run()
-    finally:
-        hook.remove()
-    return seen
-
-
-def _without_capture_hooks(model: torch.nn.Module) -> torch.nn.Module:
-    """transformers 5 installs local closures as forward hooks on the first call that captures
-    hidden states (LLaVA always does, for its vision feature layer), after which even the
-    unpatched model does not pickle; they are dropped here (transformers reinstalls them on the
-    next call), so what is checked is tome's part."""
-    for module in model.modules():
-        for key, hook in list(module._forward_hooks.items()):
-            if getattr(hook, "__name__", "") == "output_capturing_hook":
-                del module._forward_hooks[key]
-        module.__dict__.pop("_output_capturing_hooks_installed", None)
-    return model
+    return [call["length"] for call in language_model_calls(model, run)]
 
 
 # -- the pure pieces ------------------------------------------------------------------------------
@@ -159,7 +123,7 @@ def test_shorten_prompts_left_and_right_padding():
     "settings", [{"visual_ratio": 0.0}, {"visual_tokens": PATCHES}, {"visual_tokens": 1000}]
 )
 def test_no_merging_is_exact(settings):
-    model = _llava()
+    model = tiny_llava()
     inputs = _batch([ONE, TWO], images=3)
     logits = model(**inputs).logits
     reference = _generate(model, inputs)
@@ -175,7 +139,7 @@ def test_no_merging_is_exact(settings):
     ("settings", "kept"), [({"visual_tokens": 10}, 10), ({"visual_ratio": 0.75}, 16), ({}, 16)]
 )
 def test_the_prefill_and_the_cache_shrink_by_the_merged_tokens(settings, kept):
-    model = tome.patch(_llava(), **settings)
+    model = tome.patch(tiny_llava(), **settings)
     inputs = _batch([ONE, TWO], images=3)
     width = inputs["input_ids"].shape[1]  # 132: the row with two images
     lengths = _prefill_lengths(model, lambda: _generate(model, inputs))
@@ -192,7 +156,7 @@ def test_the_prefill_and_the_cache_shrink_by_the_merged_tokens(settings, kept):
 
 @torch.no_grad()
 def test_merging_changes_the_answer_a_little():
-    model = _llava()
+    model = tiny_llava()
     inputs = _batch([ONE], images=1)
     reference = model(**inputs).logits[:, -1]
     tome.patch(model, visual_tokens=8)
@@ -203,7 +167,7 @@ def test_merging_changes_the_answer_a_little():
 @torch.no_grad()
 @pytest.mark.parametrize("settings", [{"visual_tokens": 8}, {"visual_ratio": 0.5}])
 def test_each_row_of_a_padded_batch_is_its_own_run(settings):
-    model = tome.patch(_llava(), **settings)
+    model = tome.patch(tiny_llava(), **settings)
     short = _prompt([1, 5], 1, [7])
     inputs = _batch([short, TWO, ONE], images=4, seed=3)
     together = _generate(model, inputs)
@@ -217,7 +181,7 @@ def test_each_row_of_a_padded_batch_is_its_own_run(settings):
 
 @torch.no_grad()
 def test_the_full_strategy_keeps_the_class_token():
-    model = _llava()
+    model = tiny_llava()
     model.config.vision_feature_select_strategy = "full"  # 65 features per image, class token first
     ids = torch.tensor([[1, 5] + [IMAGE] * (PATCHES + 1) + [7]])
     inputs = {
@@ -234,7 +198,7 @@ def test_the_full_strategy_keeps_the_class_token():
 
 @torch.no_grad()
 def test_beam_search_sampling_and_positional_prompts():
-    model = tome.patch(_llava(), visual_tokens=8)
+    model = tome.patch(tiny_llava(), visual_tokens=8)
     inputs = _batch([ONE, TWO], images=3)
     width = inputs["input_ids"].shape[1]
     beams = model.generate(**inputs, max_new_tokens=4, num_beams=3, num_return_sequences=2, do_sample=False)
@@ -251,14 +215,14 @@ def test_beam_search_sampling_and_positional_prompts():
 
 @torch.no_grad()
 def test_without_cache():
-    model = tome.patch(_llava(), visual_tokens=8)
+    model = tome.patch(tiny_llava(), visual_tokens=8)
     inputs = _batch([ONE], images=1)
     cached = model.generate(**inputs, **GREEDY)
     assert torch.equal(model.generate(**inputs, **GREEDY, use_cache=False), cached)
 
 
 def test_labels_are_shortened_with_the_prompt():
-    model = tome.patch(_llava(), visual_tokens=8)
+    model = tome.patch(tiny_llava(), visual_tokens=8)
     inputs = _batch([ONE, TWO], images=3)
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
     labels = labels.masked_fill(labels == IMAGE, -100)
@@ -271,7 +235,7 @@ def test_labels_are_shortened_with_the_prompt():
 
 @torch.no_grad()
 def test_text_only_prompts_and_mismatched_images():
-    model = _llava()
+    model = tiny_llava()
     text = {"input_ids": torch.tensor([[1, 5, 6, 7]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
     reference = model.generate(**text, **GREEDY)
     tome.patch(model, visual_tokens=8)
@@ -283,13 +247,13 @@ def test_text_only_prompts_and_mismatched_images():
 
 @torch.no_grad()
 def test_unpatch_copies_and_pickles():
-    model = _llava()
+    model = tiny_llava()
     inputs = _batch([ONE, TWO], images=3)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     reference = _generate(model, inputs)
     tome.patch(model, visual_tokens=8)
     merged = _generate(model, inputs)
-    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(_without_capture_hooks(model)))):
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(without_capture_hooks(model)))):
         assert twin.tome.visual_tokens == 8
         assert torch.equal(_generate(twin, inputs).sequences, merged.sequences)
         tome.unpatch(twin)
@@ -304,7 +268,7 @@ def test_unpatch_copies_and_pickles():
 
 
 def test_the_options():
-    model = tome.patch(_llava(), visual_tokens=64)
+    model = tome.patch(tiny_llava(), visual_tokens=64)
     assert (model.tome.visual_tokens, model.tome.visual_ratio) == (64, None)
     assert model.tome.patch_options() == {"visual_tokens": 64, "visual_ratio": None}
     model.tome.visual_ratio = 0.5  # the latest one set counts
@@ -331,16 +295,16 @@ def test_the_options():
     ],
 )
 def test_bad_options_are_clear_errors_and_change_nothing(settings, error, match):
-    model = tome.patch(_llava(), visual_tokens=16)
+    model = tome.patch(tiny_llava(), visual_tokens=16)
     with pytest.raises(error, match=match):
         tome.patch(model, **settings)
     assert model.tome.visual_tokens == 16  # the earlier patch is back
     with pytest.raises(error, match=match):
-        tome.patch(_llava(), **settings)
+        tome.patch(tiny_llava(), **settings)
 
 
 def test_handle_attributes_are_checked():
-    model = tome.patch(_llava())
+    model = tome.patch(tiny_llava())
     with pytest.raises(ValueError, match="visual_tokens"):
         model.tome.visual_tokens = 0
     with pytest.raises(ValueError, match="visual_ratio"):

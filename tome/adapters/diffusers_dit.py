@@ -54,7 +54,6 @@ from tome.adapters.common.diffusion import (
     DiffusionHandle,
     block_forward,
     diffusers_class,
-    diffusion_settings,
     op_forward,
     run_block,
     run_denoiser,
@@ -203,13 +202,13 @@ def _rope_norm_forward(module: nn.Module, part: int, handle: DiffusionHandle, *a
 # -- patching ---------------------------------------------------------------------------------------
 
 
-def apply(model: nn.Module, **given) -> DiffusionHandle:
-    settings = diffusion_settings(**given)
+def apply(model: nn.Module, **options) -> DiffusionHandle:
+    # tome.patch checked and routed the options: r and the token models' settings are refused there
     spec = MODELS[diffusers_class(model, MODELS)]
     blocks = transformer_blocks(model)
     if not blocks:
         raise TypeError(f"model: this {type(model).__name__} has no transformer block; nothing to merge")
-    handle = DiffusionHandle([name for name, _, _ in blocks], **settings)  # checks every setting
+    handle = DiffusionHandle([name for name, _, _ in blocks], **options)  # checks every option
     with handle.installing():
         handle.install_method(model, "forward", _dit_forward, *spec, handle)
         for index, (_, block, kind) in enumerate(blocks):
@@ -245,5 +244,5 @@ ADAPTER = Adapter(
     merged="image tokens before attention (and optionally cross-attention, MLP), unmerged after; text tokens "
     "never; Flux: merged tokens rotate at their destination's position",
     tested_on="tiny random PixArt, DiT, SD3 (with SD3.5's dual attention), Flux; a PixArt-alpha pipeline",
-    takes_r=False,
+    schedule=("ratio",),
 )

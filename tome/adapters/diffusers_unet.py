@@ -40,7 +40,6 @@ from tome.adapters.common.diffusion import (
     block_forward,
     block_key,
     diffusers_class,
-    diffusion_settings,
     op_forward,
     run_denoiser,
 )
@@ -81,15 +80,15 @@ def _downsampling(name: str, levels: int) -> int | None:
     return None
 
 
-def apply(model: nn.Module, **given) -> DiffusionHandle:
-    settings = diffusion_settings(**given)
+def apply(model: nn.Module, **options) -> DiffusionHandle:
+    # tome.patch checked and routed the options: r and the token models' settings are refused there
     blocks = [(name, m) for name, m in model.named_modules() if _is_block(m)]
     if not blocks:
         raise TypeError(
             f"model: this {type(model).__name__} has no BasicTransformerBlock (no attention); "
             "there is nothing for tome to merge"
         )
-    handle = DiffusionHandle([name for name, _ in blocks], **settings)  # checks every setting
+    handle = DiffusionHandle([name for name, _ in blocks], **options)  # checks every option
     levels = len(getattr(model, "down_blocks", ())) or 1
     downsamplings = [_downsampling(name, levels) for name, _ in blocks]
     if handle.ratio > 0 and all(d is not None and d > handle.max_downsample for d in downsamplings):
@@ -119,5 +118,5 @@ ADAPTER = Adapter(
     handle=DiffusionHandle,
     merged="before self-attention (and optionally cross-attention, MLP), unmerged after: full-length outputs",
     tested_on="tiny random UNets; tomesd as the reference",
-    takes_r=False,
+    schedule=("ratio",),
 )

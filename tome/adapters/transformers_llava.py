@@ -56,14 +56,17 @@ True
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.nn as nn
 
 from tome.adapters.common.vlm import VISUAL_DEFAULTS as DEFAULTS
-from tome.adapters.common.vlm import VisualHandle, reduce_images, refuse_token_settings, shorten_prompts
-from tome.runtime.merge_options import MergeOptions
+from tome.adapters.common.vlm import (
+    VisualHandle,
+    forward_reduced,
+    generate_reduced,
+    reduce_images,
+    shorten_prompts,
+)
 from tome.runtime.registry import REDUCE_ONCE, Adapter
 
 __all__ = ["DEFAULTS", "VisualHandle", "apply"]
@@ -129,56 +132,18 @@ def _reduced(model: nn.Module, handle: VisualHandle, ids: object, kwargs: dict) 
 
 
 def _generate(model: nn.Module, handle: VisualHandle, *args, **kwargs):
-    # generate(inputs=None, ...): the prompt comes positionally, as inputs= or as input_ids=.
-    ids = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
-    with torch.no_grad():  # as generate() itself encodes the images
-        reduced = _reduced(model, handle, ids, kwargs)
-    if reduced is None:
-        return type(model).generate(model, *args, **kwargs)
-    rewritten, width = reduced
-    for name in ("max_length", "min_length"):  # they count the prompt: the one as given
-        if isinstance(rewritten.get(name), int):
-            rewritten[name] -= ids.shape[1] - width
-    if args:  # the shortened prompt where the prompt was
-        args = (rewritten.pop("input_ids"), *args[1:])
-    out = type(model).generate(model, *args, **rewritten)
-    # The sequences start with the prompt exactly as given, then the new tokens (beam search and
-    # num_return_sequences repeat each prompt, in order).
-    sequences = out if isinstance(out, torch.Tensor) else out.sequences
-    prompt = ids.to(sequences.device).repeat_interleave(sequences.shape[0] // ids.shape[0], dim=0)
-    sequences = torch.cat([prompt, sequences[:, width:]], dim=1)
-    if isinstance(out, torch.Tensor):
-        return sequences
-    out.sequences = sequences
-    return out
+    return generate_reduced(model, args, kwargs, lambda ids, given: _reduced(model, handle, ids, given))
 
 
 def _forward_pre_hook(handle: VisualHandle, model: nn.Module, args: tuple, kwargs: dict):
-    if kwargs.get("pixel_values") is None and len(args) < 2:
-        return None  # the common case (every decode step): nothing to look at
-    if args:  # positional arguments, by the class's own signature
-        bound = inspect.signature(type(model).forward).bind(model, *args, **kwargs)
-        named = dict(bound.arguments)
-        named.pop(next(iter(named)))  # self
-        kwargs = {**named.pop("kwargs", {}), **named}
-    reduced = _reduced(model, handle, kwargs.get("input_ids"), kwargs)
-    return None if reduced is None else ((), reduced[0])
+    return forward_reduced(model, args, kwargs, lambda ids, given: _reduced(model, handle, ids, given))
 
 
 # -- patching ---------------------------------------------------------------------------------------
 
 
-def apply(
-    model: nn.Module,
-    *,
-    r=None,
-    ratio: float | None = None,
-    prop_attn: bool = True,
-    unmerge_output: bool = False,
-    options: MergeOptions | None = None,
-    **visual: object,
-) -> VisualHandle:
-    refuse_token_settings(r, ratio, prop_attn, unmerge_output, options)
+def apply(model: nn.Module, **visual: object) -> VisualHandle:
+    # tome.patch checked and routed the options: r and the token models' settings are refused there
     if not callable(getattr(model, "get_image_features", None)) or not isinstance(
         getattr(model.config, "image_token_id", None), int
     ):
@@ -202,5 +167,5 @@ ADAPTER = Adapter(
     handle=VisualHandle,
     merged="each image's visual tokens, once, before the language model: shorter prefill and KV cache",
     tested_on="tiny random configs (CLIP vision + Llama)",
-    takes_r=False,
+    schedule=("visual_tokens", "visual_ratio"),
 )

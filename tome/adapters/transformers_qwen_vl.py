@@ -51,21 +51,17 @@ True
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.nn as nn
 
 from tome.adapters.common.vlm import (
     VisualHandle,
+    forward_reduced,
+    generate_reduced,
     merged_positions,
     reduce_images_tracked,
-    refuse_token_settings,
     shorten_prompts,
 )
-
-# The handle and the refusal of the token models' settings are LLaVA's: one family of options.
-from tome.runtime.merge_options import MergeOptions
 from tome.runtime.registry import REDUCE_ONCE, Adapter
 
 __all__ = ["apply"]
@@ -189,55 +185,22 @@ def _real(mask: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _generate(model: nn.Module, handle: VisualHandle, *args, **kwargs):
-    # generate(inputs=None, ...): the prompt comes positionally, as inputs= or as input_ids=.
-    ids = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
-    with torch.no_grad():  # as generate() itself encodes the images
-        reduced = _reduced(model, handle, ids, kwargs, generating=True)
-    if reduced is None:
-        return type(model).generate(model, *args, **kwargs)
-    rewritten, width = reduced
-    for name in ("max_length", "min_length"):  # they count the prompt: the one as given
-        if isinstance(rewritten.get(name), int):
-            rewritten[name] -= ids.shape[1] - width
-    if args:  # the shortened prompt where the prompt was
-        args = (rewritten.pop("input_ids"), *args[1:])
-    out = type(model).generate(model, *args, **rewritten)
-    # The sequences start with the prompt exactly as given, then the new tokens.
-    sequences = out if isinstance(out, torch.Tensor) else out.sequences
-    prompt = ids.to(sequences.device).repeat_interleave(sequences.shape[0] // ids.shape[0], dim=0)
-    sequences = torch.cat([prompt, sequences[:, width:]], dim=1)
-    if isinstance(out, torch.Tensor):
-        return sequences
-    out.sequences = sequences
-    return out
+    return generate_reduced(
+        model, args, kwargs, lambda ids, given: _reduced(model, handle, ids, given, generating=True)
+    )
 
 
 def _forward_pre_hook(handle: VisualHandle, model: nn.Module, args: tuple, kwargs: dict):
-    if kwargs.get("pixel_values") is None and len(args) < 2:
-        return None  # the common case (every decode step): nothing to look at
-    if args:  # positional arguments, by the class's own signature
-        bound = inspect.signature(type(model).forward).bind(model, *args, **kwargs)
-        named = dict(bound.arguments)
-        named.pop(next(iter(named)))  # self
-        kwargs = {**named.pop("kwargs", {}), **named}
-    reduced = _reduced(model, handle, kwargs.get("input_ids"), kwargs, generating=False)
-    return None if reduced is None else ((), reduced[0])
+    return forward_reduced(
+        model, args, kwargs, lambda ids, given: _reduced(model, handle, ids, given, generating=False)
+    )
 
 
 # -- patching ---------------------------------------------------------------------------------------
 
 
-def apply(
-    model: nn.Module,
-    *,
-    r=None,
-    ratio: float | None = None,
-    prop_attn: bool = True,
-    unmerge_output: bool = False,
-    options: MergeOptions | None = None,
-    **visual: object,
-) -> VisualHandle:
-    refuse_token_settings(r, ratio, prop_attn, unmerge_output, options)
+def apply(model: nn.Module, **visual: object) -> VisualHandle:
+    # tome.patch checked and routed the options: r and the token models' settings are refused there
     inner = getattr(model, "model", None)
     if (
         not callable(getattr(model, "get_image_features", None))
@@ -265,5 +228,5 @@ ADAPTER = Adapter(
     merged="each image's visual tokens, once, before the language model, M-RoPE positions kept: "
     "shorter prefill and KV cache",
     tested_on="tiny random configs (Qwen2.5-VL, Qwen2-VL)",
-    takes_r=False,
+    schedule=("visual_tokens", "visual_ratio"),
 )

@@ -220,15 +220,44 @@ def _family_settings(
                 f"{name}: an option of {' and '.join(owners)}, not of "
                 f"{type(model).__module__}.{type(model).__qualname__}"
             )
+    if not adapter.takes_r:
+        return None, _own_schedule(adapter, r, settings, given)
     settings.update(given)
     if settings.pop("default_metric") and "metric" in adapter.defaults:
         # The family's measured best (text encoders: head_keys, benchmarks/text.py).
         settings["options"] = dataclasses.replace(settings["options"], metric=adapter.defaults["metric"])
     if settings["unmerge_output"] is None:
         settings["unmerge_output"] = adapter.defaults.get("unmerge_output", False)
-    if adapter.takes_r and r is None:
+    if r is None:
         r = 0 if settings["ratio"] is not None else 16
     return r, settings
+
+
+def _own_schedule(adapter: Adapter, r: Schedule, settings: dict, given: dict) -> dict:
+    """The options of a family that merges by its own schedule options (diffusion: ``ratio``;
+    vision-language models: ``visual_tokens`` / ``visual_ratio``), after refusing ``r`` and the
+    token models' settings with an error that names what it takes instead."""
+    instead = " or ".join(f"{name}= ({adapter.options[name].doc})" for name in adapter.schedule)
+    ratio = settings["ratio"]
+    for name, value in (("r", r), ("ratio", None if "ratio" in adapter.schedule else ratio)):
+        if value is not None:
+            raise TypeError(
+                f"{name}: {adapter.title} merge by their own options; pass {instead} (got {name}={value!r})"
+            )
+    defaults = MergeOptions()
+    token_settings = {
+        "prop_attn": (settings["prop_attn"], True),
+        "unmerge_output": (settings["unmerge_output"], None),
+        **{name: (getattr(settings["options"], name), getattr(defaults, name)) for name in vars(defaults)},
+    }
+    if settings["default_metric"]:
+        token_settings.pop("metric")
+    for name, (value, default) in token_settings.items():
+        if value != default:
+            raise TypeError(
+                f"{name}: not an option for {adapter.title}; their options are {', '.join(adapter.options)}"
+            )
+    return {**given, **({"ratio": ratio} if ratio is not None else {})}
 
 
 def _patch_one(model: nn.Module, r: Schedule, settings: dict) -> nn.Module:
@@ -243,7 +272,9 @@ def _patch_one(model: nn.Module, r: Schedule, settings: dict) -> nn.Module:
     previous = model.__dict__.get("tome")
     unpatch(model)
     try:
-        handle: PatchHandle = adapter.apply(model, r=r, **settings)
+        handle: PatchHandle = (
+            adapter.apply(model, r=r, **settings) if adapter.takes_r else adapter.apply(model, **settings)
+        )
     except Exception:
         # Adapters check everything before changing the model; put the earlier patch back so a
         # bad argument leaves the model as it was.

@@ -145,7 +145,11 @@ class Adapter:
         tested_on: what the test suite runs it on, for the support table.
         defaults: the family's defaults of shared ``tome.patch`` options (``metric``,
             ``unmerge_output``) where they differ from tome's.
-        takes_r: whether it merges by an ``r`` schedule (else by ``ratio`` only).
+        schedule: for families that merge by their own options instead of an ``r`` schedule and
+            the token models' settings (diffusion: ``("ratio",)``; vision-language models:
+            ``("visual_tokens", "visual_ratio")``): those options. ``tome.patch`` then refuses
+            ``r`` and the token settings (``prop_attn``, ``unmerge_output``, ``metric``, ``mode``,
+            ...) itself, naming them, and ``apply`` gets the family's options only.
         vision: what the tools need of its image models (``None``: the tools don't run it).
         name: the adapter module's short name (filled in by the registry).
     """
@@ -159,13 +163,18 @@ class Adapter:
     merged: str
     tested_on: str
     defaults: Mapping[str, object] = field(default_factory=dict)
-    takes_r: bool = True
+    schedule: tuple[str, ...] = ()
     vision: VisionInfo | None = None
     name: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {self.kind!r}")
+
+    @property
+    def takes_r(self) -> bool:
+        """Whether it merges by an ``r`` schedule (with the token models' settings)."""
+        return not self.schedule
 
     @property
     def module(self) -> str:

@@ -31,7 +31,6 @@ from tome.core import merge as M
 from tome.core.merge import MergePlan
 from tome.core.merge2d import keep_prefix, random2d_matching
 from tome.runtime.base import PatchHandle
-from tome.runtime.merge_options import MergeOptions
 from tome.runtime.options import Option, any_int, at_least, flag, one_of
 from tome.runtime.passes import TokenRegistry
 
@@ -47,7 +46,6 @@ __all__ = [
     "block_forward",
     "block_key",
     "diffusers_class",
-    "diffusion_settings",
     "op_forward",
     "run_block",
     "run_denoiser",
@@ -340,42 +338,6 @@ def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     """The transformer blocks of a diffusers denoiser that tome merges in (classes of
     :data:`BLOCKS`): ``(module name, block, block class)``, in module order."""
     return [(name, m, kind) for name, m in model.named_modules() if (kind := diffusers_class(m, BLOCKS))]
-
-
-def diffusion_settings(
-    *,
-    r=None,
-    ratio: float | None = None,
-    prop_attn: bool = True,
-    unmerge_output: bool = False,
-    options: MergeOptions | None = None,
-    **diffusion,
-) -> dict:
-    """The settings of a :class:`DiffusionHandle` from the keywords ``tome.patch`` gives an
-    adapter's ``apply``: ``ratio`` (tomesd's default when ``None``) and the diffusion options;
-    a clear error for ``r``, the token models' options and unknown options."""
-    options = MergeOptions() if options is None else options
-    if r is not None:
-        raise TypeError(
-            f"r: a diffusion model merges a ratio of every merging block's tokens, as tomesd does; "
-            f"pass ratio= instead of r (got r={r!r})"
-        )
-    other = {
-        "prop_attn": (prop_attn, True),
-        "unmerge_output": (unmerge_output, False),
-        **{name: (getattr(options, name), getattr(MergeOptions(), name)) for name in vars(MergeOptions())},
-    }
-    for name, (value, default) in other.items():
-        if value != default:
-            raise TypeError(
-                f"{name}: not an option for diffusion models (tome merges them as tomesd does: "
-                "merge -> op -> unmerge in every block); their options are ratio, max_downsample, "
-                "sx, sy, use_rand, merge_attn, merge_crossattn, merge_mlp, seed, match_every and merge_queries"
-            )
-    unknown = sorted(set(diffusion) - set(DEFAULTS) - set(EXTRA_DEFAULTS))
-    if unknown:
-        raise TypeError(f"{unknown[0]}: not an option of tome.patch")
-    return {**diffusion, "ratio": DEFAULTS["ratio"] if ratio is None else ratio}
 
 
 # -- installed forwards (module-level: patched models pickle and deep-copy) ----------------------

@@ -31,26 +31,28 @@ the language model sees an image of ``k`` tokens, as if the vision side had prod
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 
 from tome.core import merge as M
 from tome.runtime.base import PatchHandle
-from tome.runtime.merge_options import MergeOptions
 from tome.runtime.options import Option
 
 __all__ = [
     "VISUAL_DEFAULTS",
     "Shortened",
     "VisualHandle",
+    "forward_reduced",
+    "generate_reduced",
     "kept_tokens",
     "merged_positions",
     "reduce_features",
     "reduce_images",
     "reduce_images_tracked",
-    "refuse_token_settings",
     "shorten_prompts",
 ]
 
@@ -404,22 +406,48 @@ class VisualHandle(PatchHandle):
         )
 
 
-def refuse_token_settings(r, ratio, prop_attn, unmerge_output, options: MergeOptions | None) -> None:
-    """Refuse the token models' settings given to a vision-language model, naming its options."""
-    for name, value in (("r", r), ("ratio", ratio)):
-        if value is not None:
-            raise TypeError(
-                f"{name}: a vision-language model merges each image's tokens once, before the "
-                f"language model; pass visual_tokens= (tokens per image) or visual_ratio= (the "
-                f"fraction merged away) instead of {name} (got {name}={value!r})"
-            )
-    given = {"prop_attn": (prop_attn, True), "unmerge_output": (unmerge_output, False)}
-    defaults = MergeOptions()
-    given.update({n: (getattr(options, n), getattr(defaults, n)) for n in vars(defaults)} if options else {})
-    for name, (value, default) in given.items():
-        if value != default:
-            raise TypeError(
-                f"{name}: not an option for vision-language models (each image's tokens merge "
-                "once, by size-weighted means, before the language model); their options are "
-                "visual_tokens and visual_ratio"
-            )
+# -- what the installed generate() and forward pre-hook of every family share -----------------------
+
+Reduce = Callable[[torch.Tensor, dict], "tuple[dict, int] | None"]
+
+
+def generate_reduced(model: nn.Module, args: tuple, kwargs: dict, reduce: Reduce):
+    """The model's own ``generate(*args, **kwargs)`` on the reduced prompt: ``reduce(ids,
+    kwargs)`` gives the rewritten keyword arguments and the shortened prompt's width (or
+    ``None``: run unchanged). The returned sequences start with the prompt exactly as given,
+    then the new tokens (beam search and ``num_return_sequences`` repeat each prompt, in order);
+    ``max_length`` / ``min_length`` count the prompt as given."""
+    # generate(inputs=None, ...): the prompt comes positionally, as inputs= or as input_ids=.
+    ids = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
+    with torch.no_grad():  # as generate() itself encodes the images
+        reduced = reduce(ids, kwargs)
+    if reduced is None:
+        return type(model).generate(model, *args, **kwargs)
+    rewritten, width = reduced
+    for name in ("max_length", "min_length"):
+        if isinstance(rewritten.get(name), int):
+            rewritten[name] -= ids.shape[1] - width
+    if args:  # the shortened prompt where the prompt was
+        args = (rewritten.pop("input_ids"), *args[1:])
+    out = type(model).generate(model, *args, **rewritten)
+    sequences = out if isinstance(out, torch.Tensor) else out.sequences
+    prompt = ids.to(sequences.device).repeat_interleave(sequences.shape[0] // ids.shape[0], dim=0)
+    sequences = torch.cat([prompt, sequences[:, width:]], dim=1)
+    if isinstance(out, torch.Tensor):
+        return sequences
+    out.sequences = sequences
+    return out
+
+
+def forward_reduced(model: nn.Module, args: tuple, kwargs: dict, reduce: Reduce) -> tuple | None:
+    """What a forward pre-hook (with keyword arguments) returns for ``model(*args, **kwargs)``:
+    ``None`` (run unchanged) or ``((), rewritten keyword arguments)``."""
+    if kwargs.get("pixel_values") is None and len(args) < 2:
+        return None  # the common case (every decode step): nothing to look at
+    if args:  # positional arguments, by the class's own signature
+        bound = inspect.signature(type(model).forward).bind(model, *args, **kwargs)
+        named = dict(bound.arguments)
+        named.pop(next(iter(named)))  # self
+        kwargs = {**named.pop("kwargs", {}), **named}
+    reduced = reduce(kwargs.get("input_ids"), kwargs)
+    return None if reduced is None else ((), reduced[0])

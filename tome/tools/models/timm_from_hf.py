@@ -1,9 +1,6 @@
-"""transformers DINOv2 weights in timm's ``vit_small_patch14_dinov2`` (the speed suite times the
-same real model in both libraries).
-
-The key mapping of ../shared/README.md. The tests keep their own copy (tests/_dinov2_timm.py,
-which test_patch_transformers checks against transformers' outputs): tests and benchmarks do
-not import each other's helpers.
+"""A transformers DINOv2 checkpoint as timm's ``vit_small_patch14_dinov2`` (the same real model in
+both libraries: the speed suite times one against the other, and the tests check the two give the
+same outputs). The key mapping of legacy (transformers 4) and current (transformers 5) names.
 """
 
 from __future__ import annotations
