@@ -108,3 +108,15 @@ def images_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for path in demo_images():
         shutil.copyfile(path, folder / path.name)
     return folder
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    """A folder of two of the bundled demo photos."""
+    from tome.tools.data import demo_images
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for path in demo_images()[:2]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    return folder

@@ -6,7 +6,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from _cli_errors import one_error_line
@@ -18,15 +17,6 @@ pytest.importorskip("timm")
 pytest.importorskip("PIL")
 
 TINY = ["--model", "timm:vit_tiny_patch16_224", "--random-init", "--img-size", "64", "-q"]
-
-
-@pytest.fixture
-def photos(tmp_path) -> Path:
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for path in demo_images()[:2]:
-        (folder / path.name).write_bytes(path.read_bytes())
-    return folder
 
 
 def test_help(capsys):

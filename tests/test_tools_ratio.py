@@ -6,14 +6,12 @@ or the other; ``Model.set_r`` with a :class:`Ratio` and with the handle's ``patc
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 import tome
 from tome.cli.main import main
-from tome.tools.data import demo_images
 from tome.tools.errors import UserError
 from tome.tools.models.vision import from_module
 from tome.tools.schedule_text import Ratio, file_label, parse_ratio, r_label, setting_label
@@ -28,15 +26,6 @@ def _model():
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=4, num_classes=5)
     return from_module(vit.eval())
-
-
-@pytest.fixture
-def photos(tmp_path) -> Path:
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for path in demo_images()[:2]:
-        (folder / path.name).write_bytes(path.read_bytes())
-    return folder
 
 
 # -- text ------------------------------------------------------------------------------------

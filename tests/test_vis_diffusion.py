@@ -12,7 +12,6 @@ import torch
 from _cli_errors import one_error_line
 
 from tome.cli.main import main
-from tome.tools.data import demo_images
 
 diffusers = pytest.importorskip("diffusers")
 PIL = pytest.importorskip("PIL.Image")
@@ -71,15 +70,6 @@ def _flux() -> torch.nn.Module:
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=10, axes_dims_rope=(4, 6, 6),
     ).eval()  # fmt: skip
-
-
-@pytest.fixture
-def photos(tmp_path) -> Path:
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for path in demo_images()[:2]:
-        (folder / path.name).write_bytes(path.read_bytes())
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -541,6 +541,20 @@ def _tools_input_sizes(model: nn.Module) -> InputSizes:
     )
 
 
+# The classes the tools (tome bench / eval / viz / tune / embed) run: ViT, DINOv2 (with registers),
+# CLIP vision.
+_TOOLS_CLASSES = (
+    "ViTModel",
+    "ViTForImageClassification",
+    "Dinov2Model",
+    "Dinov2ForImageClassification",
+    "Dinov2WithRegistersModel",
+    "Dinov2WithRegistersForImageClassification",
+    "CLIPVisionModel",
+    "CLIPVisionModelWithProjection",
+    "CLIPForImageClassification",
+)
+
 VISION = VisionInfo(
     tokens=_tools_tokens,
     pool=_tools_pool,
@@ -552,31 +566,13 @@ VISION = VisionInfo(
     protected=lambda model: 1 + int(getattr(_vision_config(model), "num_register_tokens", 0) or 0),
     num_classes=_tools_num_classes,
     input_sizes=_tools_input_sizes,
-    classes=(
-        "ViTModel",
-        "ViTForImageClassification",
-        "Dinov2Model",
-        "Dinov2ForImageClassification",
-        "Dinov2WithRegistersModel",
-        "Dinov2WithRegistersForImageClassification",
-        "CLIPVisionModel",
-        "CLIPVisionModelWithProjection",
-        "CLIPForImageClassification",
-    ),
+    classes=_TOOLS_CLASSES,
 )
 
 ADAPTER = Adapter(
     library="transformers",
     classes=(
-        "ViTModel",
-        "ViTForImageClassification",
-        "Dinov2Model",
-        "Dinov2ForImageClassification",
-        "Dinov2WithRegistersModel",
-        "Dinov2WithRegistersForImageClassification",
-        "CLIPVisionModel",
-        "CLIPVisionModelWithProjection",
-        "CLIPForImageClassification",
+        *_TOOLS_CLASSES,
         "CLIPModel",
         "SiglipVisionModel",
         "SiglipModel",

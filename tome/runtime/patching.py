@@ -16,7 +16,14 @@ import torch.nn as nn
 from tome.core.schedule import Schedule, check_ratio, check_schedule
 from tome.runtime.base import PatchHandle
 from tome.runtime.handle import MergeOptions, PatchedModels, ToMeHandle
-from tome.runtime.registry import Adapter, adapter_for, framework_of, option_owners, supported_families
+from tome.runtime.registry import (
+    Adapter,
+    adapter_for,
+    framework_of,
+    option_owners,
+    outermost,
+    supported_families,
+)
 
 __all__ = ["MergeOptions", "PatchedModels", "ToMeHandle", "patch", "supported_families", "unpatch"]
 
@@ -196,13 +203,7 @@ def _pipeline_denoiser(model: object) -> nn.Module | None:
 
 def _supported_inside(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The outermost submodules of ``model`` that an adapter supports, in module order."""
-    found: list[tuple[str, nn.Module]] = []
-    for name, sub in model.named_modules():
-        if sub is model or any(name.startswith(f"{outer}.") for outer, _ in found):
-            continue
-        if adapter_for(sub) is not None:
-            found.append((name, sub))
-    return found
+    return outermost(model, lambda sub: adapter_for(sub) is not None)
 
 
 def _family_settings(

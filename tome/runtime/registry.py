@@ -43,6 +43,7 @@ __all__ = [
     "adapters",
     "framework_of",
     "option_owners",
+    "outermost",
     "supported_families",
 ]
 
@@ -247,6 +248,18 @@ def framework_of(model: object) -> str | None:
     """The library ``model``'s class comes from, if it is one tome has adapters for."""
     module = type(model).__module__
     return next((a.library for a in adapters() if module.startswith(a.library + ".")), None)
+
+
+def outermost(model: nn.Module, accepts: Callable[[nn.Module], bool]) -> list[tuple[str, nn.Module]]:
+    """The outermost submodules of ``model`` (not ``model`` itself) that ``accepts``, with their
+    names, in module order: what ``tome.patch`` and the tools look for inside a wrapper."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, sub in model.named_modules():
+        if sub is model or any(name.startswith(f"{outer}.") for outer, _ in found):
+            continue
+        if accepts(sub):
+            found.append((name, sub))
+    return found
 
 
 def supported_families() -> str:

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 import tome
-from tome.runtime.registry import Adapter, VisionInfo, adapter_for, adapters, framework_of
+from tome.runtime.registry import Adapter, VisionInfo, adapter_for, adapters, framework_of, outermost
 from tome.tools.errors import UserError
 from tome.tools.images import IMAGENET_MEAN, IMAGENET_STD, normalize, to_unit
 from tome.tools.models.saliency import SaliencyHead
@@ -265,12 +265,7 @@ def find_model(module: nn.Module) -> tuple[str, nn.Module]:
             f"model: {_TOOLS} do not support {_qualname(module)}; supported model classes:\n"
             f"{supported_classes()}"
         )
-    found: list[tuple[str, nn.Module]] = []
-    for name, sub in module.named_modules():
-        if sub is module or any(name.startswith(f"{outer}.") for outer, _ in found):
-            continue
-        if family_of(sub) is not None:
-            found.append((name, sub))
+    found = outermost(module, lambda sub: family_of(sub) is not None)
     if not found:
         raise TypeError(
             f"model: {_TOOLS} do not support {_qualname(module)}, and none of its "
