@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 import torch.nn as nn
+from _patching import expected_counts, patched_state
 
 import tome
 
@@ -50,24 +51,6 @@ def pixels(batch: int = 2, seed: int = 1) -> torch.Tensor:
 
 def text(batch: int = 2, seed: int = 2) -> torch.Tensor:
     return torch.randint(0, 64, (batch, 8), generator=torch.Generator().manual_seed(seed))
-
-
-def expected_counts(n: int, r: list[int], protected: int = 1) -> list[int]:
-    counts = [n]
-    for value in r:
-        n -= min(value, (n - protected) // 2)
-        counts.append(n)
-    return counts
-
-
-def patched_state(model: nn.Module) -> list[str]:
-    return [
-        name
-        for name, module in model.named_modules()
-        if module._forward_hooks
-        or module._forward_pre_hooks
-        or {"forward", "forward_intermediates", "__prepare_scriptable__"} & set(module.__dict__)
-    ]
 
 
 def assert_outputs_close(a, b, **kwargs) -> None:

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from _patching import expected_counts
 
 import tome
 
@@ -54,14 +55,6 @@ def hooks_left(model: torch.nn.Module) -> list[str]:
         for name, module in model.named_modules()
         if module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
     ]
-
-
-def expected_counts(n: int, r: list[int], protected: int) -> list[int]:
-    counts = [n]
-    for value in r:
-        n -= min(value, (n - protected) // 2)
-        counts.append(n)
-    return counts
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -9,6 +9,7 @@ import pickle
 import pytest
 import torch
 import torch.nn as nn
+from _patching import expected_counts, patched_state
 
 import tome
 
@@ -58,24 +59,6 @@ def make_eva(name: str = "eva02", seed: int = 0, **overrides) -> tuple[nn.Module
 def num_tokens(model: nn.Module, x: torch.Tensor) -> int:
     grid = model.patch_embed.dynamic_feat_size(x.shape[-2:])
     return grid[0] * grid[1] + model.num_prefix_tokens
-
-
-def expected_counts(n: int, r: list[int], protected: int) -> list[int]:
-    counts = [n]
-    for value in r:
-        n -= min(value, (n - protected) // 2)
-        counts.append(n)
-    return counts
-
-
-def patched_state(model: nn.Module) -> list[str]:
-    return [
-        name
-        for name, module in model.named_modules()
-        if module._forward_hooks
-        or module._forward_pre_hooks
-        or {"forward", "pool", "_pool"} & set(module.__dict__)
-    ]
 
 
 # -- Eva -------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from _patching import expected_counts, patched_state
 
 import tome
 
@@ -31,22 +32,6 @@ def make(seed: int = 0, **overrides) -> tuple[nn.Module, torch.Tensor]:
     nn.init.normal_(model.heads.head.weight)  # torchvision zero-initialises the head
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed + 1))
     return model, x
-
-
-def expected_counts(n: int, r: list[int], protected: int = 1) -> list[int]:
-    counts = [n]
-    for value in r:
-        n -= min(value, (n - protected) // 2)
-        counts.append(n)
-    return counts
-
-
-def patched_state(model: nn.Module) -> list[str]:
-    return [
-        name
-        for name, module in model.named_modules()
-        if module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
-    ]
 
 
 def test_r0_matches_unpatched():
