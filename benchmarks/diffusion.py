@@ -3,7 +3,7 @@ side by side (SD 1.5 / SDXL UNets, PixArt-alpha, SD3-medium, Flux layouts, rando
 
 One command, one process; prints one markdown table per model and size::
 
-    python benchmarks/diffusion.py --suite                 # the README's table (29 min measured)
+    python benchmarks/diffusion.py --suite                 # docs/diffusion.md's table (29 min measured)
     python benchmarks/diffusion.py --model sd15            # SD 1.5 UNet, 512 px, batch 2
     python benchmarks/diffusion.py --model pixart --latent 128 --layers 2
     python benchmarks/diffusion.py --model sd15 --latent 32 --reps 1   # a smoke run
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--clock", choices=("wall", "cpu"), default="wall", help="cpu: this thread's CPU time, 1 torch thread"
     )
-    parser.add_argument("--suite", action="store_true", help="the README's table (implies --clock cpu)")
+    parser.add_argument("--suite", action="store_true", help="docs/diffusion.md's table (implies --clock cpu)")
     args = parser.parse_args(argv)
     global CLOCK
     if args.clock == "cpu" or args.suite:

@@ -1,7 +1,7 @@
 """FLOP-ideal speedup of token merging in the diffusion denoisers of ``benchmarks/diffusion.py``:
 unpatched FLOPs / patched FLOPs, counted on the real (patched) forward, same inputs.
 
-    python benchmarks/diffusion_flops.py            # the README's FLOP table (about a minute)
+    python benchmarks/diffusion_flops.py            # docs/diffusion.md's FLOP table (about a minute)
     python benchmarks/diffusion_flops.py --real     # the same counts on real tensors (slow)
 
 Models, inputs and settings are ``benchmarks/diffusion.py``'s: the rows of its ``SUITE`` (same

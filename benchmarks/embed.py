@@ -24,7 +24,7 @@ compares numbers of decoding tasks at a time, ``tome embed --workers``); with
 rounds and adds runs that connect to it (``--ray-address``), which is how a cluster is used:
 no Ray start in the job's time.
 
-    flock /tmp/tome-bench.lock python benchmarks/embed.py --cluster --rounds 2   # the README's: 11 min on 2 cores
+    flock /tmp/tome-bench.lock python benchmarks/embed.py --cluster --rounds 2   # docs/embed.md's: 11 min on 2 cores
     flock /tmp/tome-bench.lock python benchmarks/embed.py               # 3 rounds, no cluster runs
     flock /tmp/tome-bench.lock python benchmarks/embed.py --settings 16:-0.75 --ray-workers 1,2,4
     python benchmarks/embed.py --photos 64 --rounds 1 --no-ray          # a smoke run

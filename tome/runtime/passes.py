@@ -1,6 +1,6 @@
 """Per-pass state of a patched model: what one forward pass has merged so far.
 
-A forward pass owns a :class:`PassState`; the model (and its :class:`~tome.patch.ToMeHandle`)
+A forward pass owns a :class:`PassState`; the model (and its :class:`~tome.runtime.handle.ToMeHandle`)
 owns only settings. Block ``i + 1`` finds the pass of the tokens it receives through a
 :class:`TokenRegistry`: block ``i`` registers its output tensor with its pass, and the next block
 looks the tensor up. So the state travels with the tokens, never through the model:
