@@ -297,7 +297,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--clock", choices=("wall", "cpu"), default="wall", help="cpu: this thread's CPU time, 1 torch thread"
     )
-    parser.add_argument("--suite", action="store_true", help="docs/diffusion.md's table (implies --clock cpu)")
+    parser.add_argument(
+        "--suite", action="store_true", help="docs/diffusion.md's table (implies --clock cpu)"
+    )
     args = parser.parse_args(argv)
     global CLOCK
     if args.clock == "cpu" or args.suite:

@@ -211,7 +211,7 @@ def run_ray(
 def decoding_tasks(workers: int | None, cpus: int) -> int:
     """How many decoding tasks Ray may run at a time: ``workers`` (``--workers``), else one per
     4 CPUs of the cluster, at least one. Decoding is 9-16% of the default model's work (the
-    docs/embed.md's table), so a quarter of the CPUs keeps the actors fed; Ray's own default (a task
+    table in docs/embed.md), so a quarter of the CPUs keeps the actors fed; Ray's own default (a task
     per free half CPU) starts a worker process for each, and on 2 CPUs those processes slowed
     the actor's start (``python benchmarks/embed.py --settings 16:-0.75 --ray-workers 1,2,4``,
     400 photos, medians of 3 interleaved rounds: 29.3 s / 30.0 s / 30.1 s end to end with 1 / 2 /
