@@ -230,17 +230,16 @@ def apply(model: nn.Module, **options) -> DiffusionHandle:
 
 
 ADAPTER = Adapter(
-    library="diffusers",
-    classes=(
-        "PixArtTransformer2DModel",
-        "DiTTransformer2DModel",
-        "SD3Transformer2DModel",
-        "FluxTransformer2DModel",
+    patches=(
+        "diffusers.PixArtTransformer2DModel",
+        "diffusers.DiTTransformer2DModel",
+        "diffusers.SD3Transformer2DModel",
+        "diffusers.FluxTransformer2DModel",
     ),
-    kind=MERGE_OP_UNMERGE,
-    title="diffusion models (a diffusers UNet2DConditionModel, PixArt / DiT / SD3 / Flux transformer, or DiffusionPipeline)",
     apply=apply,
+    kind=MERGE_OP_UNMERGE,
     handle=DiffusionHandle,
+    title="diffusion models (a diffusers UNet2DConditionModel, PixArt / DiT / SD3 / Flux transformer, or DiffusionPipeline)",
     merged="image tokens before attention (and optionally cross-attention, MLP), unmerged after; text tokens "
     "never; Flux: merged tokens rotate at their destination's position",
     tested_on="tiny random PixArt, DiT, SD3 (with SD3.5's dual attention), Flux; a PixArt-alpha pipeline",

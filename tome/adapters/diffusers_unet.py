@@ -110,12 +110,11 @@ def apply(model: nn.Module, **options) -> DiffusionHandle:
 
 
 ADAPTER = Adapter(
-    library="diffusers",
-    classes=("UNet2DConditionModel",),
-    kind=MERGE_OP_UNMERGE,
-    title="diffusion models (a diffusers UNet2DConditionModel, PixArt / DiT / SD3 / Flux transformer, or DiffusionPipeline)",
+    patches=("diffusers.UNet2DConditionModel",),
     apply=apply,
+    kind=MERGE_OP_UNMERGE,
     handle=DiffusionHandle,
+    title="diffusion models (a diffusers UNet2DConditionModel, PixArt / DiT / SD3 / Flux transformer, or DiffusionPipeline)",
     merged="before self-attention (and optionally cross-attention, MLP), unmerged after: full-length outputs",
     tested_on="tiny random UNets; tomesd as the reference",
     schedule=("ratio",),

@@ -33,7 +33,7 @@ import torch.nn as nn
 from tome.adapters.common.classes import class_names
 from tome.adapters.common.mha import check_fused, self_attention
 from tome.runtime.handle import BlockCall, ToMeHandle
-from tome.runtime.registry import CARRY, Adapter
+from tome.runtime.registry import Adapter
 
 _DEFAULT_PARTS = ("ln_1", "attn", "ls_1", "ln_2", "mlp", "ls_2")
 _CUSTOM_PARTS = ("ln_1", "attn", "ln_attn", "ls_1", "ln_2", "mlp", "ls_2")
@@ -233,12 +233,8 @@ def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
 
 
 ADAPTER = Adapter(
-    library="open_clip",
-    classes=("VisionTransformer", "CLIP", "CustomTextCLIP"),
-    kind=CARRY,
-    title="open_clip models",
+    patches=("open_clip.VisionTransformer", "open_clip.CLIP", "open_clip.CustomTextCLIP"),
     apply=apply,
-    handle=ToMeHandle,
     merged="the image tower only (`encode_text` untouched); pooling size-weighted",
     tested_on="tiny random configs",
 )

@@ -45,7 +45,7 @@ from tome.adapters.common.timm_blocks import (
     run_eva_block,
 )
 from tome.runtime.handle import ToMeHandle
-from tome.runtime.registry import CARRY, Adapter
+from tome.runtime.registry import Adapter
 
 # The rotary pieces live in tome.adapters.common.rope (timm_naflex uses them too); named here as
 # well, where the module docstring describes them.
@@ -82,12 +82,10 @@ def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
 
 
 ADAPTER = Adapter(
-    library="timm",
-    classes=("Eva",),
-    kind=CARRY,
-    title="timm vision transformers with rotary positions (Eva, NaFlexVit)",
+    patches=("timm.Eva",),
     apply=apply,
     handle=RopeHandle,
+    title="timm vision transformers with rotary positions (Eva, NaFlexVit)",
     merged="between attention and MLP in every `EvaBlock` / `EvaBlockPostNorm`; merged tokens rotate (RoPE) by "
     "the size-weighted mean of their patches' sin/cos; pooling size-weighted",
     tested_on="tiny random configs (EVA-02, vit_*_rope*, mixed RoPE, DINOv3 with registers, PE attention "

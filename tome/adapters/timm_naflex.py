@@ -160,12 +160,11 @@ def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
 
 
 ADAPTER = Adapter(
-    library="timm",
-    classes=("NaFlexVit",),
-    kind=MASKED,
-    title="timm vision transformers with rotary positions (Eva, NaFlexVit)",
+    patches=("timm.NaFlexVit",),
     apply=apply,
+    kind=MASKED,
     handle=RopeHandle,
+    title="timm vision transformers with rotary positions (Eva, NaFlexVit)",
     merged="between attention and MLP (ViT `Block` or RoPE `EvaBlock`); each image merges its own patches, "
     "padding changes none of them; pooling with `patch_valid` size-weighted",
     tested_on="tiny random configs (learned / RoPE / mixed-RoPE positions, registers, attention pooling, "

@@ -25,7 +25,7 @@ from tome.adapters.common.timm_blocks import (
     run_vit_block,
 )
 from tome.runtime.handle import ToMeHandle
-from tome.runtime.registry import CARRY, Adapter
+from tome.runtime.registry import Adapter
 
 _ATTN_PARTS = ("qkv", "k_norm", "proj", "num_heads")
 
@@ -74,12 +74,8 @@ def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
 
 
 ADAPTER = Adapter(
-    library="timm",
-    classes=("VisionTransformer",),
-    kind=CARRY,
-    title="timm vision transformers",
+    patches=("timm.VisionTransformer",),
     apply=apply,
-    handle=ToMeHandle,
     merged="between attention and MLP in every `Block`; avg/attention pooling size-weighted",
     tested_on="tiny random configs (ViT, DeiT, DINOv2, registers, qk-norm); real DINOv2-S/14",
     vision=VISION,

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from tome.adapters.common.mha import check_fused, self_attention
 from tome.runtime.handle import ToMeHandle
-from tome.runtime.registry import CARRY, Adapter, InputSizes, VisionInfo
+from tome.runtime.registry import Adapter, InputSizes, VisionInfo
 
 _BLOCK_PARTS = ("ln_1", "self_attention", "dropout", "ln_2", "mlp")
 
@@ -90,12 +90,8 @@ def _tools_input_sizes(model: nn.Module) -> InputSizes:
 
 
 ADAPTER = Adapter(
-    library="torchvision",
-    classes=("VisionTransformer",),
-    kind=CARRY,
-    title="torchvision vision transformers",
+    patches=("torchvision.VisionTransformer",),
     apply=apply,
-    handle=ToMeHandle,
     merged="between attention and MLP in every `EncoderBlock`",
     tested_on="tiny random configs",
     vision=VisionInfo(

@@ -159,12 +159,11 @@ def apply(model: nn.Module, **visual: object) -> VisualHandle:
 
 
 ADAPTER = Adapter(
-    library="transformers",
-    classes=("LlavaForConditionalGeneration",),
-    kind=REDUCE_ONCE,
-    title="vision-language models (transformers LlavaForConditionalGeneration)",
+    patches=("transformers.LlavaForConditionalGeneration",),
     apply=apply,
+    kind=REDUCE_ONCE,
     handle=VisualHandle,
+    title="vision-language models (transformers LlavaForConditionalGeneration)",
     merged="each image's visual tokens, once, before the language model: shorter prefill and KV cache",
     tested_on="tiny random configs (CLIP vision + Llama)",
     schedule=("visual_tokens", "visual_ratio"),

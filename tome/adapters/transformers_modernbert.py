@@ -261,12 +261,11 @@ def apply(model: nn.Module, *, r, **settings) -> ModernBertHandle:
 __all__ = ["ADAPTER", "ModernBertHandle", "apply"]
 
 ADAPTER = Adapter(
-    library="transformers",
-    classes=("ModernBertModel", "ModernBertForSequenceClassification"),
-    kind=MASKED,
-    title="text encoders (transformers BERT-family, ModernBERT, sentence-transformers)",
+    patches=("transformers.ModernBertModel", "transformers.ModernBertForSequenceClassification"),
     apply=apply,
+    kind=MASKED,
     handle=ModernBertHandle,
+    title="text encoders (transformers BERT-family, ModernBERT, sentence-transformers)",
     merged="between attention and MLP; RoPE at each merged token's first original position, local windows "
     "by its originals' span",
     tested_on="tiny random configs",

@@ -219,12 +219,14 @@ def apply(model: nn.Module, **visual: object) -> VisualHandle:
 
 
 ADAPTER = Adapter(
-    library="transformers",
-    classes=("Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration"),
-    kind=REDUCE_ONCE,
-    title="vision-language models (transformers Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration)",
+    patches=(
+        "transformers.Qwen2_5_VLForConditionalGeneration",
+        "transformers.Qwen2VLForConditionalGeneration",
+    ),
     apply=apply,
+    kind=REDUCE_ONCE,
     handle=VisualHandle,
+    title="vision-language models (transformers Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration)",
     merged="each image's visual tokens, once, before the language model, M-RoPE positions kept: "
     "shorter prefill and KV cache",
     tested_on="tiny random configs (Qwen2.5-VL, Qwen2-VL)",

@@ -56,7 +56,7 @@ import torch.nn as nn
 from tome.adapters.common.classes import class_names, find_known
 from tome.core import merge as M
 from tome.runtime.handle import BlockCall, ToMeHandle
-from tome.runtime.registry import CARRY, Adapter, InputSizes, VisionInfo, pair
+from tome.runtime.registry import Adapter, InputSizes, VisionInfo, pair
 
 # Attention implementations that take an additive float mask of shape (B, 1, 1, N).
 _BIAS_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -570,28 +570,27 @@ VISION = VisionInfo(
 )
 
 ADAPTER = Adapter(
-    library="transformers",
-    classes=(
-        *_TOOLS_CLASSES,
-        "CLIPModel",
-        "SiglipVisionModel",
-        "SiglipModel",
-        "SiglipForImageClassification",
-        "Siglip2VisionModel",
-        "Siglip2Model",
-        "Siglip2ForImageClassification",
-        "VideoMAEModel",
-        "VideoMAEForVideoClassification",
-        "ASTModel",
-        "ASTForAudioClassification",
-        "ViTMAEModel",
-        "Dinov2Backbone",
-        "Dinov2WithRegistersBackbone",
+    patches=tuple(
+        f"transformers.{name}"
+        for name in (
+            *_TOOLS_CLASSES,
+            "CLIPModel",
+            "SiglipVisionModel",
+            "SiglipModel",
+            "SiglipForImageClassification",
+            "Siglip2VisionModel",
+            "Siglip2Model",
+            "Siglip2ForImageClassification",
+            "VideoMAEModel",
+            "VideoMAEForVideoClassification",
+            "ASTModel",
+            "ASTForAudioClassification",
+            "ViTMAEModel",
+            "Dinov2Backbone",
+            "Dinov2WithRegistersBackbone",
+        )
     ),
-    kind=CARRY,
-    title="transformers vision models",
     apply=apply,
-    handle=ToMeHandle,
     merged="between attention and MLP in every layer; pooling heads size-weighted",
     tested_on="tiny random configs (ViT, DINOv2, CLIP, SigLIP/SigLIP2 with NaFlex padding, VideoMAE, AST, "
     "ViT-MAE, backbones); real DINOv2-S/14",

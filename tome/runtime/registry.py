@@ -134,16 +134,17 @@ class Adapter:
     """A model family tome patches (see the module docstring).
 
     Attributes:
-        library: the framework (``"timm"``, ``"transformers"``, ...): its classes' modules start
-            with ``library + "."``.
-        classes: the class names it patches (a user's subclass of one counts too).
-        kind: one of :data:`KINDS`.
-        title: what the family is, in words, for messages (``"text encoders (...)"``).
+        patches: the classes it patches, each as ``"library.ClassName"`` (``"timm.Eva"``): a
+            class of that name from a module of that library, or a user's subclass of one.
         apply: ``apply(model, *, r, **settings) -> handle``: patch the model in place.
-        handle: the handle class ``apply`` returns; its :class:`Option` attributes are the
-            family's options (``tome.patch`` keywords and handle attributes).
         merged: what is merged, for the support table.
         tested_on: what the test suite runs it on, for the support table.
+        kind: one of :data:`KINDS` (default: carry).
+        handle: the handle class ``apply`` returns (default: ``ToMeHandle``); its
+            :class:`Option` attributes are the family's options (``tome.patch`` keywords and
+            handle attributes).
+        title: what the family is, in words, for messages naming the families that take an
+            option (``"text encoders (...)"``; default: the library and class names).
         defaults: the family's defaults of shared ``tome.patch`` options (``metric``,
             ``unmerge_output``) where they differ from tome's.
         schedule: for families that merge by their own options instead of an ``r`` schedule and
@@ -152,25 +153,41 @@ class Adapter:
             ``r`` and the token settings (``prop_attn``, ``unmerge_output``, ``metric``, ``mode``,
             ...) itself, naming them, and ``apply`` gets the family's options only.
         vision: what the tools need of its image models (``None``: the tools don't run it).
+        library, classes: read off ``patches`` (one library per adapter).
         name: the adapter module's short name (filled in by the registry).
     """
 
-    library: str
-    classes: tuple[str, ...]
-    kind: str
-    title: str
+    patches: tuple[str, ...]
     apply: Callable
-    handle: type
     merged: str
     tested_on: str
+    kind: str = CARRY
+    handle: type | None = None
+    title: str = ""
     defaults: Mapping[str, object] = field(default_factory=dict)
     schedule: tuple[str, ...] = ()
     vision: VisionInfo | None = None
+    library: str = field(init=False)
+    classes: tuple[str, ...] = field(init=False)
     name: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {self.kind!r}")
+        libraries = {name.partition(".")[0] for name in self.patches}
+        if len(libraries) != 1 or not all("." in name for name in self.patches):
+            raise ValueError(
+                f"patches: expected 'library.ClassName' names of one library, got {self.patches!r}"
+            )
+        # frozen: the derived fields are set once, here
+        object.__setattr__(self, "library", libraries.pop())
+        object.__setattr__(self, "classes", tuple(name.partition(".")[2] for name in self.patches))
+        if self.handle is None:
+            from tome.runtime.handle import ToMeHandle
+
+            object.__setattr__(self, "handle", ToMeHandle)
+        if not self.title:
+            object.__setattr__(self, "title", f"{self.library} {', '.join(self.classes)}")
 
     @property
     def takes_r(self) -> bool:
