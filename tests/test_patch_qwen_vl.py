@@ -306,7 +306,7 @@ def test_unpatch_copies_and_pickles():
 def test_the_options():
     model = tome.patch(tiny_qwen(), visual_tokens=64)
     assert type(model.tome).__name__ == "VisualHandle"
-    assert model.tome.patch_options() == {"visual_tokens": 64, "visual_ratio": None}
+    assert model.tome.patch_options() == {"visual_tokens": 64, "visual_ratio": None, "visual_prop_attn": True}
     model.tome.visual_ratio = 0.5
     assert (model.tome.visual_tokens, model.tome.visual_ratio) == (None, 0.5)
     tome.patch(model)
@@ -351,3 +351,89 @@ def test_a_prompt_with_a_video_runs_unmerged():
     reference = _generate(model, inputs)
     tome.patch(model, visual_tokens=4)
     assert torch.equal(_generate(model, inputs).sequences, reference.sequences)
+
+
+# -- proportional attention in the language model ---------------------------------------------------
+
+
+def _attention_masks(model, run) -> dict[int, list]:
+    """The attention_mask every language-model attention receives (after tome's hook), call by call."""
+    seen: dict[int, list] = {}
+    hooks = [
+        layer.self_attn.register_forward_pre_hook(
+            lambda module, args, kwargs, i=i: seen.setdefault(i, []).append(kwargs["attention_mask"]),
+            with_kwargs=True,
+        )
+        for i, layer in enumerate(model.model.language_model.layers)
+    ]
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("version", ["2.5", "2"])
+def test_every_layer_sees_log_sizes_in_the_prefill_and_every_decode_step(version):
+    model = tiny_qwen(version)
+    inputs = _batch([C, B])
+    image = model.get_image_features(
+        pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"], return_dict=True
+    )
+    merged, sources = reduce_images_tracked(list(image.pooler_output), 5, None)
+    sizes = torch.cat([torch.bincount(s, minlength=m.shape[0]) for s, m in zip(sources, merged, strict=True)])
+    assert sizes.max() > 1
+    tome.patch(model, visual_tokens=5)
+    ids_seen = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: ids_seen.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True
+    )
+    try:
+        seen = _attention_masks(model, lambda: _generate(model, inputs))
+    finally:
+        hook.remove()
+    P = ids_seen[0]
+    # the shortened prompt, by hand: each image keeps its first 5 placeholders
+    rows = []
+    for prompt in (C, B):
+        ids = _prompt(*prompt)
+        keep, run = [], 0
+        for token in ids:
+            run = run + 1 if token == IMAGE else 0
+            if token != IMAGE or run <= 5:
+                keep.append(token)
+        rows.append([PAD] * (P - len(keep)) + keep)
+    short = torch.tensor(rows)
+    expected = torch.zeros(short.shape)
+    expected[short == IMAGE] = sizes.float().log()
+    real = short != PAD
+    assert len(seen) == len(model.model.language_model.layers)
+    for masks in seen.values():
+        assert len(masks) == GREEDY["max_new_tokens"]
+        for step, got in enumerate(masks):
+            Q, K = (P, P) if step == 0 else (1, P + step)
+            assert got.shape == (2, 1, Q, K) and got.is_floating_point()
+            queries = torch.arange(K - Q, K)[:, None]
+            allowed = (torch.arange(K)[None, :] <= queries)[None] & torch.cat(
+                [real, torch.ones(2, step, dtype=torch.bool)], 1
+            )[:, None, :]
+            bias = torch.cat([expected, torch.zeros(2, step)], 1)[:, None, :].expand(2, Q, K)
+            assert torch.equal(got[:, 0][allowed], bias[allowed])
+            assert bool((got[:, 0][~allowed] < -1e30).all())
+
+
+@torch.no_grad()
+def test_prop_attn_off_leaves_the_attention_alone():
+    model = tome.patch(tiny_qwen(), visual_tokens=5, visual_prop_attn=False)
+    inputs = _batch([C, B])
+    out = _generate(model, inputs)
+    twin = copy.deepcopy(model)
+    for layer in twin.model.language_model.layers:
+        layer.self_attn._forward_pre_hooks.clear()  # tome's proportional attention hooks
+    plain = _generate(twin, inputs)
+    assert torch.equal(out.sequences, plain.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(out.logits, plain.logits, strict=True))
+    model.tome.visual_prop_attn = True
+    assert not torch.allclose(_generate(model, inputs).logits[0], plain.logits[0], atol=1e-6)

@@ -13,7 +13,13 @@ import torch
 from _vlm import IMAGE, PAD, language_model_calls, tiny_llava, without_capture_hooks
 
 import tome
-from tome.adapters.common.vlm import kept_tokens, reduce_features, reduce_images, shorten_prompts
+from tome.adapters.common.vlm import (
+    kept_tokens,
+    reduce_features,
+    reduce_images,
+    reduce_images_tracked,
+    shorten_prompts,
+)
 from tome.core import merge as M
 
 transformers = pytest.importorskip("transformers")
@@ -270,7 +276,7 @@ def test_unpatch_copies_and_pickles():
 def test_the_options():
     model = tome.patch(tiny_llava(), visual_tokens=64)
     assert (model.tome.visual_tokens, model.tome.visual_ratio) == (64, None)
-    assert model.tome.patch_options() == {"visual_tokens": 64, "visual_ratio": None}
+    assert model.tome.patch_options() == {"visual_tokens": 64, "visual_ratio": None, "visual_prop_attn": True}
     model.tome.visual_ratio = 0.5  # the latest one set counts
     assert (model.tome.visual_tokens, model.tome.visual_ratio) == (None, 0.5)
     tome.patch(model)
@@ -319,3 +325,113 @@ def test_visual_options_on_other_models_name_the_family():
     )  # fmt: skip
     with pytest.raises(TypeError, match=r"visual_tokens: an option of vision-language models"):
         tome.patch(bert, visual_tokens=64)
+
+
+# -- proportional attention in the language model ---------------------------------------------------
+
+
+def _merged_reference(model, inputs: dict, visual_tokens: int) -> dict:
+    """The shortened prompt and merged features, built by hand from the pure pieces, and each
+    image's merged token sizes: what the unpatched model reads without proportional attention."""
+    image = model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
+    features = list(image.pooler_output)
+    merged, sources = reduce_images_tracked(features, visual_tokens, None)
+    after = [m.shape[0] for m in merged]
+    short = shorten_prompts(
+        inputs["input_ids"], inputs["attention_mask"], IMAGE, [64] * len(features), after, {}, pad_id=PAD
+    )
+    image.pooler_output = merged
+    sizes = [torch.bincount(s, minlength=k) for s, k in zip(sources, after, strict=True)]
+    return {"tensors": short.tensors, "image": image, "sizes": sizes}
+
+
+@torch.no_grad()
+def test_prop_attn_off_is_the_plain_merge():
+    model = tiny_llava()
+    inputs = _batch([ONE, TWO], images=3)
+    ref = _merged_reference(model, inputs, 8)
+    reference = _generate(model, {**ref["tensors"], "mm_encoder_outputs": {"image": ref["image"]}})
+    tome.patch(model, visual_tokens=8, visual_prop_attn=False)
+    out = _generate(model, inputs)
+    width = inputs["input_ids"].shape[1]
+    assert torch.equal(
+        out.sequences[:, width:], reference.sequences[:, ref["tensors"]["input_ids"].shape[1] :]
+    )
+    assert all(torch.equal(a, b) for a, b in zip(out.logits, reference.logits, strict=True))
+    # on: the same prompt, other logits (the merged tokens weigh by their sizes)
+    model.tome.visual_prop_attn = True
+    assert not torch.allclose(_generate(model, inputs).logits[0], reference.logits[0], atol=1e-6)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_every_layer_sees_log_sizes_in_the_prefill_and_every_decode_step(implementation):
+    model = tiny_llava()
+    model.set_attn_implementation(implementation)
+    inputs = _batch([ONE, TWO], images=3)
+    ref = _merged_reference(model, inputs, 8)
+    ids, mask = ref["tensors"]["input_ids"], ref["tensors"]["attention_mask"]
+    B, P = ids.shape
+    expected = torch.zeros(B, P)
+    expected[ids == IMAGE] = torch.cat(ref["sizes"]).float().log()  # batch order: row by row
+    assert expected.max() > 0  # some merged tokens hold several
+    tome.patch(model, visual_tokens=8)
+    seen: dict[int, list] = {}
+    layers = model.model.language_model.layers
+    hooks = [
+        layer.self_attn.register_forward_pre_hook(
+            lambda module, args, kwargs, i=i: seen.setdefault(i, []).append(kwargs["attention_mask"]),
+            with_kwargs=True,
+        )
+        for i, layer in enumerate(layers)
+    ]  # registered after tome's: they see what the attention gets
+    try:
+        _generate(model, inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert sorted(seen) == list(range(len(layers)))
+    for masks in seen.values():
+        assert len(masks) == GREEDY["max_new_tokens"]
+        for step, got in enumerate(masks):
+            Q, K = (P, P) if step == 0 else (1, P + step)
+            assert got.shape == (B, 1, Q, K) and got.is_floating_point()
+            queries = torch.arange(K - Q, K)[:, None]
+            allowed = (torch.arange(K)[None, :] <= queries)[None] & torch.cat(
+                [mask.bool(), torch.ones(B, step, dtype=torch.bool)], 1
+            )[:, None, :]
+            bias = torch.cat([expected, torch.zeros(B, step)], 1)[:, None, :].expand(B, Q, K)
+            got = got[:, 0]
+            assert torch.equal(got[allowed], bias[allowed])  # log(size) on the merged keys, 0 else
+            assert bool((got[~allowed] < -1e30).all())  # padding and the future stay masked
+    # a direct forward: the prefill's bias, and none left behind after the call
+    seen.clear()
+    model(**inputs)
+    assert model.tome._slot.bias is None
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_a_merged_token_of_size_s_attends_like_s_copies(implementation):
+    # One attention layer without rotation (cos 1, sin 0), so that copies need no positions:
+    # the text queries after [v1 (size 3), v2 (1), v3 (2)] read the same as after
+    # [v1, v1, v1, v2, v3, v3].
+    model = tome.patch(tiny_llava(), visual_tokens=8)
+    model.set_attn_implementation(implementation)
+    attention = model.model.language_model.layers[0].self_attn
+    sizes = torch.tensor([3, 1, 2])
+    visual, text = torch.randn(1, 3, 32), torch.randn(1, 2, 32)
+
+    def run(hidden):
+        n = hidden.shape[1]
+        rotation = (torch.ones(1, n, 8), torch.zeros(1, n, 8))
+        return attention(hidden_states=hidden, position_embeddings=rotation, attention_mask=None)[0]
+
+    model.tome._slot.bias = torch.cat([sizes.float().log(), torch.zeros(2)])[None]
+    try:
+        merged = run(torch.cat([visual, text], 1))
+    finally:
+        model.tome._slot.bias = None
+    copies = run(torch.cat([visual.repeat_interleave(sizes, dim=1), text], 1))
+    torch.testing.assert_close(merged[:, -2:], copies[:, -2:], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(run(torch.cat([visual, text], 1))[:, -2:], copies[:, -2:], atol=1e-4)

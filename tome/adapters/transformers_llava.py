@@ -21,7 +21,11 @@ pickles; ``tome.unpatch`` takes it all away):
   logits and the new tokens are as usual.)
 - a forward pre-hook (so ``forward``'s signature, which ``generate`` inspects, stays the
   class's): a direct call ``model(input_ids=..., pixel_values=...)`` is rewritten the same way,
-  ``labels`` included, so its logits have the shortened length.
+  ``labels`` included, so its logits have the shortened length;
+- a forward pre-hook on every language-model layer's self-attention, acting while
+  ``visual_prop_attn`` is on (the default): proportional attention, ``log(size)`` of each merged
+  visual token added to its key's logits, in the prefill and every decode step
+  (:func:`tome.adapters.common.vlm.install_prop_attn`).
 
 Why merge the projected features, and by their own similarity: that is what the language model
 reads (a merged token is the mean of the embeddings it replaces), it needs no attention weights
@@ -59,14 +63,18 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from tome.adapters.common.vlm import VISUAL_DEFAULTS as DEFAULTS
 from tome.adapters.common.vlm import (
+    BIAS,
     VisualHandle,
+    forward_done,
     forward_reduced,
     generate_reduced,
-    reduce_images,
+    install_prop_attn,
+    reduce_images_tracked,
     shorten_prompts,
+    size_bias,
 )
+from tome.adapters.common.vlm import VISUAL_DEFAULTS as DEFAULTS
 from tome.runtime.registry import REDUCE_ONCE, Adapter
 
 __all__ = ["DEFAULTS", "VisualHandle", "apply"]
@@ -102,7 +110,9 @@ def _reduced(model: nn.Module, handle: VisualHandle, ids: object, kwargs: dict) 
     features = list(image.pooler_output)
     # "full": the model passes the class token on, first in each image's features; it stays.
     strategy = kwargs.get("vision_feature_select_strategy") or model.config.vision_feature_select_strategy
-    merged = reduce_images(features, handle.visual_tokens, handle.visual_ratio, int(strategy == "full"))
+    merged, sources = reduce_images_tracked(
+        features, handle.visual_tokens, handle.visual_ratio, int(strategy == "full")
+    )
     before = [f.shape[0] for f in features]
     after = [f.shape[0] for f in merged]
     if before == after:
@@ -112,6 +122,8 @@ def _reduced(model: nn.Module, handle: VisualHandle, ids: object, kwargs: dict) 
         for name in _PER_TOKEN
         if isinstance(kwargs.get(name), torch.Tensor) and kwargs[name].shape == ids.shape
     }
+    if handle.visual_prop_attn and int((ids == model.config.image_token_id).sum()) == sum(before):
+        extra[BIAS] = size_bias(ids, model.config.image_token_id, sources, after)
     pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
     shortened = shorten_prompts(
         ids,
@@ -122,21 +134,25 @@ def _reduced(model: nn.Module, handle: VisualHandle, ids: object, kwargs: dict) 
         extra,
         pad_id=pad if isinstance(pad, int) else 0,
     )
-    if shortened is None:
+    if shortened is None:  # (then no bias was made either)
         return None  # placeholders and images do not match: the model's own error
     image.pooler_output = merged
     rewritten = {k: v for k, v in kwargs.items() if k not in ("pixel_values", "input_ids", "inputs")}
-    rewritten.update(shortened.tensors)
+    rewritten.update(shortened.tensors)  # the key bias too, under BIAS: generate_reduced takes it
     rewritten["mm_encoder_outputs"] = {"image": image}
     return rewritten, shortened.width
 
 
 def _generate(model: nn.Module, handle: VisualHandle, *args, **kwargs):
-    return generate_reduced(model, args, kwargs, lambda ids, given: _reduced(model, handle, ids, given))
+    return generate_reduced(
+        model, args, kwargs, lambda ids, given: _reduced(model, handle, ids, given), handle
+    )
 
 
 def _forward_pre_hook(handle: VisualHandle, model: nn.Module, args: tuple, kwargs: dict):
-    return forward_reduced(model, args, kwargs, lambda ids, given: _reduced(model, handle, ids, given))
+    return forward_reduced(
+        model, args, kwargs, lambda ids, given: _reduced(model, handle, ids, given), handle
+    )
 
 
 # -- patching ---------------------------------------------------------------------------------------
@@ -155,6 +171,8 @@ def apply(model: nn.Module, **visual: object) -> VisualHandle:
     with handle.installing():
         handle.install_method(model, "generate", _generate, handle)
         handle.install_pre_hook(model, _forward_pre_hook, handle)
+        handle.install_hook(model, forward_done, handle)
+        install_prop_attn(handle, model.model.language_model)
     return handle
 
 

@@ -19,7 +19,9 @@ token count), only sparser; decode steps continue from the original prompt's pos
 set for a continuation without them).
 
 What is installed on the top model (module-level functions; ``tome.unpatch`` takes it all away):
-``generate`` (an instance method shadowing the class's) and a forward pre-hook, as for LLaVA.
+``generate`` (an instance method shadowing the class's) and a forward pre-hook, as for LLaVA,
+and the proportional-attention pre-hooks on the language model's attention layers
+(``visual_prop_attn``).
 
 Merged only when ``input_ids``, ``pixel_values`` and ``image_grid_thw`` are given; a text-only
 prompt, ``inputs_embeds``, pre-computed ``mm_encoder_outputs``, videos (``pixel_values_videos``)
@@ -55,12 +57,16 @@ import torch
 import torch.nn as nn
 
 from tome.adapters.common.vlm import (
+    BIAS,
     VisualHandle,
+    forward_done,
     forward_reduced,
     generate_reduced,
+    install_prop_attn,
     merged_positions,
     reduce_images_tracked,
     shorten_prompts,
+    size_bias,
 )
 from tome.runtime.registry import REDUCE_ONCE, Adapter
 
@@ -153,6 +159,8 @@ def _reduced(
         if isinstance(kwargs.get(name), torch.Tensor) and kwargs[name].shape == ids.shape
     }
     extra.update({f"_position_{row}": positions[row] for row in range(3)})
+    if handle.visual_prop_attn:
+        extra[BIAS] = size_bias(ids, placeholder, sources, after)
     pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
     shortened = shorten_prompts(
         ids, mask, placeholder, before, after, extra, pad_id=pad if isinstance(pad, int) else 0
@@ -186,13 +194,13 @@ def _real(mask: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
 
 def _generate(model: nn.Module, handle: VisualHandle, *args, **kwargs):
     return generate_reduced(
-        model, args, kwargs, lambda ids, given: _reduced(model, handle, ids, given, generating=True)
+        model, args, kwargs, lambda ids, given: _reduced(model, handle, ids, given, generating=True), handle
     )
 
 
 def _forward_pre_hook(handle: VisualHandle, model: nn.Module, args: tuple, kwargs: dict):
     return forward_reduced(
-        model, args, kwargs, lambda ids, given: _reduced(model, handle, ids, given, generating=False)
+        model, args, kwargs, lambda ids, given: _reduced(model, handle, ids, given, generating=False), handle
     )
 
 
@@ -215,6 +223,8 @@ def apply(model: nn.Module, **visual: object) -> VisualHandle:
     with handle.installing():
         handle.install_method(model, "generate", _generate, handle)
         handle.install_pre_hook(model, _forward_pre_hook, handle)
+        handle.install_hook(model, forward_done, handle)
+        install_prop_attn(handle, model.model.language_model)
     return handle
 
 
