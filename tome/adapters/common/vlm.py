@@ -365,6 +365,10 @@ class _CallSlot(threading.local):
 
     bias: torch.Tensor | None = None  # (B, prompt length): log(size), 0 for the other tokens
     generating: bool = False  # inside generate(): its forward calls leave the bias alone
+    # The biased mask of the latest forward step and what it was made from: every layer of one
+    # step gets the same mask, so it is built once a step, not once a layer.
+    made_from: tuple = ()
+    mask: torch.Tensor | None = None
 
 
 class VisualHandle(PatchHandle):
@@ -518,6 +522,7 @@ def _generate_with_bias(model, handle, bias, args, kwargs):
         return type(model).generate(model, *args, **kwargs)
     finally:
         slot.bias, slot.generating = saved
+        slot.made_from, slot.mask = (), None  # hold no mask past the call
 
 
 def forward_reduced(
@@ -551,8 +556,10 @@ def forward_reduced(
 def forward_done(handle: VisualHandle, model: nn.Module, args: tuple, output: object) -> None:
     """The forward hook paired with :func:`forward_reduced`: a call from outside ``generate()``
     leaves no bias behind."""
-    if not handle._slot.generating:
-        handle._slot.bias = None
+    slot = handle._slot
+    if not slot.generating:
+        slot.bias = None
+        slot.made_from, slot.mask = (), None
 
 
 # -- proportional attention in the language model ---------------------------------------------------
@@ -587,16 +594,37 @@ def _prop_attn_pre_hook(handle: VisualHandle, module: nn.Module, args: tuple, kw
     B, Q = hidden.shape[:2]
     if B % bias.shape[0]:
         return None  # not this call's batch
+    given = kwargs.get("attention_mask")
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    length = getattr(cache, "get_seq_length", None)
+    past = int(length(module.layer_idx)) if given is None and callable(length) else 0
+    made_from = (bias, given, past, B, Q, hidden.dtype, hidden.device)
+    slot = handle._slot
+    if len(slot.made_from) != len(made_from) or any(
+        a is not b if isinstance(a, torch.Tensor) else a != b
+        for a, b in zip(slot.made_from, made_from, strict=True)
+    ):
+        slot.mask = _biased_mask(bias, given, past, B, Q, hidden, implementation, module)
+        slot.made_from = made_from
+    return args, {**kwargs, "attention_mask": slot.mask}
+
+
+def _biased_mask(
+    bias: torch.Tensor,
+    mask: torch.Tensor | None,
+    past: int,
+    B: int,
+    Q: int,
+    hidden: torch.Tensor,
+    implementation: str,
+    module: nn.Module,
+) -> torch.Tensor:
+    """The float additive mask ``(B, 1, Q, K)`` an attention layer gets: ``mask`` (float, bool,
+    or ``None``: what no mask means for ``implementation``) plus ``bias`` on the prompt's keys."""
     bias = bias.to(device=hidden.device).repeat_interleave(B // bias.shape[0], dim=0)  # beams
     dtype = hidden.dtype if hidden.is_floating_point() else torch.float32
     low = torch.finfo(dtype).min
-    mask = kwargs.get("attention_mask")
     if mask is None:
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        past = 0
-        if cache is not None:
-            length = getattr(cache, "get_seq_length", None)
-            past = int(length(module.layer_idx)) if callable(length) else 0
         K = past + Q
         mask = torch.zeros(Q, K, dtype=dtype, device=hidden.device)
         # what no mask means: SDPA's causal fast path (several queries), eager's full attention
@@ -610,4 +638,4 @@ def _prop_attn_pre_hook(handle: VisualHandle, module: nn.Module, args: tuple, kw
     mask = mask.expand(B, *mask.shape[1:]).clone() if mask.shape[0] != B else mask.clone()
     width = min(bias.shape[1], mask.shape[-1])
     mask[..., :width] += bias[:, None, None, :width].to(mask.dtype)
-    return args, {**kwargs, "attention_mask": mask}
+    return mask
