@@ -3,7 +3,12 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import torch
+
+import tome
 
 IMAGE, VIDEO, START, END = 99, 98, 97, 96  # image_token_id, video_token_id, vision start / end
 PAD = 0
@@ -83,3 +88,26 @@ def language_model_calls(model: torch.nn.Module, run) -> list[dict]:
     finally:
         handle.remove()
     return seen
+
+
+def check_copies_and_unpatch(model: torch.nn.Module, run, **settings) -> None:
+    """Patch ``model`` with ``settings``; deep copies and pickles generate as it does and unpatch
+    on their own; ``unpatch`` gives back the original outputs and ``state_dict`` exactly.
+    ``run(model)`` is a ``generate(..., return_dict_in_generate=True, output_logits=True)``."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    reference = run(model)
+    tome.patch(model, **settings)
+    merged = run(model)
+    assert not torch.equal(merged.logits[0], reference.logits[0])
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(without_capture_hooks(model)))):
+        assert all(getattr(twin.tome, name) == value for name, value in settings.items())
+        assert torch.equal(run(twin).sequences, merged.sequences)
+        tome.unpatch(twin)
+        assert torch.equal(run(twin).sequences, reference.sequences)
+    assert torch.equal(run(model).sequences, merged.sequences)  # the original: still patched
+    tome.unpatch(model)
+    assert "tome" not in model.__dict__ and "generate" not in model.__dict__
+    out = run(model)
+    assert torch.equal(out.sequences, reference.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(out.logits, reference.logits, strict=True))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

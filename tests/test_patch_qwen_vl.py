@@ -6,7 +6,6 @@ padded batches with images of different sizes, the options' errors.
 from __future__ import annotations
 
 import copy
-import pickle
 
 import pytest
 import torch
@@ -18,7 +17,16 @@ transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "Qwen2_5_VLForConditionalGeneration"):
     pytest.skip("no Qwen2.5-VL in this transformers", allow_module_level=True)
 
-from _vlm import END, IMAGE, PAD, START, VIDEO, language_model_calls, tiny_qwen, without_capture_hooks  # noqa: E402
+from _vlm import (  # noqa: E402
+    END,
+    IMAGE,
+    PAD,
+    START,
+    VIDEO,
+    check_copies_and_unpatch,
+    language_model_calls,
+    tiny_qwen,
+)
 
 PATCH = 3 * 2 * 4 * 4  # a flattened patch: channels x temporal_patch_size x patch_size ** 2
 
@@ -284,23 +292,7 @@ def test_text_only_prompts_and_mismatched_images():
 def test_unpatch_copies_and_pickles():
     model = tiny_qwen()
     inputs = _batch([A, B])
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    reference = _generate(model, inputs)
-    tome.patch(model, visual_tokens=4)
-    merged = _generate(model, inputs)
-    assert not torch.equal(merged.logits[0], reference.logits[0])
-    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(without_capture_hooks(model)))):
-        assert twin.tome.visual_tokens == 4
-        assert torch.equal(_generate(twin, inputs).sequences, merged.sequences)
-        tome.unpatch(twin)
-        assert torch.equal(_generate(twin, inputs).sequences, reference.sequences)
-    assert torch.equal(_generate(model, inputs).sequences, merged.sequences)  # the original: still patched
-    tome.unpatch(model)
-    assert "tome" not in model.__dict__ and "generate" not in model.__dict__
-    out = _generate(model, inputs)
-    assert torch.equal(out.sequences, reference.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(out.logits, reference.logits, strict=True))
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    check_copies_and_unpatch(model, lambda m: _generate(m, inputs), visual_tokens=4)
 
 
 def test_the_options():

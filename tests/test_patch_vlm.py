@@ -5,12 +5,9 @@ prefill and KV-cache lengths, padded batches, several images per prompt, the opt
 
 from __future__ import annotations
 
-import copy
-import pickle
-
 import pytest
 import torch
-from _vlm import IMAGE, PAD, language_model_calls, tiny_llava, without_capture_hooks
+from _vlm import IMAGE, PAD, check_copies_and_unpatch, language_model_calls, tiny_llava
 
 import tome
 from tome.adapters.common.vlm import (
@@ -255,22 +252,7 @@ def test_text_only_prompts_and_mismatched_images():
 def test_unpatch_copies_and_pickles():
     model = tiny_llava()
     inputs = _batch([ONE, TWO], images=3)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    reference = _generate(model, inputs)
-    tome.patch(model, visual_tokens=8)
-    merged = _generate(model, inputs)
-    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(without_capture_hooks(model)))):
-        assert twin.tome.visual_tokens == 8
-        assert torch.equal(_generate(twin, inputs).sequences, merged.sequences)
-        tome.unpatch(twin)
-        assert torch.equal(_generate(twin, inputs).sequences, reference.sequences)
-    assert torch.equal(_generate(model, inputs).sequences, merged.sequences)  # the original: still patched
-    tome.unpatch(model)
-    assert "tome" not in model.__dict__ and "generate" not in model.__dict__
-    out = _generate(model, inputs)
-    assert torch.equal(out.sequences, reference.sequences)
-    assert all(torch.equal(out.logits[i], reference.logits[i]) for i in range(len(out.logits)))
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    check_copies_and_unpatch(model, lambda m: _generate(m, inputs), visual_tokens=8)
 
 
 def test_the_options():

@@ -12,8 +12,8 @@ MRO), so reading the registry imports none either.
 
 >>> [a.name for a in adapters() if a.library == "timm"]
 ['timm_eva', 'timm_naflex', 'timm_vit']
->>> adapter_for_class_names("torchvision", ["VisionTransformer"]).name
-'torchvision_vit'
+>>> adapter_named("torchvision_vit").patches
+('torchvision.VisionTransformer',)
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import importlib
 import pkgutil
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch.nn as nn
@@ -38,7 +38,6 @@ __all__ = [
     "InputSizes",
     "VisionInfo",
     "adapter_for",
-    "adapter_for_class_names",
     "adapter_named",
     "adapters",
     "framework_of",
@@ -195,10 +194,6 @@ class Adapter:
         return not self.schedule
 
     @property
-    def module(self) -> str:
-        return f"tome.adapters.{self.name}"
-
-    @property
     def options(self) -> dict[str, Option]:
         """The family's own options (declared on its handle class), by name."""
         return declared_options(self.handle)
@@ -248,15 +243,6 @@ def adapter_for(model: nn.Module) -> Adapter | None:
     for cls in type(model).__mro__:
         for adapter in adapters():
             if adapter.matches(cls):
-                return adapter
-    return None
-
-
-def adapter_for_class_names(library: str, names: Iterable[str]) -> Adapter | None:
-    """The adapter of the first of ``names`` (class names from ``library``) it patches."""
-    for name in names:
-        for adapter in adapters():
-            if adapter.library == library and name in adapter.classes:
                 return adapter
     return None
 
