@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from tome.cli import flags, text_mode
+from tome.cli import flags, text_mode, vlm_mode
 from tome.cli.common import check_vision_model, images, info, load, print_results, readable
 from tome.tools.errors import UserError
 
@@ -18,13 +18,17 @@ _DESCRIPTION = (
     "folder names are its classes (e.g. ImageNet WordNet ids), and a k-NN on the pooled features "
     "(half of each class as the train split). With --texts FILE, a text encoder: the embeddings' "
     "cosine to the unmerged model (mean, min), and with --sts FILE.tsv the Spearman correlation of "
-    "the pairs' cosine with the human scores, unmerged and merged."
+    "the pairs' cosine with the human scores, unmerged and merged. With --prompts FILE, a "
+    "vision-language model (--model hf:FOLDER): every image asked every prompt, the merged model's "
+    "first answer token (top-1 agreement, KL) and greedy answers against the unmerged model's, the "
+    "tokens the language model reads and the time to first token."
 )
 _EXAMPLES = """\
   tome eval --images photos/
   tome eval --images imagenet/val --model timm:vit_small_patch16_224 --r 8,13,16 --limit 2000
   tome eval --images photos/ --json > fidelity.json
   tome eval --model text: --texts wiki.txt --max-tokens 128 --ratio 0.1,0.2 --sts sts2015-test.tsv
+  tome eval --model hf:./llava-1.5-7b-hf --images photos/ --prompts questions.txt --visual-tokens 64,144
 """
 
 
@@ -46,10 +50,18 @@ def add_parser(subparsers) -> None:
     )
     ev.add_argument("--knn-k", type=int, default=20, help="neighbours of the k-NN classifier (default: 20)")
     text_mode.add_last_args(ev, sts=True)
+    vlm_mode.add_vlm_args(ev)
     ev.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if vlm_mode.vlm_run(args):
+        flags.not_negative("--speed-reps", args.speed_reps)
+        rows, caption, table, data = vlm_mode.evaluate(args)
+        print_results(
+            args, caption, table, data, [(row.setting, row.speed_spread) for row in rows], "--speed-reps"
+        )
+        return 0
     text = text_mode.text_run(args)
     if not text and not args.images:
         raise UserError("give --images DIR (or --texts FILE for a text model)")
