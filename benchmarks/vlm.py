@@ -28,6 +28,15 @@ that thread's CPU time (``time.thread_time``), as in ``benchmarks/diffusion.py``
 - speedup: unpatched TTFT / TTFT;
 - FLOP-ideal: the speedup if time followed FLOPs (matrix products and attention, vision tower
   included), for the cut model and for the full 7B depth;
+- of a native k-token model: the TTFT of the same model unpatched, had its vision side given k
+  tokens (its vision tower, then the prefill of the shorter prompt with the first k features
+  given), over the patched TTFT: 1.00 means tome adds nothing beyond reading fewer tokens. On a
+  CPU the language model's matrix products run slower per FLOP on a short prompt (fewer rows
+  for the same weights to stream), so the FLOP-ideal speedup is out of reach even for that
+  native model; this column separates tome's own cost from the hardware's;
+- vision tower: its share of the TTFT (``get_image_features``, timed apart, unpatched);
+- decode tok/s: one over the median time of a decode step (``generate`` of ``1 + --decode``
+  tokens, the clock read at every step), proportional attention's bias included;
 - merge: median seconds of the merge alone (:func:`tome.adapters.common.vlm.reduce_images` on
   the projected features), timed apart, and its share of the TTFT;
 - KV cache: bytes of the cache after the prefill (measured, fp32, the cut model), and for the
@@ -90,6 +99,22 @@ def flops(vision_layers: int, lm_layers: int, lm_tokens: int) -> float:
     return vision + projector + lm + head
 
 
+class StepClock:
+    """A logits processor that notes the clock at every generation step: the intervals between
+    consecutive steps are the decode steps' times (the prefill's is not among them)."""
+
+    def __init__(self, clock) -> None:
+        self.clock = clock
+        self.marks: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.marks.append(self.clock())
+        return scores
+
+    def intervals(self) -> list[float]:
+        return [b - a for a, b in zip(self.marks, self.marks[1:], strict=False)]
+
+
 def cache_bytes(cache) -> int:
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
@@ -102,6 +127,7 @@ def main() -> None:
     parser.add_argument("--lm-layers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="cpu: the thread's CPU time")
+    parser.add_argument("--decode", type=int, default=8, help="new tokens timed for decode tok/s (0: none)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
@@ -118,54 +144,79 @@ def main() -> None:
         "pixel_values": torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(1)),
     }
     settings: list[int | None] = [None, *args.tokens]
-    times: dict[int | None, list[float]] = {s: [] for s in settings}
-    merges: dict[int | None, list[float]] = {s: [] for s in settings}
+    names = ("ttft", "merge", "native", "decode", "vision")
+    times = {name: {s: [] for s in settings} for name in names}
     lengths: dict[int | None, int] = {}
     kv: dict[int | None, int] = {}
+    greedy = {"do_sample": False, "return_dict_in_generate": True}
     with torch.no_grad():
         features = list(model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output)
         for rep in range(args.reps + 1):  # the first round warms up, untimed
             for setting in settings:
-                if setting is None:
-                    tome.unpatch(model)
-                else:
+                measured = {}
+                tome.unpatch(model)
+                # what a model whose vision side gave k tokens would take: its vision tower (the
+                # same), then the prefill of the shorter prompt, its features given; unpatched
+                start = clock()
+                image = model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
+                measured["vision"] = clock() - start
+                k = 576 if setting is None else setting
+                image.pooler_output = [f[:k] for f in image.pooler_output]
+                short = torch.tensor([BEFORE + [IMAGE_TOKEN] * k + AFTER])
+                start = clock()
+                model.generate(
+                    input_ids=short, attention_mask=torch.ones_like(short),
+                    mm_encoder_outputs={"image": image}, max_new_tokens=1, **greedy,
+                )  # fmt: skip
+                measured["native"] = measured["vision"] + clock() - start
+                if setting is not None:
                     tome.patch(model, visual_tokens=setting)
                 start = clock()
-                out = model.generate(
-                    **inputs, max_new_tokens=1, do_sample=False, return_dict_in_generate=True
-                )
-                elapsed = clock() - start
+                out = model.generate(**inputs, max_new_tokens=1, **greedy)
+                measured["ttft"] = clock() - start
+                if args.decode:
+                    steps = StepClock(clock)
+                    model.generate(
+                        **inputs, max_new_tokens=1 + args.decode, min_new_tokens=1 + args.decode,
+                        logits_processor=[steps], **greedy,
+                    )  # fmt: skip
+                    measured["decode"] = statistics.median(steps.intervals())
                 start = clock()
                 reduce_images(features, setting, None if setting else 0.0)
-                merge = clock() - start
+                measured["merge"] = clock() - start
                 if rep:
-                    times[setting].append(elapsed)
-                    merges[setting].append(merge)
+                    for name, value in measured.items():
+                        times[name][setting].append(value)
                 lengths[setting] = out.cache.get_seq_length()
                 kv[setting] = cache_bytes(out.cache)
     tome.unpatch(model)
 
-    base = statistics.median(times[None])
+    def median(name: str, setting) -> float:
+        return statistics.median(times[name][setting])
+
+    base = median("ttft", None)
     print(
         f"\nLLaVA-1.5-7B layout cut to {args.vision_layers} vision + {args.lm_layers} LM layers, random "
         f"weights, fp32, batch 1; median of {args.reps} interleaved runs; {args.clock} clock, "
         f"{args.threads} thread(s)\n"
     )
-    print("| visual tokens | LM tokens | TTFT s | speedup | FLOP-ideal (cut / full 7B) | merge s | KV cache (cut, fp32) | KV cache (full 7B, fp16) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+    print("| visual tokens | LM tokens | TTFT s | speedup | FLOP-ideal (cut / full 7B) | of a native k-token model | vision tower | merge s | decode tok/s | KV cache (cut, fp32) | KV cache (full 7B, fp16) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for setting in settings:
-        t = statistics.median(times[setting])
+        t = median("ttft", setting)
         cut = flops(args.vision_layers, args.lm_layers, lengths[None]) / flops(
             args.vision_layers, args.lm_layers, lengths[setting]
         )
         full = flops(*FULL_DEPTH, lengths[None]) / flops(*FULL_DEPTH, lengths[setting])
         full_kv = lengths[setting] * FULL_DEPTH[1] * 2 * TEXT["hidden_size"] * 2
-        merge = statistics.median(merges[setting])
+        merge = median("merge", setting)
         merge = "-" if setting is None else f"{merge:.3f} ({100 * merge / t:.1f}%)"
+        decode = f"{1 / median('decode', setting):.2f}" if args.decode else "-"
         print(
             f"| {576 if setting is None else setting} {'(unpatched)' if setting is None else ''} "
-            f"| {lengths[setting]} | {t:.3f} | {base / t:.2f}x | {cut:.2f}x / {full:.2f}x | {merge} "
-            f"| {kv[setting] / 2**20:.1f} MiB | {full_kv / 2**20:.0f} MiB |"
+            f"| {lengths[setting]} | {t:.3f} | {base / t:.2f}x | {cut:.2f}x / {full:.2f}x "
+            f"| {median('native', setting) / t:.2f} | {100 * median('vision', setting) / t:.0f}% | {merge} "
+            f"| {decode} | {kv[setting] / 2**20:.1f} MiB | {full_kv / 2**20:.0f} MiB |"
         )
     print(f"\nload at the end {os.getloadavg()[0]:.1f}")
 
