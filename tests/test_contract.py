@@ -18,6 +18,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from _vlm import IMAGE, tiny_llava, tiny_qwen, without_capture_hooks
+from _vlm_internvl_qwen3 import tiny_internvl, tiny_qwen3
 
 import tome
 from tome.runtime.base import PatchHandle
@@ -217,6 +218,37 @@ def _transformers_qwen_vl() -> Built:
     return tiny_qwen(), _next_token_logits(inputs)
 
 
+def _transformers_llava_next() -> Built:
+    pytest.importorskip("transformers")
+    from _vlm_next import anyres_batch, tiny_llava_next
+
+    model = tiny_llava_next()
+    # two left-padded prompts, images of two sizes (88 and 52 packed tokens)
+    inputs = anyres_batch(model, [[1, 5, 6, (32, 32), 7, 8, 9], [1, 11, (16, 32), 12, 13]])
+    return model, _next_token_logits(inputs)
+
+
+def _transformers_internvl() -> Built:
+    pytest.importorskip("transformers")
+    # each prompt: one image of two tiles (2 x 16 tokens), the tiles in pixel_values
+    ids, mask = _vlm_prompts(torch.randint(3, 90, (2, 12), generator=torch.Generator().manual_seed(1)), 32)
+    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": _images(32, batch=4)}
+    return tiny_internvl(), _next_token_logits(inputs)
+
+
+def _transformers_qwen3_vl() -> Built:
+    pytest.importorskip("transformers")
+    ids, mask = _vlm_prompts(torch.randint(3, 90, (2, 12), generator=torch.Generator().manual_seed(1)), 16)
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "mm_token_type_ids": (ids == IMAGE).int(),
+        "image_grid_thw": torch.tensor([[1, 8, 8], [1, 8, 8]]),  # 8x8 patches -> 16 tokens (2x2 merger)
+        "pixel_values": torch.randn(128, 3 * 2 * 4 * 4, generator=torch.Generator().manual_seed(2)),
+    }
+    return tiny_qwen3(), _next_token_logits(inputs)
+
+
 BUILDERS: dict[str, Callable[[], Built]] = {
     "timm_vit": _timm_vit,
     "timm_eva": _timm_eva,
@@ -230,6 +262,9 @@ BUILDERS: dict[str, Callable[[], Built]] = {
     "diffusers_dit": _diffusers_dit,
     "transformers_llava": _transformers_llava,
     "transformers_qwen_vl": _transformers_qwen_vl,
+    "transformers_llava_next": _transformers_llava_next,
+    "transformers_internvl": _transformers_internvl,
+    "transformers_qwen3_vl": _transformers_qwen3_vl,
 }
 NAMES = [adapter.name for adapter in adapters()]
 
