@@ -249,6 +249,22 @@ def _transformers_qwen3_vl() -> Built:
     return tiny_qwen3(), _next_token_logits(inputs)
 
 
+def _transformers_gemma3() -> Built:
+    pytest.importorskip("transformers")
+    from _vlm_gemma_idefics import gemma_batch, tiny_gemma3
+
+    inputs = gemma_batch([([1, 5, 6, 8, 9], 1, [7, 7, 7]), ([1, 11], 1, [12])])  # left-padded, token_type_ids
+    return tiny_gemma3(), _next_token_logits(inputs)
+
+
+def _transformers_idefics3() -> Built:
+    pytest.importorskip("transformers")
+    from _vlm_gemma_idefics import idefics_batch, tiny_idefics3
+
+    inputs = idefics_batch([([1, 5, 6], [(1, 2)], [7, 7]), ([1, 11], [(0, 0)], [12])])  # 3 tiles; 1 tile
+    return tiny_idefics3(), _next_token_logits(inputs)
+
+
 BUILDERS: dict[str, Callable[[], Built]] = {
     "timm_vit": _timm_vit,
     "timm_eva": _timm_eva,
@@ -265,6 +281,8 @@ BUILDERS: dict[str, Callable[[], Built]] = {
     "transformers_llava_next": _transformers_llava_next,
     "transformers_internvl": _transformers_internvl,
     "transformers_qwen3_vl": _transformers_qwen3_vl,
+    "transformers_gemma3": _transformers_gemma3,
+    "transformers_idefics3": _transformers_idefics3,
 }
 NAMES = [adapter.name for adapter in adapters()]
 

@@ -48,12 +48,14 @@ __all__ = [
     "VISUAL_DEFAULTS",
     "Shortened",
     "VisualHandle",
+    "biased_mask",
     "forward_done",
     "forward_reduced",
     "generate_reduced",
     "install_prop_attn",
     "kept_tokens",
     "merged_positions",
+    "prop_attn_pre_hook",
     "reduce_features",
     "reduce_images",
     "reduce_images_tracked",
@@ -574,10 +576,10 @@ def install_prop_attn(handle: VisualHandle, language_model: nn.Module) -> None:
     after the prompt). Without a mask the mask it stands for is built (SDPA: causal; eager: none).
     Eager and SDPA attention only (they take any float mask)."""
     for layer in language_model.layers:
-        handle.install_pre_hook(layer.self_attn, _prop_attn_pre_hook, handle)
+        handle.install_pre_hook(layer.self_attn, prop_attn_pre_hook, handle)
 
 
-def _prop_attn_pre_hook(handle: VisualHandle, module: nn.Module, args: tuple, kwargs: dict):
+def prop_attn_pre_hook(handle: VisualHandle, module: nn.Module, args: tuple, kwargs: dict):
     bias = handle._slot.bias
     if bias is None:
         return None
@@ -604,12 +606,12 @@ def _prop_attn_pre_hook(handle: VisualHandle, module: nn.Module, args: tuple, kw
         a is not b if isinstance(a, torch.Tensor) else a != b
         for a, b in zip(slot.made_from, made_from, strict=True)
     ):
-        slot.mask = _biased_mask(bias, given, past, B, Q, hidden, implementation, module)
+        slot.mask = biased_mask(bias, given, past, B, Q, hidden, implementation, module)
         slot.made_from = made_from
     return args, {**kwargs, "attention_mask": slot.mask}
 
 
-def _biased_mask(
+def biased_mask(
     bias: torch.Tensor,
     mask: torch.Tensor | None,
     past: int,
