@@ -297,8 +297,10 @@ def test_unpatch_copies_and_pickles():
 
 def test_the_options():
     model = tome.patch(tiny_qwen(), visual_tokens=64)
-    assert type(model.tome).__name__ == "VisualHandle"
-    assert model.tome.patch_options() == {"visual_tokens": 64, "visual_ratio": None, "visual_prop_attn": True}
+    assert type(model.tome).__name__ == "VideoVisualHandle"
+    assert model.tome.patch_options() == {
+        "visual_tokens": 64, "visual_ratio": None, "visual_prop_attn": True, "video_ratio": 0.75
+    }  # fmt: skip
     model.tome.visual_ratio = 0.5
     assert (model.tome.visual_tokens, model.tome.visual_ratio) == (None, 0.5)
     tome.patch(model)
@@ -314,6 +316,9 @@ def test_the_options():
         ({"r": 8}, TypeError, r"r: .*pass visual_tokens= .* or visual_ratio="),
         ({"ratio": 0.5}, TypeError, r"ratio: .*pass visual_tokens= .* or visual_ratio="),
         ({"prop_attn": False}, TypeError, r"prop_attn: not an option for vision-language models"),
+        ({"video_ratio": 1.0}, ValueError, r"video_ratio: expected a number in \[0, 1\) .*each video"),
+        ({"video_ratio": -0.1}, ValueError, r"video_ratio: expected a number in \[0, 1\)"),
+        ({"video_ratio": True}, ValueError, r"video_ratio: expected a number in \[0, 1\)"),
     ],
 )
 def test_bad_options_are_clear_errors_and_change_nothing(settings, error, match):
@@ -326,7 +331,7 @@ def test_bad_options_are_clear_errors_and_change_nothing(settings, error, match)
 
 
 @torch.no_grad()
-def test_a_prompt_with_a_video_runs_unmerged():
+def test_a_prompt_with_a_video_merges_its_video_and_its_image_separately():
     model = tiny_qwen()
     inputs = _batch([A])
     video = [START] + [VIDEO] * 32 + [END]  # 2 x 8 x 8 patches -> 32 tokens
@@ -341,8 +346,17 @@ def test_a_prompt_with_a_video_runs_unmerged():
         video_grid_thw=torch.tensor([[2, 8, 8]]),
     )
     reference = _generate(model, inputs)
-    tome.patch(model, visual_tokens=4)
-    assert torch.equal(_generate(model, inputs).sequences, reference.sequences)
+    tome.patch(model, visual_tokens=4, video_ratio=0)  # videos unmerged, the image merged
+    calls = language_model_calls(model, lambda: _generate(model, inputs))
+    assert calls[0]["length"] == ids.shape[1] - (24 - 4)
+    tome.patch(model, visual_tokens=1000, video_ratio=None)  # nothing merges: exact
+    out = _generate(model, inputs)
+    assert torch.equal(out.sequences, reference.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(out.logits, reference.logits, strict=True))
+    tome.patch(model, visual_tokens=4, video_ratio=0.75)  # both: 32 -> 8 video tokens
+    calls = language_model_calls(model, lambda: _generate(model, inputs))
+    assert calls[0]["length"] == ids.shape[1] - (24 - 4) - (32 - 8)
+    assert torch.equal(_generate(model, inputs).sequences[:, : ids.shape[1]], ids)
 
 
 # -- proportional attention in the language model ---------------------------------------------------

@@ -1,5 +1,5 @@
 """transformers ``Qwen2_5_VLForConditionalGeneration`` and ``Qwen2VLForConditionalGeneration``:
-reduce once, before the decoder (images; videos run unmerged).
+reduce once, before the decoder (images and videos).
 
 Every image reaches the language model as at most ``visual_tokens`` tokens (or with
 ``visual_ratio`` of its tokens merged away): its visual features (the vision tower's output after
@@ -18,15 +18,23 @@ token count), only sparser; decode steps continue from the original prompt's pos
 (``generate()`` extends the given ``position_ids`` by one per step; ``model.model.rope_deltas`` is
 set for a continuation without them).
 
+Every video (``pixel_values_videos``, ``video_grid_thw``) keeps all but ``video_ratio`` of its
+tokens: merged across its temporal groups first (a still region becomes one token whose size
+counts the groups it covers; a cut, a group unlike the one before, starts a new segment and no
+merge crosses it), then spatially inside each segment (:mod:`tome.adapters.common.video`). Its
+merged tokens get positions by the same rule as images: the size-weighted mean of their tokens'
+``(t, h, w)``, rounded (a run of still groups sits at the middle of its time span). Images and
+videos are set separately: ``tome.patch(vlm, visual_tokens=64, video_ratio=0.9)``.
+
 What is installed on the top model (module-level functions; ``tome.unpatch`` takes it all away):
 ``generate`` (an instance method shadowing the class's) and a forward pre-hook, as for LLaVA,
 and the proportional-attention pre-hooks on the language model's attention layers
 (``visual_prop_attn``).
 
-Merged only when ``input_ids``, ``pixel_values`` and ``image_grid_thw`` are given; a text-only
-prompt, ``inputs_embeds``, pre-computed ``mm_encoder_outputs``, videos (``pixel_values_videos``)
-or a call continuing a cache run unchanged, as does a prompt whose placeholders do not match its
-images (the model raises its own error).
+Merged only when ``input_ids`` and ``pixel_values`` with ``image_grid_thw`` (or
+``pixel_values_videos`` with ``video_grid_thw``) are given; a text-only prompt, ``inputs_embeds``,
+pre-computed ``mm_encoder_outputs`` or a call continuing a cache run unchanged, as does a prompt
+whose placeholders do not match its images or videos (the model raises its own error).
 
 Example (a tiny random Qwen2.5-VL):
 
@@ -56,9 +64,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from tome.adapters.common.video import VideoVisualHandle, kept_video_tokens, merge_video
 from tome.adapters.common.vlm import (
     BIAS,
-    VisualHandle,
     forward_done,
     forward_reduced,
     generate_reduced,
@@ -93,7 +101,9 @@ def _original_positions(model: nn.Module, ids: torch.Tensor, kwargs: dict, gener
         return given[-3:]  # (4, B, L): the text row first, then (t, h, w)
     mask = kwargs.get("attention_mask")
     types = kwargs.get("mm_token_type_ids")
-    if types is not None and kwargs.get("image_grid_thw") is not None:
+    if types is not None and (
+        kwargs.get("image_grid_thw") is not None or kwargs.get("video_grid_thw") is not None
+    ):
         positions, _ = model.model.get_rope_index(
             ids,
             mm_token_type_ids=types,
@@ -111,23 +121,39 @@ def _original_positions(model: nn.Module, ids: torch.Tensor, kwargs: dict, gener
     return positions[None].expand(3, B, L)
 
 
+def _video_merges(
+    features: list[torch.Tensor], groups: list[int], ratio: float | None
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each video's features merged by :func:`~tome.adapters.common.video.merge_video` (across
+    its frame groups first, then inside each segment), one video at a time (each by its own
+    similarities); with each video's source map (the identity for a video left as it was)."""
+    merged, sources = [], []
+    for video, T in zip(features, groups, strict=True):
+        keep = kept_video_tokens(video.shape[0], ratio)
+        out = merge_video(video, T, keep)
+        merged.append(out.features)
+        sources.append(out.source)
+    return merged, sources
+
+
 def _reduced(
-    model: nn.Module, handle: VisualHandle, ids: object, kwargs: dict, generating: bool
+    model: nn.Module, handle: VideoVisualHandle, ids: object, kwargs: dict, generating: bool
 ) -> tuple[dict, int] | None:
-    """``kwargs`` rewritten: merged image features as ``mm_encoder_outputs`` instead of
-    ``pixel_values``, ``input_ids`` and the per-token inputs shortened, ``position_ids`` of the
-    shortened prompt; and its new length. ``None``: run as is."""
-    pixels = kwargs.get("pixel_values")
-    grid = kwargs.get("image_grid_thw")
+    """``kwargs`` rewritten: merged image and video features as ``mm_encoder_outputs`` instead of
+    ``pixel_values`` / ``pixel_values_videos``, ``input_ids`` and the per-token inputs shortened,
+    ``position_ids`` of the shortened prompt; and its new length. ``None``: run as is."""
+    pixels, grid = kwargs.get("pixel_values"), kwargs.get("image_grid_thw")
+    frames, video_grid = kwargs.get("pixel_values_videos"), kwargs.get("video_grid_thw")
+    images = pixels is not None and grid is not None
+    videos = frames is not None and video_grid is not None
     if (
-        not handle.merges()
-        or not isinstance(ids, torch.Tensor)
+        not isinstance(ids, torch.Tensor)
         or ids.dim() != 2
-        or pixels is None
-        or grid is None
+        or not ((images and handle.merges_images()) or (videos and handle.merges_videos()))
+        or (pixels is not None and grid is None)
+        or (frames is not None and video_grid is None)
         or kwargs.get("inputs_embeds") is not None
         or kwargs.get("mm_encoder_outputs") is not None
-        or kwargs.get("pixel_values_videos") is not None
         or _cache_length(kwargs) > 0
     ):
         return None
@@ -141,18 +167,48 @@ def _reduced(
         or not (given.dim() == 2 or (given.dim() == 3 and given.shape[0] in (3, 4)))
     ):
         return None
-    placeholder = model.config.image_token_id
-    before = (grid.prod(-1) // model.model.visual.spatial_merge_size**2).tolist()
-    if int((ids == placeholder).sum()) != sum(before):
-        return None  # placeholders and images do not match: the model's own error
-    image = model.get_image_features(pixel_values=pixels, image_grid_thw=grid, return_dict=True)
-    features = list(image.pooler_output)
-    merged, sources = reduce_images_tracked(features, handle.visual_tokens, handle.visual_ratio)
-    after = [f.shape[0] for f in merged]
-    if before == after:
+    unit = model.model.visual.spatial_merge_size**2
+    # (placeholder id, tokens per item before, features, source maps) per modality present
+    kinds: list[tuple[int, list[int], object, list[torch.Tensor]]] = []
+    if images:
+        before = (grid.prod(-1) // unit).tolist()
+        if int((ids == model.config.image_token_id).sum()) != sum(before):
+            return None  # placeholders and images do not match: the model's own error
+        out = model.get_image_features(pixel_values=pixels, image_grid_thw=grid, return_dict=True)
+        features = list(out.pooler_output)
+        if handle.merges_images():
+            merged, sources = reduce_images_tracked(features, handle.visual_tokens, handle.visual_ratio)
+        else:
+            merged, sources = features, [torch.arange(f.shape[0], device=f.device) for f in features]
+        out.pooler_output = merged
+        kinds.append((model.config.image_token_id, before, out, sources))
+    if videos:
+        placeholder = getattr(model.config, "video_token_id", None)
+        before = (video_grid.prod(-1) // unit).tolist()
+        if not isinstance(placeholder, int) or int((ids == placeholder).sum()) != sum(before):
+            return None  # placeholders and videos do not match: the model's own error
+        out = model.get_video_features(
+            pixel_values_videos=frames, video_grid_thw=video_grid, return_dict=True
+        )
+        features = list(out.pooler_output)
+        if handle.merges_videos():
+            merged, sources = _video_merges(features, video_grid[:, 0].tolist(), handle.video_ratio)
+        else:
+            merged, sources = features, [torch.arange(f.shape[0], device=f.device) for f in features]
+        out.pooler_output = merged
+        kinds.append((placeholder, before, out, sources))
+    if all(before == [f.shape[0] for f in out.pooler_output] for _, before, out, _ in kinds):
         return None
     original = _original_positions(model, ids, kwargs, generating)
-    positions = merged_positions(original, ids, placeholder, sources, after)
+    positions = original
+    bias = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
+    for placeholder, before, out, sources in kinds:
+        after = [f.shape[0] for f in out.pooler_output]
+        if after == before:
+            continue
+        positions = merged_positions(positions, ids, placeholder, sources, after)
+        if handle.visual_prop_attn:
+            bias = bias + size_bias(ids, placeholder, sources, after)
     extra = {
         name: kwargs[name]
         for name in _PER_TOKEN
@@ -160,16 +216,24 @@ def _reduced(
     }
     extra.update({f"_position_{row}": positions[row] for row in range(3)})
     if handle.visual_prop_attn:
-        extra[BIAS] = size_bias(ids, placeholder, sources, after)
+        extra[BIAS] = bias
     pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
-    shortened = shorten_prompts(
-        ids, mask, placeholder, before, after, extra, pad_id=pad if isinstance(pad, int) else 0
-    )
-    if shortened is None:
-        return None
-    tensors = dict(shortened.tensors)
+    pad = pad if isinstance(pad, int) else 0
+    # One modality at a time: each shortening keeps the other's placeholders as they are.
+    tensors, new_mask, width = {"input_ids": ids, **extra}, mask, ids.shape[1]
+    for placeholder, before, out, _ in kinds:
+        after = [f.shape[0] for f in out.pooler_output]
+        if after == before:
+            continue
+        rest = {k: v for k, v in tensors.items() if k not in ("input_ids", "attention_mask")}
+        shortened = shorten_prompts(
+            tensors["input_ids"], new_mask, placeholder, before, after, rest, pad_id=pad
+        )
+        if shortened is None:
+            return None
+        tensors = dict(shortened.tensors)
+        new_mask, width = tensors.get("attention_mask"), shortened.width
     rope = torch.stack([tensors.pop(f"_position_{row}") for row in range(3)])
-    new_mask = tensors.get("attention_mask")
     real = torch.ones_like(tensors["input_ids"]) if new_mask is None else new_mask.long()
     text = (real.cumsum(-1) - 1).masked_fill(real == 0, 0)  # what generate() numbers the tokens
     # A continuation without position_ids (the model's rope_deltas) goes on from the original
@@ -181,33 +245,50 @@ def _reduced(
         tensors["position_ids"] = torch.cat([text[None], rope])
     else:
         tensors["position_ids"] = rope
-    image.pooler_output = merged
-    rewritten = {k: v for k, v in kwargs.items() if k not in ("pixel_values", "input_ids", "inputs")}
+    drop = ("pixel_values", "pixel_values_videos", "input_ids", "inputs")
+    rewritten = {k: v for k, v in kwargs.items() if k not in drop}
     rewritten.update(tensors)
-    rewritten["mm_encoder_outputs"] = {"image": image}
-    return rewritten, shortened.width
+    names = {model.config.image_token_id: "image"}
+    rewritten["mm_encoder_outputs"] = {
+        names.get(placeholder, "video"): out for placeholder, _, out, _ in kinds
+    }
+    return rewritten, width
 
 
 def _real(mask: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
 
 
-def _generate(model: nn.Module, handle: VisualHandle, *args, **kwargs):
+def _generate(model: nn.Module, handle: VideoVisualHandle, *args, **kwargs):
     return generate_reduced(
         model, args, kwargs, lambda ids, given: _reduced(model, handle, ids, given, generating=True), handle
     )
 
 
-def _forward_pre_hook(handle: VisualHandle, model: nn.Module, args: tuple, kwargs: dict):
-    return forward_reduced(
-        model, args, kwargs, lambda ids, given: _reduced(model, handle, ids, given, generating=False), handle
-    )
+def _forward_pre_hook(handle: VideoVisualHandle, model: nn.Module, args: tuple, kwargs: dict):
+    reduce = lambda ids, given: _reduced(model, handle, ids, given, generating=False)  # noqa: E731
+    if args or kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is None:
+        return forward_reduced(model, args, kwargs, reduce, handle)
+    # Videos without images: forward_reduced looks for pixel_values only, so its part is done
+    # here (the same per-call bias handling).
+    slot = handle._slot
+    top = not slot.generating
+    if top:
+        slot.bias = None
+    reduced = reduce(kwargs.get("input_ids"), kwargs)
+    if reduced is None:
+        return None
+    rewritten = reduced[0]
+    bias = rewritten.pop(BIAS, None)
+    if top and handle.visual_prop_attn:
+        slot.bias = bias
+    return (), rewritten
 
 
 # -- patching ---------------------------------------------------------------------------------------
 
 
-def apply(model: nn.Module, **visual: object) -> VisualHandle:
+def apply(model: nn.Module, **visual: object) -> VideoVisualHandle:
     # tome.patch checked and routed the options: r and the token models' settings are refused there
     inner = getattr(model, "model", None)
     if (
@@ -219,7 +300,7 @@ def apply(model: nn.Module, **visual: object) -> VisualHandle:
             f"tome: expected a Qwen2-VL / Qwen2.5-VL model with get_image_features(), "
             f"model.get_rope_index() and config.image_token_id, got a {type(model).__name__}"
         )
-    handle = VisualHandle(**visual)  # checks every option before the model changes
+    handle = VideoVisualHandle(**visual)  # checks every option before the model changes
     with handle.installing():
         handle.install_method(model, "generate", _generate, handle)
         handle.install_pre_hook(model, _forward_pre_hook, handle)
@@ -235,10 +316,10 @@ ADAPTER = Adapter(
     ),
     apply=apply,
     kind=REDUCE_ONCE,
-    handle=VisualHandle,
+    handle=VideoVisualHandle,
     title="vision-language models (transformers Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration)",
     merged="each image's visual tokens, once, before the language model, M-RoPE positions kept: "
     "shorter prefill and KV cache",
     tested_on="tiny random configs (Qwen2.5-VL, Qwen2-VL)",
-    schedule=("visual_tokens", "visual_ratio"),
+    schedule=("visual_tokens", "visual_ratio", "video_ratio"),
 )
