@@ -258,7 +258,9 @@ def test_unpatch_copies_and_pickles():
 def test_the_options():
     model = tome.patch(tiny_llava(), visual_tokens=64)
     assert (model.tome.visual_tokens, model.tome.visual_ratio) == (64, None)
-    assert model.tome.patch_options() == {"visual_tokens": 64, "visual_ratio": None, "visual_prop_attn": True}
+    assert model.tome.patch_options() == {
+        "visual_tokens": 64, "visual_ratio": None, "visual_prop_attn": True, "visual_dominant": None
+    }  # fmt: skip
     model.tome.visual_ratio = 0.5  # the latest one set counts
     assert (model.tome.visual_tokens, model.tome.visual_ratio) == (None, 0.5)
     tome.patch(model)

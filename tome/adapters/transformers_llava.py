@@ -33,6 +33,11 @@ reads (a merged token is the mean of the embeddings it replaces), it needs no at
 against other choices (the vision tower's keys, merging before the projector): no trained VLM is
 reachable offline here (docs/vlm.md).
 
+With ``visual_dominant`` (off by default: docs/vlm_dominant.md), each image's dominant tokens
+(VisionZip's: the vision tower's class-token attention at the layer the model reads, averaged
+over heads, read by a hook that is installed only for the ``get_image_features`` call) are
+kept whole and the rest merged (:mod:`tome.adapters.common.dominant`).
+
 Merged only when ``input_ids`` and ``pixel_values`` are given (the processor's inputs); a
 text-only prompt, ``inputs_embeds`` or pre-computed ``mm_encoder_outputs`` run unchanged. A
 prompt whose placeholders do not match its images runs unchanged too, so the model raises its
@@ -63,9 +68,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from tome.adapters.common.dominant import (
+    DominantVisualHandle,
+    recording_attention,
+    reduce_images_dominant,
+    sizes_bias,
+)
 from tome.adapters.common.vlm import (
     BIAS,
-    VisualHandle,
     forward_done,
     forward_reduced,
     generate_reduced,
@@ -77,7 +87,7 @@ from tome.adapters.common.vlm import (
 from tome.adapters.common.vlm import VISUAL_DEFAULTS as DEFAULTS
 from tome.runtime.registry import REDUCE_ONCE, Adapter
 
-__all__ = ["DEFAULTS", "VisualHandle", "apply"]
+__all__ = ["DEFAULTS", "DominantVisualHandle", "apply"]
 
 # Per-token inputs of forward() that lose the same positions as input_ids.
 _PER_TOKEN = ("labels", "position_ids", "token_type_ids")
@@ -85,10 +95,65 @@ _PER_TOKEN = ("labels", "position_ids", "token_type_ids")
 _ENCODER_ARGS = ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
 
 
+# -- dominant tokens: where the vision tower's attention is read ----------------------------------
+
+
+def _read_layer(model: nn.Module, kwargs: dict) -> tuple[nn.Module, bool]:
+    """The attention module whose layer produces the hidden states the model reads
+    (``vision_feature_layer``: ``hidden_states[f]`` is the output of layer ``f - 1``; the last
+    one listed when it is a list), and whether the tower has a class token."""
+    tower = model.model.vision_tower
+    inner = getattr(tower, "vision_model", tower)
+    layers = getattr(getattr(inner, "encoder", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not hasattr(layers[0], "self_attn"):
+        raise NotImplementedError(
+            f"visual_dominant: expected a vision tower with encoder.layers[i].self_attn (CLIP, "
+            f"SigLIP), got a {type(tower).__name__}; set model.tome.visual_dominant = None"
+        )
+    chosen = kwargs.get("vision_feature_layer")
+    if chosen is None:
+        chosen = model.config.vision_feature_layer
+    if isinstance(chosen, list | tuple):
+        chosen = chosen[-1]
+    index = int(chosen) % (len(layers) + 1)  # into hidden_states: the embeddings, then each layer
+    if index == 0:
+        raise NotImplementedError(
+            f"visual_dominant: vision_feature_layer={chosen} reads the embeddings, which no "
+            f"attention layer produced; set model.tome.visual_dominant = None"
+        )
+    has_cls = isinstance(getattr(getattr(inner, "embeddings", None), "class_embedding", None), torch.Tensor)
+    return layers[index - 1].self_attn, has_cls
+
+
+def _image_scores(
+    seen: list[torch.Tensor], features: list[torch.Tensor], strategy: str, has_cls: bool
+) -> list[torch.Tensor]:
+    """Each image's scores, over the tokens that may merge (the features after the first,
+    under ``"full"``), from what the vision layer recorded (one row per image, over the layer's
+    tokens but its class token)."""
+    if len(seen) != 1 or seen[0].shape[0] != len(features):
+        raise NotImplementedError(
+            f"visual_dominant: expected the vision tower to run its layers once over the "
+            f"{len(features)} images as a batch, saw {len(seen)} runs; set model.tome.visual_dominant = None"
+        )
+    scores = seen[0]
+    # The mergeable features are the layer's tokens but the first (dropped by "default", kept
+    # whole by "full"); the scores leave out the class token only: one to skip without one.
+    skip = 1 - int(has_cls)
+    if scores.shape[1] - skip != features[0].shape[0] - int(strategy == "full"):
+        raise NotImplementedError(
+            f"visual_dominant: the vision layer has {scores.shape[1] + int(has_cls)} tokens per image, "
+            f"the model reads {features[0].shape[0]}; set model.tome.visual_dominant = None"
+        )
+    return list(scores[:, skip:])
+
+
 # -- the rewrite (module-level: patched models pickle and deep-copy) -----------------------------
 
 
-def _reduced(model: nn.Module, handle: VisualHandle, ids: object, kwargs: dict) -> tuple[dict, int] | None:
+def _reduced(
+    model: nn.Module, handle: DominantVisualHandle, ids: object, kwargs: dict
+) -> tuple[dict, int] | None:
     """``kwargs`` (a forward's or generate's keyword arguments, ``input_ids`` given as ``ids``)
     rewritten: merged image features as ``mm_encoder_outputs`` instead of ``pixel_values``,
     ``input_ids`` and the per-token inputs shortened; and the new length. ``None``: run as is."""
@@ -106,13 +171,24 @@ def _reduced(model: nn.Module, handle: VisualHandle, ids: object, kwargs: dict) 
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != ids.shape):
         return None  # a 4-D mask, or one that covers a cache: not a prompt of its own
     encoder = {name: kwargs[name] for name in _ENCODER_ARGS if kwargs.get(name) is not None}
-    image = model.get_image_features(pixel_values=pixels, return_dict=True, **encoder)
-    features = list(image.pooler_output)
     # "full": the model passes the class token on, first in each image's features; it stays.
     strategy = kwargs.get("vision_feature_select_strategy") or model.config.vision_feature_select_strategy
-    merged, sources = reduce_images_tracked(
-        features, handle.visual_tokens, handle.visual_ratio, int(strategy == "full")
-    )
+    protected = int(strategy == "full")
+    if handle.dominant():
+        attention, has_cls = _read_layer(model, kwargs)
+        with recording_attention(attention, has_cls) as seen:
+            image = model.get_image_features(pixel_values=pixels, return_dict=True, **encoder)
+        features = list(image.pooler_output)
+        scores = _image_scores(seen, features, strategy, has_cls)
+        merged, _, sizes = reduce_images_dominant(
+            features, scores, handle.visual_tokens, handle.visual_ratio, handle.visual_dominant, protected
+        )
+    else:
+        image = model.get_image_features(pixel_values=pixels, return_dict=True, **encoder)
+        features = list(image.pooler_output)
+        merged, sources = reduce_images_tracked(
+            features, handle.visual_tokens, handle.visual_ratio, protected
+        )
     before = [f.shape[0] for f in features]
     after = [f.shape[0] for f in merged]
     if before == after:
@@ -123,7 +199,10 @@ def _reduced(model: nn.Module, handle: VisualHandle, ids: object, kwargs: dict) 
         if isinstance(kwargs.get(name), torch.Tensor) and kwargs[name].shape == ids.shape
     }
     if handle.visual_prop_attn and int((ids == model.config.image_token_id).sum()) == sum(before):
-        extra[BIAS] = size_bias(ids, model.config.image_token_id, sources, after)
+        if handle.dominant():
+            extra[BIAS] = sizes_bias(ids, model.config.image_token_id, sizes, before)
+        else:
+            extra[BIAS] = size_bias(ids, model.config.image_token_id, sources, after)
     pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
     shortened = shorten_prompts(
         ids,
@@ -143,13 +222,13 @@ def _reduced(model: nn.Module, handle: VisualHandle, ids: object, kwargs: dict) 
     return rewritten, shortened.width
 
 
-def _generate(model: nn.Module, handle: VisualHandle, *args, **kwargs):
+def _generate(model: nn.Module, handle: DominantVisualHandle, *args, **kwargs):
     return generate_reduced(
         model, args, kwargs, lambda ids, given: _reduced(model, handle, ids, given), handle
     )
 
 
-def _forward_pre_hook(handle: VisualHandle, model: nn.Module, args: tuple, kwargs: dict):
+def _forward_pre_hook(handle: DominantVisualHandle, model: nn.Module, args: tuple, kwargs: dict):
     return forward_reduced(
         model, args, kwargs, lambda ids, given: _reduced(model, handle, ids, given), handle
     )
@@ -158,7 +237,7 @@ def _forward_pre_hook(handle: VisualHandle, model: nn.Module, args: tuple, kwarg
 # -- patching ---------------------------------------------------------------------------------------
 
 
-def apply(model: nn.Module, **visual: object) -> VisualHandle:
+def apply(model: nn.Module, **visual: object) -> DominantVisualHandle:
     # tome.patch checked and routed the options: r and the token models' settings are refused there
     if not callable(getattr(model, "get_image_features", None)) or not isinstance(
         getattr(model.config, "image_token_id", None), int
@@ -167,7 +246,7 @@ def apply(model: nn.Module, **visual: object) -> VisualHandle:
             f"tome: expected a LLaVA model with get_image_features() and config.image_token_id, "
             f"got a {type(model).__name__}"
         )
-    handle = VisualHandle(**visual)  # checks every option before the model changes
+    handle = DominantVisualHandle(**visual)  # checks every option before the model changes
     with handle.installing():
         handle.install_method(model, "generate", _generate, handle)
         handle.install_pre_hook(model, _forward_pre_hook, handle)
@@ -180,7 +259,7 @@ ADAPTER = Adapter(
     patches=("transformers.LlavaForConditionalGeneration",),
     apply=apply,
     kind=REDUCE_ONCE,
-    handle=VisualHandle,
+    handle=DominantVisualHandle,
     title="vision-language models (transformers LlavaForConditionalGeneration)",
     merged="each image's visual tokens, once, before the language model: shorter prefill and KV cache",
     tested_on="tiny random configs (CLIP vision + Llama)",

@@ -538,7 +538,7 @@ def forward_reduced(
     top = slot is not None and not slot.generating
     if top:
         slot.bias = None  # a call of its own: no bias left from an earlier one
-    if kwargs.get("pixel_values") is None and len(args) < 2:
+    if kwargs.get("pixel_values") is None and kwargs.get("pixel_values_videos") is None and len(args) < 2:
         return None  # the common case (every decode step): nothing to look at
     if args:  # positional arguments, by the class's own signature
         bound = inspect.signature(type(model).forward).bind(model, *args, **kwargs)
