@@ -149,7 +149,14 @@ def _normalize(metric: torch.Tensor) -> torch.Tensor:
         finite = torch.isfinite(metric.detach().norm(dim=-1, keepdim=True))
         metric = torch.where(finite, metric, 0.0)
         return metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-    unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    norm = metric.norm(dim=-1, keepdim=True)
+    unit = metric / norm.clamp_min(1e-6)
+    # A finite norm means finite entries (and a finite quotient): the clean-up pass is needed
+    # only if some norm is not. Eager CPU checks that (one small read, no sync on CPU) and so
+    # skips a full pass over the keys, one parallel region fewer (they stall on a busy
+    # machine); compiled or on an accelerator it always runs (no host read-back).
+    if unit.device.type == "cpu" and not torch.compiler.is_compiling() and bool(torch.isfinite(norm).all()):
+        return unit
     return unit.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
@@ -513,9 +520,22 @@ def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return rows.view(B, index.shape[1], *x.shape[2:])
 
 
+def _row_major(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """A contiguous ``(B, K, ...)`` tensor as ``(B * K, F, 1)`` rows for ``index_add_``. In this
+    3-d form CPU ``index_add_`` adds the rows in a serial loop over the index; on a 2-d
+    ``(rows, F)`` tensor it takes a sort-based scatter path that opens parallel regions (each
+    waits for every thread: slow on a busy machine) and is ~10x slower even idle. Same sums,
+    same order (rows in index order)."""
+    return t.view(rows, math.prod(t.shape[2:]), 1)
+
+
 def _scatter_into_kept(plan: MergePlan, x: torch.Tensor, reduce: str) -> torch.Tensor:
     out = _gather_tokens(x, plan.kept)
     moved = _gather_tokens(x, plan.src)
+    if reduce == "sum" and out.is_floating_point():
+        B, K = out.shape[:2]
+        _row_major(out, B * K).index_add_(0, _rows(plan.dst, K), _row_major(moved, B * plan.r))
+        return out
     dst = _expand_index(plan.dst, moved)
     if reduce == "sum":
         return out.scatter_add_(1, dst, moved)
@@ -531,31 +551,29 @@ def _mean(plan: MergePlan, x: torch.Tensor, moved: torch.Tensor, target: torch.T
 
     one ``index_add_`` of a term per moved token; every other kept token is its own mean.
     ``moved`` / ``target``: the moved tokens and their destinations' input rows
-    (:func:`_moved_and_targets`)."""
+    (:func:`_moved_and_targets`). Three ops on ``(B, r, ...)`` rows and one gather of the kept
+    tokens: few parallel regions (see :func:`_row_major`)."""
     B, N = x.shape[:2]
+    K = N - plan.r
     out = _gather_tokens(x, plan.kept).to(moved.dtype)
     weight_dtype = out.real.dtype if out.is_complex() else out.dtype
     # clamp: a group of padding tokens has size 0 (it merges nothing real: weight 0, not NaN)
     weight = plan.in_sizes.gather(1, plan.src).to(weight_dtype) / plan.sizes.gather(1, plan.dst).clamp_min(
         1e-12
     )
-    term = (moved - target) * weight.view(weight.shape + (1,) * (x.dim() - 2))
-    rows = out.view(B * (N - plan.r), *x.shape[2:])
-    rows.index_add_(0, _rows(plan.dst, N - plan.r), term.view(B * plan.r, *x.shape[2:]))
+    term = torch.sub(moved, target).mul_(weight.view(weight.shape + (1,) * (x.dim() - 2)))
+    _row_major(out, B * K).index_add_(0, _rows(plan.dst, K), _row_major(term, B * plan.r))
     return out
 
 
-def _moved_and_targets(plan: MergePlan, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``r`` moved tokens and the input rows of their destinations, ``(B, r, ...)`` each,
-    in the reduction dtype: gathered once for both the mean and mlerp's rescaling."""
-    dtype = _reduce_dtype(x)
-    moved = _gather_tokens(x, plan.src).to(dtype)
-    # A token of size 0 (padding) holds nothing: zeroed, it cannot change its destination by
-    # its value (weight 0 times NaN is NaN) nor by its norm (mlerp), whatever padding carries.
-    empty = plan.in_sizes.gather(1, plan.src) == 0
-    moved = moved.masked_fill(empty.view(empty.shape + (1,) * (x.dim() - 2)), 0)
-    target = _gather_tokens(x, plan.kept.gather(1, plan.dst)).to(dtype)
-    return moved, target
+def _moved_and_targets(plan: MergePlan, x: torch.Tensor) -> torch.Tensor:
+    """The ``r`` moved tokens, then the input rows of their destinations: ``(B, 2r, ...)`` in
+    the reduction dtype, one gather for both the mean and mlerp's rescaling. A token of size 0 (padding) holds nothing: it reads its destination's row
+    instead of its own, so its term ``x_d - x_d`` is 0 and its norm is its destination's (it
+    changes nothing, whatever padding carries, NaN included)."""
+    dst_in = plan.kept.gather(1, plan.dst)
+    src = torch.where(plan.in_sizes.gather(1, plan.src) == 0, dst_in, plan.src)
+    return _gather_tokens(x, torch.cat([src, dst_in], dim=1)).to(_reduce_dtype(x))
 
 
 def _feature_norm(x: torch.Tensor) -> torch.Tensor:
@@ -571,6 +589,11 @@ def merge(plan: MergePlan, x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
     "Token Fusion", WACV 2024). Integer and bool tensors keep their dtype (``sum`` of bools is a
     logical or); ``mean`` and ``mlerp`` need floating point. No argument checking: see
     :meth:`tome.TokenMerger.merge`.
+
+    >>> plan = bipartite_soft_matching(torch.randn(2, 9, 4), r=3, protected=1)
+    >>> x = torch.randn(2, 9, 8)
+    >>> merge(plan, x).shape, merge(plan, x, "mlerp").shape
+    (torch.Size([2, 6, 8]), torch.Size([2, 6, 8]))
     """
     if plan.r == 0:
         return x
@@ -582,31 +605,31 @@ def merge(plan: MergePlan, x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
     if mode in ("sum", "amax", "amin"):
         work = x.to(_reduce_dtype(x))
         return _scatter_into_kept(plan, work, mode).to(x.dtype)
-    moved, target = _moved_and_targets(plan, x)
-    out = _mean(plan, x, moved, target)
+    x = x.contiguous()
+    both = _moved_and_targets(plan, x)
+    out = _mean(plan, x, both[:, : plan.r], both[:, plan.r :])
     if mode == "mlerp":
-        _rescale_destinations(plan, out, moved, target)
+        _rescale_destinations(plan, out, both)
     return out.to(x.dtype)
 
 
-def _rescale_destinations(
-    plan: MergePlan, out: torch.Tensor, moved: torch.Tensor, target: torch.Tensor
-) -> None:
+def _rescale_destinations(plan: MergePlan, out: torch.Tensor, both: torch.Tensor) -> None:
     """mlerp, in place on ``out`` (the group means): every group that received tokens gets the
-    largest norm among the tokens it combined. Only the ``r`` destination rows are touched:
-    any other group is one token, already its own largest."""
+    largest norm among the tokens it combined (``both``: the moved tokens and their
+    destinations' input rows, :func:`_moved_and_targets`). Only the ``r`` destination rows are
+    touched: any other group is one token, already its own largest."""
     B, kept = out.shape[:2]
-    moved_norm, target_norm = _feature_norm(moved), _feature_norm(target)
-    largest = out.new_zeros((B, kept), dtype=moved_norm.dtype)
-    largest = largest.scatter_reduce(1, plan.dst, torch.maximum(moved_norm, target_norm), reduce="amax")
+    norms = _feature_norm(both)  # one reduction over the 2r rows
+    largest = out.new_zeros((B, kept), dtype=norms.dtype)
+    pair = torch.maximum(norms[:, : plan.r], norms[:, plan.r :])
+    largest = largest.scatter_reduce(1, plan.dst, pair, reduce="amax")
     rows = _gather_tokens(out, plan.dst)
     scale = largest.gather(1, plan.dst) / _feature_norm(rows).clamp_min(1e-6)
     # A destination that received several tokens appears several times, always with the same
-    # rescaled value, so the order of the writes does not matter.
-    flat = out.view(B * kept, *out.shape[2:])
-    flat.index_copy_(
-        0, _rows(plan.dst, kept), (rows * scale.view(scale.shape + (1,) * (out.dim() - 2))).flatten(0, 1)
-    )
+    # rescaled value, so the order of the writes does not matter. 2-d index_copy_ (serial).
+    rows = rows * scale.view(scale.shape + (1,) * (out.dim() - 2))
+    width = math.prod(out.shape[2:])
+    out.view(B * kept, width).index_copy_(0, _rows(plan.dst, kept), rows.view(B * plan.r, width))
 
 
 def merge_residuals(
