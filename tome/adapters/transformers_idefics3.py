@@ -32,6 +32,7 @@ error).
 Example (a tiny random Idefics3: 32 px tiles, patch 4, pixel shuffle by 2: 16 tokens a tile):
 
 >>> import torch, tome
+>>> _ = torch.manual_seed(0)  # random weights: a fixed draw, so that no end token cuts the answer short
 >>> from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3VisionConfig, LlamaConfig
 >>> vision = Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
 ...                               num_attention_heads=2, image_size=32, patch_size=4)
@@ -56,30 +57,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from tome.adapters.common.vlm import (
-    BIAS,
-    VisualHandle,
-    forward_done,
-    forward_reduced,
-    generate_reduced,
-    install_prop_attn,
-    kept_tokens,
-    reduce_images_tracked,
-    shorten_prompts,
-    size_bias,
-)
+from tome.adapters.common.vlm import VisualHandle, kept_tokens, reduce_images_tracked
+from tome.adapters.common.vlm_call import install_visual, is_prompt, rewritten_call, shorten_call
 from tome.runtime.registry import REDUCE_ONCE, Adapter
 
 __all__ = ["apply"]
 
 # Per-token inputs of forward() / generate() that lose the same positions as input_ids.
 _PER_TOKEN = ("labels", "position_ids")
-
-
-def _cache_length(kwargs: dict) -> int:
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    length = getattr(cache, "get_seq_length", None)
-    return int(length()) if callable(length) else 0
 
 
 # -- the rewrite (module-level: patched models pickle and deep-copy) -----------------------------
@@ -90,20 +75,8 @@ def _reduced(model: nn.Module, handle: VisualHandle, ids: object, kwargs: dict) 
     ``pixel_values``, ``input_ids`` and the per-token inputs shortened (every tile's run of
     placeholders); and the new length. ``None``: run as is."""
     pixels = kwargs.get("pixel_values")
-    if (
-        not handle.merges()
-        or not isinstance(ids, torch.Tensor)
-        or ids.dim() != 2
-        or not isinstance(pixels, torch.Tensor)
-        or pixels.dim() != 5
-        or kwargs.get("inputs_embeds") is not None
-        or kwargs.get("mm_encoder_outputs") is not None
-        or _cache_length(kwargs) > 0
-    ):
+    if not is_prompt(handle, ids, kwargs) or not isinstance(pixels, torch.Tensor) or pixels.dim() != 5:
         return None
-    mask = kwargs.get("attention_mask")
-    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != ids.shape):
-        return None  # a 4-D mask, or one that covers a cache: not a prompt of its own
     placeholder = model.config.image_token_id
     per_tile = int(model.model.image_seq_len)
     if kept_tokens(per_tile, handle.visual_tokens, handle.visual_ratio) >= per_tile:
@@ -123,38 +96,12 @@ def _reduced(model: nn.Module, handle: VisualHandle, ids: object, kwargs: dict) 
     after = [f.shape[0] for f in merged]
     if before == after:
         return None
-    extra = {
-        name: kwargs[name]
-        for name in _PER_TOKEN
-        if isinstance(kwargs.get(name), torch.Tensor) and kwargs[name].shape == ids.shape
-    }
-    if handle.visual_prop_attn:
-        extra[BIAS] = size_bias(ids, placeholder, sources, after)
-    pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
-    shortened = shorten_prompts(
-        ids, mask, placeholder, before, after, extra, pad_id=pad if isinstance(pad, int) else 0
-    )
+    shortened = shorten_call(model, handle, ids, kwargs, _PER_TOKEN, before, after, sources)
     if shortened is None:
         return None
     # one entry a tile: the models concatenate them; generate() splits them by row for beams
     image.pooler_output = merged
-    dropped = ("pixel_values", "pixel_attention_mask", "input_ids", "inputs")
-    rewritten = {k: v for k, v in kwargs.items() if k not in dropped}
-    rewritten.update(shortened.tensors)
-    rewritten["mm_encoder_outputs"] = {"image": image}
-    return rewritten, shortened.width
-
-
-def _generate(model: nn.Module, handle: VisualHandle, *args, **kwargs):
-    return generate_reduced(
-        model, args, kwargs, lambda ids, given: _reduced(model, handle, ids, given), handle
-    )
-
-
-def _forward_pre_hook(handle: VisualHandle, model: nn.Module, args: tuple, kwargs: dict):
-    return forward_reduced(
-        model, args, kwargs, lambda ids, given: _reduced(model, handle, ids, given), handle
-    )
+    return rewritten_call(kwargs, shortened, {"image": image}, drop=("pixel_values", "pixel_attention_mask"))
 
 
 # -- patching ---------------------------------------------------------------------------------------
@@ -174,12 +121,7 @@ def apply(model: nn.Module, **visual: object) -> VisualHandle:
             f"config.image_token_id, model.image_seq_len and model.text_model, got a {type(model).__name__}"
         )
     handle = VisualHandle(**visual)  # checks every option before the model changes
-    with handle.installing():
-        handle.install_method(model, "generate", _generate, handle)
-        handle.install_pre_hook(model, _forward_pre_hook, handle)
-        handle.install_hook(model, forward_done, handle)
-        install_prop_attn(handle, inner.text_model)
-    return handle
+    return install_visual(handle, model, _reduced, inner.text_model)
 
 
 ADAPTER = Adapter(

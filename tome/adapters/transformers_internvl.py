@@ -41,6 +41,7 @@ placeholders do not match its tiles (the model raises its own error).
 Example (a tiny random InternVL: 16 tokens a tile, one image of two tiles):
 
 >>> import torch, tome, transformers
+>>> _ = torch.manual_seed(0)  # random weights: a fixed draw, so that no end token cuts the answer short
 >>> vision = transformers.InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
 ...     num_attention_heads=2, image_size=32, patch_size=4)
 >>> text = transformers.Qwen2Config(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -63,17 +64,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from tome.adapters.common.vlm import (
-    BIAS,
-    VisualHandle,
-    forward_done,
-    forward_reduced,
-    generate_reduced,
-    install_prop_attn,
-    reduce_images_tracked,
-    shorten_prompts,
-    size_bias,
-)
+from tome.adapters.common.vlm import VisualHandle, reduce_images_tracked
+from tome.adapters.common.vlm_call import install_visual, is_prompt, require, rewritten_call, shorten_call
 from tome.runtime.registry import REDUCE_ONCE, Adapter
 
 __all__ = ["apply", "image_runs"]
@@ -110,19 +102,9 @@ def _reduced(model: nn.Module, handle: VisualHandle, ids: object, kwargs: dict) 
     """``kwargs`` rewritten: merged image features as ``mm_encoder_outputs`` instead of
     ``pixel_values``, ``input_ids`` and the per-token inputs shortened; and the new length.
     ``None``: run as is."""
-    pixels = kwargs.get("pixel_values")
-    if (
-        not handle.merges()
-        or not isinstance(ids, torch.Tensor)
-        or ids.dim() != 2
-        or pixels is None
-        or kwargs.get("inputs_embeds") is not None
-        or kwargs.get("mm_encoder_outputs") is not None
-    ):
+    if not is_prompt(handle, ids, kwargs):
         return None
-    mask = kwargs.get("attention_mask")
-    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != ids.shape):
-        return None  # a 4-D mask, or one that covers a cache: not a prompt of its own
+    pixels = kwargs["pixel_values"]
     placeholder = model.config.image_token_id
     encoder = {name: kwargs[name] for name in _ENCODER_ARGS if kwargs.get(name) is not None}
     image = model.get_image_features(pixel_values=pixels, return_dict=True, **encoder)
@@ -136,38 +118,13 @@ def _reduced(model: nn.Module, handle: VisualHandle, ids: object, kwargs: dict) 
     after = [f.shape[0] for f in merged]
     if before == after:
         return None
-    extra = {
-        name: kwargs[name]
-        for name in _PER_TOKEN
-        if isinstance(kwargs.get(name), torch.Tensor) and kwargs[name].shape == ids.shape
-    }
-    if handle.visual_prop_attn:
-        extra[BIAS] = size_bias(ids, placeholder, sources, after)
-    pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
-    shortened = shorten_prompts(
-        ids, mask, placeholder, before, after, extra, pad_id=pad if isinstance(pad, int) else 0
-    )
+    shortened = shorten_call(model, handle, ids, kwargs, _PER_TOKEN, before, after, sources)
     if shortened is None:
         return None
     # (tokens, 1, D): generate()'s expansion for beams splits the features per prompt by
     # counting placeholders; entries of one token each split anywhere.
     image.pooler_output = torch.cat(merged)[:, None, :]
-    rewritten = {k: v for k, v in kwargs.items() if k not in ("pixel_values", "input_ids", "inputs")}
-    rewritten.update(shortened.tensors)  # the key bias too, under BIAS: generate_reduced takes it
-    rewritten["mm_encoder_outputs"] = {"image": image}
-    return rewritten, shortened.width
-
-
-def _generate(model: nn.Module, handle: VisualHandle, *args, **kwargs):
-    return generate_reduced(
-        model, args, kwargs, lambda ids, given: _reduced(model, handle, ids, given), handle
-    )
-
-
-def _forward_pre_hook(handle: VisualHandle, model: nn.Module, args: tuple, kwargs: dict):
-    return forward_reduced(
-        model, args, kwargs, lambda ids, given: _reduced(model, handle, ids, given), handle
-    )
+    return rewritten_call(kwargs, shortened, {"image": image})
 
 
 # -- patching ---------------------------------------------------------------------------------------
@@ -175,20 +132,9 @@ def _forward_pre_hook(handle: VisualHandle, model: nn.Module, args: tuple, kwarg
 
 def apply(model: nn.Module, **visual: object) -> VisualHandle:
     # tome.patch checked and routed the options: r and the token models' settings are refused there
-    if not callable(getattr(model, "get_image_features", None)) or not isinstance(
-        getattr(model.config, "image_token_id", None), int
-    ):
-        raise TypeError(
-            f"tome: expected an InternVL model with get_image_features() and config.image_token_id, "
-            f"got a {type(model).__name__}"
-        )
+    require(model, "an InternVL", methods=("get_image_features",), ints=("image_token_id",))
     handle = VisualHandle(**visual)  # checks every option before the model changes
-    with handle.installing():
-        handle.install_method(model, "generate", _generate, handle)
-        handle.install_pre_hook(model, _forward_pre_hook, handle)
-        handle.install_hook(model, forward_done, handle)
-        install_prop_attn(handle, model.model.language_model)
-    return handle
+    return install_visual(handle, model, _reduced, model.model.language_model)
 
 
 ADAPTER = Adapter(

@@ -46,6 +46,7 @@ own error.
 Example (a tiny random LLaVA):
 
 >>> import torch, tome
+>>> _ = torch.manual_seed(0)  # random weights: a fixed draw, so that no end token cuts the answer short
 >>> from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 >>> vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
 ...                           num_attention_heads=2, image_size=32, patch_size=4)
@@ -74,17 +75,9 @@ from tome.adapters.common.dominant import (
     reduce_images_dominant,
     sizes_bias,
 )
-from tome.adapters.common.vlm import (
-    BIAS,
-    forward_done,
-    forward_reduced,
-    generate_reduced,
-    install_prop_attn,
-    reduce_images_tracked,
-    shorten_prompts,
-    size_bias,
-)
 from tome.adapters.common.vlm import VISUAL_DEFAULTS as DEFAULTS
+from tome.adapters.common.vlm import reduce_images_tracked
+from tome.adapters.common.vlm_call import install_visual, is_prompt, require, rewritten_call, shorten_call
 from tome.runtime.registry import REDUCE_ONCE, Adapter
 
 __all__ = ["DEFAULTS", "DominantVisualHandle", "apply"]
@@ -157,19 +150,9 @@ def _reduced(
     """``kwargs`` (a forward's or generate's keyword arguments, ``input_ids`` given as ``ids``)
     rewritten: merged image features as ``mm_encoder_outputs`` instead of ``pixel_values``,
     ``input_ids`` and the per-token inputs shortened; and the new length. ``None``: run as is."""
-    pixels = kwargs.get("pixel_values")
-    if (
-        not handle.merges()
-        or not isinstance(ids, torch.Tensor)
-        or ids.dim() != 2
-        or pixels is None
-        or kwargs.get("inputs_embeds") is not None
-        or kwargs.get("mm_encoder_outputs") is not None
-    ):
+    if not is_prompt(handle, ids, kwargs):
         return None
-    mask = kwargs.get("attention_mask")
-    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != ids.shape):
-        return None  # a 4-D mask, or one that covers a cache: not a prompt of its own
+    pixels = kwargs["pixel_values"]
     encoder = {name: kwargs[name] for name in _ENCODER_ARGS if kwargs.get(name) is not None}
     # "full": the model passes the class token on, first in each image's features; it stays.
     strategy = kwargs.get("vision_feature_select_strategy") or model.config.vision_feature_select_strategy
@@ -183,6 +166,7 @@ def _reduced(
         merged, _, sizes = reduce_images_dominant(
             features, scores, handle.visual_tokens, handle.visual_ratio, handle.visual_dominant, protected
         )
+        sources = None  # the sizes say it: dominant tokens stand alone
     else:
         image = model.get_image_features(pixel_values=pixels, return_dict=True, **encoder)
         features = list(image.pooler_output)
@@ -193,45 +177,15 @@ def _reduced(
     after = [f.shape[0] for f in merged]
     if before == after:
         return None
-    extra = {
-        name: kwargs[name]
-        for name in _PER_TOKEN
-        if isinstance(kwargs.get(name), torch.Tensor) and kwargs[name].shape == ids.shape
-    }
-    if handle.visual_prop_attn and int((ids == model.config.image_token_id).sum()) == sum(before):
-        if handle.dominant():
-            extra[BIAS] = sizes_bias(ids, model.config.image_token_id, sizes, before)
-        else:
-            extra[BIAS] = size_bias(ids, model.config.image_token_id, sources, after)
-    pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
-    shortened = shorten_prompts(
-        ids,
-        mask,
-        model.config.image_token_id,
-        before,
-        after,
-        extra,
-        pad_id=pad if isinstance(pad, int) else 0,
-    )
-    if shortened is None:  # (then no bias was made either)
+    placeholder = model.config.image_token_id
+    bias = None
+    if handle.visual_prop_attn and sources is None and int((ids == placeholder).sum()) == sum(before):
+        bias = sizes_bias(ids, placeholder, sizes, before)
+    shortened = shorten_call(model, handle, ids, kwargs, _PER_TOKEN, before, after, sources, bias=bias)
+    if shortened is None:
         return None  # placeholders and images do not match: the model's own error
     image.pooler_output = merged
-    rewritten = {k: v for k, v in kwargs.items() if k not in ("pixel_values", "input_ids", "inputs")}
-    rewritten.update(shortened.tensors)  # the key bias too, under BIAS: generate_reduced takes it
-    rewritten["mm_encoder_outputs"] = {"image": image}
-    return rewritten, shortened.width
-
-
-def _generate(model: nn.Module, handle: DominantVisualHandle, *args, **kwargs):
-    return generate_reduced(
-        model, args, kwargs, lambda ids, given: _reduced(model, handle, ids, given), handle
-    )
-
-
-def _forward_pre_hook(handle: DominantVisualHandle, model: nn.Module, args: tuple, kwargs: dict):
-    return forward_reduced(
-        model, args, kwargs, lambda ids, given: _reduced(model, handle, ids, given), handle
-    )
+    return rewritten_call(kwargs, shortened, {"image": image})
 
 
 # -- patching ---------------------------------------------------------------------------------------
@@ -239,20 +193,9 @@ def _forward_pre_hook(handle: DominantVisualHandle, model: nn.Module, args: tupl
 
 def apply(model: nn.Module, **visual: object) -> DominantVisualHandle:
     # tome.patch checked and routed the options: r and the token models' settings are refused there
-    if not callable(getattr(model, "get_image_features", None)) or not isinstance(
-        getattr(model.config, "image_token_id", None), int
-    ):
-        raise TypeError(
-            f"tome: expected a LLaVA model with get_image_features() and config.image_token_id, "
-            f"got a {type(model).__name__}"
-        )
+    require(model, "a LLaVA", methods=("get_image_features",), ints=("image_token_id",))
     handle = DominantVisualHandle(**visual)  # checks every option before the model changes
-    with handle.installing():
-        handle.install_method(model, "generate", _generate, handle)
-        handle.install_pre_hook(model, _forward_pre_hook, handle)
-        handle.install_hook(model, forward_done, handle)
-        install_prop_attn(handle, model.model.language_model)
-    return handle
+    return install_visual(handle, model, _reduced, model.model.language_model)
 
 
 ADAPTER = Adapter(

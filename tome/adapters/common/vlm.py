@@ -61,6 +61,7 @@ __all__ = [
     "reduce_images_tracked",
     "shorten_prompts",
     "size_bias",
+    "sliding_prop_attn_pre_hook",
 ]
 
 
@@ -574,9 +575,14 @@ def install_prop_attn(handle: VisualHandle, language_model: nn.Module) -> None:
     ``(B, 1, Q, K)`` with the bias added on the first ``prompt length`` key columns (the merged
     visual tokens' ``log(size)``; 0 for the others and for every generated token, whose keys come
     after the prompt). Without a mask the mask it stands for is built (SDPA: causal; eager: none).
-    Eager and SDPA attention only (they take any float mask)."""
+    Eager and SDPA attention only (they take any float mask). A sliding-window layer (its
+    attention has an int ``sliding_window``: Gemma 3, Mistral, Qwen2's sliding layers) gets
+    :func:`sliding_prop_attn_pre_hook`, which follows the keys its cache drops."""
     for layer in language_model.layers:
-        handle.install_pre_hook(layer.self_attn, prop_attn_pre_hook, handle)
+        attention = layer.self_attn
+        sliding = isinstance(getattr(attention, "sliding_window", None), int)
+        hook = sliding_prop_attn_pre_hook if sliding else prop_attn_pre_hook
+        handle.install_pre_hook(attention, hook, handle)
 
 
 def prop_attn_pre_hook(handle: VisualHandle, module: nn.Module, args: tuple, kwargs: dict):
@@ -609,6 +615,47 @@ def prop_attn_pre_hook(handle: VisualHandle, module: nn.Module, args: tuple, kwa
         slot.mask = biased_mask(bias, given, past, B, Q, hidden, implementation, module)
         slot.made_from = made_from
     return args, {**kwargs, "attention_mask": slot.mask}
+
+
+def sliding_prop_attn_pre_hook(handle: VisualHandle, module: nn.Module, args: tuple, kwargs: dict):
+    """The proportional-attention pre-hook of a sliding-window layer. While the layer's cache
+    holds every key since the start (the prefill, and decode steps until ``sliding_window``
+    tokens), its keys are the sequence's, column for column: the shared hook. Past that, the
+    cache keeps the latest ``sliding_window - 1`` keys and the mask covers those and the new
+    ones: the bias, in the layout of the whole sequence, is shifted by the keys the window
+    dropped."""
+    bias = handle._slot.bias
+    if bias is None:
+        return None
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    length = getattr(cache, "get_seq_length", None)
+    past = int(length(module.layer_idx)) if callable(length) else 0
+    window = getattr(module, "sliding_window", None)
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    given = kwargs.get("attention_mask")
+    if not isinstance(window, int) or not isinstance(hidden, torch.Tensor):
+        return prop_attn_pre_hook(handle, module, args, kwargs)
+    B, Q = hidden.shape[:2]
+    if isinstance(given, torch.Tensor):
+        dropped = past + Q - given.shape[-1]  # the keys before the mask's first column
+    else:
+        # no mask: every key since the start is visible (transformers builds one once the
+        # window binds); a cache past the window without one is not a layout to guess at
+        dropped = 0 if past < window - 1 else -1
+    if dropped == 0:
+        return prop_attn_pre_hook(handle, module, args, kwargs)
+    if dropped < 0 or B % bias.shape[0]:
+        raise NotImplementedError(
+            "tome: visual_prop_attn could not line its bias up with the keys of a sliding-window "
+            f"layer (cache of {past} tokens, window {window}); set model.tome.visual_prop_attn = False"
+        )
+    implementation = getattr(getattr(module, "config", None), "_attn_implementation", "sdpa")
+    if implementation not in ("eager", "sdpa"):
+        return prop_attn_pre_hook(handle, module, args, kwargs)  # its clear error
+    if dropped >= bias.shape[1]:
+        return None  # the window has moved past the prompt: no merged key left in it
+    mask = biased_mask(bias[:, dropped:], given, 0, B, Q, hidden, implementation, module)
+    return args, {**kwargs, "attention_mask": mask}
 
 
 def biased_mask(
