@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import tome
-import tome.core.merge  # noqa: F401  (the test below reaches tome.core.merge; tome imports it lazily)
+import tome.core.merge  # the test below reaches tome.core.merge; tome imports it lazily
 
 transformers = pytest.importorskip("transformers")
 
