@@ -63,12 +63,13 @@ KINDS = ("still", "pan", "zoom", "cut")
 SIZE = 224
 
 
-def load_photos(count: int, frames: int, pan: int) -> list[torch.Tensor]:
-    """``count`` photos as ``(3, 224, 224 + frames * pan)`` tensors in [0, 1]."""
+def load_photos(count: int, frames: int, pan: int, skip: int = 0) -> list[torch.Tensor]:
+    """``count`` photos (after the first ``skip``) as ``(3, 224, 224 + frames * pan)`` tensors in
+    [0, 1]."""
     from PIL import Image
 
     out = []
-    for path in sorted(IMAGES.glob("*.JPEG"))[:count]:
+    for path in sorted(IMAGES.glob("*.JPEG"))[skip : skip + count]:
         image = Image.open(path).convert("RGB").resize((SIZE + frames * pan, SIZE), Image.BICUBIC)
         pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
         out.append(pixels.reshape(SIZE, SIZE + frames * pan, 3).permute(2, 0, 1).float() / 255)
@@ -150,6 +151,12 @@ def per_frame_error(head, queries, frames, merged, source, betas) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--photos", type=int, default=40)
+    parser.add_argument(
+        "--skip",
+        type=int,
+        default=2,
+        help="photos left out first: 0-1 chose LINK_SIMILARITY and the spatial grouping (default 2: held out)",
+    )
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--pan", type=int, default=8, help="pixels a pan moves per frame")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75, 0.9, 0.95])
@@ -168,7 +175,7 @@ def main() -> None:
     from transformers import Dinov2Model
 
     model = Dinov2Model.from_pretrained(MODEL).eval()
-    photos = load_photos(args.photos, args.frames, args.pan)
+    photos = load_photos(args.photos, args.frames, args.pan, args.skip)
     P, T = len(photos), args.frames
     head = Head(384, 8, args.seed)
     g = torch.Generator().manual_seed(args.seed)
@@ -227,7 +234,7 @@ def main() -> None:
 
     setups = [(kind, beta) for beta in args.betas for kind in ("self", "gauss")]
     print(
-        f"\n{P} photos x {len(KINDS)} clips of {T} frames (224 px, DINOv2-S/14: {T} x 256 tokens); "
+        f"\n{P} photos (from photo {args.skip}) x {len(KINDS)} clips of {T} frames (224 px, DINOv2-S/14: {T} x 256 tokens); "
         f"err/signal of per-frame read-outs, mean over frames, clips and photos (lower is better)\n"
     )
     header = "| clip | video_ratio | method | " + " | ".join(f"{q} β={b:g}" for q, b in setups) + " |"
