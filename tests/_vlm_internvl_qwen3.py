@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import torch
-from _vlm import END, IMAGE, PAD, QWEN_TOKENS, START, TEXT
+from _vlm import END, IMAGE, PAD, QWEN_TOKENS, START, TEXT, VIDEO
 
 TILE = 16  # InternVL: tokens a tile (32 px, patch 4: 8 x 8 patches, pixel shuffle 0.5: 4 x 4)
 PATCH = 3 * 2 * 4 * 4  # Qwen3-VL: a flattened patch, channels x temporal_patch_size x patch_size ** 2
@@ -167,3 +167,45 @@ def kept_prompt(prompt: list[int], keeps: list[int], width: int) -> list[int]:
                 continue
         out.append(token)
     return [PAD] * (width - len(out)) + out
+
+
+# -- Qwen3-VL videos: a timestamp, then each frame group's own run of placeholders -----------------
+
+TIMESTAMP = 60  # a text token standing for the processor's "<t seconds>" before each frame group
+
+
+def qwen3_video_batch(rows: list[dict]) -> dict:
+    """The processor's inputs for rows ``{"text": [...], "image": (h, w) or None, "video": (shots,
+    (h, w)) or None, "after": [...], "seed": int, "noise": float}``: an image as
+    ``START, IMAGE * n, END``; a video of ``len(shots)`` temporal groups as, per group,
+    ``TIMESTAMP + g, START, VIDEO * (h * w / 4), END`` (Qwen3-VL's layout); groups with the same
+    shot number show the same picture (plus ``noise``), a new number is a cut. Every row's
+    pixels come from its own seed, so that a row built alone has the same pixels. Left padded."""
+    prompts, images, grids_i, videos, grids_v = [], [], [], [], []
+    for row in rows:
+        g = torch.Generator().manual_seed(row["seed"])
+        ids = list(row["text"])
+        if row.get("image"):
+            h, w = row["image"]
+            ids += [START] + [IMAGE] * (h * w // 4) + [END]
+            images.append(torch.randn(h * w, PATCH, generator=g))
+            grids_i.append((1, h, w))
+        if row.get("video"):
+            shots, (h, w) = row["video"]
+            for t in range(len(shots)):
+                ids += [TIMESTAMP + t, START] + [VIDEO] * (h * w // 4) + [END]
+            pictures = {s: torch.randn(h * w, PATCH, generator=g) for s in sorted(set(shots))}
+            noise = row.get("noise", 0.0)
+            videos.append(
+                torch.cat([pictures[s] + noise * torch.randn(h * w, PATCH, generator=g) for s in shots])
+            )
+            grids_v.append((len(shots), h, w))
+        prompts.append(ids + list(row.get("after", [7, 8])))
+    ids, mask = _left_pad(prompts)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    inputs["mm_token_type_ids"] = (ids == IMAGE).int() + 2 * (ids == VIDEO).int()
+    if images:
+        inputs.update(pixel_values=torch.cat(images), image_grid_thw=torch.tensor(grids_i))
+    if videos:
+        inputs.update(pixel_values_videos=torch.cat(videos), video_grid_thw=torch.tensor(grids_v))
+    return inputs

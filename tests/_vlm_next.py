@@ -116,3 +116,85 @@ def row_inputs(model: torch.nn.Module, rows: list[list], row: int, seed: int = 1
         if "batch_num_images" in inputs:
             alone["batch_num_images"] = torch.tensor([count])
     return alone
+
+
+# -- videos (LLaVA-OneVision, LLaVA-NeXT-Video) ---------------------------------------------------
+
+
+def tiny_next_video(seed: int = 0) -> torch.nn.Module:
+    """LLaVA-NeXT-Video: CLIP vision (CLS dropped) + Llama, images as ``tiny_llava_next``; videos:
+    16 px frames, ``spatial_pool_stride=1`` (the resampler keeps 4 x 4 tokens a frame)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=CROP,
+        patch_size=4,
+    )  # fmt: skip
+    config = transformers.LlavaNextVideoConfig(
+        vision_config=vision,
+        text_config=transformers.LlamaConfig(**TEXT),
+        image_token_index=IMAGE,
+        video_token_index=VIDEO,
+        image_grid_pinpoints=PINS,
+        spatial_pool_stride=1,
+    )
+    return transformers.LlavaNextVideoForConditionalGeneration(config).eval()
+
+
+def video_tokens(model: torch.nn.Module, frames: int) -> tuple[int, int]:
+    """``(tokens a frame, trailing newlines)`` of a video: OneVision pools 4 x 4 to 2 x 2 and ends
+    each video with a newline; ``tiny_next_video`` keeps 4 x 4 and has none."""
+    return (4, 1) if is_onevision(model) else (16, 0)
+
+
+def video_clip(shots: list[int], seed: int, noise: float = 0.0) -> torch.Tensor:
+    """``(frames, 3, 16, 16)``: frames with the same shot number show the same picture (plus
+    ``noise``); a new number is a cut."""
+    g = torch.Generator().manual_seed(seed)
+    pictures = {s: torch.randn(3, CROP, CROP, generator=g) for s in sorted(set(shots))}
+    return torch.stack([pictures[s] + noise * torch.randn(3, CROP, CROP, generator=g) for s in shots])
+
+
+@torch.no_grad()
+def video_batch(model: torch.nn.Module, rows: list[dict]) -> dict:
+    """The processor's inputs for rows ``{"text": [...], "image": (h, w) or None, "video": shots
+    or None, "after": [...], "seed": int}`` (every row's pixels from its own seed, so that a row
+    built alone has the same pixels), left padded. All videos of a batch have as many frames."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    sizes = [row["image"] for row in rows if row.get("image")]
+    inputs: dict = {}
+    counts: list[int] = []
+    if sizes:
+        crops = [image_size_to_num_patches(size, PINS, CROP) for size in sizes]
+        pixels = torch.zeros(len(sizes), max(crops), 3, CROP, CROP)
+        seeds = [row["seed"] for row in rows if row.get("image")]
+        for i, (n, seed) in enumerate(zip(crops, seeds, strict=True)):
+            pixels[i, :n] = torch.randn(n, 3, CROP, CROP, generator=torch.Generator().manual_seed(seed))
+        inputs = {"pixel_values": pixels, "image_sizes": torch.tensor(sizes)}
+        if is_onevision(model):
+            inputs["batch_num_images"] = torch.tensor([int(bool(row.get("image"))) for row in rows])
+        counts = image_token_counts(model, inputs)
+    clips = [
+        video_clip(row["video"], row["seed"] + 100, row.get("noise", 0.0)) for row in rows if row.get("video")
+    ]
+    if clips:
+        inputs["pixel_values_videos"] = torch.stack(clips)
+    images = iter(counts)
+    prompts = []
+    for row in rows:
+        ids = list(row["text"])
+        if row.get("image"):
+            ids += [IMAGE] * next(images)
+        if row.get("video"):
+            per_frame, newline = video_tokens(model, len(row["video"]))
+            ids += [VIDEO] * (per_frame * len(row["video"]) + newline)
+        prompts.append(ids + list(row.get("after", [7, 8])))
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), PAD)
+    mask = torch.zeros_like(ids)
+    for r, prompt in enumerate(prompts):
+        ids[r, width - len(prompt) :] = torch.tensor(prompt)
+        mask[r, width - len(prompt) :] = 1
+    return {"input_ids": ids, "attention_mask": mask, **inputs}

@@ -265,6 +265,20 @@ def _transformers_idefics3() -> Built:
     return tiny_idefics3(), _next_token_logits(inputs)
 
 
+def _transformers_llava_next_video() -> Built:
+    pytest.importorskip("transformers")
+    from _vlm_next import tiny_next_video, video_batch
+
+    model = tiny_next_video()
+    # two left-padded prompts, images of two sizes (88 and 52 packed tokens); the contract's settings
+    # are visual_ratio's, so no video here (videos: tests/test_patch_video_families.py)
+    inputs = video_batch(
+        model,
+        [{"text": [1, 5, 6], "image": (32, 32), "seed": 1}, {"text": [1, 11], "image": (16, 32), "seed": 2}],
+    )
+    return model, _next_token_logits(inputs)
+
+
 BUILDERS: dict[str, Callable[[], Built]] = {
     "timm_vit": _timm_vit,
     "timm_eva": _timm_eva,
@@ -283,6 +297,7 @@ BUILDERS: dict[str, Callable[[], Built]] = {
     "transformers_qwen3_vl": _transformers_qwen3_vl,
     "transformers_gemma3": _transformers_gemma3,
     "transformers_idefics3": _transformers_idefics3,
+    "transformers_llava_next_video": _transformers_llava_next_video,
 }
 NAMES = [adapter.name for adapter in adapters()]
 

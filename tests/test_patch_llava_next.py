@@ -316,7 +316,7 @@ def test_every_layer_sees_log_sizes_in_the_prefill_and_every_decode_step(family,
     assert model.tome._slot.bias is None  # none left behind after a direct call
 
 
-# -- OneVision's videos: unmerged -------------------------------------------------------------------
+# -- OneVision's videos left as they are (video_ratio=None; merged: test_patch_video_families.py) -------------------------------------------------------------------
 
 
 def _with_video(inputs: dict, where: int = 2, frames: int = 2) -> dict:
@@ -329,7 +329,7 @@ def _with_video(inputs: dict, where: int = 2, frames: int = 2) -> dict:
 
 
 @torch.no_grad()
-def test_onevision_videos_run_unmerged_next_to_merged_images():
+def test_onevision_videos_with_video_ratio_none_run_unmerged_next_to_merged_images():
     model = tiny_onevision()
     video_only = _with_video(anyres_batch(model, [[1, 5, 6, 7]]))
     reference = _generate(model, video_only)
@@ -339,7 +339,7 @@ def test_onevision_videos_run_unmerged_next_to_merged_images():
     by_hand = _generate(
         model, {**ref["tensors"], "mm_encoder_outputs": {"image": ref["image"], "video": video}}
     )
-    tome.patch(model, visual_tokens=8, visual_prop_attn=False)
+    tome.patch(model, visual_tokens=8, visual_prop_attn=False, video_ratio=None)
     out = _generate(model, video_only)  # videos alone: the model's own run
     assert torch.equal(out.sequences, reference.sequences) and torch.equal(out.logits[0], reference.logits[0])
     out = _generate(model, inputs)

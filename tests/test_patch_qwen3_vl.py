@@ -296,8 +296,10 @@ def test_unpatch_copies_and_pickles():
 
 def test_the_options_and_bad_ones():
     model = tome.patch(tiny_qwen3(), visual_tokens=64)
-    assert type(model.tome).__name__ == "VisualHandle"
-    assert model.tome.patch_options() == {"visual_tokens": 64, "visual_ratio": None, "visual_prop_attn": True}
+    assert type(model.tome).__name__ == "VideoVisualHandle"
+    assert model.tome.patch_options() == {
+        "visual_tokens": 64, "visual_ratio": None, "visual_prop_attn": True, "video_ratio": 0.75,
+    }  # fmt: skip
     with pytest.raises(ValueError, match=r"visual_ratio: expected a number in \[0, 1\)"):
         tome.patch(model, visual_ratio=1.0)
     with pytest.raises(TypeError, match=r"prop_attn: not an option for vision-language models"):
@@ -306,7 +308,7 @@ def test_the_options_and_bad_ones():
 
 
 @torch.no_grad()
-def test_a_prompt_with_a_video_runs_unmerged():
+def test_video_ratio_none_leaves_a_prompt_s_video_as_it_was():
     model = tiny_qwen3()
     inputs = qwen3_batch([A])
     video = [START] + [VIDEO] * 16 + [END]  # 1 x 8 x 8 patches -> 16 tokens
@@ -320,7 +322,10 @@ def test_a_prompt_with_a_video_runs_unmerged():
         video_grid_thw=torch.tensor([[1, 8, 8]]),
     )
     reference = _generate(model, inputs)
-    tome.patch(model, visual_tokens=4)
+    tome.patch(model, visual_tokens=4, video_ratio=None)  # the image merges, the video does not
+    seen = _language_model_inputs(model, lambda: _generate(model, inputs))
+    assert seen[0]["inputs_embeds"].shape[1] == ids.shape[1] - (24 - 4)
+    model.tome.visual_tokens = None  # nothing merges at all: the model's own run
     out = _generate(model, inputs)
     assert torch.equal(out.sequences, reference.sequences)
     assert all(torch.equal(a, b) for a, b in zip(out.logits, reference.logits, strict=True))

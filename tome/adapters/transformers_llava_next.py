@@ -1,8 +1,8 @@
-"""transformers ``LlavaNextForConditionalGeneration`` (LLaVA-NeXT / LLaVA-1.6) and
-``LlavaOnevisionForConditionalGeneration``: reduce once, before the decoder (images; OneVision's
-videos run unmerged).
+"""transformers ``LlavaNextForConditionalGeneration`` (LLaVA-NeXT / LLaVA-1.6): reduce once, before
+the decoder. (``LlavaOnevisionForConditionalGeneration`` and ``LlavaNextVideoForConditionalGeneration``
+read their images the same way, and videos too: :mod:`tome.adapters.transformers_llava_next_video`.)
 
-Both cut an image into crops (AnyRes) and give the language model, per image, one packed run of
+It cuts an image into crops (AnyRes) and gives the language model, per image, one packed run of
 features: the base image's tokens, then the crops' tokens unpadded to the image's aspect ratio,
 with the learned ``image_newline`` after every row (OneVision first shrinks a crop grid larger
 than ``vision_aspect_ratio`` allows). An image's token count thus depends on its
@@ -31,9 +31,7 @@ on the language model's attention layers (``visual_prop_attn``).
 Merged only when ``input_ids``, ``pixel_values`` and ``image_sizes`` are given (the processor's
 inputs); a text-only prompt, ``inputs_embeds`` or pre-computed ``mm_encoder_outputs`` run
 unchanged, as does a prompt whose placeholders do not match its images (the model raises its
-own error). OneVision videos (``pixel_values_videos``): their features are computed by the
-model's own ``get_video_features`` and passed on unmerged, next to the merged images (a prompt
-with videos and no images runs unchanged).
+own error). The rewrite itself is :func:`tome.adapters.common.anyres.rewrite_anyres`.
 
 Example (a tiny random LLaVA-NeXT: 16 px crops of 4 px patches, 16 tokens each):
 
@@ -60,114 +58,35 @@ True
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.nn as nn
 
-from tome.adapters.common.anyres import reduce_packed
+from tome.adapters.common.anyres import rewrite_anyres
+from tome.adapters.common.vlm import VISUAL_DEFAULTS as DEFAULTS
 from tome.adapters.common.vlm import (
-    BIAS,
     VisualHandle,
     forward_done,
     forward_reduced,
     generate_reduced,
     install_prop_attn,
-    shorten_prompts,
-    size_bias,
 )
-from tome.adapters.common.vlm import VISUAL_DEFAULTS as DEFAULTS
 from tome.runtime.registry import REDUCE_ONCE, Adapter
 
 __all__ = ["DEFAULTS", "VisualHandle", "apply"]
-
-# Per-token inputs of forward() that lose the same positions as input_ids.
-_PER_TOKEN = ("labels", "position_ids", "token_type_ids")
-# Arguments of get_image_features that forward() and generate() take (each class takes those
-# its get_image_features names: OneVision adds the last two).
-_ENCODER_ARGS = (
-    "image_sizes",
-    "vision_feature_layer",
-    "vision_feature_select_strategy",
-    "vision_aspect_ratio",
-    "batch_num_images",
-)
-_VIDEO_ARGS = ("vision_feature_layer", "vision_feature_select_strategy")
 
 
 # -- the rewrite (module-level: patched models pickle and deep-copy) -----------------------------
 
 
-def _reduced(model: nn.Module, handle: VisualHandle, ids: object, kwargs: dict) -> tuple[dict, int] | None:
-    """``kwargs`` (a forward's or generate's keyword arguments, ``input_ids`` given as ``ids``)
-    rewritten: merged image features (and OneVision's video features, unmerged) as
-    ``mm_encoder_outputs`` instead of pixels, ``input_ids`` and the per-token inputs
-    shortened; and the new length. ``None``: run as is."""
-    pixels = kwargs.get("pixel_values")
-    if (
-        not handle.merges()
-        or not isinstance(ids, torch.Tensor)
-        or ids.dim() != 2
-        or pixels is None
-        or kwargs.get("image_sizes") is None
-        or kwargs.get("inputs_embeds") is not None
-        or kwargs.get("mm_encoder_outputs") is not None
-    ):
-        return None
-    mask = kwargs.get("attention_mask")
-    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != ids.shape):
-        return None  # a 4-D mask, or one that covers a cache: not a prompt of its own
-    takes = inspect.signature(model.get_image_features).parameters
-    encoder = {name: kwargs[name] for name in _ENCODER_ARGS if name in takes and kwargs.get(name) is not None}
-    image = model.get_image_features(pixel_values=pixels, return_dict=True, **encoder)
-    features = list(image.pooler_output)
-    newline = getattr(model.model, "image_newline", None)
-    merged, sources = reduce_packed(features, newline, handle.visual_tokens, handle.visual_ratio)
-    before = [f.shape[0] for f in features]
-    after = [f.shape[0] for f in merged]
-    if before == after:
-        return None
-    extra = {
-        name: kwargs[name]
-        for name in _PER_TOKEN
-        if isinstance(kwargs.get(name), torch.Tensor) and kwargs[name].shape == ids.shape
-    }
-    placeholder = model.config.image_token_id
-    if handle.visual_prop_attn and int((ids == placeholder).sum()) == sum(before):
-        extra[BIAS] = size_bias(ids, placeholder, sources, after)
-    pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
-    shortened = shorten_prompts(
-        ids, mask, placeholder, before, after, extra, pad_id=pad if isinstance(pad, int) else 0
-    )
-    if shortened is None:  # (then no bias was made either)
-        return None  # placeholders and images do not match: the model's own error
-    image.pooler_output = merged
-    encoded = {"image": image}
-    videos = kwargs.get("pixel_values_videos")
-    if videos is not None:  # OneVision: the model refuses pixels next to mm_encoder_outputs
-        video_args = {name: kwargs[name] for name in _VIDEO_ARGS if kwargs.get(name) is not None}
-        encoded["video"] = model.get_video_features(
-            pixel_values_videos=videos, return_dict=True, **video_args
-        )
-    rewritten = {
-        k: v
-        for k, v in kwargs.items()
-        if k not in ("pixel_values", "pixel_values_videos", "input_ids", "inputs")
-    }
-    rewritten.update(shortened.tensors)  # the key bias too, under BIAS: generate_reduced takes it
-    rewritten["mm_encoder_outputs"] = encoded
-    return rewritten, shortened.width
-
-
 def _generate(model: nn.Module, handle: VisualHandle, *args, **kwargs):
     return generate_reduced(
-        model, args, kwargs, lambda ids, given: _reduced(model, handle, ids, given), handle
+        model, args, kwargs, lambda ids, given: rewrite_anyres(model, handle, ids, given), handle
     )
 
 
 def _forward_pre_hook(handle: VisualHandle, model: nn.Module, args: tuple, kwargs: dict):
     return forward_reduced(
-        model, args, kwargs, lambda ids, given: _reduced(model, handle, ids, given), handle
+        model, args, kwargs, lambda ids, given: rewrite_anyres(model, handle, ids, given), handle
     )
 
 
@@ -182,7 +101,7 @@ def apply(model: nn.Module, **visual: object) -> VisualHandle:
         or not isinstance(getattr(getattr(model, "model", None), "image_newline", None), torch.Tensor)
     ):
         raise TypeError(
-            f"tome: expected a LLaVA-NeXT / LLaVA-OneVision model with get_image_features(), "
+            f"tome: expected a LLaVA-NeXT model with get_image_features(), "
             f"config.image_token_id and model.image_newline, got a {type(model).__name__}"
         )
     handle = VisualHandle(**visual)  # checks every option before the model changes
@@ -195,21 +114,15 @@ def apply(model: nn.Module, **visual: object) -> VisualHandle:
 
 
 ADAPTER = Adapter(
-    patches=(
-        "transformers.LlavaNextForConditionalGeneration",
-        "transformers.LlavaOnevisionForConditionalGeneration",
-    ),
+    patches=("transformers.LlavaNextForConditionalGeneration",),
     apply=apply,
     kind=REDUCE_ONCE,
     handle=VisualHandle,
-    title=(
-        "vision-language models with AnyRes crops (transformers LlavaNextForConditionalGeneration, "
-        "LlavaOnevisionForConditionalGeneration)"
-    ),
+    title="vision-language models with AnyRes crops (transformers LlavaNextForConditionalGeneration)",
     merged=(
         "each image's packed visual tokens (base image and crops; the row newlines kept as one), "
-        "once, before the language model: shorter prefill and KV cache; OneVision videos unmerged"
+        "once, before the language model: shorter prefill and KV cache"
     ),
-    tested_on="tiny random configs (CLIP vision + Llama; SigLIP vision + Qwen2)",
+    tested_on="tiny random configs (CLIP vision + Llama)",
     schedule=("visual_tokens", "visual_ratio"),
 )

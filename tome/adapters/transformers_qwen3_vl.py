@@ -1,5 +1,5 @@
 """transformers ``Qwen3VLForConditionalGeneration``: reduce once, before the decoder, DeepStack
-included (images; prompts with videos run unmerged).
+included (images and videos).
 
 Qwen3-VL reads images as Qwen2.5-VL does (native resolution, a 2x2 patch merger, 3-D M-RoPE,
 its frequencies interleaved over (t, h, w)), plus **DeepStack**: the vision tower also hands out
@@ -19,6 +19,18 @@ in every layer, the mean of what its tokens would have got: main features and in
 paired, as in the unmerged model, only coarser. (Merging each level by its own similarities would
 pair a position's main feature with the injections of other tokens.)
 
+Videos (``pixel_values_videos``, ``video_grid_thw``): every video keeps all but ``video_ratio`` of
+its tokens, merged across its temporal groups first, then inside each frame group
+(:func:`tome.adapters.common.video.merge_video`, as for Qwen2.5-VL), its DeepStack levels with the
+same groups. Qwen3-VL's processor writes a timestamp (text) before each temporal group, so each
+group has its own run of ``video_token_id`` placeholders and ``get_rope_index`` numbers each group
+as an image of its own, starting at the text position where it stands. The merged tokens come in
+the order of the groups where they start (a still region's run: in the group where it appeared),
+so each group's run is cut to the merged tokens that start in it
+(:func:`~tome.adapters.common.video.group_counts`; a group whose regions all continue earlier runs
+keeps no placeholder, its timestamp stays). Positions by the rule below: a run over groups 2-5
+gets the mean of their times (between the timestamps it spans).
+
 Positions, as for Qwen2.5-VL (:mod:`tome.adapters.transformers_qwen_vl`): the positions of the
 prompt as given are computed first, exactly as the unpatched model would (``get_rope_index``,
 from ``mm_token_type_ids`` and ``image_grid_thw``, as the processor gives them); every text token
@@ -33,9 +45,9 @@ What is installed on the top model (module-level functions; ``tome.unpatch`` tak
 the proportional-attention pre-hooks on the language model's attention layers
 (``visual_prop_attn``).
 
-Merged only when ``input_ids``, ``pixel_values`` and ``image_grid_thw`` are given; a text-only
-prompt, ``inputs_embeds``, pre-computed ``mm_encoder_outputs``, videos (``pixel_values_videos``:
-the whole prompt) or a call continuing a cache run unchanged, as does a prompt whose placeholders
+Merged only when ``input_ids`` and ``pixel_values`` with ``image_grid_thw`` (or
+``pixel_values_videos`` with ``video_grid_thw``) are given; a text-only prompt, ``inputs_embeds``,
+pre-computed ``mm_encoder_outputs`` or a call continuing a cache run unchanged, as does a prompt whose placeholders
 do not match its images, or a direct forward without ``mm_token_type_ids`` (the model raises its
 own errors).
 
@@ -68,25 +80,23 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from tome.adapters.common.mrope import Runs, original_positions, plain_prompt, rewrite_prompt
+from tome.adapters.common.video import (
+    VideoVisualHandle,
+    forward_reduced_videos,
+    group_counts,
+    merge_videos,
+)
 from tome.adapters.common.vlm import (
-    BIAS,
-    VisualHandle,
     forward_done,
-    forward_reduced,
     generate_reduced,
     install_prop_attn,
-    merged_positions,
     reduce_images_tracked,
-    shorten_prompts,
-    size_bias,
 )
 from tome.core import merge as M
 from tome.runtime.registry import REDUCE_ONCE, Adapter
 
 __all__ = ["apply", "merge_like"]
-
-# Per-token inputs of forward() / generate() that lose the same positions as input_ids.
-_PER_TOKEN = ("labels", "token_type_ids", "mm_token_type_ids")
 
 
 def merge_like(
@@ -113,146 +123,105 @@ def merge_like(
     return out
 
 
-def _cache_length(kwargs: dict) -> int:
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if cache is None:
-        return 0
-    length = getattr(cache, "get_seq_length", None)
-    return int(length()) if callable(length) else 1
-
-
-def _original_positions(
-    model: nn.Module, ids: torch.Tensor, kwargs: dict, generating: bool
-) -> torch.Tensor | None:
-    """``(3, B, L)``: the M-RoPE positions the unpatched model gives the prompt as given; ``None``
-    where the unpatched model raises (a forward with images and no ``mm_token_type_ids``)."""
-    given = kwargs.get("position_ids")
-    if isinstance(given, torch.Tensor):
-        if given.dim() == 2:
-            return given[None].expand(3, -1, -1)
-        return given[-3:]  # (4, B, L): the text row first, then (t, h, w)
-    mask = kwargs.get("attention_mask")
-    types = kwargs.get("mm_token_type_ids")
-    if types is not None:
-        positions, _ = model.model.get_rope_index(
-            ids,
-            mm_token_type_ids=types,
-            image_grid_thw=kwargs.get("image_grid_thw"),
-            video_grid_thw=kwargs.get("video_grid_thw"),
-            attention_mask=mask,
-        )
-        return positions
-    if not generating:
-        return None  # the model's own error: "... mm_token_type_ids is missing"
-    # generate() without mm_token_type_ids: its 1-D positions on every row of M-RoPE
-    B, L = ids.shape
-    if mask is not None:
-        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    else:
-        positions = torch.arange(L, device=ids.device).expand(B, L)
-    return positions[None].expand(3, B, L)
-
-
 def _reduced(
-    model: nn.Module, handle: VisualHandle, ids: object, kwargs: dict, generating: bool
+    model: nn.Module, handle: VideoVisualHandle, ids: object, kwargs: dict, generating: bool
 ) -> tuple[dict, int] | None:
-    """``kwargs`` rewritten: merged image features (main and DeepStack) as ``mm_encoder_outputs``
-    instead of ``pixel_values``, ``input_ids`` and the per-token inputs shortened,
-    ``position_ids`` of the shortened prompt; and its new length. ``None``: run as is."""
-    pixels = kwargs.get("pixel_values")
-    grid = kwargs.get("image_grid_thw")
+    """``kwargs`` rewritten: merged image and video features (main and DeepStack) as
+    ``mm_encoder_outputs`` instead of ``pixel_values`` / ``pixel_values_videos``, ``input_ids``
+    and the per-token inputs shortened, ``position_ids`` of the shortened prompt; and its new
+    length. ``None``: run as is."""
+    pixels, grid = kwargs.get("pixel_values"), kwargs.get("image_grid_thw")
+    frames, video_grid = kwargs.get("pixel_values_videos"), kwargs.get("video_grid_thw")
+    images = pixels is not None and grid is not None
+    videos = frames is not None and video_grid is not None
     if (
-        not handle.merges()
-        or not isinstance(ids, torch.Tensor)
-        or ids.dim() != 2
-        or pixels is None
-        or grid is None
-        or kwargs.get("inputs_embeds") is not None
-        or kwargs.get("mm_encoder_outputs") is not None
-        or kwargs.get("pixel_values_videos") is not None
-        or _cache_length(kwargs) > 0
+        not ((images and handle.merges_images()) or (videos and handle.merges_videos()))
+        or (pixels is not None and grid is None)
+        or (frames is not None and video_grid is None)
+        or not plain_prompt(ids, kwargs)
     ):
         return None
-    mask = kwargs.get("attention_mask")
-    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != ids.shape):
-        return None  # a 4-D mask, or one that covers a cache: not a prompt of its own
-    given = kwargs.get("position_ids")
-    if given is not None and (
-        not isinstance(given, torch.Tensor)
-        or given.shape[-2:] != ids.shape
-        or not (given.dim() == 2 or (given.dim() == 3 and given.shape[0] in (3, 4)))
-    ):
-        return None
-    placeholder = model.config.image_token_id
-    before = (grid.prod(-1) // model.model.visual.spatial_merge_size**2).tolist()
-    if int((ids == placeholder).sum()) != sum(before):
-        return None  # placeholders and images do not match: the model's own error
-    original = _original_positions(model, ids, kwargs, generating)
+    unit = model.model.visual.spatial_merge_size**2
+    if images:
+        before = (grid.prod(-1) // unit).tolist()
+        if int((ids == model.config.image_token_id).sum()) != sum(before):
+            return None  # placeholders and images do not match: the model's own error
+    if videos:
+        placeholder = getattr(model.config, "video_token_id", None)
+        before = (video_grid.prod(-1) // unit).tolist()
+        if not isinstance(placeholder, int) or int((ids == placeholder).sum()) != sum(before):
+            return None  # placeholders and videos do not match: the model's own error
+    original = original_positions(model, ids, kwargs, generating, forward_without_types="refuse")
     if original is None:
-        return None
-    image = model.get_image_features(pixel_values=pixels, image_grid_thw=grid, return_dict=True)
-    features = list(image.pooler_output)
-    merged, sources = reduce_images_tracked(features, handle.visual_tokens, handle.visual_ratio)
-    after = [f.shape[0] for f in merged]
-    if before == after:
-        return None
-    positions = merged_positions(original, ids, placeholder, sources, after)
-    extra = {
-        name: kwargs[name]
-        for name in _PER_TOKEN
-        if isinstance(kwargs.get(name), torch.Tensor) and kwargs[name].shape == ids.shape
-    }
-    extra.update({f"_position_{row}": positions[row] for row in range(3)})
-    if handle.visual_prop_attn:
-        extra[BIAS] = size_bias(ids, placeholder, sources, after)
-    pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
-    shortened = shorten_prompts(
-        ids, mask, placeholder, before, after, extra, pad_id=pad if isinstance(pad, int) else 0
-    )
-    if shortened is None:
-        return None
-    tensors = dict(shortened.tensors)
-    rope = torch.stack([tensors.pop(f"_position_{row}") for row in range(3)])
-    new_mask = tensors.get("attention_mask")
-    real = torch.ones_like(tensors["input_ids"]) if new_mask is None else new_mask.long()
-    text = (real.cumsum(-1) - 1).masked_fill(real == 0, 0)  # what generate() numbers the tokens
-    # A continuation without position_ids (the model's rope_deltas) goes on from the original
-    # prompt's last position: delta = its max + 1 - the shortened row's real tokens.
-    old_real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-    highest = original.masked_fill(~old_real[None], 0).amax(dim=(0, 2))
-    model.model.rope_deltas = (highest + 1 - real.sum(-1))[:, None]
-    if generating or (isinstance(given, torch.Tensor) and given.dim() == 3 and given.shape[0] == 4):
-        # generate(): the text row first (the causal mask is built from it), as generate() builds them
-        tensors["position_ids"] = torch.cat([text[None], rope])
-    else:
-        tensors["position_ids"] = rope
-    image.pooler_output = tuple(merged)
-    # every DeepStack level with the main features' groups (the model concatenates each level's images)
-    image.deepstack_features = [
-        tuple(merge_like(level, sources, after)) for level in (image.deepstack_features or [])
+        return None  # the model's own error: "... mm_token_type_ids is missing"
+    merged: list[tuple[Runs, str, object]] = []  # per modality present: its runs, key, encoder output
+    if images:
+        out = model.get_image_features(pixel_values=pixels, image_grid_thw=grid, return_dict=True)
+        features = list(out.pooler_output)
+        if handle.merges_images():
+            features, sources = reduce_images_tracked(features, handle.visual_tokens, handle.visual_ratio)
+        else:
+            sources = [torch.arange(f.shape[0], device=f.device) for f in features]
+        _set_merged(out, features, sources)
+        runs = Runs.from_items(model.config.image_token_id, sources, [f.shape[0] for f in features])
+        merged.append((runs, "image", out))
+    if videos:
+        out = model.get_video_features(
+            pixel_values_videos=frames, video_grid_thw=video_grid, return_dict=True
+        )
+        features = list(out.pooler_output)
+        groups = video_grid[:, 0].tolist()
+        if handle.merges_videos():
+            done = merge_videos(features, groups, handle.video_ratio)
+            features, sources = [v.features for v in done], [v.source for v in done]
+        else:
+            sources = [torch.arange(f.shape[0], device=f.device) for f in features]
+        _set_merged(out, features, sources)
+        merged.append((_frame_group_runs(placeholder, sources, features, groups), "video", out))
+    return rewrite_prompt(model, ids, kwargs, merged, original, generating, handle.visual_prop_attn)
+
+
+def _set_merged(out: object, features: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """The encoder output ``out`` holding the merged main features, and every DeepStack level
+    merged with the main features' groups (the model concatenates each level's items)."""
+    after = [f.shape[0] for f in features]
+    out.pooler_output = tuple(features)
+    out.deepstack_features = [
+        tuple(merge_like(level, sources, after)) for level in (out.deepstack_features or [])
     ]
-    rewritten = {k: v for k, v in kwargs.items() if k not in ("pixel_values", "input_ids", "inputs")}
-    rewritten.update(tensors)
-    rewritten["mm_encoder_outputs"] = {"image": image}
-    return rewritten, shortened.width
 
 
-def _generate(model: nn.Module, handle: VisualHandle, *args, **kwargs):
+def _frame_group_runs(
+    placeholder: int, sources: list[torch.Tensor], features: list[torch.Tensor], groups: list[int]
+) -> Runs:
+    """The runs of a Qwen3-VL prompt's video placeholders: one per frame group (the processor
+    writes a timestamp between the groups, ``get_rope_index`` numbers each group as an image of
+    its own); a video's merged tokens go, in order, into the group where each starts
+    (:func:`~tome.adapters.common.video.group_counts`); a temporal run spans later groups."""
+    before: list[int] = []
+    after: list[int] = []
+    for source, T in zip(sources, groups, strict=True):
+        before += [source.shape[0] // T] * T
+        after += group_counts(source, T)
+    whole = Runs.from_items(placeholder, sources, [f.shape[0] for f in features])
+    return Runs(placeholder, before, after, whole.index, whole.sizes)
+
+
+def _generate(model: nn.Module, handle: VideoVisualHandle, *args, **kwargs):
     return generate_reduced(
         model, args, kwargs, lambda ids, given: _reduced(model, handle, ids, given, generating=True), handle
     )
 
 
-def _forward_pre_hook(handle: VisualHandle, model: nn.Module, args: tuple, kwargs: dict):
-    return forward_reduced(
-        model, args, kwargs, lambda ids, given: _reduced(model, handle, ids, given, generating=False), handle
-    )
+def _forward_pre_hook(handle: VideoVisualHandle, model: nn.Module, args: tuple, kwargs: dict):
+    reduce = lambda ids, given: _reduced(model, handle, ids, given, generating=False)  # noqa: E731
+    return forward_reduced_videos(model, args, kwargs, reduce, handle)
 
 
 # -- patching ---------------------------------------------------------------------------------------
 
 
-def apply(model: nn.Module, **visual: object) -> VisualHandle:
+def apply(model: nn.Module, **visual: object) -> VideoVisualHandle:
     # tome.patch checked and routed the options: r and the token models' settings are refused there
     inner = getattr(model, "model", None)
     if (
@@ -264,7 +233,7 @@ def apply(model: nn.Module, **visual: object) -> VisualHandle:
             f"tome: expected a Qwen3-VL model with get_image_features(), model.get_rope_index() and "
             f"config.image_token_id, got a {type(model).__name__}"
         )
-    handle = VisualHandle(**visual)  # checks every option before the model changes
+    handle = VideoVisualHandle(**visual)  # checks every option before the model changes
     with handle.installing():
         handle.install_method(model, "generate", _generate, handle)
         handle.install_pre_hook(model, _forward_pre_hook, handle)
@@ -277,10 +246,11 @@ ADAPTER = Adapter(
     patches=("transformers.Qwen3VLForConditionalGeneration",),
     apply=apply,
     kind=REDUCE_ONCE,
-    handle=VisualHandle,
+    handle=VideoVisualHandle,
     title="vision-language models (transformers Qwen3VLForConditionalGeneration)",
-    merged="each image's visual tokens and its DeepStack features with the same groups, once, before "
-    "the language model, M-RoPE positions kept: shorter prefill and KV cache",
-    tested_on="tiny random configs (Qwen3-VL with DeepStack)",
-    schedule=("visual_tokens", "visual_ratio"),
+    merged="each image's visual tokens and each video's (across frames, then inside each frame group) "
+    "with their DeepStack features in the same groups, once, before the language model, M-RoPE "
+    "positions kept: shorter prefill and KV cache",
+    tested_on="tiny random configs (Qwen3-VL with DeepStack, videos with timestamps)",
+    schedule=("visual_tokens", "visual_ratio", "video_ratio"),
 )

@@ -4,7 +4,7 @@ A video language model reads a clip as ``T`` frame groups (Qwen: temporal patch 
 frames) of ``S`` visual tokens each, in raster order ``(t, h, w)``. Most of them repeat what the
 group before already showed. :func:`merge_video` reduces one video's tokens ``(T * S, D)`` to
 ``keep`` tokens in three steps, pure functions on tensors (no ``nn.Module``), so that any family
-whose features come as ``(T, S, D)`` (Qwen2-VL / Qwen2.5-VL, later LLaVA-OneVision, Qwen3-VL)
+whose features come as ``(T, S, D)`` (Qwen2-VL / Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, LLaVA-NeXT-Video)
 can use them:
 
 1. **Cuts** (:func:`find_cuts`): the similarity of each group to the one before is the mean,
@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tome.adapters.common.vlm import VisualHandle
+from tome.adapters.common.vlm import BIAS, Reduce, VisualHandle, forward_reduced
 from tome.core import merge as M
 from tome.runtime.options import Option
 
@@ -59,9 +59,12 @@ __all__ = [
     "VideoVisualHandle",
     "centred_units",
     "find_cuts",
+    "forward_reduced_videos",
     "frame_similarity",
+    "group_counts",
     "kept_video_tokens",
     "merge_video",
+    "merge_videos",
     "temporal_runs",
 ]
 
@@ -251,6 +254,69 @@ def merge_video(
     return MergedVideo(
         x[0].to(features.dtype), history.source[0], history.sizes[0], segments, segment_of_token
     )
+
+
+def merge_videos(
+    features: list[torch.Tensor], groups: list[int], video_ratio: float | None
+) -> list[MergedVideo]:
+    """Each video's features ``(groups[i] * S_i, D)`` merged by :func:`merge_video` to
+    :func:`kept_video_tokens` of its tokens, one video at a time (each by its own similarities:
+    a video's result does not depend on the others in its batch).
+
+    >>> out = merge_videos([torch.randn(3 * 4, 8), torch.randn(2 * 9, 8)], [3, 2], 0.5)
+    >>> [v.features.shape[0] for v in out], [v.source.shape[0] for v in out]
+    ([6, 9], [12, 18])
+    """
+    return [
+        merge_video(video, T, kept_video_tokens(video.shape[0], video_ratio))
+        for video, T in zip(features, groups, strict=True)
+    ]
+
+
+def group_counts(source: torch.Tensor, groups: int) -> list[int]:
+    """How many merged tokens *start* in each frame group of a video, given its source map
+    ``(groups * S,)`` from :func:`merge_video` (a merged token starts in the group of the first
+    original token it holds). :func:`merge_video` orders its merged tokens by that group, so
+    group ``g``'s merged tokens are the ``g``-th block of this many: what a model that writes
+    each frame group into its own run of placeholders (Qwen3-VL: timestamps between the
+    groups) keeps of each run.
+
+    >>> group_counts(torch.tensor([0, 1, 0, 2, 3, 3]), 3)  # groups of 2: tokens 0, 1 | 0, 2 | 3, 3
+    [2, 1, 1]
+    """
+    k = int(source.max()) + 1 if source.numel() else 0
+    S = source.shape[0] // groups
+    first = torch.full((k,), source.shape[0], dtype=torch.long, device=source.device)
+    first = first.scatter_reduce(0, source, torch.arange(source.shape[0], device=source.device), "amin")
+    counts = torch.bincount(first // S, minlength=groups).tolist()
+    starts = torch.repeat_interleave(
+        torch.arange(groups, device=source.device), torch.tensor(counts, device=source.device)
+    )
+    if not torch.equal(first // S, starts):
+        raise ValueError("group_counts: the merged tokens are not in the order of their frame groups")
+    return counts
+
+
+def forward_reduced_videos(
+    model: torch.nn.Module, args: tuple, kwargs: dict, reduce: Reduce, handle: VisualHandle
+) -> tuple | None:
+    """:func:`~tome.adapters.common.vlm.forward_reduced`, for a forward whose prompt may hold
+    videos and no images too (``pixel_values_videos`` given, ``pixel_values`` not): the same
+    per-call key-bias handling (the bias set for a call from outside ``generate()``)."""
+    if args or kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is None:
+        return forward_reduced(model, args, kwargs, reduce, handle)
+    slot = handle._slot
+    top = not slot.generating
+    if top:
+        slot.bias = None  # a call of its own: no bias left from an earlier one
+    reduced = reduce(kwargs.get("input_ids"), kwargs)
+    if reduced is None:
+        return None
+    rewritten = reduced[0]
+    bias = rewritten.pop(BIAS, None)
+    if top and handle.visual_prop_attn:
+        slot.bias = bias
+    return (), rewritten
 
 
 # -- the handle option ------------------------------------------------------------------------------
