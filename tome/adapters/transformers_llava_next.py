@@ -36,6 +36,7 @@ own error). The rewrite itself is :func:`tome.adapters.common.anyres.rewrite_any
 Example (a tiny random LLaVA-NeXT: 16 px crops of 4 px patches, 16 tokens each):
 
 >>> import torch, tome
+>>> _ = torch.manual_seed(0)  # random weights: a fixed draw, so that no end token cuts the answer short
 >>> from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 >>> vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
 ...                           num_attention_heads=2, image_size=16, patch_size=4)

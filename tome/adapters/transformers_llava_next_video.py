@@ -40,6 +40,7 @@ match its images or videos (the model raises its own error).
 Example (a tiny random LLaVA-NeXT-Video: 16 px frames of 4 px patches, 16 tokens a frame):
 
 >>> import torch, tome
+>>> _ = torch.manual_seed(0)  # random weights: a fixed draw, so that no end token cuts the answer short
 >>> from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextVideoConfig,
 ...                           LlavaNextVideoForConditionalGeneration)
 >>> vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,

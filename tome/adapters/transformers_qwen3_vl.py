@@ -54,6 +54,7 @@ own errors).
 Example (a tiny random Qwen3-VL with DeepStack after vision layers 0 and 1):
 
 >>> import torch, tome, transformers
+>>> _ = torch.manual_seed(0)  # random weights: a fixed draw, so that no end token cuts the answer short
 >>> vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
 ...               patch_size=4, num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
 >>> text = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3, head_dim=8,

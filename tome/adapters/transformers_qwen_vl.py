@@ -39,6 +39,7 @@ whose placeholders do not match its images or videos (the model raises its own e
 Example (a tiny random Qwen2.5-VL):
 
 >>> import torch, tome
+>>> _ = torch.manual_seed(0)  # random weights: a fixed draw, so that no end token cuts the answer short
 >>> from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 >>> vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
 ...               patch_size=4, window_size=16, fullatt_block_indexes=[1])
