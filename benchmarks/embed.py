@@ -16,10 +16,11 @@ fixed start, the model and on Ray starting Ray and the actors), seconds stopping
 (``stop_s``), seconds decoding + resizing (summed over the decoding threads, or Ray tasks),
 seconds in the model, decoding's share of the two, and (local runs) seconds the model waited for
 decoded images (``wait``: when it is large the input pipeline, not the model, bounds the
-speed). ``benchmarks/ray_floor.py`` measures Ray's own fixed cost, with no tome in the job.
+speed). ``benchmarks/ray_floor.py`` measures Ray's own fixed cost, with no tome in the job;
+``benchmarks/embed_cluster.py`` the steady rate after the start, the driver's CPU and a lost node.
 
 ``--ray`` runs start a local Ray for the job and stop it (``tome embed --ray``; ``--ray-workers``
-compares numbers of decoding tasks at a time, ``tome embed --workers``); with
+compares numbers of decoding threads in the actor, ``tome embed --workers``); with
 ``--cluster`` the script also starts one local Ray cluster (``ray start --head``) before the
 rounds and adds runs that connect to it (``--ray-address``), which is how a cluster is used:
 no Ray start in the job's time.
@@ -93,7 +94,7 @@ def main() -> None:
         "--ray-workers",
         default="",
         metavar="N,N",
-        help="--ray runs with each of these --workers (decoding tasks at a time) instead of the default",
+        help="--ray runs with each of these --workers (decoding threads in each actor) instead of the default",
     )
     args = parser.parse_args()
 

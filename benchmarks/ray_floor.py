@@ -1,18 +1,18 @@
-"""The fixed cost of a Ray Data job on this machine, with no tome in it: what ``tome embed --ray``
-cannot go below, whatever it does.
+"""The fixed cost of a Ray job of ``tome embed --ray``'s shape on this machine, with no tome in it:
+what ``tome embed --ray`` cannot go below, whatever it does.
 
 Each run is a fresh process, as a ``tome embed --ray`` run is: it imports Ray, starts a local Ray
-(``ray.init``, as ``--ray`` does), runs a Ray Data pipeline of 400 rows in 13 blocks through one
-actor (``map_batches`` with an ``ActorPoolStrategy`` of one actor, one CPU: the shape of tome's
-model stage) that does nothing with its batches, and stops Ray. The actor's constructor imports:
+(``ray.init``, as ``--ray`` does), starts one actor (one CPU: the shape of tome's part writer),
+hands it 13 parts of 400 rows in all, two at a time (as tome's driver does), which it returns
+untouched, and stops Ray. The actor imports:
 
-- ``nothing``: Ray Data's own start (its executor, its helper actors, a worker for the actor);
+- ``nothing``: Ray's own start (a worker process for the actor);
 - ``torch+transformers``: what tome's actor must import before it can hold the default model
   (DINOv2-S in Hugging Face format): ``torch`` and ``transformers``' DINOv2 module.
 
 Columns, seconds from the process's start (medians of ``--rounds`` interleaved runs): Ray started,
-the first batch back from the actor (every row's cost before the model's first batch can start),
-the pipeline done, and stopping Ray. Compare the first batch and the stop with ``tome embed``'s
+the first part back from the actor (every row's cost before the model's first batch can start),
+all parts done, and stopping Ray. Compare the first batch and the stop with ``tome embed``'s
 own start (``first_row_s`` in ``benchmarks/embed.py``'s table, local runner): a Ray run's time is
 at least the local run's plus the difference of the two starts plus the stop.
 
@@ -37,7 +37,7 @@ IMPORTS = {"nothing": [], "torch+transformers": ["torch", "transformers.models.d
 
 
 class _Actor:
-    """The model stage's shape without a model: imports ``modules`` once, passes batches on."""
+    """The part writer's shape without a model: imports ``modules`` once, returns its parts."""
 
     def __init__(self, modules: list[str]) -> None:
         import importlib
@@ -45,8 +45,8 @@ class _Actor:
         for module in modules:
             importlib.import_module(module)
 
-    def __call__(self, batch: dict) -> dict:
-        return batch
+    def embed_part(self, rows: list[int]) -> int:
+        return len(rows)
 
 
 def _child(start: float, imports: str) -> None:
@@ -57,24 +57,19 @@ def _child(start: float, imports: str) -> None:
 
     ray.init(address="local", include_dashboard=False, logging_level=logging.ERROR)
     started = time.time() - start
-    import ray.data
-
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
-    data = ray.data.from_items([{"key": i} for i in range(ROWS)], override_num_blocks=BLOCKS)
-    data = data.map_batches(
-        _Actor,
-        fn_constructor_kwargs={"modules": IMPORTS[imports]},
-        batch_size=BATCH,
-        compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=1,
-    )
-    first, rows = None, 0
-    for batch in data.iter_batches(batch_size=None):
+    actor = ray.remote(_Actor).options(num_cpus=1, max_restarts=3).remote(IMPORTS[imports])
+    keys = list(range(ROWS))
+    parts = [keys[i : i + BATCH] for i in range(0, ROWS, BATCH)]
+    assert len(parts) == BLOCKS
+    first, rows, running = None, 0, []
+    for part in parts:
+        running.append(actor.embed_part.remote(part))
+        if len(running) < 2:
+            continue
+        done, running = ray.wait(running, num_returns=1)
         first = first or time.time() - start
-        rows += len(batch["key"])
+        rows += ray.get(done[0])
+    rows += sum(ray.get(running))
     done = time.time() - start
     ray.shutdown()
     stopped = time.time() - start
@@ -110,10 +105,10 @@ def main() -> None:
     print(f"load average at the end: {_load()}")
     print()
     print(
-        f"A Ray Data job with no work ({ROWS} rows, {BLOCKS} blocks, one actor), {os.cpu_count()} CPUs; "
+        f"A Ray job with no work ({ROWS} rows, {BLOCKS} parts, one actor), {os.cpu_count()} CPUs; "
         f"seconds from process start, medians of {args.rounds} interleaved runs, each a fresh process"
     )
-    print("| the actor imports | Ray started | first batch back | pipeline done | stopping Ray |")
+    print("| the actor imports | Ray started | first part back | all parts done | stopping Ray |")
     print("|---|---|---|---|---|")
     for name, runs in results.items():
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}

@@ -169,6 +169,7 @@ def _files_under(folder: Path) -> dict[str, bytes]:
         ("empty", "no images in this folder"),
         ("out_under_a_file", "cannot write to"),
         ("out_is_a_folder", "a folder; expected a .parquet file name"),
+        ("out_unknown_uri", "not a file system URI pyarrow knows"),
         ("foreign_file", "is not a file tome embed wrote"),
         ("other_setting", "its rows were made with another setting 'r=1', this run 'r=2'"),
         ("other_model", "its rows were made with another img_size 64, this run 32"),
@@ -189,6 +190,8 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, message, tmp_pat
         out = tmp_path / "file" / "out.parquet"
     elif case == "out_is_a_folder":
         out.mkdir()
+    elif case == "out_unknown_uri":
+        out = "nosuch://bucket/out.parquet"
     elif case == "text_option":
         extra = ["--min-tokens", "4"]
     elif case == "foreign_file":
@@ -247,28 +250,6 @@ def test_import_tome_and_tome_embed_need_no_pyarrow_ray_or_pil():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
-
-
-def test_ray_decoding_tasks_get_decode_batch_without_importing_tome(tmp_path):
-    """What a Ray decoding worker unpickles: by value inside ``shipped_by_value`` (the worker
-    imports neither tome nor torch), by reference outside it (the worker would import tome)."""
-    cloudpickle = pytest.importorskip("ray.cloudpickle")
-    from tome.tools.embed.decode import decode_batch, shipped_by_value
-
-    with shipped_by_value():
-        (tmp_path / "by_value.pkl").write_bytes(cloudpickle.dumps(decode_batch))
-    (tmp_path / "by_reference.pkl").write_bytes(cloudpickle.dumps(decode_batch))
-    code = (
-        "import pickle, sys, numpy as np; fn = pickle.load(open(sys.argv[1], 'rb')); "
-        "out = fn({'key': np.array(['k']), 'path': np.array([sys.argv[2]])}, 8, 0.875); "
-        "print(out['pixels'].shape, list(out['error']), [m for m in ('tome', 'torch') if m in sys.modules])"
-    )
-    photo = str(demo_images()[0])
-    # by reference the worker imports tome (light since 0.2: no torch), by value nothing
-    for name, imported in (("by_value", []), ("by_reference", ["tome"])):
-        command = [sys.executable, "-c", code, str(tmp_path / f"{name}.pkl"), photo]
-        out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=tmp_path).stdout
-        assert out.strip() == f"(1, 3, 8, 8) [''] {imported}", name
 
 
 def test_the_real_dinov2_gives_what_tome_eval_compares(tmp_path, dinov2_dir, images_dir):
@@ -363,7 +344,8 @@ def test_text_encoder_options_reach_the_model_and_the_file(tmp_path, lines, caps
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray")
-    pytest.importorskip("ray.data")
+    if ray.is_initialized():
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
@@ -374,7 +356,7 @@ def test_ray_gives_the_local_rows_and_resumes_a_local_run(tmp_path, photos, ray_
     (photos / "broken.png").write_bytes(b"\x89PNG broken")
     local = embed(photos, tmp_path / "local.parquet", r=1, batch=3, chunk=3, progress=False, **TINY)
     on_ray = embed(photos, tmp_path / "ray.parquet", r=1, batch=3, chunk=3, ray=True, progress=False, **TINY)
-    assert on_ray.runner == "Ray (1 node(s), 2 CPUs), 1 actor(s), 1 decoding task(s) at a time"
+    assert on_ray.runner == "Ray (1 node(s), 2 CPUs), 1 actor(s) writing 3 part(s)"
     assert on_ray.rows == local.rows == 8
     assert on_ray.skipped == local.skipped and len(local.skipped) == 1
     got, want = _rows(tmp_path / "ray.parquet"), _rows(tmp_path / "local.parquet")
@@ -391,21 +373,39 @@ def test_ray_gives_the_local_rows_and_resumes_a_local_run(tmp_path, photos, ray_
     with pytest.raises(RuntimeError):
         embed(photos, out, r=1, batch=3, chunk=3, on_chunk=crash, progress=False, **TINY)
     finished = embed(photos, out, r=1, batch=3, chunk=3, ray=True, workers=2, progress=False, **TINY)
-    assert finished.runner.endswith(", 2 decoding task(s) at a time")  # --workers, on Ray
+    assert finished.runner.endswith("1 actor(s) writing 2 part(s)")  # the 6 items left
     assert (finished.already, finished.embedded, finished.rows) == (3, 5, 8)
     assert list(_rows(out)) == list(want)
 
 
-def test_ray_gets_one_block_per_model_batch():
-    pytest.importorskip("ray")
+def test_parts_keep_the_input_order_across_runs(tmp_path):
+    """A Ray part never spans a row written before; the final file follows the input order even
+    when earlier parts (of a killed run, done out of order) interleave with this run's."""
     from tome.tools.embed.inputs import Item
-    from tome.tools.embed.on_ray import _blocks
+    from tome.tools.embed.on_ray import plan_parts
+    from tome.tools.embed.store import FORMAT, Store
 
-    items = [Item(f"k{i}", f"p{i}", "t" if i % 2 else None) for i in range(8)]
-    blocks = _blocks(items, 3)
-    assert [b.num_rows for b in blocks] == [3, 3, 2] and blocks[0].column_names == ["key", "path", "text"]
-    assert blocks[2].column("key").to_pylist() == ["k6", "k7"]
-    assert blocks[2].column("text").to_pylist() == ["", "t"]
+    items = [Item(f"k{i}", f"p{i}") for i in range(8)]
+    parts = plan_parts(items, {"k2", "k3", "k6"}, 2, 4)
+    assert [(n, [i.key for i in p]) for n, p in parts] == [(4, ["k0", "k1"]), (5, ["k4", "k5"]), (6, ["k7"])]
+    store = Store(tmp_path / "o.parquet", {"format": FORMAT, "kind": "text"})
+    store.open()
+    for keys in (
+        ["k6", "k7"],
+        ["k2", "k3"],
+        ["k0", "k1"],
+        ["k4", "k5", "k6"],
+    ):  # streamed: sorted by first row
+        store.write(keys, [[float(k[1])] for k in keys])
+    assert store.finish([i.key for i in items]) == 8
+    assert read_embeddings(tmp_path / "o.parquet")[0] == [i.key for i in items]
+    store = Store(tmp_path / "x.parquet", {"format": FORMAT, "kind": "text"})
+    store.open()
+    for keys in (["k1", "k5"], ["k0", "k4"]):  # crossing parts (two local runs): sorted in memory
+        store.write(keys, [[float(k[1])] for k in keys])
+    assert store.finish([i.key for i in items]) == 4
+    keys, values, _ = read_embeddings(tmp_path / "x.parquet")
+    assert keys == ["k0", "k1", "k4", "k5"] and values == [[0.0], [1.0], [4.0], [5.0]]
 
 
 @pytest.mark.slow

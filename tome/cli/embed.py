@@ -32,8 +32,9 @@ _EXAMPLES = """\
   tome embed photos/ --out photos.parquet
   tome embed photos/ more.jpg --out photos.parquet --r 16:-0.75 --batch 64
   tome embed lines.txt --out lines.parquet --ratio 0.1          # text: all-MiniLM-L6-v2
-  tome embed photos/ --out photos.parquet --ray                 # Ray Data on this machine
-  tome embed /shared/photos --out photos.parquet --ray-address auto   # a running cluster
+  tome embed photos/ --out photos.parquet --ray                 # Ray on this machine
+  tome embed /shared/photos --out /shared/photos.parquet --ray-address auto   # a running cluster
+  tome embed /shared/photos --out s3://bucket/photos.parquet --ray-address auto  # workers write to S3
 """
 
 
@@ -43,7 +44,11 @@ def add_parser(subparsers) -> None:
         "inputs", nargs="+", metavar="PATH", help="images, folders (searched recursively) or text files"
     )
     em.add_argument(
-        "--out", required=True, metavar="FILE.parquet", help="the parquet file to write or finish"
+        "--out",
+        required=True,
+        metavar="FILE.parquet",
+        help="the parquet file to write or finish: a path, or a pyarrow.fs URI (file://, s3://, gs://); with "
+        "--ray the workers write its parts, so every node must see it",
     )
     schedule = em.add_mutually_exclusive_group()
     schedule.add_argument(
@@ -66,8 +71,8 @@ def add_parser(subparsers) -> None:
         "--workers",
         type=int,
         metavar="N",
-        help="image decoding threads (default: min(4, CPU count)); with --ray, decoding tasks at a time "
-        "(default: one per 4 CPUs of the cluster)",
+        help="image decoding threads beside the model (default: min(4, CPU count)); with --ray, in each "
+        "actor (default: min(4, the node's CPU count))",
     )
     em.add_argument("--json", action="store_true", help="print the summary as JSON")
     group = em.add_argument_group("texts")
@@ -84,7 +89,9 @@ def add_parser(subparsers) -> None:
     add_text_merge_args(group)
     group = em.add_argument_group("ray (pip install 'tome-merging[ray]')")
     group.add_argument(
-        "--ray", action="store_true", help="run on Ray Data: a local Ray for this job unless --ray-address"
+        "--ray",
+        action="store_true",
+        help="run on Ray (the workers write the parts): a local Ray for this job unless --ray-address",
     )
     group.add_argument(
         "--ray-address",
@@ -92,7 +99,10 @@ def add_parser(subparsers) -> None:
         help="a running Ray cluster: auto, or ray://HOST:10001 (implies --ray)",
     )
     group.add_argument(
-        "--ray-actors", type=int, metavar="N", help="model copies (Ray actors; default: one per node)"
+        "--ray-actors",
+        type=int,
+        metavar="N",
+        help="model copies (Ray actors, 1 CPU each, --threads torch threads; default: one per node)",
     )
     group = em.add_argument_group("merging (tome.patch options; default: the model family's)")
     group.add_argument("--mode", choices=MERGE_MODES, help="how tokens merge")

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  tome bench --r 0,8,13,16 --batch 32 --plot speed.png\n"
         "  tome eval --images val/ --r 8,16:-1.0 --json > fidelity.json\n"
         "  tome tune --images photos/ --target 2.0\n"
-        "  tome embed photos/ --out photos.parquet --r 16:-0.75   # resumable; --ray for Ray Data\n\n"
+        "  tome embed photos/ --out photos.parquet --r 16:-0.75   # resumable; --ray: on Ray, the workers write\n\n"
         + EPILOG_ALL_MODELS,
     )
     parser.add_argument("--version", action="version", version=f"tome {__version__}")

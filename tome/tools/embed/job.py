@@ -1,6 +1,6 @@
 """``tome embed``: one embedding per image (or per line of a text file) of a whole collection,
-into one parquet file, resumable; on Ray Data when one machine is not enough
-(:mod:`tome.tools.embed.on_ray`).
+into one parquet file (a path or a ``pyarrow.fs`` URI), resumable; on a Ray cluster when one machine
+is not enough (:mod:`tome.tools.embed.on_ray`: the workers write the parts).
 
 The file has one row per item: ``path`` (images: the absolute path) or ``id`` (texts:
 ``FILE:LINE``, the absolute path of the text file and the line number), and ``embedding``
@@ -17,7 +17,7 @@ How nothing is lost and nothing is done twice:
   leftover temporary files and unreadable parts, skips every item already written, and does the
   rest;
 - at the end the rows of ``OUT`` (from an earlier run) and of the parts are written into a
-  temporary file renamed to ``OUT`` (each key once), and ``OUT.parts/`` is removed;
+  temporary file renamed to ``OUT`` (each key once, in input order), and ``OUT.parts/`` is removed;
 - an image that cannot be read is skipped: its path and the reason are in the summary and in
   ``OUT.skipped.tsv``, and the command exits with status 3 (it is tried again by the next run).
 
@@ -28,6 +28,7 @@ which one bounds the throughput.
 The parts, one job each: :mod:`~tome.tools.embed.inputs` (the items; decoding an image, or the
 reason it cannot be read), :mod:`~tome.tools.embed.model` (the setting; the patched model and
 its metadata), :mod:`~tome.tools.embed.store` (the parquet file, its parts and the resume),
+:mod:`~tome.tools.embed.place` (a path or a ``pyarrow.fs`` URI; writing a file whole or absent),
 :mod:`~tome.tools.embed.local` (the local runners and the chunk writer), :mod:`~tome.tools.embed.on_ray`
 (the Ray runner); this module holds the job that ties them together.
 
@@ -51,7 +52,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -91,7 +92,7 @@ class EmbedResult:
     over the worker threads or Ray tasks) and in the model; ``wait_s``: seconds the model waited
     for input (local runs)."""
 
-    out: Path
+    out: Path | str  # a path, or the pyarrow.fs URI given
     kind: str
     rows: int
     embedded: int
@@ -103,12 +104,27 @@ class EmbedResult:
     wait_s: float
     metadata: dict
     runner: str = "local"
-    skipped_file: Path | None = None
+    skipped_file: Path | str | None = None
     load_s: float = 0.0  # of ``seconds``: loading (and patching) the model
     # of ``seconds``: from the start until the first row was done (the job's fixed start: loading
     # the model and, on Ray, starting Ray, its workers and the model's actors), and stopping Ray
     first_row_s: float = 0.0
     stop_s: float = 0.0
+    # of ``seconds``: until the last row was done; rows of the first batch
+    last_row_s: float = 0.0
+    first_rows: int = 0
+    # rows/s after the fixed start: the rows after the first batch over the time from the first
+    # row to the last (on Ray: summed over the actors, each from its own first row)
+    steady_items_per_s: float = 0.0
+    retried: int = 0  # Ray: parts tried again because their actor's node was lost
+    nodes_lost: list[str] = field(default_factory=list)  # Ray: the nodes lost during the job
+    # CPU seconds of this process from the model loaded to the file written (on Ray: the driver's),
+    # and of them (Ray) the fixed part: until the first actor was ready (the model put in Ray's store)
+    driver_cpu_s: float = 0.0
+    driver_start_cpu_s: float = 0.0
+    # Ray, of ``seconds``: when a lost part was first noticed, when the last one retried was written
+    lost_s: float | None = None
+    recovered_s: float | None = None
 
     @property
     def items_per_s(self) -> float:
@@ -140,6 +156,9 @@ class EmbedResult:
             f"{self.already} already there, "
             f"{len(self.skipped)} skipped"
         )
+        if self.nodes_lost or self.retried:
+            lost = ", ".join(self.nodes_lost) or "none"
+            line += f"; nodes lost: {lost}, {self.retried} part(s) retried"
         if self.model_s > 0:
             line += (
                 f"; decoding {self.decode_s:.1f}s, model {self.model_s:.1f}s: decoding is "
@@ -188,12 +207,12 @@ def embed(
         texts: the inputs are text files (default: when the model is ``text:`` or every input
             is a ``.txt`` file).
         batch: items per forward pass; chunk: rows per part file (what a crash can lose).
-        workers: decoding threads (default: ``min(4, cpu count)``); on Ray, decoding tasks at
-            a time (default: one per 4 CPUs of the cluster); threads: torch's.
-        ray, ray_address, ray_actors: run on Ray Data (:mod:`tome.tools.embed.on_ray`): a local
-            Ray started for the job, or the cluster at ``ray_address``; ``ray_actors`` model
-            copies (default: one per node).
-        on_chunk: called with the rows embedded so far after each part is written.
+        workers: decoding threads beside the model (default: ``min(4, cpu count)``; on Ray, in
+            each actor); threads: torch's (on Ray, each actor's; default: its node's cores).
+        ray, ray_address, ray_actors: run on Ray (:mod:`tome.tools.embed.on_ray`: the actors write
+            the parts): a local Ray started for the job, or the cluster at ``ray_address``;
+            ``ray_actors`` model copies (default: one per node).
+        on_chunk: called (on the driver) with the rows embedded so far after each part is written.
         options: :func:`tome.patch` options (``mode``, ``metric``, ...).
 
     The example at the top of :mod:`tome.tools.embed.job` runs it.
@@ -219,7 +238,7 @@ def embed(
     if importlib_missing("pyarrow"):
         raise UserError("tome embed writes parquet: pip install pyarrow (or 'tome-merging[ray]')")
     if (ray or ray_address) and importlib_missing("ray"):
-        raise UserError("--ray needs Ray Data: pip install 'tome-merging[ray]'")
+        raise UserError("--ray needs Ray: pip install 'tome-merging[ray]'")
     # a rerun with another setting is refused before the model loads (and again, whole, after)
     check_before_load(path, _known_meta(kind, setting, options, weights, random_init, img_size, max_tokens))
     if threads is not None:
@@ -242,11 +261,11 @@ def embed(
     stop_s = 0.0
     try:
         if use_ray:
-            from tome.tools.embed.on_ray import run_ray, start_ray
+            from tome.tools.embed.on_ray import start_ray
 
             # The model loads while Ray starts (ray.init must run in the main thread).
             with ThreadPoolExecutor(1, thread_name_prefix="tome-load") as pool:
-                loading = pool.submit(_import_ray_data_then, load)
+                loading = pool.submit(load)
                 try:
                     ray_started = start_ray(ray_address)
                 finally:
@@ -262,22 +281,27 @@ def embed(
         stats = Stats()
         unit = "img" if kind == "image" else "text"
         bar = progress_bar(len(items), progress, "embed", unit=unit, initial=already)
-        sink = Sink(store, chunk, stats, bar, on_chunk)
         runner = "local"
+        work_start = time.process_time()
         try:
             if pending and use_ray:
+                from tome.tools.embed.on_ray import run_ray
+
                 runner = run_ray(
-                    loaded, kind, pending, sink, stats, batch=batch, actors=ray_actors, threads=threads,
-                    workers=workers, log=say,
+                    loaded, items, done, store, stats, bar, batch=batch, chunk=chunk, actors=ray_actors,
+                    threads=threads, workers=workers, on_chunk=on_chunk, log=say,
                 )  # fmt: skip
-            elif pending and kind == "image":
-                workers = workers or min(4, os.cpu_count() or 1)
-                run_images(loaded, pending, sink, stats, batch=batch, workers=workers)
-            elif pending:
-                run_texts(loaded, pending, sink, stats, batch=batch, chunk=chunk)
-            sink.close()
+            else:
+                sink = Sink(store, chunk, stats, bar, on_chunk)
+                if pending and kind == "image":
+                    workers = workers or min(4, os.cpu_count() or 1)
+                    run_images(loaded, pending, sink, stats, batch=batch, workers=workers)
+                elif pending:
+                    run_texts(loaded, pending, sink, stats, batch=batch, chunk=chunk)
+                sink.close()
         finally:
             bar.close()
+            work_cpu_s = time.process_time() - work_start
     finally:
         if ray_started:
             from tome.tools.embed.on_ray import stop_ray
@@ -285,7 +309,9 @@ def embed(
             stop_start = time.perf_counter()
             stop_ray()
             stop_s = time.perf_counter() - stop_start
-    rows = store.finish()
+    finish_start = time.process_time()
+    rows = store.finish([item.key for item in items])
+    driver_cpu_s = work_cpu_s + time.process_time() - finish_start
     skipped_file = store.write_skipped(stats.skipped)
     return EmbedResult(
         out=path,
@@ -304,7 +330,24 @@ def embed(
         load_s=load_s,
         first_row_s=stats.first_row_at - start if stats.first_row_at is not None else 0.0,
         stop_s=stop_s,
+        last_row_s=stats.last_row_at - start if stats.last_row_at is not None else 0.0,
+        first_rows=stats.first_rows,
+        steady_items_per_s=_steady(stats),
+        retried=stats.retried,
+        nodes_lost=list(stats.nodes_lost),
+        driver_cpu_s=driver_cpu_s,
+        driver_start_cpu_s=0.0 if stats.ready_cpu is None else stats.ready_cpu - work_start,
+        lost_s=None if stats.lost_at is None else stats.lost_at - start,
+        recovered_s=None if stats.recovered_at is None else stats.recovered_at - start,
     )
+
+
+def _steady(stats: Stats) -> float:
+    if stats.steady_rate is not None:
+        return stats.steady_rate
+    if stats.first_row_at is None or stats.last_row_at is None or stats.last_row_at <= stats.first_row_at:
+        return 0.0
+    return (stats.embedded - stats.first_rows) / (stats.last_row_at - stats.first_row_at)
 
 
 def _known_meta(kind: str, setting, options: dict, weights, random_init, img_size, max_tokens) -> dict:
@@ -331,13 +374,6 @@ def _known_meta(kind: str, setting, options: dict, weights, random_init, img_siz
         if img_size is not None and img_size > 0:  # else refused when the model loads
             known["img_size"] = img_size
     return known
-
-
-def _import_ray_data_then(load: Callable):
-    """``load()``, after importing Ray Data (1-2 s of imports done while Ray starts, not after)."""
-    import ray.data  # noqa: F401
-
-    return load()
 
 
 def importlib_missing(package: str) -> bool:

@@ -34,6 +34,14 @@ class Stats:
     model_s: float = 0.0
     wait_s: float = 0.0
     first_row_at: float | None = None  # time.perf_counter() when the first row was done
+    first_rows: int = 0  # rows done then (the first batch)
+    last_row_at: float | None = None  # time.perf_counter() when the last row was done
+    retried: int = 0  # Ray: parts tried again (their actor's node lost)
+    nodes_lost: list[str] = field(default_factory=list)  # Ray: the nodes lost during the job
+    steady_rate: float | None = None  # Ray: rows/s after each actor's first batch, summed
+    ready_cpu: float | None = None  # Ray: time.process_time() when the first actor was ready
+    lost_at: float | None = None  # Ray: time.perf_counter() when a lost part was first noticed
+    recovered_at: float | None = None  # Ray: ... when the last part tried again was written
 
 
 class Sink:
@@ -46,7 +54,10 @@ class Sink:
 
     def add(self, keys: Sequence[str], embeddings, *, tick: bool = True) -> None:
         """Rows ``keys`` with ``embeddings`` (n, D) float32; parts are written as they fill."""
+        if self.stats.first_row_at is None:
+            self.stats.first_rows = len(keys)
         self._first_row()
+        self.stats.last_row_at = time.perf_counter()
         self.keys.extend(keys)
         self.rows.extend(embeddings)
         if tick:

@@ -1,124 +1,195 @@
-"""``tome embed --ray``: the job of :mod:`tome.tools.embed.job` on Ray Data.
+"""``tome embed --ray``: the job of :mod:`tome.tools.embed.job` on a Ray cluster, the workers
+writing the file's parts themselves.
 
-The pipeline: the items (paths, or texts) become a dataset; Ray tasks read, decode and resize
-the images (``map_batches``, one CPU each); an actor pool runs the model (each actor holds its
-own copy of the patched model: the driver's, pickled, so every actor computes exactly what the
-local run computes); the rows stream back to the driver in input order, which writes them with
-the local job's chunk writer: the same parquet file, the same resume, the same skip report.
-Embeddings are small (1.5 KB a row at 384 floats), so streaming them back costs little next to
-the images; and writing on the driver means ``--out`` can be any path the driver can write.
+The driver splits the items still to do into parts of ``chunk`` rows (a part never spans a
+row already written, so the parts of every run keep the input order: :func:`plan_parts`) and
+hands them to an actor per node (``--ray-actors``). Each actor (:class:`PartWriter`) holds a copy
+of the driver's patched model (pickled: every actor computes exactly what the local job
+computes), decodes its part's images in threads beside the model (decoding never waits for a
+CPU another stage holds, however the cluster shrinks), embeds them and writes the part to
+``OUT.parts/`` itself, whole or absent (:func:`~tome.tools.embed.store.write_part`); it returns
+only the part's name, its counts and its timings. The driver never holds a row: it tracks which
+parts are written, and at the end streams them into ``OUT`` (in input order, each row once), as
+the local job does, so a job started here can be finished there and the other way round.
 
-On one machine ``--ray`` starts Ray for the job and stops it after. On a cluster:
+Faults: an actor whose node is lost is restarted elsewhere by Ray (at most
+:data:`MAX_RESTARTS` times), and its parts go to the other actors (a part is tried at most
+:data:`MAX_TRIES` times); the summary says how many were retried and which nodes were lost. A
+killed driver leaves whole parts: the same command finishes the rest.
+
+``--out`` must be where every node can write: a shared file system mounted at the same path, or
+a ``pyarrow.fs`` URI (``s3://bucket/photos.parquet``, ``gs://...``; credentials as pyarrow finds
+them on each node). Before any work each actor checks that it sees the parts folder the driver
+made and can write to it, and that it can load the model (a missing package is named, with its
+node).
 
 .. code-block:: console
 
     # on the head node (and `ray start --address HEAD:6379` on each worker node)
     ray start --head
-    # every node needs the same Python packages (pip install 'tome-merging[ray]' and the model's
+    # every node: the same Python packages (pip install 'tome-merging[ray]' and the model's
     # extras) and the images at the same paths (a shared file system)
-    tome embed /shared/photos --out photos.parquet --ray-address auto --ray-actors 8 --threads 4
-
-``--ray-address`` takes what ``ray.init(address=...)`` takes (``auto``, ``HOST:6379``, or
-``ray://HOST:10001`` through Ray Client). ``--ray-actors`` model copies (default: one per
-node), each using ``--threads`` torch threads (default: the node's CPU count).
+    tome embed /shared/photos --out /shared/photos.parquet --ray-address auto --threads 8
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import time
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 
-import numpy as np
-
-from tome.tools.embed.decode import decode_batch, shipped_by_value
+from tome.tools.embed import place
 from tome.tools.embed.inputs import Item
-from tome.tools.embed.local import Sink, Stats
-from tome.tools.embed.model import pixels_for
+from tome.tools.embed.local import Sink, Stats, run_images, run_texts
+from tome.tools.embed.store import Store, write_part
+from tome.tools.errors import UserError
 
-__all__ = ["decoding_tasks", "run_ray", "start_ray", "stop_ray"]
+__all__ = ["MAX_RESTARTS", "MAX_TRIES", "PartWriter", "plan_parts", "run_ray", "start_ray", "stop_ray"]
+
+MAX_TRIES = 3  # times a part is tried (its actor's node lost) before the job stops
+MAX_RESTARTS = 3  # times Ray restarts an actor whose node was lost
+RESTART_WAIT_S = 600  # seconds the job waits for a lost actor to start again when none is left
+AHEAD = 2  # parts queued at each actor: the next one starts without a round trip to the driver
 
 
-class _Embedder:
-    """A Ray actor: one copy of the patched model (``model``: ``[object ref]``), run on batches
-    of pixels (or texts)."""
+def plan_parts(items: Sequence[Item], done: set[str], chunk: int, first: int) -> list[tuple[int, list[Item]]]:
+    """The items not in ``done``, as numbered parts (from ``first``) of at most ``chunk`` items,
+    each a run of consecutive items: a part never spans an item written before, so the parts of
+    this run and of earlier runs can be streamed into the file in input order.
 
-    def __init__(self, model: list, kind: str, batch: int, threads: int | None) -> None:
-        import ray
+    >>> items = [Item(str(i), str(i)) for i in range(7)]
+    >>> [(n, [i.key for i in part]) for n, part in plan_parts(items, {"2"}, 3, 5)]
+    [(5, ['0', '1']), (6, ['3', '4', '5']), (7, ['6'])]
+    """
+    parts: list[tuple[int, list[Item]]] = []
+    run: list[Item] = []
+    for item in [*items, None]:
+        if item is not None and item.key not in done and len(run) < chunk:
+            run.append(item)
+            continue
+        if run:
+            parts.append((first + len(parts), run))
+            run = []
+        if item is not None and item.key not in done:
+            run.append(item)
+    return parts
+
+
+def _node() -> str:
+    import ray
+
+    return f"{ray.util.get_node_ip_address()} (node {ray.get_runtime_context().get_node_id()[:8]})"
+
+
+def _missing_package(error: BaseException | str) -> str | None:
+    """The top-level package a ``No module named 'X.y'`` error names, else None."""
+    name = getattr(error, "name", None) if isinstance(error, ModuleNotFoundError) else None
+    if name is None:
+        found = re.search(r"No module named '([^']+)'", str(error))
+        name = found.group(1) if found else None
+    return name.split(".")[0] if name else None
+
+
+class _Quiet:
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+class _OnePart:
+    """What :class:`~tome.tools.embed.local.Sink` writes to: the one part an actor was given."""
+
+    def __init__(self, writer: PartWriter, number: int) -> None:
+        self.writer, self.number = writer, number
+
+    def write(self, keys, embeddings) -> str:
+        w = self.writer
+        try:
+            return write_part(w.fs, w.parts, self.number, keys, embeddings, w.meta, w.local)
+        except Exception as error:  # OSError, or an object store's: name where, once
+            raise PartWriteError(f"node {_node()}: cannot write {w.parts_shown}: {error}") from None
+
+
+class PartWriteError(RuntimeError):
+    """A worker cannot write the parts folder (the message names the node and the path)."""
+
+
+class PartWriter:
+    """A Ray actor: one copy of the patched model, which embeds parts of the job (decoding their
+    images in ``workers`` threads beside the model) and writes each to the parts folder.
+
+    The model comes with :meth:`ready` (not the constructor: Ray would resolve it before
+    :meth:`ready` could name a missing package, and an actor restarted on another node gets it
+    again from the driver's call)."""
+
+    def __init__(self, kind: str, fs, parts: str, local: bool, parts_shown: str, meta: dict,
+                 batch: int, threads: int | None, workers: int | None) -> None:  # fmt: skip
         import torch
 
         # Ray sets OMP_NUM_THREADS to the actor's CPUs (1); the model wants the node's cores.
         torch.set_num_threads(threads or os.cpu_count() or 1)
-        self.model = ray.get(model[0])
-        self.kind, self.batch = kind, batch
-        self.dim: int | None = None
+        self.kind, self.fs, self.parts, self.local = kind, fs, parts, local
+        self.parts_shown, self.meta, self.batch = parts_shown, meta, batch
+        self.workers = workers or min(4, os.cpu_count() or 1)
+        self.model = None
 
-    def _embed_images(self, uint8: np.ndarray):
-        pixels = pixels_for(self.model, uint8)
-        return self.model(pixels, saliency=False).pooled.float().numpy()
+    def ready(self, model: list) -> dict:
+        """Take the model (``[object ref]``: inside a list, so that Ray passes the ref and the
+        actor unpickles it here); returns this actor's node, or ``error``: what stops it working
+        there (a missing package, a parts folder it does not see or cannot write)."""
+        import ray
 
-    def __call__(self, rows: dict) -> dict:
-        n = len(rows["key"])
-        start = time.perf_counter()
-        tokenize = 0.0
+        node = _node()
+        if self.model is None:
+            try:
+                self.model = ray.get(model[0])
+            except Exception as error:  # unpickling the model: ModuleNotFoundError, maybe wrapped
+                package = _missing_package(error)
+                if package is None:
+                    raise
+                return {"node": node, "error": f"node {node}: the Python package {package!r} is missing there "
+                        "(the model needs it); install the same packages on every node"}  # fmt: skip
+        if not place.exists(self.fs, f"{self.parts}/meta.json"):
+            return {"node": node, "error": f"node {node}: cannot see {self.parts_shown} (the driver made it): --out "
+                    "must be on a file system every node sees at the same path, or a URI (s3://...)"}  # fmt: skip
+        probe = place.temporary_name(f"{self.parts}/write-test")
+        try:
+            place.write_whole(self.fs, probe, b"", self.local)
+            place.remove(self.fs, probe)
+        except Exception as error:  # OSError, or an object store's
+            return {"node": node, "error": f"node {node}: cannot write {self.parts_shown}: {error}"}
+        return {"node": node}
+
+    def embed_part(self, number: int, items: list[Item]) -> dict:
+        """Embed ``items`` and write them as part ``number``; returns its counts and timings."""
+        stats = Stats()
+        sink = Sink(_OnePart(self, number), len(items), stats, _Quiet(), None)
         if self.kind == "image":
-            errors = rows["error"]
-            ok = np.array([not e for e in errors], dtype=bool)
-            found = self._embed_images(rows["pixels"][ok]) if ok.any() else None
+            run_images(self.model, items, sink, stats, batch=self.batch, workers=self.workers)
         else:
-            errors = np.array([""] * n, dtype=object)
-            ok = np.ones(n, dtype=bool)
-            prepared = self.model.prepare([str(t) for t in rows["text"]], self.batch)
-            tokenize = time.perf_counter() - start
-            found = self.model.encode(prepared).numpy()
-        if found is not None:
-            self.dim = found.shape[1]
-        elif self.dim is None:  # every image of the first batch unreadable: ask the model its width
-            self.dim = self._embed_images(np.zeros((1, *rows["pixels"].shape[1:]), np.uint8)).shape[1]
-        embedding = np.zeros((n, self.dim), dtype=np.float32)
-        if found is not None:
-            embedding[ok] = found
-        model_s = time.perf_counter() - start - tokenize
-        decode_s = rows["decode_s"] if "decode_s" in rows else np.full(n, tokenize / n)
+            run_texts(self.model, items, sink, stats, batch=self.batch, chunk=len(items))
+        sink.close()
+        offset = time.time() - time.perf_counter()  # wall clock: comparable across processes
         return {
-            "key": rows["key"],
-            "error": errors,
-            "embedding": embedding,
-            "decode_s": decode_s,
-            "model_s": np.full(n, model_s / n),
+            "number": number,
+            "rows": stats.embedded,
+            "skipped": stats.skipped,
+            "decode_s": stats.decode_s,
+            "model_s": stats.model_s,
+            "wait_s": stats.wait_s,
+            "first_row_at": None if stats.first_row_at is None else stats.first_row_at + offset,
+            "first_rows": stats.first_rows,
+            "last_row_at": None if stats.last_row_at is None else stats.last_row_at + offset,
+            "node": _node(),
         }
-
-
-def _blocks(items: Sequence[Item], batch: int) -> list:
-    """The items as pyarrow tables of ``batch`` rows (the last one shorter): one Ray Data block
-    per model batch. Blocks of other sizes make Ray Data bundle two or more blocks per actor task
-    and return their rows together, a task later than they are done (measured: 400 photos in 13
-    blocks of 30-31 rows came back 62 rows at a time, the first ~4 s after it was embedded)."""
-    import pyarrow as pa
-
-    return [
-        pa.table(
-            {
-                "key": [item.key for item in part],
-                "path": [item.path for item in part],
-                "text": [item.text or "" for item in part],
-            }
-        )
-        for part in (items[i : i + batch] for i in range(0, len(items), batch))
-    ]
 
 
 def start_ray(address: str | None) -> bool:
     """Connect to the Ray at ``address`` (``auto``, ``HOST:6379``, ``ray://HOST:10001``), or
     start a local one when None, unless this process has a Ray already; True when it started
-    or connected one here (the caller shuts it down with :func:`stop_ray`).
-
-    No ``worker_process_setup_hook`` pre-imports the model's library: measured on 2 cores it
-    made every worker (decoding tasks too) import torch and transformers at once, and the job
-    slower (400 photos, r=16:-0.75, `tome embed --ray --json`, one run each: 48 s with it, 39 s
-    without).
-    """
+    or connected one here (the caller shuts it down with :func:`stop_ray`)."""
     import ray
 
     if ray.is_initialized():
@@ -126,14 +197,8 @@ def start_ray(address: str | None) -> bool:
     try:
         # "local": a new Ray for this job even when a cluster runs on this machine (plain
         # ray.init() would join that one); --ray-address joins a cluster.
-        ray.init(
-            address=address or "local",
-            include_dashboard=False,
-            logging_level=logging.ERROR,
-        )
+        ray.init(address=address or "local", include_dashboard=False, logging_level=logging.ERROR)
     except (ConnectionError, ValueError, RuntimeError) as error:
-        from tome.tools.errors import UserError
-
         where = f"--ray-address {address}" if address else "--ray"
         raise UserError(f"{where}: cannot start or reach Ray ({error})".replace("\n", " ")) from None
     return True
@@ -145,79 +210,188 @@ def stop_ray() -> None:
     ray.shutdown()
 
 
+class _Driver:
+    """The driver's side of one run: which parts are queued, at which actor, written; no rows."""
+
+    def __init__(self, actors: list, box: list, parts: list[tuple[int, list[Item]]], stats: Stats, bar,
+                 on_part: Callable[[dict], None]) -> None:  # fmt: skip
+        self.actors, self.box = actors, box
+        self.queue = deque(parts)
+        self.stats, self.bar, self.on_part = stats, bar, on_part
+        self.nodes: dict[int, str] = {}  # actor -> its node, while it works
+        self.readying: dict = {}  # ref of ready() -> actor
+        self.running: dict = {}  # ref of embed_part() -> (actor, part)
+        self.load = Counter()
+        self.tries = Counter()
+        self.started = False
+
+    def run(self) -> None:
+        import ray
+
+        for index, actor in enumerate(self.actors):
+            self.readying[actor.ready.remote(self.box)] = index
+        while self.queue or self.running:
+            self._hand_out()
+            if not self.running and not self.readying:
+                raise RuntimeError("tome embed --ray: every actor is lost; rerun the same command to finish")
+            # no actor working: a restart may wait for a CPU forever (a cluster with no room left)
+            idle = None if self.running or self.nodes else RESTART_WAIT_S
+            done, _ = ray.wait([*self.running, *self.readying], num_returns=1, timeout=idle)
+            if not done:
+                raise RuntimeError(
+                    f"tome embed --ray: no actor could start again in {RESTART_WAIT_S} s (no node with a free "
+                    "CPU?); the parts written are kept: rerun the same command to finish"
+                )
+            for ref in done:
+                if ref in self.readying:
+                    self._ready(ref, self.readying.pop(ref))
+                else:
+                    self._finished(ref, *self.running.pop(ref))
+
+    def _hand_out(self) -> None:
+        for index in list(self.nodes):
+            while self.queue and self.load[index] < AHEAD:
+                part = self.queue.popleft()
+                ref = self.actors[index].embed_part.remote(*part)
+                self.running[ref] = (index, part)
+                self.load[index] += 1
+
+    def _ready(self, ref, index: int) -> None:
+        import ray
+
+        try:
+            found = ray.get(ref)
+        except ray.exceptions.RayActorError as error:
+            if not self.started:  # the first start failed: a node that cannot run the actor
+                raise UserError(_start_error(error)) from None
+            return  # a restart that failed for good: the other actors do its parts
+        if "error" in found:
+            raise UserError(found["error"])
+        if not self.started:
+            self.stats.ready_cpu = time.process_time()
+        self.started = True
+        self.nodes[index] = found["node"]
+
+    def _finished(self, ref, index: int, part: tuple[int, list[Item]]) -> None:
+        import ray
+
+        self.load[index] -= 1
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayActorError:
+            self._lost(index, part)
+            return
+        except ray.exceptions.RayTaskError as error:
+            if isinstance(error.cause, PartWriteError):
+                raise UserError(str(error.cause)) from None
+            raise
+        self.on_part(result)
+        if self.tries[part[0]]:
+            self.stats.recovered_at = time.perf_counter()
+
+    def _lost(self, index: int, part: tuple[int, list[Item]]) -> None:
+        """``part``'s actor died (its node lost): the part goes back in the queue, first; the
+        actor is asked to start again (Ray restarts it on a node with room, if any)."""
+        import ray
+
+        number = part[0]
+        self.tries[number] += 1
+        if self.tries[number] >= MAX_TRIES:
+            raise RuntimeError(
+                f"tome embed --ray: part {number} was lost {MAX_TRIES} times (its actors' nodes died); "
+                "the parts written are kept: rerun the same command to finish"
+            )
+        self.stats.retried += 1
+        if self.stats.lost_at is None:
+            self.stats.lost_at = time.perf_counter()
+        self.queue.appendleft(part)
+        node = self.nodes.pop(index, None)
+        if node is not None:
+            alive = {n["NodeID"][:8] for n in ray.nodes() if n.get("Alive")}
+            if node.rsplit("node ", 1)[-1].rstrip(")") not in alive and node not in self.stats.nodes_lost:
+                self.stats.nodes_lost.append(node)
+            if index not in self.readying.values():
+                self.readying[self.actors[index].ready.remote(self.box)] = index
+
+
+def _start_error(error: Exception) -> str:
+    package = _missing_package(error)
+    if package is not None:
+        return (
+            f"tome embed --ray: an actor could not start on a node: the Python package {package!r} is missing "
+            "there; install the same packages (tome and the model's) on every node"
+        )
+    first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return f"tome embed --ray: an actor could not start: {first}"
+
+
 def run_ray(
     model,
-    kind: str,
     items: Sequence[Item],
-    sink: Sink,
+    done: set[str],
+    store: Store,
     stats: Stats,
+    bar,
     *,
     batch: int,
+    chunk: int,
     actors: int | None,
     threads: int | None,
     workers: int | None = None,
-    log: Callable[[str], None],
+    on_chunk: Callable[[int], None] | None = None,
+    log: Callable[[str], None] = lambda line: None,
 ) -> str:
-    """Embed ``items`` on the Ray this process is connected to (:func:`start_ray`) into
-    ``sink``, in input order; returns how it ran. ``workers``: decoding tasks at a time
-    (:func:`decoding_tasks`)."""
+    """Embed the ``items`` not in ``done`` on the Ray this process is connected to
+    (:func:`start_ray`): actors write the parts into ``store``'s parts folder; ``stats`` and
+    ``bar`` are updated as parts are written. Returns how it ran."""
     import ray
-    import ray.data
 
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # rows (and parts) in input order
-    context.enable_progress_bars = False  # tome's bar counts the rows written
-    context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    kind = store.meta["kind"]
     nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
     cpus = int(ray.cluster_resources().get("CPU", 0))
-    actors = actors or max(1, nodes)
-    tasks = decoding_tasks(workers, cpus)
-    data = ray.data.from_arrow(_blocks(items, batch))
-    if kind == "image":
-        data = data.map_batches(
-            decode_batch,
-            fn_kwargs={"size": model.img_size, "crop_pct": model.crop_pct},
-            batch_size=batch,
-            batch_format="numpy",
-            num_cpus=0.5,  # not the actors' 1: Ray would fuse decoding into the actors
-            concurrency=tasks,
-        )
-    data = data.map_batches(
-        _Embedder,
-        # The object ref inside a list: Ray resolves refs given as arguments, not inside them.
-        fn_constructor_kwargs={"model": [ray.put(model)], "kind": kind, "batch": batch, "threads": threads},
-        batch_size=batch,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=1,
+    count = actors or max(1, nodes)
+    if count > max(1, cpus):
+        log(f"tome: --ray-actors {count}: the cluster has {cpus} CPU(s); {max(1, cpus)} actor(s)")
+        count = max(1, cpus)
+    parts = plan_parts(items, done, chunk, store.next_part)
+    shown = f"{store.out}.parts"
+    remote = ray.remote(PartWriter).options(
+        num_cpus=1, max_restarts=MAX_RESTARTS, max_task_retries=0, scheduling_strategy="SPREAD"
     )
-    with shipped_by_value():  # the decoding tasks get decode_batch without importing tome
-        for out in data.iter_batches(batch_size=None, batch_format="numpy"):
-            stats.decode_s += float(np.sum(out["decode_s"]))
-            stats.model_s += float(np.sum(out["model_s"]))
-            good = []
-            for i, (key, error) in enumerate(zip(out["key"], out["error"], strict=True)):
-                if error:
-                    sink.skip(str(key), str(error))
-                else:
-                    good.append(i)
-            if good:
-                sink.add([str(out["key"][i]) for i in good], out["embedding"][good])
-    decoding = f", {tasks} decoding task(s) at a time" if kind == "image" else ""
-    return f"Ray ({nodes} node(s), {cpus} CPUs), {actors} actor(s){decoding}"
+    box = [ray.put(model)]  # once in the object store, fetched by each actor's node
+    args = (kind, store.fs, store.parts, store.local, shown, store.meta, batch, threads, workers)
+    pool = [remote.remote(*args) for _ in range(count)]
+    offset = time.perf_counter() - time.time()
+    firsts: list[tuple[float, int]] = []
+    per_node: dict[str, list] = {}  # node -> [first row at, rows of its first batch, last row at, rows]
 
+    def on_part(result: dict) -> None:
+        stats.embedded += result["rows"]
+        stats.skipped.extend(result["skipped"])
+        stats.decode_s += result["decode_s"]
+        stats.model_s += result["model_s"]
+        stats.wait_s += result["wait_s"]
+        if result["first_row_at"] is not None:
+            firsts.append((result["first_row_at"] + offset, result["first_rows"]))
+            stats.first_row_at, stats.first_rows = min(firsts)
+            last = result["last_row_at"] + offset
+            stats.last_row_at = max(stats.last_row_at or last, last)
+            first = (result["first_row_at"] + offset, result["first_rows"])
+            seen = per_node.setdefault(result["node"], [*first, last, 0])
+            seen[:2] = min(seen[:2], list(first))
+            seen[2] = max(seen[2], last)
+            seen[3] += result["rows"]
+            stats.steady_rate = sum((n - f) / (b - a) for a, f, b, n in per_node.values() if b > a)
+        bar.update(result["rows"] + len(result["skipped"]))
+        if on_chunk is not None:
+            on_chunk(stats.embedded)
 
-def decoding_tasks(workers: int | None, cpus: int) -> int:
-    """How many decoding tasks Ray may run at a time: ``workers`` (``--workers``), else one per
-    4 CPUs of the cluster, at least one. Decoding is 9-16% of the default model's work (the
-    table in docs/embed.md), so a quarter of the CPUs keeps the actors fed; Ray's own default (a task
-    per free half CPU) starts a worker process for each, and on 2 CPUs those processes slowed
-    the actor's start (``python benchmarks/embed.py --settings 16:-0.75 --ray-workers 1,2,4``,
-    400 photos, medians of 3 interleaved rounds: 29.3 s / 30.0 s / 30.1 s end to end with 1 / 2 /
-    4 tasks at a time; Ray's default runs 2 here).
-
-    >>> decoding_tasks(None, 2), decoding_tasks(None, 64), decoding_tasks(3, 64)
-    (1, 16, 3)
-    """
-    return workers or max(1, cpus // 4)
+    try:
+        _Driver(pool, box, parts, stats, bar, on_part).run()
+    finally:
+        for actor in pool:
+            ray.kill(actor, no_restart=True)
+    position = {item.key: i for i, item in enumerate(items)}
+    stats.skipped.sort(key=lambda found: position.get(found[0], 0))
+    lost = f"; lost {', '.join(stats.nodes_lost)}, {stats.retried} part(s) retried" if stats.retried else ""
+    return f"Ray ({nodes} node(s), {cpus} CPUs), {count} actor(s) writing {len(parts)} part(s){lost}"
