@@ -1,5 +1,6 @@
 """``tome viz``: pictures of the merged groups, one PNG per image and setting (ViTs, and diffusion
-models with ``--model diffusers:FOLDER``)."""
+models with ``--model diffusers:FOLDER``), or with ``--clip`` one strip per video clip and
+``--video-ratio`` (the video merge of the vision-language models, on the ViT's tokens per frame)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ from tome.cli.flags import (
 )
 from tome.tools.errors import UserError
 
+# --clip's defaults, copies of tome.tools.pictures.vis_video's (parsing imports no torch;
+# tests/test_vis_video.py checks them)
+DEFAULT_VIDEO_RATIO = 0.9
+DEFAULT_FRAME_SIZE = 128
+
 # viz's flags for diffusers: models, and their tome.patch names (None: not given)
 DIFFUSION_FLAGS = {
     "block": None, "timestep": None, "seed": "seed", "vae": None, "sx": "sx", "sy": "sy",
@@ -30,12 +36,16 @@ DIFFUSION_FLAGS = {
 }  # fmt: skip
 
 
-_HELP = "pictures of the merged groups (ViTs and diffusion models)"
+_HELP = "pictures of the merged groups (ViTs, diffusion models, video clips)"
 _DESCRIPTION = (
     "For every image, one PNG with three panels: the image as the model sees it, every "
     "merged group in its own colour, and the pixels averaged per group. A diffusion model "
     "(--model diffusers:FOLDER) draws one block's groups on its latent grid, for the photo encoded by "
-    "the VAE and noised to --timestep, with zero text conditioning."
+    "the VAE and noised to --timestep, with zero text conditioning. With --clip, each input is a "
+    "video clip (a folder of frames, sorted by name, or an animated GIF / WebP / PNG): one PNG per "
+    "clip and --video-ratio, a strip of its frames: the frames, the groups of the video merge "
+    "(across frames, then inside each frame of each scene; one colour per group for the whole clip) "
+    "over them, and the pixels averaged per group; a red bar between two frames marks a cut."
 )
 _EXAMPLES = """\
   tome viz photo.jpg
@@ -43,18 +53,25 @@ _EXAMPLES = """\
   tome viz photos/ --average patch --no-outlines
   tome viz photos/ --model diffusers:sd15/ --ratio 0.5 --timestep 500   # a pipeline folder
   tome viz photos/ --model diffusers:unet/ --vae vae/ --block 1 --sx 4 --sy 4
+  tome viz --clip frames/ --video-ratio 0.9 --out pictures/   # frames/0001.png, 0002.png, ...
+  tome viz --clip clip.gif --video-ratio 0.5,0.9 --limit 16
 """
 
 
 def add_parser(subparsers) -> None:
     viz = add_command(subparsers, "viz", _HELP, _DESCRIPTION, _EXAMPLES, EPILOG_MODELS + EPILOG_DIFFUSERS)
     viz.add_argument(
-        "inputs", nargs="+", metavar="IMAGE_OR_DIR", help="images or folders (searched recursively)"
+        "inputs",
+        nargs="+",
+        metavar="IMAGE_OR_DIR",
+        help="images or folders (searched recursively); with --clip: clips",
     )
     add_schedule_args(viz, "16", "; several give one PNG each")
     viz.add_argument("--out", default="tome-viz", metavar="DIR", help="output folder (default: ./tome-viz)")
     viz.add_argument("--batch", type=int, default=8, help="images per forward pass (default: 8)")
-    viz.add_argument("--limit", type=int, metavar="N", help="only the first N images")
+    viz.add_argument(
+        "--limit", type=int, metavar="N", help="only the first N images (--clip: frames of each clip)"
+    )
     viz.add_argument(
         "--average",
         choices=("color", "patch"),
@@ -65,9 +82,28 @@ def add_parser(subparsers) -> None:
     viz.add_argument("--no-outlines", action="store_true", help="do not draw group outlines")
     viz.add_argument("--no-titles", action="store_true", help="no captions above the panels")
     viz.add_argument("--scale", type=int, default=1, help="enlarge the PNGs by this integer factor")
+    _add_clip_args(viz)
     _add_diffusion_args(viz)
     add_model_args(viz)
     viz.set_defaults(func=run)
+
+
+def _add_clip_args(parser: argparse.ArgumentParser) -> None:
+    """viz's options for video clips (None: not given; --video-ratio's default comes with --clip)."""
+    group = parser.add_argument_group("video clips (--clip)")
+    group.add_argument(
+        "--clip", action="store_true", help="each input is one clip: a folder's own image files (its frames, "
+        "sorted by name, numbers by value; all of one size) or an animated GIF / WebP / PNG; video files: "
+        "extract the frames first (ffmpeg -i clip.mp4 frames/%%04d.png)",
+    )  # fmt: skip
+    group.add_argument(
+        "--video-ratio", metavar="P", help=f"the fraction of the clip's tokens merged away, in [0, 1); several "
+        f"(0.5,0.9) give one PNG each (default: {DEFAULT_VIDEO_RATIO})",
+    )  # fmt: skip
+    group.add_argument(
+        "--frame-size", type=int, metavar="PX", help=f"about how many pixels high each frame is drawn "
+        f"(default: {DEFAULT_FRAME_SIZE})",
+    )  # fmt: skip
 
 
 def _add_diffusion_args(parser: argparse.ArgumentParser) -> None:
@@ -106,6 +142,11 @@ def _add_diffusion_args(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from tome.tools.pictures.vis_diffusion import is_diffusers_spec
 
+    if args.clip:
+        return run_clips(args)
+    clip_only = given_flags(args, ("video_ratio", "frame_size"))
+    if clip_only:
+        raise UserError(f"{flag(clip_only[0])}: only with --clip (the inputs are video clips)")
     diffusion = is_diffusers_spec(args.model)
     if not diffusion:
         extra = given_flags(args, DIFFUSION_FLAGS)
@@ -192,6 +233,85 @@ def draw_pictures(model, paths: Sequence[Path], rs, out: Path, args, *, draw=Non
     if not written:
         raise UserError("no readable images")
     return written
+
+
+def video_ratios(text: str) -> list[float]:
+    """``--video-ratio``: one fraction or several, comma-separated, each in [0, 1)."""
+    values = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            value = None
+        if value is None or not 0 <= value < 1:
+            raise UserError(
+                f"--video-ratio: expected a fraction of the clip's tokens in [0, 1) (or several: 0.5,0.9), "
+                f"got {part.strip()!r}"
+            )
+        values.append(value)
+    return values
+
+
+def run_clips(args) -> int:
+    """``tome viz --clip``: one strip per clip and ``--video-ratio`` (ViTs only)."""
+    from tome.tools.pictures.vis_diffusion import is_diffusers_spec
+    from tome.tools.pictures.vis_video import describe_cuts, read_clip, visualize_clip
+
+    refused = given_flags(args, ("r", "ratio", *DIFFUSION_FLAGS))
+    if refused:
+        raise UserError(
+            f"{flag(refused[0])}: not with --clip (the clip is merged by --video-ratio, on the model's "
+            "unmerged tokens of each frame)"
+        )
+    if is_diffusers_spec(args.model):
+        raise UserError(f"--model {args.model}: --clip runs ViTs (a diffusion model draws photos, not clips)")
+    check_vision_model(args)
+    ratios = video_ratios(str(DEFAULT_VIDEO_RATIO) if args.video_ratio is None else args.video_ratio)
+    positive("--batch", args.batch)
+    positive("--scale", args.scale)
+    frame_size = positive("--frame-size", DEFAULT_FRAME_SIZE if args.frame_size is None else args.frame_size)
+    limit = None if args.limit is None else positive("--limit", args.limit)
+    out = writable_dir(args.out)
+    clips = [
+        (Path(path), read_clip(path, limit)) for path in args.inputs
+    ]  # every error before the model loads
+    model = load(args)
+    start = time.perf_counter()
+    written: list[Path] = []
+    used: set[str] = set()
+    for path, frames in clips:
+        if len(frames) == 1:
+            info(args, f"{path}: 1 frame: spatial merging only")
+        drawn = visualize_clip(
+            model, frames, ratios, batch=args.batch, frame_size=frame_size, outlines=not args.no_outlines,
+            average=args.average, titles=not args.no_titles,
+        )  # fmt: skip
+        for ratio, (picture, merged) in zip(ratios, drawn, strict=True):
+            info(
+                args,
+                f"{path}: {len(frames)} frames, {merged.source.shape[0]} tokens -> {merged.features.shape[0]} "
+                f"groups at video_ratio {ratio:g}; {describe_cuts(merged.segments)}",
+            )
+            name = stem = f"{path.stem or 'clip'}_video{ratio:g}"
+            k = 1
+            while name in used:
+                k += 1
+                name = f"{stem}-{k}"
+            used.add(name)
+            if args.scale != 1:
+                picture = picture.resize(
+                    (picture.width * args.scale, picture.height * args.scale), resample=0
+                )
+            target = out / f"{name}.png"
+            try:
+                picture.save(target)
+            except OSError as error:
+                raise UserError(f"cannot write {target}: {error.strerror or error}") from None
+            written.append(target)
+    info(args, f"{len(written)} picture(s) in {time.perf_counter() - start:.1f}s")
+    for target in written:
+        print(target)
+    return 0
 
 
 def _diffusion_settings(args) -> list:

@@ -69,7 +69,7 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
 
 
-def _outline(groups: np.ndarray, patch: int) -> np.ndarray:
+def group_outline(groups: np.ndarray, patch: int) -> np.ndarray:
     """Pixels on the border between patches of different groups (1 px each side)."""
     full = np.repeat(np.repeat(groups, patch, axis=1), patch, axis=2)
     edge = np.zeros(full.shape, dtype=bool)
@@ -149,7 +149,7 @@ def merge_panels(
         colors=np.ascontiguousarray(color_img),
         averaged=_to_uint8(averaged),
         groups=group_grid,
-        outline=_outline(group_grid, patch),
+        outline=group_outline(group_grid, patch),
         num_groups=counts,
     )
 
