@@ -38,6 +38,11 @@ With ``visual_dominant`` (off by default: docs/vlm_dominant.md), each image's do
 over heads, read by a hook that is installed only for the ``get_image_features`` call) are
 kept whole and the rest merged (:mod:`tome.adapters.common.dominant`).
 
+With ``vision_r`` (off by default: docs/vlm_tower.md), the vision tower's own layers merge
+tokens too (tome's patch of the CLIP tower, ``r=vision_r``), and the final merge continues from
+the tower's sizes and sources, so each image's placeholders are still shortened to the final
+count and proportional attention counts every patch once (:mod:`tome.adapters.common.tower`).
+
 Merged only when ``input_ids`` and ``pixel_values`` are given (the processor's inputs); a
 text-only prompt, ``inputs_embeds`` or pre-computed ``mm_encoder_outputs`` run unchanged. A
 prompt whose placeholders do not match its images runs unchanged too, so the model raises its
@@ -75,12 +80,13 @@ from tome.adapters.common.dominant import (
     reduce_images_dominant,
     sizes_bias,
 )
+from tome.adapters.common.tower import TowerVisualHandle, install_tower, read_history, reduce_images_from
 from tome.adapters.common.vlm import VISUAL_DEFAULTS as DEFAULTS
 from tome.adapters.common.vlm import reduce_images_tracked
 from tome.adapters.common.vlm_call import install_visual, is_prompt, require, rewritten_call, shorten_call
 from tome.runtime.registry import REDUCE_ONCE, Adapter
 
-__all__ = ["DEFAULTS", "DominantVisualHandle", "apply"]
+__all__ = ["DEFAULTS", "DominantVisualHandle", "TowerVisualHandle", "apply"]
 
 # Per-token inputs of forward() that lose the same positions as input_ids.
 _PER_TOKEN = ("labels", "position_ids", "token_type_ids")
@@ -141,11 +147,66 @@ def _image_scores(
     return list(scores[:, skip:])
 
 
+# -- vision_r: merging inside the tower too ------------------------------------------------------
+
+
+def _tower_layer(model: nn.Module, kwargs: dict) -> int:
+    """The ``vision_feature_layer`` a call reads; one layer only (several would be
+    concatenated feature-wise, and they hold different numbers of merged tokens)."""
+    chosen = kwargs.get("vision_feature_layer")
+    if chosen is None:
+        chosen = model.config.vision_feature_layer
+    if isinstance(chosen, bool) or not isinstance(chosen, int):
+        raise NotImplementedError(
+            f"vision_r: the model reads the vision layers {chosen!r} together, which hold "
+            f"different numbers of tokens once the tower merges; read one layer "
+            f"(vision_feature_layer=-2) or set model.tome.vision_r = None"
+        )
+    return chosen
+
+
+def _reduce_after_tower(
+    model: nn.Module,
+    handle: TowerVisualHandle,
+    image: object,
+    features: list[torch.Tensor],
+    chosen: int,
+    protected: int,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The features of a tower that merged (``image``: ``get_image_features``' output, with the
+    hidden states of the layer ``chosen``, which the model reads) reduced by the final merge
+    from the tower's sizes and sources (:func:`~tome.adapters.common.tower.reduce_images_from`),
+    with each image's source map over its original tokens."""
+    tower = handle.tower()
+    count = tower.num_layers
+    index = chosen % (count + 1)  # into hidden_states: the embeddings, then each layer
+    states = getattr(image, "hidden_states", None)
+    hidden = states[chosen] if states is not None else None
+    if len(features) != (hidden.shape[0] if hidden is not None else len(features)):
+        raise NotImplementedError(
+            f"vision_r: expected one tower row per image, got {hidden.shape[0]} rows for "
+            f"{len(features)} images; set model.tome.vision_r = None"
+        )
+    inner = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower)
+    grid = int(inner.embeddings.num_patches)
+    has_cls = isinstance(getattr(inner.embeddings, "class_embedding", None), torch.Tensor)
+    # "default" drops the tower's first token (the class token): its source map leaves it out
+    drop = protected == 0
+    if drop and not has_cls:
+        raise NotImplementedError(
+            "vision_r: the model drops the first token of a vision tower without a class token "
+            "(vision_feature_select_strategy='default'), which may hold several merged patches; "
+            "use 'full' or set model.tome.vision_r = None"
+        )
+    history = read_history(tower, hidden, index - 1, drop, len(features), grid + int(has_cls))
+    return reduce_images_from(features, history, handle.visual_tokens, handle.visual_ratio, protected)
+
+
 # -- the rewrite (module-level: patched models pickle and deep-copy) -----------------------------
 
 
 def _reduced(
-    model: nn.Module, handle: DominantVisualHandle, ids: object, kwargs: dict
+    model: nn.Module, handle: TowerVisualHandle, ids: object, kwargs: dict
 ) -> tuple[dict, int] | None:
     """``kwargs`` (a forward's or generate's keyword arguments, ``input_ids`` given as ``ids``)
     rewritten: merged image features as ``mm_encoder_outputs`` instead of ``pixel_values``,
@@ -157,7 +218,12 @@ def _reduced(
     # "full": the model passes the class token on, first in each image's features; it stays.
     strategy = kwargs.get("vision_feature_select_strategy") or model.config.vision_feature_select_strategy
     protected = int(strategy == "full")
-    if handle.dominant():
+    if handle.tower_merges():
+        chosen = _tower_layer(model, kwargs)  # refused before the tower runs
+        image = model.get_image_features(pixel_values=pixels, return_dict=True, **encoder)
+        features = list(image.pooler_output)
+        merged, sources = _reduce_after_tower(model, handle, image, features, chosen, protected)
+    elif handle.dominant():
         attention, has_cls = _read_layer(model, kwargs)
         with recording_attention(attention, has_cls) as seen:
             image = model.get_image_features(pixel_values=pixels, return_dict=True, **encoder)
@@ -173,7 +239,9 @@ def _reduced(
         merged, sources = reduce_images_tracked(
             features, handle.visual_tokens, handle.visual_ratio, protected
         )
-    before = [f.shape[0] for f in features]
+    # the placeholders each image has in the prompt: its original tokens (the tower's merges
+    # included, which the source maps cover)
+    before = [f.shape[0] for f in features] if sources is None else [s.shape[0] for s in sources]
     after = [f.shape[0] for f in merged]
     if before == after:
         return None
@@ -191,10 +259,14 @@ def _reduced(
 # -- patching ---------------------------------------------------------------------------------------
 
 
-def apply(model: nn.Module, **visual: object) -> DominantVisualHandle:
+def apply(model: nn.Module, **visual: object) -> TowerVisualHandle:
     # tome.patch checked and routed the options: r and the token models' settings are refused there
     require(model, "a LLaVA", methods=("get_image_features",), ints=("image_token_id",))
-    handle = DominantVisualHandle(**visual)  # checks every option before the model changes
+    handle = TowerVisualHandle(**visual)  # checks every option before the model changes
+    tower = None
+    if handle.vision_r is not None:
+        tower = install_tower(model.model.vision_tower, handle.vision_r)
+    handle.__dict__["_tower"] = tower  # undone with the rest if installing fails below
     return install_visual(handle, model, _reduced, model.model.language_model)
 
 
@@ -202,7 +274,7 @@ ADAPTER = Adapter(
     patches=("transformers.LlavaForConditionalGeneration",),
     apply=apply,
     kind=REDUCE_ONCE,
-    handle=DominantVisualHandle,
+    handle=TowerVisualHandle,
     title="vision-language models (transformers LlavaForConditionalGeneration)",
     merged="each image's visual tokens, once, before the language model: shorter prefill and KV cache",
     tested_on="tiny random configs (CLIP vision + Llama)",

@@ -121,7 +121,7 @@ ADAPTER = Adapter(
     kind=REDUCE_ONCE,
     handle=VideoVisualHandle,
     title=(
-        "video-language models with AnyRes images (transformers LlavaOnevisionForConditionalGeneration, "
+        "vision-language models with videos (transformers LlavaOnevisionForConditionalGeneration, "
         "LlavaNextVideoForConditionalGeneration)"
     ),
     merged=(
