@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=2.0)
     parser.add_argument("--calibration", type=int, default=32)
     parser.add_argument("--budget", choices=("measured", "flops"), default="measured")
-    parser.add_argument("--max-evals", type=int, default=120)
+    parser.add_argument("--max-evals", type=int, default=None, help="default: tome.tune's (24)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
@@ -49,13 +49,14 @@ def main() -> None:
         [open_image(p) for p in paths[: args.calibration]],
         args.target,
         budget=args.budget,
-        max_evals=args.max_evals,
+        **({} if args.max_evals is None else {"max_evals": args.max_evals}),
     )
     print(
         f"schedule {result.r_text}: {result.flops_speedup:.2f}x FLOP-ideal, measured {result.measured_speedup}"
     )
     print(
-        f"calibration: CLS {result.cls_cosine:.4f}, patch {result.patch_cosine:.4f} ({result.seconds:.0f}s); "
+        f"calibration: CLS {result.cls_cosine:.4f}, patch {result.patch_cosine:.4f} ({result.seconds:.0f}s, "
+        f"{result.evaluations} schedules scored on every image, {result.screened} dropped early); "
         f"held-out check: {result.heldout_fidelity} vs ramp {result.heldout_start_fidelity} "
         f"(search kept: {result.search_kept}); start {result.start}"
     )

@@ -429,3 +429,88 @@ def test_cli_tune(tmp_path, capsys):
         assert main([*args, *extra]) == 2
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tome: error:")]
         assert len(err) == 1 and message in err[0]
+
+
+# -- speed: races, cached per-image scores, progress ----------------------------------------------
+
+
+def test_races_drop_candidates_early_and_keep_winners_fully_scored():
+    """With races (the default) most candidates run on a few images only; the schedule returned
+    and its start are scored on every image, and the search never does worse than its start.
+    race=False scores every candidate on every image."""
+    from tome.tools.tune.search import _race_bounds
+
+    assert _race_bounds(12) == [4, 8, 12] and _race_bounds(75) == [10, 20, 40, 75] and _race_bounds(3) == [3]
+    model, pixels = _timm(), _pixels(16)
+    raced = tome.tune(model, pixels, 2.0, budget="flops", progress=False, max_evals=20)
+    assert raced.screened > 0 and raced.images == 12
+    assert raced.searched_fidelity >= raced.start_fidelity - 1e-6
+    full = tome.tune(model, pixels, 2.0, budget="flops", progress=False, max_evals=20, race=False)
+    assert full.screened == 0 and full.flops_speedup >= 2.0
+    # the result's numbers are those of a fresh full evaluation
+    again = tome.tune(model, pixels, 2.0, budget="flops", progress=False, max_evals=20)
+    assert again.schedule == raced.schedule and again.fidelity == raced.fidelity
+    with pytest.raises(TypeError, match="race: expected True or False, got 1"):
+        tome.tune(model, pixels, 2.0, race=1, **FAST)
+
+
+def test_scorer_runs_each_image_once_per_schedule():
+    """A schedule raced on the leading images, then scored on all of them, runs each image once;
+    the per-image scores match a full evaluation in one go."""
+    from tome.tools.progress import progress_bar
+    from tome.tools.tune.search import _Scorer
+
+    model, pixels = _timm(), _pixels(12)
+    wrapper = from_module(model)
+    scorer = _Scorer(wrapper, pixels, 16, 1.0, progress_bar(0, False, "test"))
+    tome.patch(model, 0)
+    try:
+        base, other = [2, 2, 2, 2], [4, 2, 1, 1]
+        scorer(base)
+        assert scorer.images_run == 12 and scorer.cost == 1.0
+        won, _ = scorer.beats(other, base)
+        ran = scorer.images_run - 12
+        assert ran in (4, 8, 12) and scorer.screened == (0 if ran == 12 else 1)
+        full = scorer(other)
+        assert scorer.images_run == 24 and scorer.evaluations == 2
+        model.tome.r = 0  # the fresh scorer's reference: no merging
+        fresh = _Scorer(wrapper, pixels, 5, 1.0, progress_bar(0, False, "test"))
+        assert fresh(other)[0] == pytest.approx(full[0], abs=1e-6)
+        assert won == (full[0] > scorer(base)[0] + 1e-6)
+    finally:
+        tome.unpatch(model)
+
+
+def test_progress_names_the_stage(monkeypatch):
+    """The bar counts images and says which stage runs (reference, ramps, search, held-out)."""
+    import tome.tools.progress as progress_module
+
+    stages: list[str] = []
+
+    class Bar:
+        total = 0
+
+        def update(self, n=1):
+            Bar.total += n
+
+        def set_description_str(self, text):
+            stages.append(text)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(progress_module, "progress_bar", lambda *args, **kwargs: Bar())
+    result = tome.tune(_timm(), _pixels(), 1.5, **{**FAST, "progress": True})
+    assert stages[:4] == ["tune: unmerged reference", "tune: ramps", "tune: search", "tune: held-out check"]
+    assert Bar.total >= 8 + result.evaluations * result.images
+
+
+def test_search_images_caps_the_search_and_the_rest_join_the_check():
+    """Of 24 images (6 held out), the search runs on search_images=8; the other 10 join the check."""
+    model, pixels = _timm(), _pixels(24)
+    result = tome.tune(model, pixels, 1.5, search_images=8, **FAST)
+    assert result.images == 8 and result.heldout_images == 16 and result.heldout_fidelity is not None
+    unchecked = tome.tune(model, pixels, 1.5, search_images=8, holdout=0, **FAST)
+    assert unchecked.images == 24 and unchecked.heldout_images == 0
+    with pytest.raises(ValueError, match="search_images: expected an int >= 1, got 0"):
+        tome.tune(model, pixels, 1.5, search_images=0, **FAST)

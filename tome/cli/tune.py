@@ -34,7 +34,11 @@ def add_parser(subparsers) -> None:
         "--limit", type=int, default=32, metavar="N", help="calibration images used (default: 32)"
     )
     tu.add_argument(
-        "--max-evals", type=int, default=120, metavar="N", help="forward passes per round (default: 120)"
+        "--max-evals",
+        type=int,
+        default=24,
+        metavar="N",
+        help="passes over the images per round (default: 24)",
     )
     tu.add_argument(
         "--patch-weight",
@@ -101,5 +105,8 @@ def run(args) -> int:
     )
     for line in report(result):
         print(line)
-    print(f"{result.evaluations} evaluations in {result.seconds:.0f}s; use it with: --r '{result.r_text}'")
+    print(
+        f"{result.evaluations} schedules scored on every image, {result.screened} dropped after a few "
+        f"images, in {result.seconds:.0f}s; use it with: --r '{result.r_text}'"
+    )
     return 0

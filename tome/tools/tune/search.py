@@ -10,9 +10,19 @@ The search, all forward passes under ``torch.inference_mode`` on a small calibra
    bisection; each is scored on the calibration images and the best one is kept.
 3. **Local search.** Coordinate moves that take ``step`` merges away from block ``i`` and give
    block ``j`` (|i - j| <= ``span``) the fewest extra merges that keep the FLOPs within budget
-   (or none, when there is slack). A move is kept when it raises the fidelity; steps shrink from
-   coarse to 1 merge; the search stops when no move helps or ``max_evals`` is spent.
-   **Held-out check.** The last ``holdout`` fraction of the images takes no part in the search;
+   (or none, when there is slack). A move is kept when it raises the fidelity significantly
+   (its mean gain over the calibration images is more than twice its standard error: smaller
+   gains are noise that the held-out check would throw away); steps shrink from coarse to 1
+   merge; the search stops when no move helps or ``max_evals`` is spent.
+   **Races.** Every forward pass is one model run per image, and they are all the cost. A
+   candidate (a ramp, a move) first runs on a few of the calibration images
+   (``max(4, n / 8)``), then twice as many, then all; it drops out as soon as it does no
+   better than the best schedule so far on the images run (the same images: paired). Most
+   candidates are worse and cost a fraction of a pass; a winner is always scored on every
+   image, so what is kept passes the same test as before (``race=False`` scores every
+   candidate on every image). Each schedule's per-image scores are cached.
+   **Held-out check.** The last ``holdout`` fraction of the images takes no part in the search
+   (nor do images beyond the first ``search_images``, 32: they join the check);
    the searched schedule is kept only if it is at least as faithful on them as the schedule the
    search started from (a tie keeps the search; small moves can fit the calibration images'
    noise: on a real DINOv2, moving one merge changes the mean CLS cosine of 100 photos by up to
@@ -32,7 +42,7 @@ The search, all forward passes under ``torch.inference_mode`` on a small calibra
 Fidelity (the objective) is the mean cosine similarity of the pooled output (CLS token, or the
 model's own pooling for models without a class token) to the unmerged model's, plus
 ``patch_weight`` times the mean cosine of the patch tokens after unmerge. The unmerged reference
-is computed once. With ``budget="flops"`` the result is deterministic (same model, images and
+is computed once; FLOPs are counted from the schedule (:class:`_Flops`), never run. With ``budget="flops"`` the result is deterministic (same model, images and
 threads give the same schedule); the measured correction depends on the machine's timings.
 """
 
@@ -58,6 +68,11 @@ MIN_IMAGES = 8
 _INFLECTIONS = (-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5)
 TIE = 1e-6  # objectives closer than this are equal (the held-out check keeps the search on a tie)
 _TOL = TIE
+# A search move is kept only when its gain over the calibration images is significant (mean
+# paired gain > _Z standard errors): smaller gains are the images' noise (moving one merge
+# changes a real DINOv2's mean CLS cosine on 100 photos by up to 0.005), which the held-out
+# check then throws away, after the search has spent its passes chasing it.
+_Z = 2.0
 
 
 class TuneError(ValueError):
@@ -83,7 +98,7 @@ class TuneResult:
     start_cls_cosine: float
     start_patch_cosine: float
     images: int  # calibration images the search used
-    evaluations: int
+    evaluations: int  # schedules scored on every calibration image
     seconds: float
     history: list[dict] = field(default_factory=list)  # one entry per round (see _choose)
     heldout_images: int = 0
@@ -103,6 +118,8 @@ class TuneResult:
     patch_weight: float = 1.0  # objective = cls_cosine + patch_weight * patch_cosine
     round: int = 1
     choice: str = ""  # why this round's schedule was returned
+    screened: int = 0  # schedules that dropped out of a race after a few images (see _Scorer.beats)
+    images_run: int = 0  # forward passes of one image each, references and timing excluded: the cost
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -272,9 +289,14 @@ def _pixels(wrapper, images, min_images: int) -> torch.Tensor:
 
 
 class _Scorer:
-    """Fidelity of a schedule on the calibration batch, against the cached unmerged outputs."""
+    """Fidelity of a schedule on the calibration images, against the unmerged outputs (computed
+    once). Each schedule's per-image scores are cached, image by image in a fixed order, so that
+    a schedule first scored on the leading images (a screening) and later on all of them runs
+    each image once."""
 
-    def __init__(self, wrapper, pixels: torch.Tensor, batch: int, patch_weight: float, bar) -> None:
+    def __init__(
+        self, wrapper, pixels: torch.Tensor, batch: int, patch_weight: float, bar, race: bool = True
+    ) -> None:
         self.wrapper, self.pixels, self.batch, self.patch_weight, self.bar = (
             wrapper,
             pixels,
@@ -282,57 +304,133 @@ class _Scorer:
             patch_weight,
             bar,
         )
-        self.cache: dict[tuple[int, ...], tuple[float, float, float, float]] = {}
-        self.reference = self._outputs()
+        self.n = len(pixels)
+        # Where a race checks a candidate (see :meth:`beats`): a quarter-ish of the images first,
+        # then twice as many each time, then all of them.
+        self.bounds = _race_bounds(self.n) if race else [self.n]
+        self.cache: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.full: dict[tuple[int, ...], tuple[float, float, float, float]] = {}
+        self.images_run = 0  # merged forward passes, per image (the search's cost)
+        self.ref_pooled, self.ref_patches = self._outputs(0, self.n)
+        self.bar.update(self.n)
 
-    def _outputs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        outs = []
-        for start in range(0, len(self.pixels), self.batch):
-            out = self.wrapper(self.pixels[start : start + self.batch], saliency=False)
-            outs.append((out.pooled.float(), out.patches.float()))
-        return outs
+    def _outputs(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled, patches = [], []
+        for first in range(start, stop, self.batch):
+            out = self.wrapper(self.pixels[first : min(first + self.batch, stop)], saliency=False)
+            pooled.append(out.pooled.float())
+            patches.append(out.patches.float())
+        return torch.cat(pooled), torch.cat(patches)
+
+    def _per_image(self, schedule: Sequence[int], stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cls cosine, patch cosine)`` of each of the first ``stop`` images, run as needed."""
+        key = tuple(schedule)
+        cls, patch = self.cache.get(key, (torch.empty(0), torch.empty(0)))
+        done = len(cls)
+        if done < stop:
+            self.wrapper.module.tome.r = list(schedule)
+            pooled, patches = self._outputs(done, stop)
+            cls = torch.cat([cls, F.cosine_similarity(pooled, self.ref_pooled[done:stop], dim=-1)])
+            patch = torch.cat(
+                [patch, F.cosine_similarity(patches, self.ref_patches[done:stop], dim=-1).mean(1)]
+            )
+            self.cache[key] = (cls, patch)
+            self.images_run += stop - done
+            self.bar.update(stop - done)
+        return cls[:stop], patch[:stop]
+
+    def _objective(self, schedule: Sequence[int], stop: int) -> float:
+        cls, patch = self._per_image(schedule, stop)
+        return cls.mean().item() + self.patch_weight * patch.mean().item()
 
     def __call__(self, schedule: Sequence[int]) -> tuple[float, float, float, float]:
-        """``(fidelity, cls cosine, min cls cosine, patch cosine)``."""
+        """``(fidelity, cls cosine, min cls cosine, patch cosine)`` on every image."""
         key = tuple(schedule)
-        if key not in self.cache:
-            self.wrapper.module.tome.r = list(schedule)
-            cls, patch = [], []
-            for (ref_pooled, ref_patches), (pooled, patches) in zip(
-                self.reference, self._outputs(), strict=True
-            ):
-                cls.append(F.cosine_similarity(pooled, ref_pooled, dim=-1))
-                patch.append(F.cosine_similarity(patches, ref_patches, dim=-1).mean(1))
-            c, p = torch.cat(cls), torch.cat(patch)
+        if key not in self.full:
+            c, p = self._per_image(schedule, self.n)
             score = c.mean().item() + self.patch_weight * p.mean().item()
-            self.cache[key] = (score, c.mean().item(), c.min().item(), p.mean().item())
-            self.bar.update(1)
-        return self.cache[key]
+            self.full[key] = (score, c.mean().item(), c.min().item(), p.mean().item())
+        return self.full[key]
+
+    def beats(self, candidate: Sequence[int], best: Sequence[int], z: float = 0.0) -> tuple[bool, float]:
+        """Whether ``candidate`` is more faithful than ``best`` on every image (by more than
+        :data:`TIE`), and its objective (on every image when it won, else on the images run).
+
+        A race: ``candidate`` runs on the leading images first and drops out as soon as it does
+        no better than ``best`` on the images run so far (paired: the same images), so that a
+        worse schedule, most of a search's candidates, costs a fraction of a full evaluation.
+        A winner is always scored on every image: what it is kept for is the same test as a
+        full evaluation's."""
+        for stop in self.bounds[:-1]:
+            value = self._objective(candidate, stop)
+            if value <= self._objective(best, stop) + _TOL:
+                return False, value
+        value = self(candidate)[0]
+        if not value > self(best)[0] + _TOL:
+            return False, value
+        if z > 0 and self.n > 1:
+            # Significant: the mean paired gain stands ``z`` standard errors above zero.
+            gain = self._gains(candidate, best)
+            return gain.mean().item() > z * gain.std().item() / self.n**0.5, value
+        return True, value
+
+    def _gains(self, candidate: Sequence[int], best: Sequence[int]) -> torch.Tensor:
+        (c1, p1), (c0, p0) = self._per_image(candidate, self.n), self._per_image(best, self.n)
+        return (c1 - c0) + self.patch_weight * (p1 - p0)
 
     @property
     def evaluations(self) -> int:
-        return len(self.cache)
+        """Schedules scored on every calibration image."""
+        return len(self.full)
+
+    @property
+    def screened(self) -> int:
+        """Schedules that dropped out of a race before the last image."""
+        return sum(1 for key in self.cache if key not in self.full)
+
+    @property
+    def cost(self) -> float:
+        """Merged forward passes so far, in passes over every calibration image."""
+        return self.images_run / self.n
 
 
-def _parametric(flops: _Flops, budget: float, layers: int, score) -> tuple[list[int], str]:
-    best: tuple[float, list[int], str] | None = None
+def _race_bounds(n: int) -> list[int]:
+    """Where a race checks a candidate: ``max(4, n / 8)`` images, twice as many each time, all.
+
+    >>> _race_bounds(12), _race_bounds(75), _race_bounds(3)
+    ([4, 8, 12], [10, 20, 40, 75], [3])
+    """
+    bounds, stop = [], max(4, -(-n // 8))
+    while stop < n:
+        bounds.append(stop)
+        stop *= 2
+    return [*bounds, n]
+
+
+def _parametric(flops: _Flops, budget: float, layers: int, scorer: _Scorer) -> tuple[list[int], str]:
+    """The most faithful ramp ``(r, inflection)`` within ``budget``: the first scored on every
+    image, each next one raced against the best so far."""
+    best: tuple[list[int], str] | None = None
     for inflection in _INFLECTIONS:
         schedule = _ramp_within(flops, budget, inflection, layers)
         if schedule is None:
             continue
-        mean_r = sum(schedule) / layers
-        value = score(schedule)[0]
-        if best is None or value > best[0] + _TOL:
-            best = (value, schedule, f"({mean_r:.2f}, {inflection:g})")
+        label = f"({sum(schedule) / layers:.2f}, {inflection:g})"
+        if best is None:
+            scorer(schedule)
+            best = (schedule, label)
+        elif scorer.beats(schedule, best[0])[0]:
+            best = (schedule, label)
     assert best is not None  # reachability was checked
-    return best[1], best[2]
+    return best
 
 
-def _moves(schedule: list[int], step: int, span: int, flops: _Flops, budget: float):
-    """Schedules one move away: ``step`` merges fewer in block i, the fewest more in block j
-    (|i - j| <= span) that keep FLOPs within budget. Deterministic order."""
+def _moves(schedule: list[int], step: int, span: int, flops: _Flops, budget: float, first: int = 0):
+    """``(i, schedule)`` one move away: ``step`` merges fewer in block i, the fewest more in
+    block j (|i - j| <= span) that keep FLOPs within budget. Deterministic order: blocks i from
+    ``first`` on, then from 0."""
     layers = len(schedule)
-    for i in range(layers):
+    for i in [*range(first, layers), *range(first)]:
         if schedule[i] < step:
             continue
         for j in sorted(range(max(0, i - span), min(layers, i + span + 1)), key=lambda j: (abs(j - i), j)):
@@ -350,28 +448,47 @@ def _moves(schedule: list[int], step: int, span: int, flops: _Flops, budget: flo
                     break
             if moved is None:
                 continue
-            yield _effective(moved, flops.n0, flops.protected)
+            yield i, _effective(moved, flops.n0, flops.protected)
 
 
 def _local_search(
-    start: list[int], flops: _Flops, budget: float, score, *, span: int, max_evals: int, counter: Callable
+    start: list[int],
+    flops: _Flops,
+    budget: float,
+    scorer: _Scorer,
+    *,
+    span: int,
+    max_evals: float,
+    counter: Callable,
 ) -> list[int]:
+    """First-improvement moves from ``start``, coarse steps to single merges; each candidate
+    raced against the best so far (:meth:`_Scorer.beats`). Stops when no move wins or the
+    round's ``max_evals`` (passes over every calibration image) is spent."""
     best = list(start)
-    best_value = score(best)[0]
+    scorer(best)
     mean_r = max(sum(best) / max(len(best), 1), 1.0)
     steps = sorted({max(1, round(mean_r / 4)), max(1, round(mean_r / 8)), 1}, reverse=True)
     for step in steps:
-        improved = True
+        improved, first = True, 0
         while improved and counter() < max_evals:
             improved = False
-            for candidate in _moves(best, step, span, flops, budget):
+            for i, candidate in _moves(best, step, span, flops, budget, first):
                 if counter() >= max_evals:
                     break
-                value = score(candidate)[0]
-                if value > best_value + _TOL:
-                    best, best_value, improved = candidate, value, True
-                    break  # first improvement; the next sweep starts from the new schedule
+                if scorer.beats(candidate, best, _Z)[0]:
+                    best, improved, first = candidate, True, i
+                    # First improvement; the next sweep starts from the new schedule, at the
+                    # block that moved (the blocks before it were just tried: no need to try
+                    # them first again).
+                    break
     return best
+
+
+def _stage(bar, text: str) -> None:
+    """Name the stage on the progress bar (a no-op bar has no description)."""
+    describe = getattr(bar, "set_description_str", None)
+    if describe is not None:
+        describe(text)
 
 
 def _time(wrapper, schedule: list[int], size: int, reps: int, batch: int) -> float:
@@ -423,7 +540,7 @@ def tune(
     budget: str = "measured",
     apply: bool = False,
     patch_weight: float = 1.0,
-    max_evals: int = 120,
+    max_evals: int = 24,
     span: int = 2,
     batch: int = 16,
     min_images: int = MIN_IMAGES,
@@ -434,6 +551,8 @@ def tune(
     holdout: float = 0.25,
     patch_kwargs: dict | None = None,
     progress: bool = True,
+    race: bool = True,
+    search_images: int = 32,
 ) -> TuneResult:
     """Find the per-layer merge schedule that reaches ``target_speedup`` with the best fidelity
     to the unmerged model on the calibration ``images``.
@@ -447,7 +566,8 @@ def tune(
             runs the model at that size: e.g. 224 px on a DINOv2 whose config says 518), or a
             list of image paths / PIL images (preprocessed at the model's own size as
             :class:`tome.tools.models.vision.Model` does: resize, centre crop, the model's mean and std).
-            At least ``min_images`` (8); 16-32 is plenty.
+            At least ``min_images`` (8); 16-32 is plenty (the search runs on at most
+            ``search_images``; more make the held-out check surer).
         target_speedup: > 1, e.g. 2.0.
         budget: ``"flops"`` (FLOP-ideal speedup >= target, deterministic) or ``"measured"``
             (also time the schedule on this machine and correct the FLOP target until the measured
@@ -462,13 +582,19 @@ def tune(
     Args to tinker with:
         patch_weight: weight of the patch-token cosine (after unmerge) in the objective, next to
             the pooled/CLS cosine; 0 tunes for the pooled output only.
-        max_evals: forward passes over the calibration images spent on the local search (a
-            measured correction round spends a quarter of it).
+        max_evals: forward passes over the calibration images spent on the ramps and the local
+            search, a race's partial pass counting as its share of the images (a measured
+            correction round spends a quarter of it). Most searches stop before it.
         span: a move shifts merges between blocks at most this far apart.
         holdout: fraction of the images (the last ones) kept out of the search to check it
             (at least 2 images when > 0); 0 uses every image for the search, unchecked.
         batch: images per forward pass. reps: timed runs per setting (measured).
-        progress: a tqdm bar on stderr (off when not a TTY).
+        progress: a tqdm bar on stderr (off when not a TTY): images run, and the stage.
+        race: run each candidate on a few images first and drop it as soon as it does no better
+            than the best so far (a winner is scored on every image); False scores every
+            candidate on every image (slower; the same test for what is kept).
+        search_images: the search runs on at most this many of the images; the others join
+            the held-out check (with ``holdout=0``, the search runs on every image).
 
     Returns a :class:`TuneResult` (``.schedule``: one int per block).
 
@@ -496,6 +622,7 @@ def tune(
         ("batch", batch),
         ("reps", reps),
         ("min_images", min_images),
+        ("search_images", search_images),
     ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
@@ -508,6 +635,8 @@ def tune(
         if isinstance(value, bool) or not isinstance(value, kind) or not value >= low:
             what = "an int" if kind is int else "a number"
             raise ValueError(f"{name}: expected {what} >= {low}, got {value!r}")
+    if not isinstance(race, bool):
+        raise TypeError(f"race: expected True or False, got {race!r}")
     if isinstance(holdout, bool) or not isinstance(holdout, int | float) or not 0 <= holdout < 1:
         raise ValueError(f"holdout: expected a fraction in [0, 1), got {holdout!r}")
 
@@ -520,6 +649,12 @@ def tune(
             f"images: {len(pixels)} images leave too few for the search after holdout={holdout:g}"
         )
     pixels, heldout_pixels = pixels[: len(pixels) - held], pixels[len(pixels) - held :]
+    if held and len(pixels) > search_images:
+        # The search needs few images (each costs a pass per candidate); the check gains from
+        # many (it decides whether the search fitted noise), and costs two passes in all.
+        heldout_pixels = torch.cat([pixels[search_images:], heldout_pixels])
+        pixels = pixels[:search_images]
+        held = len(heldout_pixels)
     layers = len(wrapper.blocks)
     flops = _Flops(wrapper)
     reachable = _best_reachable(flops, layers)
@@ -535,21 +670,26 @@ def tune(
     module.eval()
     previous = module.__dict__.get("tome")
     previous_schedule = _schedule_of(previous) if previous is not None else None
+    # The bar counts images run: the references, then the search's passes (most end early: a
+    # race drops most candidates after a few images), so it is an upper bound.
     extra = (max(max_evals // 4, 8) + 10) * (rounds if budget == "measured" else 0)
-    bar = progress_bar(max_evals + 11 + extra, progress, "tune")
+    bar = progress_bar(
+        (max_evals + 11 + extra) * len(pixels) + len(pixels) + 3 * held, progress, "tune", unit="image"
+    )
     try:
         # The unmerged reference first (untouched model, or r = 0); then patch once and only
         # change r.
         if previous is not None:
             module.tome.r = 0
-        scorer = _Scorer(wrapper, pixels, batch, patch_weight, bar)
+        _stage(bar, "tune: unmerged reference")
+        scorer = _Scorer(wrapper, pixels, batch, patch_weight, bar, race)
         checker = _Scorer(wrapper, heldout_pixels, batch, patch_weight, bar) if held else None
         if previous is None:
             tome.patch(module, 0, **(patch_kwargs or {}))
-        round_start = 0
+        round_start = 0.0
 
-        def counter() -> int:
-            return scorer.evaluations - round_start
+        def counter() -> float:
+            return scorer.cost - round_start
 
         flop_target = float(target_speedup)
         history: list[dict] = []
@@ -557,23 +697,26 @@ def tune(
         for index in range(1 + (rounds if budget == "measured" else 0)):
             flop_target = min(flop_target, reachable)
             limit = flops.base / flop_target
+            _stage(bar, f"tune: round {index + 1}, ramps" if index else "tune: ramps")
             ramp, label = _parametric(flops, limit, layers, scorer)
             start, start_label = ramp, f"the best ramp {label}"
             if best is not None:
                 # A correction round may start from the best schedule so far, rescaled.
                 scaled = _scaled_within(flops, limit, best)
-                if scaled is not None and scorer(scaled)[0] > scorer(ramp)[0]:
+                if scaled is not None and scorer.beats(scaled, ramp)[0]:
                     start, start_label = scaled, f"the round-{index} schedule rescaled to this target"
             # A correction round starts from a good schedule already: a shorter search.
-            evals = max_evals if round_start == 0 else max(max_evals // 4, 8)
+            evals = max_evals if index == 0 else max(max_evals // 4, 8)
+            _stage(bar, f"tune: round {index + 1}, search" if index else "tune: search")
             searched = _local_search(start, flops, limit, scorer, span=span, max_evals=evals, counter=counter)
             # The held-out check: a searched schedule that does worse than where it started on
             # images it never saw fitted noise (a tie keeps the search).
+            _stage(bar, "tune: held-out check")
             heldout_start = checker(start)[0] if checker is not None else None
             heldout_searched = checker(searched)[0] if checker is not None else None
             kept = checker is None or heldout_searched >= heldout_start - _TOL
             best = searched if kept else start
-            round_start = scorer.evaluations
+            round_start = scorer.cost
             history.append(
                 {
                     "round": index + 1,
@@ -595,6 +738,7 @@ def tune(
             )
             if budget == "flops":
                 break
+            _stage(bar, f"tune: round {index + 1}, timing")
             measured = _time(wrapper, best, wrapper.img_size, reps, min(batch, len(pixels)))
             history[-1]["measured_speedup"] = measured
             if abs(measured / target_speedup - 1) <= tolerance:
@@ -626,6 +770,8 @@ def tune(
             start_patch_cosine=start_patch,
             images=len(pixels),
             evaluations=scorer.evaluations,
+            screened=scorer.screened,
+            images_run=scorer.images_run + (checker.images_run if checker is not None else 0),
             seconds=time.perf_counter() - started,
             history=history,
             heldout_images=held,
