@@ -52,9 +52,9 @@ from tome.adapters.common.diffusion import (
     BLOCKS,
     DenoiserCall,
     DiffusionHandle,
-    block_forward,
+    class_block_forward,
+    class_op_forward,
     diffusers_class,
-    op_forward,
     run_block,
     run_denoiser,
     transformer_blocks,
@@ -140,13 +140,20 @@ def _dit_forward(model: nn.Module, timestep_at: int, source: str, handle: Diffus
     return run_denoiser(model, handle, call, args, kwargs)
 
 
-def _single_block_forward(block: nn.Module, index: int, handle: DiffusionHandle, *args, **kwargs):
+def _class_single_block_forward(
+    block: nn.Module, forward, index: int, handle: DiffusionHandle, *args, **kwargs
+):
     # Flux's single-stream block gets the image tokens and the text tokens apart and joins them
     # (text first): its ops see text + image, of which the plan merges the image part only.
     names = ("hidden_states", "encoder_hidden_states")
     text_states = args[1] if len(args) > 1 else kwargs.get(names[1])
     text = text_states.shape[1] if isinstance(text_states, torch.Tensor) else 0
-    return run_block(block, index, handle, text, args, kwargs)
+    return run_block(block, index, handle, text, args, kwargs, forward)
+
+
+def _single_block_forward(block: nn.Module, index: int, handle: DiffusionHandle, *args, **kwargs):
+    # as installed before _class_single_block_forward: models patched then still load and run
+    return _class_single_block_forward(block, None, index, handle, *args, **kwargs)
 
 
 def _rope_attention_forward(module: nn.Module, handle: DiffusionHandle, *args, **kwargs):
@@ -212,14 +219,19 @@ def apply(model: nn.Module, **options) -> DiffusionHandle:
     with handle.installing():
         handle.install_method(model, "forward", _dit_forward, *spec, handle)
         for index, (_, block, kind) in enumerate(blocks):
-            forward = _single_block_forward if kind == "FluxSingleTransformerBlock" else block_forward
-            handle.install_method(block, "forward", forward, index, handle)
+            # the classes' own forwards bound now: Dynamo cannot look them up on diffusers' blocks
+            forward = (
+                _class_single_block_forward if kind == "FluxSingleTransformerBlock" else class_block_forward
+            )
+            handle.install_method(block, "forward", forward, type(block).forward, index, handle)
             for op, flag in BLOCKS[kind]:
                 module = getattr(block, op, None)
                 if not isinstance(module, nn.Module):
                     continue
                 if flag != "rope":
-                    handle.install_method(module, "forward", op_forward, flag, handle)
+                    handle.install_method(
+                        module, "forward", class_op_forward, type(module).forward, flag, handle
+                    )
                     continue
                 handle.install_method(module, "forward", _rope_attention_forward, handle)
                 for norm, part in (("norm_q", 0), ("norm_k", 0), ("norm_added_q", 2), ("norm_added_k", 2)):

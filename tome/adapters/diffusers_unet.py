@@ -37,10 +37,10 @@ from tome.adapters.common.diffusion import (
     OPS,
     DenoiserCall,
     DiffusionHandle,
-    block_forward,
     block_key,
+    class_block_forward,
+    class_op_forward,
     diffusers_class,
-    op_forward,
     run_denoiser,
 )
 from tome.runtime.registry import MERGE_OP_UNMERGE, Adapter
@@ -101,11 +101,14 @@ def apply(model: nn.Module, **options) -> DiffusionHandle:
     with handle.installing():
         handle.install_method(model, "forward", _unet_forward, handle)
         for index, (_, block) in enumerate(blocks):
-            handle.install_method(block, "forward", block_forward, index, handle)
+            # the class's own forward bound now: Dynamo cannot look it up on diffusers' blocks
+            handle.install_method(block, "forward", class_block_forward, type(block).forward, index, handle)
             for op, _ in OPS:
                 module = getattr(block, op, None)
                 if isinstance(module, nn.Module):
-                    handle.install_method(module, "forward", op_forward, op, handle)
+                    handle.install_method(
+                        module, "forward", class_op_forward, type(module).forward, op, handle
+                    )
     return handle
 
 

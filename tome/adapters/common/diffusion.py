@@ -45,6 +45,8 @@ __all__ = [
     "DiffusionHandle",
     "block_forward",
     "block_key",
+    "class_block_forward",
+    "class_op_forward",
     "diffusers_class",
     "op_forward",
     "run_block",
@@ -358,14 +360,23 @@ def run_denoiser(model: nn.Module, handle: DiffusionHandle, call: DenoiserCall |
     return out
 
 
+def class_block_forward(block: nn.Module, forward, index: int, handle: DiffusionHandle, *args, **kwargs):
+    """``forward`` of a patched block whose ops see its tokens alone; ``forward``: its class's
+    own forward, bound at patch time (see :func:`class_op_forward`)."""
+    return run_block(block, index, handle, 0, args, kwargs, forward)
+
+
 def block_forward(block: nn.Module, index: int, handle: DiffusionHandle, *args, **kwargs):
-    """``forward`` of a patched block whose ops see its tokens alone."""
+    """:func:`class_block_forward` as installed on models patched (and pickled) before it: they
+    still load and run, and compile with graph breaks only."""
     return run_block(block, index, handle, 0, args, kwargs)
 
 
-def run_block(block: nn.Module, index: int, handle: DiffusionHandle, text: int, args, kwargs):
+def run_block(block: nn.Module, index: int, handle: DiffusionHandle, text: int, args, kwargs, forward=None):
     """Run ``block`` with its merge plan in the slot; ``text``: leading text tokens its ops see
-    in front of the block's image tokens (kept as they are)."""
+    in front of the block's image tokens (kept as they are); ``forward``: the block's class's
+    forward bound at patch time, for Dynamo (:func:`_own_forward`)."""
+    forward = _own_forward(block, forward)
     hidden = args[0] if args else kwargs["hidden_states"]
     slot = handle.slot()
     call = slot.call
@@ -383,15 +394,38 @@ def run_block(block: nn.Module, index: int, handle: DiffusionHandle, text: int, 
         )
     slot.block = current
     try:
-        return type(block).forward(block, *args, **kwargs)
+        return forward(block, *args, **kwargs)
     finally:
         slot.block = previous
 
 
-def op_forward(module: nn.Module, op: str, handle: DiffusionHandle, *args, **kwargs):
+def class_op_forward(module: nn.Module, forward, op: str, handle: DiffusionHandle, *args, **kwargs):
     """An op of a block (``op``: the setting that merges it, or a BasicTransformerBlock's op
     name): merge its input, run it, unmerge its output (the first one, for ops that return
-    several: joint attention returns the image and the text tokens)."""
+    several: joint attention returns the image and the text tokens). ``forward``: the op's
+    class's own forward, bound at patch time: diffusers marks its blocks and ``Attention``
+    ``torch._dynamo.allow_in_graph``, and Dynamo cannot look up ``type(module).forward`` on such
+    a class, so a lookup here would break ``torch.compile(fullgraph=True)``."""
+    return _run_op(module, forward, op, handle, args, kwargs)
+
+
+def op_forward(module: nn.Module, op: str, handle: DiffusionHandle, *args, **kwargs):
+    """:func:`class_op_forward` as installed on models patched (and pickled) before it: they
+    still load and run, and compile with graph breaks only."""
+    return _run_op(module, None, op, handle, args, kwargs)
+
+
+def _own_forward(module: nn.Module, bound):
+    """The forward of ``module``'s class: looked up now in eager mode (a class swapped in after
+    patching, as tomesd's ``apply_patch`` does on a copy, is honoured), the one ``bound`` at patch
+    time while Dynamo traces (it cannot look it up on an ``allow_in_graph`` class)."""
+    if bound is not None and torch.compiler.is_compiling():
+        return bound
+    return type(module).forward
+
+
+def _run_op(module: nn.Module, forward, op: str, handle: DiffusionHandle, args, kwargs):
+    forward = _own_forward(module, forward)
     current = handle.slot().block
     hidden = args[0] if args else kwargs.get("hidden_states")
     if (
@@ -402,7 +436,7 @@ def op_forward(module: nn.Module, op: str, handle: DiffusionHandle, *args, **kwa
         or tuple(hidden.shape[:2]) != (current.batch, current.tokens)
     ):
         # Not merging here (or a chunked feed-forward: its chunks are not the block's tokens).
-        return type(module).forward(module, *args, **kwargs)
+        return forward(module, *args, **kwargs)
     if (
         op in ("attn1", "merge_attn")
         and kwargs.get("attention_mask") is not None
@@ -420,11 +454,11 @@ def op_forward(module: nn.Module, op: str, handle: DiffusionHandle, *args, **kwa
             raise TypeError(
                 "tome: merge_queries=False expects attn1's arguments by keyword, as diffusers passes them"
             )
-        return type(module).forward(module, hidden, **{**kwargs, "encoder_hidden_states": merged})
+        return forward(module, hidden, **{**kwargs, "encoder_hidden_states": merged})
     if args:
-        out = type(module).forward(module, merged, *args[1:], **kwargs)
+        out = forward(module, merged, *args[1:], **kwargs)
     else:
-        out = type(module).forward(module, **{**kwargs, "hidden_states": merged})
+        out = forward(module, **{**kwargs, "hidden_states": merged})
     if isinstance(out, tuple):
         return (M.unmerge(current.plan.index, out[0]), *out[1:])
     return M.unmerge(current.plan.index, out)
