@@ -155,9 +155,21 @@ def _normalize(metric: torch.Tensor) -> torch.Tensor:
     # only if some norm is not. Eager CPU checks that (one small read, no sync on CPU) and so
     # skips a full pass over the keys, one parallel region fewer (they stall on a busy
     # machine); compiled or on an accelerator it always runs (no host read-back).
-    if unit.device.type == "cpu" and not torch.compiler.is_compiling() and bool(torch.isfinite(norm).all()):
+    if _all_finite_on_cpu(norm):
         return unit
     return unit.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _all_finite_on_cpu(values: torch.Tensor) -> bool:
+    """Whether ``values`` is a CPU tensor whose entries are all finite, read eagerly; ``False``
+    when it cannot be read without a host sync or at all (compiling, an accelerator, the fake
+    tensors of FLOP counting, which have no values)."""
+    if values.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    try:
+        return bool(torch.isfinite(values).all())
+    except RuntimeError:  # a fake tensor: data-dependent output
+        return False
 
 
 def unit_features(parts: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
