@@ -438,9 +438,9 @@ def test_races_drop_candidates_early_and_keep_winners_fully_scored():
     """With races (the default) most candidates run on a few images only; the schedule returned
     and its start are scored on every image, and the search never does worse than its start.
     race=False scores every candidate on every image."""
-    from tome.tools.tune.search import _race_bounds
+    from tome.tools.tune.scoring import race_bounds
 
-    assert _race_bounds(12) == [4, 8, 12] and _race_bounds(75) == [10, 20, 40, 75] and _race_bounds(3) == [3]
+    assert race_bounds(12) == [4, 8, 12] and race_bounds(75) == [10, 20, 40, 75] and race_bounds(3) == [3]
     model, pixels = _timm(), _pixels(16)
     raced = tome.tune(model, pixels, 2.0, budget="flops", progress=False, max_evals=20)
     assert raced.screened > 0 and raced.images == 12
@@ -458,11 +458,11 @@ def test_scorer_runs_each_image_once_per_schedule():
     """A schedule raced on the leading images, then scored on all of them, runs each image once;
     the per-image scores match a full evaluation in one go."""
     from tome.tools.progress import progress_bar
-    from tome.tools.tune.search import _Scorer
+    from tome.tools.tune.scoring import Scorer
 
     model, pixels = _timm(), _pixels(12)
     wrapper = from_module(model)
-    scorer = _Scorer(wrapper, pixels, 16, 1.0, progress_bar(0, False, "test"))
+    scorer = Scorer(wrapper, pixels, 16, 1.0, progress_bar(0, False, "test"))
     tome.patch(model, 0)
     try:
         base, other = [2, 2, 2, 2], [4, 2, 1, 1]
@@ -474,7 +474,7 @@ def test_scorer_runs_each_image_once_per_schedule():
         full = scorer(other)
         assert scorer.images_run == 24 and scorer.evaluations == 2
         model.tome.r = 0  # the fresh scorer's reference: no merging
-        fresh = _Scorer(wrapper, pixels, 5, 1.0, progress_bar(0, False, "test"))
+        fresh = Scorer(wrapper, pixels, 5, 1.0, progress_bar(0, False, "test"))
         assert fresh(other)[0] == pytest.approx(full[0], abs=1e-6)
         assert won == (full[0] > scorer(base)[0] + 1e-6)
     finally:

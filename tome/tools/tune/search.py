@@ -48,35 +48,33 @@ threads give the same schedule); the measured correction depends on the machine'
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-from tome.core.merge import max_r
-from tome.core.schedule import resolve_schedule
+from tome.tools.tune.budget import (
+    FlopModel,
+    best_reachable,
+    effective_schedule,
+    ramp_within,
+    scaled_within,
+    schedule_flops,
+    schedule_tokens,
+)
+from tome.tools.tune.scoring import TIE, Scorer, TuneError, calibration_pixels, restore_modes, wrap_model
 
 __all__ = ["MIN_IMAGES", "TIE", "TuneError", "TuneResult", "schedule_flops", "schedule_tokens", "tune"]
 
 MIN_IMAGES = 8
 _INFLECTIONS = (-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5)
-TIE = 1e-6  # objectives closer than this are equal (the held-out check keeps the search on a tie)
-_TOL = TIE
 # A search move is kept only when its gain over the calibration images is significant (mean
 # paired gain > _Z standard errors): smaller gains are the images' noise (moving one merge
 # changes a real DINOv2's mean CLS cosine on 100 photos by up to 0.005), which the held-out
 # check then throws away, after the search has spent its passes chasing it.
 _Z = 2.0
-
-
-class TuneError(ValueError):
-    """A problem with what was asked of :func:`tune` (too few images, unreachable target, ...)."""
 
 
 @dataclass
@@ -130,289 +128,12 @@ class TuneResult:
         return "[" + ",".join(str(r) for r in self.schedule) + "]"
 
 
-# -- FLOP model ----------------------------------------------------------------------------------
-
-
-def schedule_tokens(schedule: Sequence[int], n0: int, protected: int) -> list[int]:
-    """Tokens entering block 0, then left after each block, for a per-layer ``schedule``: the
-    counts ``model.tome.tokens_per_layer`` reports (each block capped at what it can merge)."""
-    tokens = [n0]
-    n = n0
-    for r in schedule:
-        n -= min(int(r), max_r(n, protected))
-        tokens.append(n)
-    return tokens
-
-
-def _effective(schedule: Sequence[int], n0: int, protected: int) -> list[int]:
-    tokens = schedule_tokens(schedule, n0, protected)
-    return [a - b for a, b in itertools.pairwise(tokens)]
-
-
-def schedule_flops(model, schedule: Sequence[int]) -> float:
-    """FLOPs per image of ``model`` (a :class:`tome.tools.models.vision.Model`) merging with ``schedule``."""
-    from tome.tools.measure.bench import flops_per_image
-
-    n0 = model.protected + model.num_patches
-    return flops_per_image(model, schedule_tokens(schedule, n0, model.protected))
-
-
-class _Flops:
-    """The FLOP model of one model, with per-block constants precomputed (called thousands of
-    times by the search)."""
-
-    def __init__(self, model) -> None:
-        from tome.tools.measure.bench import block_macs
-
-        self.C = model.width
-        self.n0 = model.protected + model.num_patches
-        self.protected = model.protected
-        self.blocks = [block_macs(block, self.C) for block in model.blocks]
-        self.fixed = model.num_patches * self.C * 3 * model.patch_size**2
-        self.base = self([0] * len(self.blocks))
-
-    def __call__(self, schedule: Sequence[int]) -> float:
-        tokens = schedule_tokens(schedule, self.n0, self.protected)
-        macs = self.fixed
-        for i, (attn, mlp) in enumerate(self.blocks):
-            n_in, n_out = tokens[i], tokens[i + 1]
-            macs += n_in * attn + 2 * n_in * n_in * self.C + n_out * mlp
-        return 2.0 * macs
-
-    def speedup(self, schedule: Sequence[int]) -> float:
-        return self.base / self(schedule)
-
-
-def _ramp_within(flops: _Flops, budget: float, inflection: float, layers: int) -> list[int] | None:
-    """Smallest ramp ``(r, inflection)`` (r a float, bisected) with FLOPs <= budget."""
-    hi = float(flops.n0)
-    top = _effective(resolve_schedule((hi, inflection), layers), flops.n0, flops.protected)
-    if flops(top) > budget:
-        return None
-    lo = 0.0
-    for _ in range(50):
-        mid = (lo + hi) / 2
-        if flops(resolve_schedule((mid, inflection), layers)) <= budget:
-            hi = mid
-        else:
-            lo = mid
-    return _effective(resolve_schedule((hi, inflection), layers), flops.n0, flops.protected)
-
-
-def _scaled_within(flops: _Flops, budget: float, schedule: Sequence[int]) -> list[int] | None:
-    """``schedule`` scaled by the smallest factor (bisected) that brings it within budget."""
-    if sum(schedule) == 0:
-        return None
-    hi = 1.0
-    while flops([round(hi * r) for r in schedule]) > budget:
-        hi *= 2
-        if hi > 4 * flops.n0:
-            return None
-    lo = 0.0
-    for _ in range(50):
-        mid = (lo + hi) / 2
-        if flops([round(mid * r) for r in schedule]) <= budget:
-            hi = mid
-        else:
-            lo = mid
-    return _effective([round(hi * r) for r in schedule], flops.n0, flops.protected)
-
-
-def _best_reachable(flops: _Flops, layers: int) -> float:
-    return flops.speedup([flops.n0] * layers)
-
-
-# -- inputs --------------------------------------------------------------------------------------
-
-
-def _wrap(model, images) -> object:
-    """``model`` as a :class:`tome.tools.models.vision.Model` at the input size of ``images``: the size of
-    the pixels given (any size the model accepts), else the model's own size."""
-    from tome.tools.models.vision import Model, check_size, from_module
-
-    if isinstance(model, Model):
-        wrapper = model
-    elif not isinstance(model, nn.Module):
-        raise TypeError(
-            f"model: expected a torch.nn.Module or tome.tools.models.vision.Model, got {type(model).__name__}"
-        )
-    else:
-        wrapper = from_module(model)  # a wrapper or a user's module: the model inside it
-    if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[1] == 3:
-        height, width = images.shape[-2:]
-        if height != width:
-            raise TuneError(f"images: tune takes square pixels (B, 3, S, S), got {height}x{width}")
-        try:
-            check_size(wrapper, int(height), int(width))
-        except ValueError as error:
-            raise TuneError(f"images: {error}") from None
-        if height != wrapper.img_size:
-            wrapper = dataclasses.replace(wrapper, img_size=int(height))
-    return wrapper
-
-
-def _restore_modes(modes: dict[nn.Module, bool]) -> None:
-    for submodule, training in modes.items():
-        submodule.training = training
-
-
-def _pixels(wrapper, images, min_images: int) -> torch.Tensor:
-    from tome.tools.images import open_image
-
-    if isinstance(images, torch.Tensor):
-        pixels = images
-        if pixels.dim() != 4 or pixels.shape[1] != 3:
-            raise TuneError(
-                f"images: expected preprocessed pixels (B, 3, H, W), got a tensor of shape {tuple(pixels.shape)}"
-            )
-    else:
-        if isinstance(images, str | bytes) or not isinstance(images, Sequence):
-            raise TypeError(
-                "images: expected a (B, 3, H, W) tensor of preprocessed pixels, or a list of image "
-                f"paths or PIL images, got {type(images).__name__}"
-            )
-        loaded = []
-        for item in images:
-            image = open_image(item) if not hasattr(item, "convert") else item.convert("RGB")
-            if image is None:
-                raise TuneError(f"images: cannot read {item} as an image")
-            loaded.append(image)
-        if len(loaded) < min_images:
-            raise TuneError(f"images: tune needs at least {min_images} calibration images, got {len(loaded)}")
-        pixels = wrapper.preprocess(loaded)
-    if pixels.shape[0] < min_images:
-        raise TuneError(f"images: tune needs at least {min_images} calibration images, got {pixels.shape[0]}")
-    return pixels.float()
-
-
-# -- the search ----------------------------------------------------------------------------------
-
-
-class _Scorer:
-    """Fidelity of a schedule on the calibration images, against the unmerged outputs (computed
-    once). Each schedule's per-image scores are cached, image by image in a fixed order, so that
-    a schedule first scored on the leading images (a screening) and later on all of them runs
-    each image once."""
-
-    def __init__(
-        self, wrapper, pixels: torch.Tensor, batch: int, patch_weight: float, bar, race: bool = True
-    ) -> None:
-        self.wrapper, self.pixels, self.batch, self.patch_weight, self.bar = (
-            wrapper,
-            pixels,
-            batch,
-            patch_weight,
-            bar,
-        )
-        self.n = len(pixels)
-        # Where a race checks a candidate (see :meth:`beats`): a quarter-ish of the images first,
-        # then twice as many each time, then all of them.
-        self.bounds = _race_bounds(self.n) if race else [self.n]
-        self.cache: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.full: dict[tuple[int, ...], tuple[float, float, float, float]] = {}
-        self.images_run = 0  # merged forward passes, per image (the search's cost)
-        self.ref_pooled, self.ref_patches = self._outputs(0, self.n)
-        self.bar.update(self.n)
-
-    def _outputs(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        pooled, patches = [], []
-        for first in range(start, stop, self.batch):
-            out = self.wrapper(self.pixels[first : min(first + self.batch, stop)], saliency=False)
-            pooled.append(out.pooled.float())
-            patches.append(out.patches.float())
-        return torch.cat(pooled), torch.cat(patches)
-
-    def _per_image(self, schedule: Sequence[int], stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cls cosine, patch cosine)`` of each of the first ``stop`` images, run as needed."""
-        key = tuple(schedule)
-        cls, patch = self.cache.get(key, (torch.empty(0), torch.empty(0)))
-        done = len(cls)
-        if done < stop:
-            self.wrapper.module.tome.r = list(schedule)
-            pooled, patches = self._outputs(done, stop)
-            cls = torch.cat([cls, F.cosine_similarity(pooled, self.ref_pooled[done:stop], dim=-1)])
-            patch = torch.cat(
-                [patch, F.cosine_similarity(patches, self.ref_patches[done:stop], dim=-1).mean(1)]
-            )
-            self.cache[key] = (cls, patch)
-            self.images_run += stop - done
-            self.bar.update(stop - done)
-        return cls[:stop], patch[:stop]
-
-    def _objective(self, schedule: Sequence[int], stop: int) -> float:
-        cls, patch = self._per_image(schedule, stop)
-        return cls.mean().item() + self.patch_weight * patch.mean().item()
-
-    def __call__(self, schedule: Sequence[int]) -> tuple[float, float, float, float]:
-        """``(fidelity, cls cosine, min cls cosine, patch cosine)`` on every image."""
-        key = tuple(schedule)
-        if key not in self.full:
-            c, p = self._per_image(schedule, self.n)
-            score = c.mean().item() + self.patch_weight * p.mean().item()
-            self.full[key] = (score, c.mean().item(), c.min().item(), p.mean().item())
-        return self.full[key]
-
-    def beats(self, candidate: Sequence[int], best: Sequence[int], z: float = 0.0) -> tuple[bool, float]:
-        """Whether ``candidate`` is more faithful than ``best`` on every image (by more than
-        :data:`TIE`), and its objective (on every image when it won, else on the images run).
-
-        A race: ``candidate`` runs on the leading images first and drops out as soon as it does
-        no better than ``best`` on the images run so far (paired: the same images), so that a
-        worse schedule, most of a search's candidates, costs a fraction of a full evaluation.
-        A winner is always scored on every image: what it is kept for is the same test as a
-        full evaluation's."""
-        for stop in self.bounds[:-1]:
-            value = self._objective(candidate, stop)
-            if value <= self._objective(best, stop) + _TOL:
-                return False, value
-        value = self(candidate)[0]
-        if not value > self(best)[0] + _TOL:
-            return False, value
-        if z > 0 and self.n > 1:
-            # Significant: the mean paired gain stands ``z`` standard errors above zero.
-            gain = self._gains(candidate, best)
-            return gain.mean().item() > z * gain.std().item() / self.n**0.5, value
-        return True, value
-
-    def _gains(self, candidate: Sequence[int], best: Sequence[int]) -> torch.Tensor:
-        (c1, p1), (c0, p0) = self._per_image(candidate, self.n), self._per_image(best, self.n)
-        return (c1 - c0) + self.patch_weight * (p1 - p0)
-
-    @property
-    def evaluations(self) -> int:
-        """Schedules scored on every calibration image."""
-        return len(self.full)
-
-    @property
-    def screened(self) -> int:
-        """Schedules that dropped out of a race before the last image."""
-        return sum(1 for key in self.cache if key not in self.full)
-
-    @property
-    def cost(self) -> float:
-        """Merged forward passes so far, in passes over every calibration image."""
-        return self.images_run / self.n
-
-
-def _race_bounds(n: int) -> list[int]:
-    """Where a race checks a candidate: ``max(4, n / 8)`` images, twice as many each time, all.
-
-    >>> _race_bounds(12), _race_bounds(75), _race_bounds(3)
-    ([4, 8, 12], [10, 20, 40, 75], [3])
-    """
-    bounds, stop = [], max(4, -(-n // 8))
-    while stop < n:
-        bounds.append(stop)
-        stop *= 2
-    return [*bounds, n]
-
-
-def _parametric(flops: _Flops, budget: float, layers: int, scorer: _Scorer) -> tuple[list[int], str]:
+def _parametric(flops: FlopModel, budget: float, layers: int, scorer: Scorer) -> tuple[list[int], str]:
     """The most faithful ramp ``(r, inflection)`` within ``budget``: the first scored on every
     image, each next one raced against the best so far."""
     best: tuple[list[int], str] | None = None
     for inflection in _INFLECTIONS:
-        schedule = _ramp_within(flops, budget, inflection, layers)
+        schedule = ramp_within(flops, budget, inflection, layers)
         if schedule is None:
             continue
         label = f"({sum(schedule) / layers:.2f}, {inflection:g})"
@@ -425,7 +146,7 @@ def _parametric(flops: _Flops, budget: float, layers: int, scorer: _Scorer) -> t
     return best
 
 
-def _moves(schedule: list[int], step: int, span: int, flops: _Flops, budget: float, first: int = 0):
+def _moves(schedule: list[int], step: int, span: int, flops: FlopModel, budget: float, first: int = 0):
     """``(i, schedule)`` one move away: ``step`` merges fewer in block i, the fewest more in
     block j (|i - j| <= span) that keep FLOPs within budget. Deterministic order: blocks i from
     ``first`` on, then from 0."""
@@ -448,21 +169,21 @@ def _moves(schedule: list[int], step: int, span: int, flops: _Flops, budget: flo
                     break
             if moved is None:
                 continue
-            yield i, _effective(moved, flops.n0, flops.protected)
+            yield i, effective_schedule(moved, flops.n0, flops.protected)
 
 
 def _local_search(
     start: list[int],
-    flops: _Flops,
+    flops: FlopModel,
     budget: float,
-    scorer: _Scorer,
+    scorer: Scorer,
     *,
     span: int,
     max_evals: float,
     counter: Callable,
 ) -> list[int]:
     """First-improvement moves from ``start``, coarse steps to single merges; each candidate
-    raced against the best so far (:meth:`_Scorer.beats`). Stops when no move wins or the
+    raced against the best so far (:meth:`Scorer.beats`). Stops when no move wins or the
     round's ``max_evals`` (passes over every calibration image) is spent."""
     best = list(start)
     scorer(best)
@@ -640,9 +361,9 @@ def tune(
     if isinstance(holdout, bool) or not isinstance(holdout, int | float) or not 0 <= holdout < 1:
         raise ValueError(f"holdout: expected a fraction in [0, 1), got {holdout!r}")
 
-    wrapper = _wrap(model, images)
+    wrapper = wrap_model(model, images)
     module = wrapper.module
-    pixels = _pixels(wrapper, images, min_images)
+    pixels = calibration_pixels(wrapper, images, min_images)
     held = max(2, round(holdout * len(pixels))) if holdout > 0 else 0
     if held and len(pixels) - held < 2:
         raise TuneError(
@@ -656,8 +377,8 @@ def tune(
         pixels = pixels[:search_images]
         held = len(heldout_pixels)
     layers = len(wrapper.blocks)
-    flops = _Flops(wrapper)
-    reachable = _best_reachable(flops, layers)
+    flops = FlopModel(wrapper)
+    reachable = best_reachable(flops, layers)
     if target_speedup > reachable:
         raise TuneError(
             f"target_speedup {target_speedup:g}x cannot be reached on this model: merging as much as "
@@ -682,8 +403,8 @@ def tune(
         if previous is not None:
             module.tome.r = 0
         _stage(bar, "tune: unmerged reference")
-        scorer = _Scorer(wrapper, pixels, batch, patch_weight, bar, race)
-        checker = _Scorer(wrapper, heldout_pixels, batch, patch_weight, bar) if held else None
+        scorer = Scorer(wrapper, pixels, batch, patch_weight, bar, race)
+        checker = Scorer(wrapper, heldout_pixels, batch, patch_weight, bar) if held else None
         if previous is None:
             tome.patch(module, 0, **(patch_kwargs or {}))
         round_start = 0.0
@@ -702,7 +423,7 @@ def tune(
             start, start_label = ramp, f"the best ramp {label}"
             if best is not None:
                 # A correction round may start from the best schedule so far, rescaled.
-                scaled = _scaled_within(flops, limit, best)
+                scaled = scaled_within(flops, limit, best)
                 if scaled is not None and scorer.beats(scaled, ramp)[0]:
                     start, start_label = scaled, f"the round-{index} schedule rescaled to this target"
             # A correction round starts from a good schedule already: a shorter search.
@@ -714,7 +435,7 @@ def tune(
             _stage(bar, "tune: held-out check")
             heldout_start = checker(start)[0] if checker is not None else None
             heldout_searched = checker(searched)[0] if checker is not None else None
-            kept = checker is None or heldout_searched >= heldout_start - _TOL
+            kept = checker is None or heldout_searched >= heldout_start - TIE
             best = searched if kept else start
             round_start = scorer.cost
             history.append(
@@ -803,7 +524,7 @@ def tune(
             tome.unpatch(module)
         else:
             setattr(module.tome, *previous_schedule)
-        _restore_modes(modes)
+        restore_modes(modes)
     return result
 
 
