@@ -66,11 +66,8 @@ from tome.adapters.common.anyres import rewrite_anyres
 from tome.adapters.common.vlm import VISUAL_DEFAULTS as DEFAULTS
 from tome.adapters.common.vlm import (
     VisualHandle,
-    forward_done,
-    forward_reduced,
-    generate_reduced,
-    install_prop_attn,
 )
+from tome.adapters.common.vlm_call import install_visual, require
 from tome.runtime.registry import REDUCE_ONCE, Adapter
 
 __all__ = ["DEFAULTS", "VisualHandle", "apply"]
@@ -79,39 +76,18 @@ __all__ = ["DEFAULTS", "VisualHandle", "apply"]
 # -- the rewrite (module-level: patched models pickle and deep-copy) -----------------------------
 
 
-def _generate(model: nn.Module, handle: VisualHandle, *args, **kwargs):
-    return generate_reduced(
-        model, args, kwargs, lambda ids, given: rewrite_anyres(model, handle, ids, given), handle
-    )
-
-
-def _forward_pre_hook(handle: VisualHandle, model: nn.Module, args: tuple, kwargs: dict):
-    return forward_reduced(
-        model, args, kwargs, lambda ids, given: rewrite_anyres(model, handle, ids, given), handle
-    )
-
-
 # -- patching ---------------------------------------------------------------------------------------
 
 
 def apply(model: nn.Module, **visual: object) -> VisualHandle:
     # tome.patch checked and routed the options: r and the token models' settings are refused there
-    if (
-        not callable(getattr(model, "get_image_features", None))
-        or not isinstance(getattr(model.config, "image_token_id", None), int)
-        or not isinstance(getattr(getattr(model, "model", None), "image_newline", None), torch.Tensor)
-    ):
+    require(model, "a LLaVA-NeXT", methods=("get_image_features",), ints=("image_token_id",))
+    if not isinstance(getattr(model.model, "image_newline", None), torch.Tensor):
         raise TypeError(
-            f"tome: expected a LLaVA-NeXT model with get_image_features(), "
-            f"config.image_token_id and model.image_newline, got a {type(model).__name__}"
+            f"tome: expected a LLaVA-NeXT model with model.image_newline, got a {type(model).__name__}"
         )
     handle = VisualHandle(**visual)  # checks every option before the model changes
-    with handle.installing():
-        handle.install_method(model, "generate", _generate, handle)
-        handle.install_pre_hook(model, _forward_pre_hook, handle)
-        handle.install_hook(model, forward_done, handle)
-        install_prop_attn(handle, model.model.language_model)
-    return handle
+    return install_visual(handle, model, rewrite_anyres, model.model.language_model)
 
 
 ADAPTER = Adapter(

@@ -69,21 +69,10 @@ import torch.nn as nn
 
 from tome.adapters.common.anyres import rewrite_anyres
 from tome.adapters.common.video import VideoVisualHandle, forward_reduced_videos
-from tome.adapters.common.vlm import forward_done, generate_reduced, install_prop_attn
+from tome.adapters.common.vlm_call import install_visual, require
 from tome.runtime.registry import REDUCE_ONCE, Adapter
 
 __all__ = ["apply"]
-
-
-def _generate(model: nn.Module, handle: VideoVisualHandle, *args, **kwargs):
-    return generate_reduced(
-        model, args, kwargs, lambda ids, given: rewrite_anyres(model, handle, ids, given), handle
-    )
-
-
-def _forward_pre_hook(handle: VideoVisualHandle, model: nn.Module, args: tuple, kwargs: dict):
-    reduce = lambda ids, given: rewrite_anyres(model, handle, ids, given)  # noqa: E731
-    return forward_reduced_videos(model, args, kwargs, reduce, handle)
 
 
 # -- patching ---------------------------------------------------------------------------------------
@@ -91,25 +80,20 @@ def _forward_pre_hook(handle: VideoVisualHandle, model: nn.Module, args: tuple, 
 
 def apply(model: nn.Module, **visual: object) -> VideoVisualHandle:
     # tome.patch checked and routed the options: r and the token models' settings are refused there
-    if (
-        not callable(getattr(model, "get_image_features", None))
-        or not callable(getattr(model, "get_video_features", None))
-        or not isinstance(getattr(model.config, "image_token_id", None), int)
-        or not isinstance(getattr(model.config, "video_token_id", None), int)
-        or not isinstance(getattr(getattr(model, "model", None), "image_newline", None), torch.Tensor)
-    ):
+    require(
+        model,
+        "a LLaVA-OneVision / LLaVA-NeXT-Video",
+        methods=("get_image_features", "get_video_features"),
+        ints=("image_token_id", "video_token_id"),
+    )
+    if not isinstance(getattr(model.model, "image_newline", None), torch.Tensor):
         raise TypeError(
-            f"tome: expected a LLaVA-OneVision / LLaVA-NeXT-Video model with get_image_features(), "
-            f"get_video_features(), config.image_token_id, config.video_token_id and "
-            f"model.image_newline, got a {type(model).__name__}"
+            f"tome: expected a LLaVA-OneVision / LLaVA-NeXT-Video model with model.image_newline, got a {type(model).__name__}"
         )
     handle = VideoVisualHandle(**visual)  # checks every option before the model changes
-    with handle.installing():
-        handle.install_method(model, "generate", _generate, handle)
-        handle.install_pre_hook(model, _forward_pre_hook, handle)
-        handle.install_hook(model, forward_done, handle)
-        install_prop_attn(handle, model.model.language_model)
-    return handle
+    return install_visual(
+        handle, model, rewrite_anyres, model.model.language_model, runner=forward_reduced_videos
+    )
 
 
 ADAPTER = Adapter(

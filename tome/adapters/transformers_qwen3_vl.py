@@ -89,11 +89,9 @@ from tome.adapters.common.video import (
     merge_videos,
 )
 from tome.adapters.common.vlm import (
-    forward_done,
-    generate_reduced,
-    install_prop_attn,
     reduce_images_tracked,
 )
+from tome.adapters.common.vlm_call import install_visual, require
 from tome.core import merge as M
 from tome.runtime.registry import REDUCE_ONCE, Adapter
 
@@ -208,39 +206,25 @@ def _frame_group_runs(
     return Runs(placeholder, before, after, whole.index, whole.sizes)
 
 
-def _generate(model: nn.Module, handle: VideoVisualHandle, *args, **kwargs):
-    return generate_reduced(
-        model, args, kwargs, lambda ids, given: _reduced(model, handle, ids, given, generating=True), handle
-    )
-
-
-def _forward_pre_hook(handle: VideoVisualHandle, model: nn.Module, args: tuple, kwargs: dict):
-    reduce = lambda ids, given: _reduced(model, handle, ids, given, generating=False)  # noqa: E731
-    return forward_reduced_videos(model, args, kwargs, reduce, handle)
-
-
 # -- patching ---------------------------------------------------------------------------------------
 
 
 def apply(model: nn.Module, **visual: object) -> VideoVisualHandle:
     # tome.patch checked and routed the options: r and the token models' settings are refused there
-    inner = getattr(model, "model", None)
-    if (
-        not callable(getattr(model, "get_image_features", None))
-        or not callable(getattr(inner, "get_rope_index", None))
-        or not isinstance(getattr(model.config, "image_token_id", None), int)
-    ):
+    require(model, "a Qwen3-VL", methods=("get_image_features",), ints=("image_token_id",))
+    if not callable(getattr(getattr(model, "model", None), "get_rope_index", None)):
         raise TypeError(
-            f"tome: expected a Qwen3-VL model with get_image_features(), model.get_rope_index() and "
-            f"config.image_token_id, got a {type(model).__name__}"
+            f"tome: expected a Qwen3-VL model with model.get_rope_index(), got a {type(model).__name__}"
         )
     handle = VideoVisualHandle(**visual)  # checks every option before the model changes
-    with handle.installing():
-        handle.install_method(model, "generate", _generate, handle)
-        handle.install_pre_hook(model, _forward_pre_hook, handle)
-        handle.install_hook(model, forward_done, handle)
-        install_prop_attn(handle, model.model.language_model)
-    return handle
+    return install_visual(
+        handle,
+        model,
+        _reduced,
+        model.model.language_model,
+        runner=forward_reduced_videos,
+        tell_generating=True,
+    )
 
 
 ADAPTER = Adapter(

@@ -68,11 +68,9 @@ import torch.nn as nn
 from tome.adapters.common.mrope import Runs, original_positions, plain_prompt, rewrite_prompt
 from tome.adapters.common.video import VideoVisualHandle, forward_reduced_videos, merge_videos
 from tome.adapters.common.vlm import (
-    forward_done,
-    generate_reduced,
-    install_prop_attn,
     reduce_images_tracked,
 )
+from tome.adapters.common.vlm_call import install_visual, require
 from tome.runtime.registry import REDUCE_ONCE, Adapter
 
 __all__ = ["apply"]
@@ -133,39 +131,25 @@ def _reduced(
     return rewrite_prompt(model, ids, kwargs, merged, original, generating, handle.visual_prop_attn)
 
 
-def _generate(model: nn.Module, handle: VideoVisualHandle, *args, **kwargs):
-    return generate_reduced(
-        model, args, kwargs, lambda ids, given: _reduced(model, handle, ids, given, generating=True), handle
-    )
-
-
-def _forward_pre_hook(handle: VideoVisualHandle, model: nn.Module, args: tuple, kwargs: dict):
-    reduce = lambda ids, given: _reduced(model, handle, ids, given, generating=False)  # noqa: E731
-    return forward_reduced_videos(model, args, kwargs, reduce, handle)
-
-
 # -- patching ---------------------------------------------------------------------------------------
 
 
 def apply(model: nn.Module, **visual: object) -> VideoVisualHandle:
     # tome.patch checked and routed the options: r and the token models' settings are refused there
-    inner = getattr(model, "model", None)
-    if (
-        not callable(getattr(model, "get_image_features", None))
-        or not callable(getattr(inner, "get_rope_index", None))
-        or not isinstance(getattr(model.config, "image_token_id", None), int)
-    ):
+    require(model, "a Qwen2-VL / Qwen2.5-VL", methods=("get_image_features",), ints=("image_token_id",))
+    if not callable(getattr(getattr(model, "model", None), "get_rope_index", None)):
         raise TypeError(
-            f"tome: expected a Qwen2-VL / Qwen2.5-VL model with get_image_features(), "
-            f"model.get_rope_index() and config.image_token_id, got a {type(model).__name__}"
+            f"tome: expected a Qwen2-VL / Qwen2.5-VL model with model.get_rope_index(), got a {type(model).__name__}"
         )
     handle = VideoVisualHandle(**visual)  # checks every option before the model changes
-    with handle.installing():
-        handle.install_method(model, "generate", _generate, handle)
-        handle.install_pre_hook(model, _forward_pre_hook, handle)
-        handle.install_hook(model, forward_done, handle)
-        install_prop_attn(handle, model.model.language_model)
-    return handle
+    return install_visual(
+        handle,
+        model,
+        _reduced,
+        model.model.language_model,
+        runner=forward_reduced_videos,
+        tell_generating=True,
+    )
 
 
 ADAPTER = Adapter(

@@ -137,14 +137,26 @@ def require(model: nn.Module, family: str, *, methods: Sequence[str] = (), ints:
     raise TypeError(f"tome: expected {family} model with {', '.join(needs)}, got a {type(model).__name__}")
 
 
-def _installed_generate(model: nn.Module, handle: VisualHandle, rewrite: Rewrite, *args, **kwargs):
+def _installed_generate(
+    model: nn.Module, handle: VisualHandle, rewrite: Rewrite, told: bool, *args, **kwargs
+):
+    flag = {"generating": True} if told else {}
     return generate_reduced(
-        model, args, kwargs, lambda ids, given: rewrite(model, handle, ids, given), handle
+        model, args, kwargs, lambda ids, given: rewrite(model, handle, ids, given, **flag), handle
     )
 
 
-def _installed_pre_hook(handle: VisualHandle, rewrite: Rewrite, model: nn.Module, args: tuple, kwargs: dict):
-    return forward_reduced(model, args, kwargs, lambda ids, given: rewrite(model, handle, ids, given), handle)
+def _installed_pre_hook(
+    handle: VisualHandle,
+    rewrite: Rewrite,
+    told: bool,
+    runner: Callable,
+    model: nn.Module,
+    args: tuple,
+    kwargs: dict,
+):
+    flag = {"generating": False} if told else {}
+    return runner(model, args, kwargs, lambda ids, given: rewrite(model, handle, ids, given, **flag), handle)
 
 
 def install_visual(
@@ -153,15 +165,21 @@ def install_visual(
     rewrite: Rewrite,
     language_model: nn.Module,
     prop_attn: Callable[[VisualHandle, nn.Module], None] = install_prop_attn,
+    *,
+    runner: Callable = forward_reduced,
+    tell_generating: bool = False,
 ) -> VisualHandle:
     """Install ``rewrite`` (a module-level function: the patched model pickles) on ``model`` as
     its ``generate`` (an instance method shadowing the class's) and a forward pre-hook (so that
     ``forward``'s signature, which ``generate`` inspects, stays the class's), with the forward
     hook that clears a direct call's bias and proportional attention on ``language_model``'s
-    layers; all of it undone by ``tome.unpatch``. Returns ``handle``."""
+    layers; all of it undone by ``tome.unpatch``. ``runner``: what the forward pre-hook runs
+    (:func:`~tome.adapters.common.vlm.forward_reduced`, or for families with videos
+    :func:`~tome.adapters.common.video.forward_reduced_videos`); ``tell_generating``: ``rewrite``
+    takes ``generating=`` (whether the call comes from ``generate()``). Returns ``handle``."""
     with handle.installing():
-        handle.install_method(model, "generate", _installed_generate, handle, rewrite)
-        handle.install_pre_hook(model, _installed_pre_hook, handle, rewrite)
+        handle.install_method(model, "generate", _installed_generate, handle, rewrite, tell_generating)
+        handle.install_pre_hook(model, _installed_pre_hook, handle, rewrite, tell_generating, runner)
         handle.install_hook(model, forward_done, handle)
         prop_attn(handle, language_model)
     return handle
