@@ -116,7 +116,7 @@ def test_a_worker_node_killed_mid_job_loses_nothing(tmp_path, cluster, reference
     assert result.nodes_lost in ([], [named]) and result.retried <= 9
     if result.retried:
         assert result.nodes_lost == [named]
-        assert "nodes lost: " in result.summary() and "part(s) retried" in result.summary()
+        assert "actors lost on: " in result.summary() and "part(s) retried" in result.summary()
     assert not (tmp_path / "photos.parquet.parts").exists()
     _same_rows(out, local)
 

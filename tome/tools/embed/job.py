@@ -117,7 +117,7 @@ class EmbedResult:
     # row to the last (on Ray: summed over the actors, each from its own first row)
     steady_items_per_s: float = 0.0
     retried: int = 0  # Ray: parts tried again because their actor's node was lost
-    nodes_lost: list[str] = field(default_factory=list)  # Ray: the nodes lost during the job
+    nodes_lost: list[str] = field(default_factory=list)  # Ray: nodes where an actor died holding parts
     # CPU seconds of this process from the model loaded to the file written (on Ray: the driver's),
     # and of them (Ray) the fixed part: until the first actor was ready (the model put in Ray's store)
     driver_cpu_s: float = 0.0
@@ -158,7 +158,7 @@ class EmbedResult:
         )
         if self.nodes_lost or self.retried:
             lost = ", ".join(self.nodes_lost) or "none"
-            line += f"; nodes lost: {lost}, {self.retried} part(s) retried"
+            line += f"; actors lost on: {lost}, {self.retried} part(s) retried"
         if self.model_s > 0:
             line += (
                 f"; decoding {self.decode_s:.1f}s, model {self.model_s:.1f}s: decoding is "

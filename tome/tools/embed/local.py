@@ -37,7 +37,7 @@ class Stats:
     first_rows: int = 0  # rows done then (the first batch)
     last_row_at: float | None = None  # time.perf_counter() when the last row was done
     retried: int = 0  # Ray: parts tried again (their actor's node lost)
-    nodes_lost: list[str] = field(default_factory=list)  # Ray: the nodes lost during the job
+    nodes_lost: list[str] = field(default_factory=list)  # Ray: nodes where an actor died holding parts
     steady_rate: float | None = None  # Ray: rows/s after each actor's first batch, summed
     ready_cpu: float | None = None  # Ray: time.process_time() when the first actor was ready
     lost_at: float | None = None  # Ray: time.perf_counter() when a lost part was first noticed

@@ -14,7 +14,8 @@ the local job does, so a job started here can be finished there and the other wa
 
 Faults: an actor whose node is lost is restarted elsewhere by Ray (at most
 :data:`MAX_RESTARTS` times), and its parts go to the other actors (a part is tried at most
-:data:`MAX_TRIES` times); the summary says how many were retried and which nodes were lost. A
+:data:`MAX_TRIES` times); the summary says how many were retried and on which nodes an actor died (its node lost, or its
+process killed there). A
 killed driver leaves whole parts: the same command finishes the rest.
 
 ``--out`` must be where every node can write: a shared file system mounted at the same path, or
@@ -292,8 +293,6 @@ class _Driver:
     def _lost(self, index: int, part: tuple[int, list[Item]]) -> None:
         """``part``'s actor died (its node lost): the part goes back in the queue, first; the
         actor is asked to start again (Ray restarts it on a node with room, if any)."""
-        import ray
-
         number = part[0]
         self.tries[number] += 1
         if self.tries[number] >= MAX_TRIES:
@@ -307,8 +306,10 @@ class _Driver:
         self.queue.appendleft(part)
         node = self.nodes.pop(index, None)
         if node is not None:
-            alive = {n["NodeID"][:8] for n in ray.nodes() if n.get("Alive")}
-            if node.rsplit("node ", 1)[-1].rstrip(")") not in alive and node not in self.stats.nodes_lost:
+            # Named whether or not Ray lists the node as dead yet: Ray notices a lost node only
+            # after missed heartbeats (seconds), the actor's death at once; and a worker killed on a
+            # live node (out of memory) loses its parts the same way.
+            if node not in self.stats.nodes_lost:
                 self.stats.nodes_lost.append(node)
             if index not in self.readying.values():
                 self.readying[self.actors[index].ready.remote(self.box)] = index
