@@ -38,6 +38,7 @@ import torch
 from tome.core import merge as M
 from tome.core.merge import MergeHistory
 from tome.core.schedule import Schedule, check_ratio, check_schedule, resolve_schedule
+from tome.core.threads import calling_thread_only
 from tome.runtime.base import PatchHandle
 from tome.runtime.merge_options import MERGE_MODES, METRICS, MergeOptions
 from tome.runtime.models import PatchedModels
@@ -348,6 +349,11 @@ class ToMeHandle(PatchHandle):
         """Merge ``x`` (B, N, C) by the similarity of ``metric`` (B, N, D), from
         :meth:`similarity_features`; record the history in the call's pass. ``metric`` may be
         ``None`` where the block removes nothing (:meth:`wants_keys` is False)."""
+        # Many small ops: on the calling thread alone (a busy machine stalls parallel regions).
+        with calling_thread_only(x):
+            return self._merge_layer(call, x, metric)
+
+    def _merge_layer(self, call: BlockCall, x: torch.Tensor, metric: torch.Tensor | None) -> torch.Tensor:
         index, state = call.index, call.pass_state
         r = self.layer_r(index, x.shape[1])
         # Slot assignments, not appends: a block recomputed by gradient checkpointing (during

@@ -30,6 +30,7 @@ from tome.adapters.common.classes import library_class
 from tome.core import merge as M
 from tome.core.merge import MergePlan
 from tome.core.merge2d import keep_prefix, random2d_matching
+from tome.core.threads import calling_thread_only
 from tome.runtime.base import PatchHandle
 from tome.runtime.options import Option, any_int, at_least, flag, one_of
 from tome.runtime.passes import TokenRegistry
@@ -301,7 +302,8 @@ class DiffusionHandle(PatchHandle):
             shared[0] += 1
             call.plans[index] = shared[1]
             return shared[1]
-        current = self._match(index, hidden, call)
+        with calling_thread_only(hidden):  # small ops: no parallel regions to stall on a busy machine
+            current = self._match(index, hidden, call)
         call.shared[N] = [1, current]
         call.plans[index] = current
         return current
@@ -446,7 +448,8 @@ def _run_op(module: nn.Module, forward, op: str, handle: DiffusionHandle, args, 
             "tome: a patched UNet cannot merge self-attention under an attention_mask over its "
             "tokens; set unet.tome.merge_attn = False (or ratio = 0) or unpatch the UNet"
         )
-    merged = M.merge(current.plan, hidden, "mean")
+    with calling_thread_only(hidden):
+        merged = M.merge(current.plan, hidden, "mean")
     if op == "attn1" and not handle.merge_queries and kwargs.get("encoder_hidden_states") is None:
         # ToDo-style: full-length queries attend to the merged tokens' keys and values, as in
         # cross-attention; the output is already full length.

@@ -1,0 +1,87 @@
+"""Run the merge step on the calling thread alone (CPU, eager).
+
+A merge step is a dozen small ops (a similarity product, a sort, gathers, an index_add). On a CPU
+each op larger than ATen's grain size (32,768 elements) runs as an OpenMP parallel region that
+ends when every thread has finished its share; on a busy machine one of those threads is often
+descheduled, and every region waits for it. The unpatched model runs a few large ops per block,
+the merge step adds many small ones, so under load the merge step's stalls ate the speedup
+(``benchmarks/busy.py``; docs/deployment.md). Alone on one thread, the merge step never waits for
+another.
+
+How: OpenMP's thread count is a per-thread setting (``omp_set_num_threads`` changes the calling
+thread's only); it is set to 1 for the step and restored after it, also on error. Not with
+``torch.set_num_threads``: that also sets the count every thread that starts using torch at that
+moment takes for good (a thread pool growing beside a patched model would be stuck at one thread).
+Where torch runs on no OpenMP runtime this process can reach (checked once: the runtime must
+change what ``torch.get_num_threads()`` reports), nothing changes. Nothing changes either under
+``torch.compile`` (the compiled graph has its own threading) or on an accelerator. Matrix products
+that torch hands to MKL keep MKL's own thread count.
+
+>>> import torch
+>>> before = torch.get_num_threads()
+>>> with calling_thread_only(torch.zeros(1)):
+...     inside = torch.get_num_threads()
+>>> inside == 1 or not can_run_alone(), torch.get_num_threads() == before
+(True, True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["calling_thread_only", "can_run_alone"]
+
+
+@functools.cache
+def _omp_set_num_threads() -> Callable[[int], int] | None:
+    """``omp_set_num_threads`` of the OpenMP runtime torch's CPU ops run on, or ``None`` where
+    there is none to be found (another build, another platform)."""
+    try:
+        setter = ctypes.CDLL(None).omp_set_num_threads
+    except (AttributeError, OSError, TypeError):
+        return None
+    setter.argtypes, setter.restype = [ctypes.c_int], None
+    threads = torch.get_num_threads()
+    if threads == 1:
+        setter(2)
+        works = torch.get_num_threads() == 2
+    else:
+        setter(1)
+        works = torch.get_num_threads() == 1
+    setter(threads)
+    return setter if works and torch.get_num_threads() == threads else None
+
+
+def can_run_alone() -> bool:
+    """Whether :func:`calling_thread_only` can confine ops to the calling thread here."""
+    return _omp_set_num_threads() is not None
+
+
+def calling_thread_only(like: torch.Tensor) -> contextlib.AbstractContextManager:
+    """A context that runs the enclosed ops on the calling thread alone when ``like`` (a
+    tensor the ops work on) is on the CPU and the code runs eagerly; otherwise (compiling, an
+    accelerator, one thread already, no reachable OpenMP runtime) a no-op context, which Dynamo
+    traces as such."""
+    if torch.compiler.is_compiling() or like.device.type != "cpu":
+        return contextlib.nullcontext()
+    threads = torch.get_num_threads()
+    setter = _omp_set_num_threads() if threads > 1 else None
+    return contextlib.nullcontext() if setter is None else _OneThread(setter, threads)
+
+
+class _OneThread:
+    """Sets the calling thread's OpenMP thread count to 1; restores ``threads`` on exit."""
+
+    def __init__(self, setter: Callable[[int], None], threads: int) -> None:
+        self.setter, self.threads = setter, threads
+
+    def __enter__(self) -> None:
+        self.setter(1)
+
+    def __exit__(self, *exc: object) -> None:
+        self.setter(self.threads)
