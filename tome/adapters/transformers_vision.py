@@ -55,7 +55,9 @@ import torch.nn as nn
 
 from tome.adapters.common.classes import class_names, find_known
 from tome.core import merge as M
+from tome.core import temporal as TM
 from tome.runtime.handle import BlockCall, ToMeHandle
+from tome.runtime.options import Option
 from tome.runtime.registry import Adapter, InputSizes, VisionInfo, pair
 
 # Attention implementations that take an additive float mask of shape (B, 1, 1, N).
@@ -128,6 +130,7 @@ class _Family:
     protected: int = 1  # leading tokens never merged (plus config.num_register_tokens)
     head: str | None = None  # an attention-pooling head that reads every original token
     backbone: bool = False  # a *Backbone: its encoder's hidden states become feature maps
+    video: bool = False  # tokens are tubelets (t, h, w) of a fixed grid: the temporal option applies
 
 
 def _vit_like(layers: str, prefix: str, layout: _Layout = _VIT, **kwargs) -> _Family:
@@ -171,7 +174,7 @@ _BACKBONES = {
         head="head",
     ),
     "VideoMAEModel": _Family(
-        "encoder.layer", "VideoMAELayer", _VIDEOMAE_ATTENTION, _VIDEOMAE, "encoder", protected=0
+        "encoder.layer", "VideoMAELayer", _VIDEOMAE_ATTENTION, _VIDEOMAE, "encoder", protected=0, video=True
     ),
     "ASTModel": _vit_like("layers", "AST", protected=2),  # class and distillation tokens
     "ViTMAEModel": _vit_like("layers", "ViTMAE"),
@@ -441,6 +444,96 @@ def _backbone_hook(handle: ToMeHandle, module: nn.Module, args: tuple, output):
     return output
 
 
+# -- the temporal option (VideoMAE) -------------------------------------------------------------
+
+
+def _temporal_value(name: str, value: object) -> object:
+    # Not one_of: 1 == True and 0 == False would pass as members.
+    if not (isinstance(value, bool) or value == "window"):
+        raise ValueError(
+            f"{name}: expected False, True (own place) or 'window' (3 x 3 places), got {value!r}"
+        )
+    return value
+
+
+class _VideoOnly(Option):
+    """An option that only a handle with a tubelet grid (VideoMAE) may turn on: the value is
+    checked, then refused on an image model's handle, naming the model."""
+
+    def __set__(self, obj, value) -> None:
+        value = self.check(self.name, value)
+        if value is not False and getattr(obj, "video_grid", None) is None:
+            raise ValueError(
+                f"{self.name}: merging across time slices needs a video encoder (VideoMAE); "
+                f"{getattr(obj, 'model_class', 'this model')} reads images, so {self.name} must be "
+                f"False, got {value!r}"
+            )
+        obj.__dict__["_" + self.name] = value
+
+
+class VisionHandle(ToMeHandle):
+    """The handle of a patched transformers vision model: :class:`ToMeHandle` plus, for VideoMAE,
+    the ``temporal`` option (:mod:`tome.core.temporal`). ``video_grid``: ``(T, H, W)``, the time
+    slices and places of the model's tubelets (``None`` for image models)."""
+
+    temporal = _VideoOnly(
+        False,
+        _temporal_value,
+        "VideoMAE: merge each odd time slice's tubelets into the same place of an adjacent slice first",
+    )
+
+    def __init__(
+        self,
+        num_layers: int,
+        r,
+        *,
+        video_grid: tuple[int, int, int] | None = None,
+        model_class: str = "",
+        **settings,
+    ) -> None:
+        # Set before the options are (the temporal option reads them).
+        self.video_grid = video_grid
+        self.model_class = model_class
+        super().__init__(num_layers, r, **settings)
+
+    def _merge_layer(self, call: BlockCall, x: torch.Tensor, metric: torch.Tensor | None) -> torch.Tensor:
+        """The body of :meth:`ToMeHandle.merge_layer`; with ``temporal`` on, the layers of the temporal phase
+        (:func:`tome.core.temporal.in_temporal_phase`, decided on token counts alone) merge by
+        :func:`tome.core.temporal.temporal_soft_matching`. A pass without the full grid (VideoMAE's
+        ``bool_masked_pos``) or with padding merges by the default matching."""
+        grid = self.video_grid
+        if self.temporal is False or grid is None or call.valid is not None or metric is None:
+            return super()._merge_layer(call, x, metric)
+        index, state = call.index, call.pass_state
+        r = self.layer_r(index, x.shape[1])
+        if not TM.in_temporal_phase(x.shape[1], r, call.history.num_original, grid):
+            return super()._merge_layer(call, x, metric)
+        state.deviations[index] = None
+        bias = None
+        if self.options.keep_outliers:
+            bias = M.outlier_bias(x, self.options.keep_outliers, self.protected)
+        window = 3 if self.temporal == "window" else 1
+        plan = TM.temporal_soft_matching(
+            metric, r, call.history, grid, window, token_bias=bias, normalized=self.unit_metric
+        )
+        history = M.advance(call.history, plan)
+        state.histories[index] = history
+        state.tokens[index + 1 : index + 2] = [history.num_tokens]
+        merged = M.merge(plan, x, self.options.mode)
+        if self._tracks_detail():
+            state.deviations[index] = (*M.merge_residuals(plan, x, merged), plan.index)
+        return merged
+
+
+def _video_grid(backbone: nn.Module) -> tuple[int, int, int]:
+    # VideoMAE's embeddings take exactly config.num_frames frames of config.image_size (its fixed
+    # position table has one entry per tubelet), flattened (t, h, w) by its Conv3d.
+    config = backbone.config
+    height, width = pair(config.image_size)
+    patch_h, patch_w = pair(config.patch_size)
+    return (int(config.num_frames) // int(config.tubelet_size), height // patch_h, width // patch_w)
+
+
 def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
     backbone, family = _find_backbone(model)
     layers = list(_get(backbone, family.layers))
@@ -451,7 +544,10 @@ def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
     # Class token (AST: and distillation token), then registers (DINOv2 with registers): never
     # merged, kept in front.
     protected = family.protected + int(getattr(backbone.config, "num_register_tokens", 0) or 0)
-    handle = ToMeHandle(len(layers), r, protected=protected, **settings)
+    grid = _video_grid(backbone) if family.video else None
+    handle = VisionHandle(
+        len(layers), r, protected=protected, video_grid=grid, model_class=type(model).__name__, **settings
+    )
     always = any(name in _POOLING_HEADS for name in class_names(model))
     spec = family.attention
     with handle.installing():
@@ -595,4 +691,5 @@ ADAPTER = Adapter(
     tested_on="tiny random configs (ViT, DINOv2, CLIP, SigLIP/SigLIP2 with NaFlex padding, VideoMAE, AST, "
     "ViT-MAE, backbones); real DINOv2-S/14",
     vision=VISION,
+    handle=VisionHandle,
 )
