@@ -322,7 +322,8 @@ class ToMeHandle(PatchHandle):
 
     def similarity_features(self, keys: torch.Tensor) -> torch.Tensor:
         """The matching metric from per-head keys ``(B, N, heads, head_dim)``."""
-        return self.options.similarity_features(keys)
+        with calling_thread_only(keys):  # part of the merge step (see merge_layer)
+            return self.options.similarity_features(keys)
 
     def offer_keys(self, index: int, keys: torch.Tensor) -> None:
         """From a key hook: per-head keys ``(B, N, heads, head_dim)`` of the block ``index``
