@@ -8,6 +8,7 @@ every patched setting once, in turn, so slow drifts hit all alike. The table sho
     python benchmarks/busy.py                       # all cases, batch 16, 5 reps: ~15 min on 2 cores
     python benchmarks/busy.py --cases timm,text --reps 3
     python benchmarks/busy.py --quick               # a smoke run: small inputs, 2 reps
+    python benchmarks/busy.py --parallel-step       # each setting also with the merge step as before
     python benchmarks/busy.py --profile --cases timm   # top ops of the patched forward, busy
     python benchmarks/busy.py --merge-step          # old vs new merge step: op counts, CPU time
     python benchmarks/busy.py --strong              # (16, -1.0), (16, -0.75): tome vs reference
@@ -163,9 +164,32 @@ def build(case: str, batch: int, quick: bool) -> tuple[str, torch.nn.Module, Cal
     raise ValueError(f"case: expected one of {', '.join(CASES)}, got {case!r}")
 
 
+# Where the merge step is put on the calling thread (tome/core/threads.py): --parallel-step
+# swaps these names for a no-op context, giving the merge step torch's thread count as before.
+_ONE_THREAD_USERS = (
+    "tome.runtime.handle",
+    "tome.adapters.common.text",
+    "tome.adapters.common.diffusion",
+    "tome.adapters.diffusers_dit",
+)
+PARALLEL = "parallel_step"  # a setting key: the merge step at torch's thread count
+
+
+def _merge_step_threads(parallel: bool) -> None:
+    import importlib
+
+    from tome.core import threads
+
+    chosen = (lambda like: contextlib.nullcontext()) if parallel else threads.calling_thread_only
+    for name in _ONE_THREAD_USERS:
+        importlib.import_module(name).calling_thread_only = chosen
+
+
 def configure(model: torch.nn.Module, setting: dict | None) -> None:
     tome.unpatch(model)
-    if setting is not None:
+    setting = dict(setting or {})
+    _merge_step_threads(bool(setting.pop(PARALLEL, False)))
+    if setting:
         tome.patch(model, **setting)
 
 
@@ -188,7 +212,8 @@ def flops(model: torch.nn.Module, forward: Callable, inputs: dict) -> float:
 def _label(setting: dict | None) -> str:
     if setting is None:
         return "unpatched"
-    return ", ".join(f"{k}={v}" for k, v in setting.items())
+    label = ", ".join(f"{k}={v}" for k, v in setting.items() if k != PARALLEL)
+    return label + (f", merge step at {torch.get_num_threads()} threads" if setting.get(PARALLEL) else "")
 
 
 # -- timing -------------------------------------------------------------------------------------
@@ -196,6 +221,8 @@ def _label(setting: dict | None) -> str:
 
 def run_case(case: str, args, spin: Spinner, log) -> list[str]:
     label, model, forward, inputs, settings = build(case, args.batch, args.quick)
+    if args.parallel_step:  # beside each setting: the same with the merge step as before
+        settings = [s for setting in settings for s in (setting, {**setting, PARALLEL: True})]
     everything = [None, *settings]
     ideal = {}
     base_flops = None
@@ -458,6 +485,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--quick", action="store_true", help="smoke run: small inputs and models, 2 reps")
     parser.add_argument("--profile", action="store_true", help="top ops of the patched forward, busy")
+    parser.add_argument(
+        "--parallel-step",
+        action="store_true",
+        help="beside each setting, the same with the merge step at torch's thread count (as before "
+        "tome/core/threads.py put it on the calling thread)",
+    )
     parser.add_argument(
         "--merge-step", action="store_true", help="old vs new merge step: op counts, CPU time"
     )
