@@ -27,6 +27,18 @@ on a shared 2-core machine wait for each other at every op). Columns:
 - speedup: unpatched TTFT / TTFT; "of ideal": speedup / FLOP-ideal speedup of the cut model;
 - FLOP-ideal: the speedup if time followed FLOPs (matrix products and attention, vision tower
   included), for the cut model and for the full 7B depth;
+- of a native k-token model: the TTFT of the same model unpatched had its vision side given
+  the k video tokens tome keeps (its vision tower on the same clip, then the prefill of the
+  shorter prompt with the first k features given, their positions a grid of one temporal group,
+  one row of k), over the patched TTFT: 1.00 means tome adds nothing beyond reading fewer
+  tokens. What differs from a real clip of k tokens: the vision tower still reads every pixel
+  (as tome's does; a smaller clip would also shorten the tower) and the positions of the k
+  tokens (which cost nothing). "native of ideal": that native model's own speedup over the
+  unpatched TTFT, over the FLOP-ideal: what the CPU allows on a prefill that short, tome or not;
+- after the tower: the TTFT less the vision tower's median, for tome (its merge, positions and
+  the prefill of the merged prompt) and for the native model (the prefill alone): the language
+  model's side compared like with like;
+- vision tower: its share of the TTFT (``get_video_features`` on the clip, timed apart);
 - merge: median seconds of the video merge alone (:func:`merge_video` on the features the
   language model reads), timed apart, and its share of the TTFT;
 - KV cache: bytes after the prefill (measured, fp32, the cut model), and for the full 7B in fp16
@@ -119,6 +131,25 @@ def cache_bytes(cache) -> int:
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
 
+def native_ttft(model, inputs: dict, k: int, clock) -> tuple[float, float]:
+    """Seconds of the vision tower on the clip, and of the unpatched model reading a prompt
+    of ``k`` video tokens: that tower, then the prefill of the shorter prompt with the first
+    ``k`` features given (``mm_encoder_outputs``), placed as one temporal group of one row."""
+    start = clock()
+    video = model.get_video_features(
+        pixel_values_videos=inputs["pixel_values_videos"], video_grid_thw=inputs["video_grid_thw"]
+    )
+    vision = clock() - start
+    video.pooler_output = [torch.cat(list(video.pooler_output))[:k]]
+    short = torch.tensor([BEFORE + [VIDEO] * k + AFTER])
+    model.generate(
+        input_ids=short, attention_mask=torch.ones_like(short), mm_token_type_ids=2 * (short == VIDEO).int(),
+        video_grid_thw=torch.tensor([[1, 2, 2 * k]]), second_per_grid_ts=torch.tensor([1.0]),
+        mm_encoder_outputs={"video": video}, max_new_tokens=1, do_sample=False,
+    )  # fmt: skip
+    return vision, clock() - start
+
+
 def run_clip(model, frames: int, size: int, ratios: list[float], reps: int, clock, args) -> None:
     pixels = patches(clip(frames, size))
     T, g = frames // 2, size // 14
@@ -136,14 +167,16 @@ def run_clip(model, frames: int, size: int, ratios: list[float], reps: int, cloc
     settings: list[float | None] = [None, *ratios]
     times: dict = {s: [] for s in settings}
     merges: dict = {s: [] for s in settings}
+    natives: dict = {s: [] for s in settings}
+    visions: dict = {s: [] for s in settings}
     lengths, kv = {}, {}
     with torch.no_grad():
         features = model.get_video_features(pixel_values_videos=pixels, video_grid_thw=grid).pooler_output[0]
         for rep in range(reps + 1):  # the first round warms up, untimed
             for setting in settings:
-                if setting is None:
-                    tome.unpatch(model)
-                else:
+                tome.unpatch(model)
+                vision, native = native_ttft(model, inputs, kept_video_tokens(n, setting), clock)
+                if setting is not None:
                     tome.patch(model, video_ratio=setting)
                 start = clock()
                 out = model.generate(
@@ -156,6 +189,8 @@ def run_clip(model, frames: int, size: int, ratios: list[float], reps: int, cloc
                 if rep:
                     times[setting].append(elapsed)
                     merges[setting].append(merge)
+                    natives[setting].append(native)
+                    visions[setting].append(vision)
                 lengths[setting] = out.cache.get_seq_length()
                 kv[setting] = cache_bytes(out.cache)
     tome.unpatch(model)
@@ -166,8 +201,8 @@ def run_clip(model, frames: int, size: int, ratios: list[float], reps: int, cloc
         f"Qwen2.5-VL-7B layout cut to {args.vision_layers} vision + {args.lm_layers} LM layers, random "
         f"weights, fp32, batch 1; median of {reps} interleaved runs\n"
     )
-    print("| video_ratio | LM tokens | TTFT s | speedup | FLOP-ideal (cut / full 7B) | of ideal (cut) | merge s (share) | KV cache (cut, fp32) | KV cache (full 7B, fp16) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| video_ratio | LM tokens | TTFT s | speedup | FLOP-ideal (cut / full 7B) | of ideal (cut) | native k-token TTFT s | of a native k-token model | native of ideal (cut) | after the tower s (tome / native) | vision tower | merge s (share) | KV cache (cut, fp32) | KV cache (full 7B, fp16) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for setting in settings:
         t = statistics.median(times[setting])
         cut = flops(args.vision_layers, args.lm_layers, P, g * g, lengths[None]) / flops(
@@ -177,9 +212,13 @@ def run_clip(model, frames: int, size: int, ratios: list[float], reps: int, cloc
         kv_full = lengths[setting] * FULL_DEPTH[1] * 2 * 512 * 2
         merge = statistics.median(merges[setting])
         merge_cell = "-" if setting is None else f"{merge:.3f} ({100 * merge / t:.1f}%)"
+        native = statistics.median(natives[setting])
+        vision = statistics.median(visions[setting])
         print(
             f"| {'unpatched' if setting is None else setting} | {lengths[setting]} | {t:.2f} | "
-            f"{base / t:.2f}x | {cut:.2f}x / {full:.2f}x | {base / t / cut:.2f} | {merge_cell} | "
+            f"{base / t:.2f}x | {cut:.2f}x / {full:.2f}x | {base / t / cut:.2f} | {native:.2f} | "
+            f"{native / t:.2f} | {base / native / cut:.2f} | {t - vision:.2f} / {native - vision:.2f} | "
+            f"{100 * vision / t:.0f}% | {merge_cell} | "
             f"{kv[setting] / 2**20:.1f} MiB | {kv_full / 2**20:.0f} MiB |"
         )
 

@@ -31,6 +31,10 @@ is measured on a proxy built like ``benchmarks/vlm_fidelity.py`` (read that one 
 
     python benchmarks/video_fidelity.py                 # 40 photos, 8 frames: ~2-4 min on 2 cores
     python benchmarks/video_fidelity.py --photos 100 --frames 16
+    python benchmarks/video_fidelity.py --photos 2 --skip 0 --variants "" spatial_quota=runs
+
+``--variants``: ``merge_video`` settings compared side by side, each a comma-separated list of
+``name=value`` (``""``: the defaults, the row ``video``); a row per variant, named by its settings.
 """
 
 from __future__ import annotations
@@ -155,7 +159,7 @@ def main() -> None:
         "--skip",
         type=int,
         default=2,
-        help="photos left out first: 0-1 chose LINK_SIMILARITY and the spatial grouping (default 2: held out)",
+        help="photos left out first: 0-1 chose LINK_SIMILARITY, the spatial grouping and the variant (default 2: held out)",
     )
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--pan", type=int, default=8, help="pixels a pan moves per frame")
@@ -163,7 +167,14 @@ def main() -> None:
     parser.add_argument("--betas", type=float, nargs="+", default=[1.0, 4.0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=[""],
+        help='merge_video settings to compare, e.g. "" spatial_quota=runs (default: "" only)',
+    )
     args = parser.parse_args()
+    variants = {_label(spec): _settings(spec) for spec in args.variants}
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     print(f"command: python {' '.join(sys.argv)}")
@@ -196,14 +207,18 @@ def main() -> None:
                 "gauss": [head.split(torch.randn(S, D, generator=g)) for f in range(T)],
             }
             for ratio in args.ratios:
-                out = merge_video(video, T, kept_video_tokens(T * S, ratio))
+                outs = {
+                    label: merge_video(video, T, kept_video_tokens(T * S, ratio), **settings)
+                    for label, settings in variants.items()
+                }
+                out = outs[next(iter(variants))]  # cuts found: the same for every variant
                 cut_at = T // 2
                 segments = out.segments.tolist()
-                if kind == "cut":
+                for merged in outs.values() if kind == "cut" else ():  # crossings: every variant
                     side = (torch.arange(T * S) >= cut_at * S).long()
-                    k = out.features.shape[0]
+                    k = merged.features.shape[0]
                     both = torch.zeros(k, 2).index_put_(
-                        (out.source, side), torch.ones(T * S), accumulate=True
+                        (merged.source, side), torch.ones(T * S), accumulate=True
                     )
                     crossing[ratio] += int(((both > 0).sum(1) == 2).sum())
                 if ratio == args.ratios[0]:  # cuts do not depend on the ratio
@@ -219,10 +234,8 @@ def main() -> None:
                 # random: each kept token holds itself; the dropped ones hold nothing (-1 -> own slot)
                 rand_source = torch.full((T, S), -1)
                 rand_source.scatter_(1, kept, torch.arange(T * keep_f).reshape(T, keep_f))
-                methods = {
-                    "video": (out.features, out.source),
-                    "per frame": (pf.reshape(-1, D), pf_source),
-                }
+                methods = {label: (v.features, v.source) for label, v in outs.items()}
+                methods["per frame"] = (pf.reshape(-1, D), pf_source)
                 for method, (merged, source) in methods.items():
                     errors.setdefault((kind, ratio, method), []).append(
                         per_frame_error(head, queries, frames, merged, source, args.betas)
@@ -242,7 +255,7 @@ def main() -> None:
     print("|" + "---|" * (3 + len(setups)))
     for kind in KINDS:
         for ratio in args.ratios:
-            for method in ("video", "per frame", "random"):
+            for method in (*variants, "per frame", "random"):
                 runs = errors[kind, ratio, method]
                 cells = " | ".join(
                     f"{sum(r[q, b] for r in runs) / len(runs):.4f}"
@@ -250,6 +263,26 @@ def main() -> None:
                     for q in ("self", "gauss")
                 )
                 print(f"| {kind} | {ratio} | {method} | {cells} |")
+    methods = (*variants, "per frame", "random")
+    print(
+        "\nsummary: the mean of the four read-out columns above, per clip and ratio (lower is better; "
+        "best of the merges in bold)\n"
+    )
+    print("| clip | video_ratio | " + " | ".join(methods) + " |")
+    print("|" + "---|" * (2 + len(methods)))
+    totals = {m: [] for m in methods}
+    for kind in KINDS:
+        for ratio in args.ratios:
+            cells = {}
+            for method in methods:
+                runs = errors[kind, ratio, method]
+                cells[method] = sum(sum(r.values()) / len(r) for r in runs) / len(runs)
+                totals[method].append(cells[method])
+            best = min(v for m, v in cells.items() if m != "random")
+            row = " | ".join(f"**{v:.4f}**" if v == best else f"{v:.4f}" for v in cells.values())
+            print(f"| {kind} | {ratio} | {row} |")
+    row = " | ".join(f"{sum(v) / len(v):.4f}" for v in totals.values())
+    print(f"| all | all | {row} |")
     print("\nframe-to-frame similarity (centred cosine, same place, mean over places): min / median / max")
     for kind in KINDS:
         values = torch.cat(similarities[kind])
@@ -263,7 +296,7 @@ def main() -> None:
         )
     print(f"\nplanted cuts found: {found} of {P}")
     print(
-        "merged tokens holding both sides of a planted cut: "
+        f"merged tokens holding both sides of a planted cut ({len(variants)} variant(s)): "
         + ", ".join(f"{crossing[r]} at video_ratio {r}" for r in args.ratios)
     )
     print(
@@ -276,6 +309,22 @@ def main() -> None:
     print(
         f"load average at end {' / '.join(f'{v:.2f}' for v in os.getloadavg())}; {time.perf_counter() - start:.0f}s"
     )
+
+
+def _label(spec: str) -> str:
+    return "video" if not spec else f"video {spec}"
+
+
+def _settings(spec: str) -> dict:
+    """``"spatial_quota=runs,link_similarity=0.99"`` -> merge_video keyword arguments."""
+    out: dict = {}
+    for item in filter(None, spec.split(",")):
+        name, _, value = item.partition("=")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            out[name] = value
+    return out
 
 
 def _random_error(head, queries, frames, rand_tokens, rand_source, betas) -> dict:

@@ -14,6 +14,8 @@ import tome
 from tome.adapters.common.video import (
     centred_units,
     find_cuts,
+    group_counts,
+    group_quotas,
     kept_video_tokens,
     merge_video,
     temporal_runs,
@@ -153,6 +155,72 @@ def test_a_video_s_merge_does_not_depend_on_other_videos():
     a = merge_video(_frames([0, 0, 1], seed=1).reshape(36, 16), 3, 9)
     b = merge_video(_frames([0, 0, 1], seed=1).reshape(36, 16), 3, 9)
     assert torch.equal(a.features, b.features) and torch.equal(a.source, b.source)
+
+
+@pytest.mark.parametrize("quota", ["runs", "equal"])
+@pytest.mark.parametrize("ratio", [0.3, 0.6, 0.9, 0.97])
+def test_a_per_group_quota_keeps_each_group_s_share_exact_and_within_its_segment(quota, ratio):
+    frames = _frames([0, 0, 0, 1, 1, 1, 1, 2])  # a still start, two cuts
+    T, S, D = frames.shape
+    video = frames.reshape(T * S, D)
+    keep = kept_video_tokens(T * S, ratio)
+    out = merge_video(video, T, keep, spatial_quota=quota)
+    k = out.features.shape[0]
+    assert sorted(set(out.source.tolist())) == list(range(k))
+    for j in range(k):
+        members = out.source == j
+        torch.testing.assert_close(out.features[j], video[members].mean(0))
+        assert len(set(out.segment_of_token[members].tolist())) == 1
+    # each group kept its quota of the runs starting in it (in group order), one at least
+    plain = merge_video(video, T, kept_video_tokens(T * S, 0.0) - 1, spatial_quota=quota)
+    assert plain.features.shape[0] == T * S - 1
+    counts = group_counts(out.source, T)
+    heads = merge_video(video, T, keep, spatial_quota=quota, link_similarity=2.0)  # no runs
+    assert group_counts(heads.source, T) == group_quotas(torch.full((T,), S), keep, quota).tolist()
+    assert k == max(keep, sum(c > 0 for c in counts)) and all(c >= 0 for c in counts)
+
+
+def test_group_quotas_share_the_budget():
+    runs = torch.tensor([64, 3, 0, 20, 1])
+    for quota in ("runs", "equal"):
+        for keep in (1, 4, 10, 50, 88):
+            q = group_quotas(runs, keep, quota)
+            assert int(q.sum()) == max(keep, 4) and (q <= runs).all() and (q[runs > 0] >= 1).all()
+            assert q[2] == 0
+    assert group_quotas(runs, 44, "runs").tolist() == [32, 1, 0, 10, 1]
+    with pytest.raises(ValueError, match="spatial_quota"):
+        group_quotas(runs, 4, "most")
+
+
+def test_min_run_undoes_short_runs_only():
+    frames = _frames([0] * 6, noise=0.01)
+    frames[2:4, 0] = 3 * torch.randn(
+        2, 16, generator=torch.Generator().manual_seed(5)
+    )  # place 0 changes at groups 2 and 3: runs of 2, 1, 1, 2
+    units = centred_units(frames)
+    segments = torch.zeros(6, dtype=torch.long)
+    every = temporal_runs(units, segments, 100)
+    long = temporal_runs(units, segments, 100, min_run=3)
+    assert every[1:, 1:].all() and long[1:, 1:].all()  # the still places: one run of 6 each
+    assert every[1, 0] and every[5, 0] and not long[:, 0].any()  # place 0: runs of 2 undone
+    out = merge_video(frames.reshape(6 * 12, 16), 6, keep=11 + 6, min_run=3)
+    assert out.sizes.sum() == 72 and out.features.shape[0] == 17
+    cut = torch.cat([frames[:4], _frames([1] * 2, noise=0.01, seed=3)])  # segments of 4 and 2 groups
+    whole = temporal_runs(centred_units(cut), find_cuts(centred_units(cut)), 100, min_run="segment")
+    assert whole[1:4, 1:].all() and whole[5].all() and not whole[:4, 0].any() and not whole[4].any()
+
+
+def test_bad_merge_options_are_clear_errors():
+    video = _frames([0, 0]).reshape(24, 16)
+    with pytest.raises(ValueError, match="spatial_quota: expected"):
+        merge_video(video, 2, 4, spatial_quota="frame")
+    with pytest.raises(ValueError, match="needs spatial_within='group'"):
+        merge_video(video, 2, 4, spatial_quota="runs", spatial_within="segment")
+    with pytest.raises(ValueError, match="spatial_within: expected"):
+        merge_video(video, 2, 4, spatial_within="clip")
+    for bad in (0, 2.5, True, "3"):
+        with pytest.raises(ValueError, match="min_run: expected a whole number"):
+            merge_video(video, 2, 4, min_run=bad)
 
 
 # -- the model -------------------------------------------------------------------------------------

@@ -21,7 +21,9 @@ can use them:
    least one token per frame group in which a run starts). Inside one group, not across the
    whole segment: on the fidelity proxy, spatial merges across frames (a token of frame 2 with
    a similar one of frame 5) cost the per-frame read-outs more (``spatial_within="segment"``
-   gives that variant).
+   gives that variant). The budget is spent on the most similar pairs of the whole video
+   first; ``spatial_quota`` gives each group a share of its own instead, and ``min_run``
+   keeps only long runs: both measured on the proxy, neither the default (docs/video.md).
 
 Every merged token is the size-weighted mean of the original tokens it holds (exact). The
 similarities are cosines of the *centred* features (the video's mean token subtracted): a
@@ -62,6 +64,7 @@ __all__ = [
     "forward_reduced_videos",
     "frame_similarity",
     "group_counts",
+    "group_quotas",
     "kept_video_tokens",
     "merge_video",
     "merge_videos",
@@ -131,11 +134,17 @@ def find_cuts(units: torch.Tensor, threshold: float = CUT_SIMILARITY) -> torch.T
 
 
 def temporal_runs(
-    units: torch.Tensor, segments: torch.Tensor, max_links: int, threshold: float = LINK_SIMILARITY
+    units: torch.Tensor,
+    segments: torch.Tensor,
+    max_links: int,
+    threshold: float = LINK_SIMILARITY,
+    min_run: int | str = 1,
 ) -> torch.Tensor:
     """``(T, S)`` bool: which tokens join the run of the token at the same place one group
     earlier (a *link*). A token links when it is in the same segment and its cosine to its run's
-    first token is at least ``threshold``; of the links, at most ``max_links`` (the most similar)
+    first token is at least ``threshold``; runs covering fewer than ``min_run`` groups
+    (``"segment"``: all the groups of their segment) are undone (their tokens stay apart: only
+    long, still runs merge in time); of the links, at most ``max_links`` (the most similar)
     are kept. Every link removes one token.
 
     >>> x = torch.randn(1, 5, 8).expand(4, 5, 8)  # a still shot: every token links
@@ -154,6 +163,12 @@ def temporal_runs(
         score[t] = torch.where(link, sim, score[t])
         anchor = torch.where(link[:, None], anchor, units[t])
     links = torch.isfinite(score)
+    if min_run == "segment" or min_run > 1:  # every token's run length: (place, run number)
+        run = (~links).long().cumsum(0) * S + torch.arange(S, device=units.device)
+        length = torch.bincount(run.reshape(-1))[run]
+        need = torch.bincount(segments)[segments][:, None] if min_run == "segment" else min_run
+        links = links & (length >= need)
+        score = torch.where(links, score, float("-inf"))
     if max_links <= 0:
         return torch.zeros_like(links)
     count = int(links.sum())
@@ -186,6 +201,80 @@ class MergedVideo:
     segment_of_token: torch.Tensor
 
 
+def group_quotas(runs: torch.Tensor, keep: int, quota: str) -> torch.Tensor:
+    """``(T,)`` int64: how many merged tokens each frame group keeps, given ``runs`` ``(T,)``
+    (the run tokens starting in each group after the temporal step) and the video's ``keep``.
+
+    ``quota="runs"``: shares proportional to ``runs``; ``"equal"``: the same share for every
+    group that has runs. Either way a group with runs keeps at least 1 and at most all of them,
+    and the shares sum to ``max(keep, groups with runs)`` (what a group cannot use goes to the
+    others; largest remainders round).
+
+    >>> group_quotas(torch.tensor([256, 4, 0, 40]), 60, "runs").tolist()
+    [51, 1, 0, 8]
+    >>> group_quotas(torch.tensor([256, 4, 0, 40]), 60, "equal").tolist()
+    [28, 4, 0, 28]
+    """
+    if quota not in ("runs", "equal"):
+        raise ValueError(f"spatial_quota: expected 'global', 'runs' or 'equal', got {quota!r}")
+    high = runs.double()
+    low = (runs > 0).double()
+    total = min(max(keep, int(low.sum())), int(runs.sum()))
+    weight = high if quota == "runs" else low
+    # Water-filling: the scale at which the clamped shares sum to the total (monotone: bisect).
+    lo_s, hi_s = 0.0, float(total) / max(float(weight[weight > 0].min()), 1e-9) + 1.0
+    for _ in range(60):
+        mid = (lo_s + hi_s) / 2
+        if float(torch.minimum(torch.maximum(mid * weight, low), high).sum()) < total:
+            lo_s = mid
+        else:
+            hi_s = mid
+    share = torch.minimum(torch.maximum(hi_s * weight, low), high)
+    base = share.floor()
+    left = total - int(base.sum())
+    if left > 0:  # largest remainders first, among groups that can take one more (stable order)
+        room = (base < high).double()
+        order = torch.sort((share - base) * room - (1 - room), descending=True, stable=True).indices
+        base[order[:left]] += 1
+    elif left < 0:  # only from float rounding: give back from the smallest remainders, above 1
+        room = (base > low).double()
+        order = torch.sort((share - base) + 2 * (1 - room), stable=True).indices
+        base[order[:-left]] -= 1
+    return base.long()
+
+
+def _merge_each_group(
+    metric: torch.Tensor, sizes: torch.Tensor, run_group: torch.Tensor, quotas: torch.Tensor
+) -> torch.Tensor:
+    """``(R,)`` int64: the merged token holding each run (runs in group order, as
+    :func:`merge_video` numbers them), each frame group's runs merged alone (bipartite soft
+    matching on ``metric``, weighted by the runs' ``sizes``, repeated) down to its quota. The
+    merged tokens come group by group, inside a group in the order bipartite matching keeps
+    (a merge at the token it merged into). Groups of one run count and one quota go through
+    the matching together (one batch), as images of one size do: rows never interact."""
+    device = metric.device
+    counts = torch.bincount(run_group, minlength=quotas.shape[0])
+    firsts = torch.cumsum(counts, 0) - counts
+    offsets = torch.cumsum(quotas, 0) - quotas
+    # Unmerged groups (quota = run count): each run is its own token.
+    final = offsets[run_group] + torch.arange(metric.shape[0], device=device) - firsts[run_group]
+    batches: dict[tuple[int, int], list[int]] = {}
+    for g, (n, k) in enumerate(zip(counts.tolist(), quotas.tolist(), strict=True)):
+        if n > k:
+            batches.setdefault((n, k), []).append(g)
+    for (n, k), members in batches.items():
+        index = firsts[members][:, None] + torch.arange(n, device=device)  # (G, n) run indices
+        x = metric[index]
+        history = M.MergeHistory(torch.arange(n, device=device).expand(len(members), n), sizes[index])
+        while x.shape[1] > k:
+            r = min(x.shape[1] - k, M.max_r(x.shape[1]))
+            plan = M.bipartite_soft_matching(x, r, history)
+            x = M.merge(plan, x, "mean")
+            history = M.advance(history, plan)
+        final[index] = offsets[members][:, None] + history.source
+    return final
+
+
 def merge_video(
     features: torch.Tensor,
     groups: int,
@@ -193,15 +282,40 @@ def merge_video(
     cut_similarity: float = CUT_SIMILARITY,
     link_similarity: float = LINK_SIMILARITY,
     spatial_within: str = "group",
+    spatial_quota: str = "global",
+    min_run: int | str = 1,
 ) -> MergedVideo:
     """One video's visual tokens ``(groups * S, D)`` (raster order: group, row, column) merged
     down to ``keep`` tokens: cuts, temporal runs, then spatial merging inside each frame group
-    (``spatial_within="group"``) or across each segment (``"segment"``; see the module docstring). A video of one group merges spatially only. ``keep >= N``: nothing
-    merges (the identity). The result depends on this video alone.
+    (``spatial_within="group"``) or across each segment (``"segment"``; see the module
+    docstring). A video of one group merges spatially only. ``keep >= N``: nothing merges (the
+    identity). The result depends on this video alone.
+
+    ``spatial_quota`` (frame groups only): ``"global"`` spends the spatial budget on the most
+    similar pairs of the whole video first (a group may lose more than another);
+    ``"runs"`` / ``"equal"`` give each frame group its own share (:func:`group_quotas`) and
+    merge each group alone down to it. ``min_run``: temporal runs shorter than this many
+    groups (``"segment"``: than their segment) are undone (:func:`temporal_runs`): time merges
+    only where a region stays still long, moving regions merge inside their frame.
     """
     N, D = features.shape
     if groups < 1 or N % groups:
         raise ValueError(f"merge_video: {N} tokens do not split into {groups} frame groups")
+    if spatial_within not in ("group", "segment"):
+        raise ValueError(f"spatial_within: expected 'group' or 'segment', got {spatial_within!r}")
+    if spatial_quota not in ("global", "runs", "equal"):
+        raise ValueError(f"spatial_quota: expected 'global', 'runs' or 'equal', got {spatial_quota!r}")
+    if min_run != "segment" and (
+        isinstance(min_run, bool) or not isinstance(min_run, int | float) or min_run < 1 or min_run % 1
+    ):
+        raise ValueError(
+            f"min_run: expected a whole number of frame groups >= 1 or 'segment', got {min_run!r}"
+        )
+    if spatial_quota != "global" and spatial_within != "group":
+        raise ValueError(
+            f"spatial_quota={spatial_quota!r} shares the budget among frame groups: it needs "
+            f"spatial_within='group', got {spatial_within!r}"
+        )
     device = features.device
     S = N // groups
     identity = torch.arange(N, device=device)
@@ -213,7 +327,8 @@ def merge_video(
     with torch.no_grad():
         units = centred_units(features.detach().reshape(groups, S, D))
         segments = find_cuts(units, cut_similarity)
-        links = temporal_runs(units, segments, N - keep, link_similarity).reshape(-1)
+        need = min_run if min_run == "segment" else int(min_run)
+        links = temporal_runs(units, segments, N - keep, link_similarity, need).reshape(-1)
     segment_of_token = segments.repeat_interleave(S)
     # Runs: a token that does not link starts one; each token belongs to the run started at its
     # place by the latest start at or before its group.
@@ -231,8 +346,19 @@ def merge_video(
     run_segment = segment_of_token[starts]
     if spatial_within == "group":  # spatial merges inside one frame group (a run: where it starts)
         run_segment = torch.arange(N, device=device)[starts] // S
-    elif spatial_within != "segment":
-        raise ValueError(f"spatial_within: expected 'group' or 'segment', got {spatial_within!r}")
+    if spatial_quota != "global":
+        runs_per_group = torch.bincount(run_segment, minlength=groups)
+        quotas = group_quotas(runs_per_group, keep, spatial_quota)
+        mean = features.detach().float().mean(0)
+        with torch.no_grad():
+            final = _merge_each_group(x.detach().float() - mean, sizes, run_segment, quotas)
+        source = final[source]
+        sizes = torch.bincount(source).to(torch.float32)
+        out = torch.zeros(sizes.shape[0], D, dtype=work, device=device).index_add_(
+            0, source, features.to(work)
+        )
+        out = out / sizes[:, None].to(work)  # exact size-weighted means of the original tokens
+        return MergedVideo(out.to(features.dtype), source, sizes, segments, segment_of_token)
     # Spatial: tome's bipartite soft matching on the runs, within segments (sequence ids).
     history = M.MergeHistory(source[None], sizes[None])
     x = x[None]
