@@ -166,6 +166,38 @@ def test_half_precision_merge(dtype):
     torch.testing.assert_close(got.float(), plain_mean(plan, big).float(), rtol=1e-3, atol=1.0)
 
 
+@pytest.mark.parametrize("mode", ["mean", "mlerp"])
+def test_gradients_when_many_tokens_merge_into_one(mode):
+    # mlerp writes each destination once per token it received: its gradient must still count
+    # once (it counted once per token before the fix).
+    plan = M.bipartite_soft_matching(_all_into_one(), 10, None, 1)
+    x = torch.randn(2, 21, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: M.merge(plan, t, mode), (x,))
+
+
+@pytest.mark.parametrize("mode", ["mean", "mlerp"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_merge_rounds_the_float32_result_once(mode, dtype):
+    # The half path gathers the kept tokens as they are and computes only the destinations in
+    # float32: the float32 path's result, rounded (at most one rounding apart), gradients too.
+    keys = _all_into_one()
+    plan = M.bipartite_soft_matching(keys, 10, None, 1)  # many tokens into one destination
+    history = M.advance(M.start_history(2, 21), plan)
+    plan2 = M.bipartite_soft_matching(torch.randn(2, 11, 4), 4, history, 1)
+    gen = torch.Generator().manual_seed(3)
+    for p in (plan, plan2):
+        x = (3 * torch.randn(2, p.index.shape[1], 2, 8, generator=gen)).to(dtype).requires_grad_()
+        got = M.merge(p, x, mode)
+        expected = M.merge(p, x.float(), mode)
+        assert got.dtype == dtype
+        ulp = torch.finfo(dtype).eps * expected.abs().clamp_min(1e-2)
+        assert ((got.float() - expected).abs() <= ulp).all()
+        weight = torch.randn(got.shape, generator=gen)
+        (grad,) = torch.autograd.grad((got.float() * weight).sum(), x)
+        (grad_float,) = torch.autograd.grad((expected * weight).sum(), x)
+        torch.testing.assert_close(grad.float(), grad_float.float(), rtol=0.02, atol=0.02)
+
+
 def test_half_precision_keys_match_like_float32():
     # the similarity is computed in float32 whatever the keys' dtype
     keys = torch.randn(2, 31, 8, generator=torch.Generator().manual_seed(4)).half()

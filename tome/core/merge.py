@@ -619,10 +619,66 @@ def merge(plan: MergePlan, x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
         return _scatter_into_kept(plan, work, mode).to(x.dtype)
     x = x.contiguous()
     both = _moved_and_targets(plan, x)
+    if _reduce_dtype(x) != x.dtype:
+        return _merge_low_precision(plan, x, both, mode)
     out = _mean(plan, x, both[:, : plan.r], both[:, plan.r :])
     if mode == "mlerp":
         _rescale_destinations(plan, out, both)
     return out.to(x.dtype)
+
+
+def _last_of_each_destination(plan: MergePlan) -> torch.Tensor:
+    """``(B, r)`` int64: for every moved token, the index (among the ``r``) of the last moved
+    token that goes to the same destination: one representative per destination."""
+    B, r = plan.dst.shape
+    order = torch.arange(r, device=plan.dst.device).expand(B, r)
+    last = torch.zeros(B, plan.sizes.shape[1], dtype=torch.long, device=plan.dst.device)
+    return last.scatter_reduce(1, plan.dst, order, reduce="amax").gather(1, plan.dst)
+
+
+def _copy_destinations(
+    out: torch.Tensor, plan: MergePlan, rows: torch.Tensor, last: torch.Tensor | None
+) -> None:
+    """``out[b, dst[b, i]] = rows[b, i]`` in place (one serial 2-d ``index_copy_``); every
+    moved token of a destination carries the same row, so the order of the writes does not
+    matter. With gradients, only the destination's representative (``last``:
+    :func:`_last_of_each_destination`) passes them back: the copy's backward hands the
+    destination's gradient to every entry that names it, which counted it once per token."""
+    B, kept = out.shape[:2]
+    if rows.requires_grad:
+        if last is None:
+            last = _last_of_each_destination(plan)
+        own = last == torch.arange(plan.r, device=last.device)
+        rows = torch.where(own.view(own.shape + (1,) * (rows.dim() - 2)), rows, rows.detach())
+    width = math.prod(out.shape[2:])
+    out.view(B * kept, width).index_copy_(0, _rows(plan.dst, kept), rows.reshape(B * plan.r, width))
+
+
+def _merge_low_precision(plan: MergePlan, x: torch.Tensor, both: torch.Tensor, mode: str) -> torch.Tensor:
+    """``mean`` / ``mlerp`` of a half-precision ``x``: the kept tokens are gathered as they are
+    (no float32 copy of the whole sequence and back: that was half of a bf16 merge step); only
+    the destinations' new values are computed in float32 (``both``: :func:`_moved_and_targets`)
+    and rounded once, as the float32 path rounds them. Every destination's terms are summed into
+    the row of one of its moved tokens (its representative: the last one), then every moved
+    token's row holds its destination's value, written with one ``index_copy_``."""
+    B, N = x.shape[:2]
+    r, K = plan.r, N - plan.r
+    moved, target = both[:, :r], both[:, r:]
+    weight = plan.in_sizes.gather(1, plan.src) / plan.sizes.gather(1, plan.dst).clamp_min(1e-12)
+    term = torch.sub(moved, target).mul_(weight.view(weight.shape + (1,) * (x.dim() - 2)).to(moved.dtype))
+    representative = _last_of_each_destination(plan)
+    sums = torch.zeros_like(term)
+    _row_major(sums, B * r).index_add_(0, _rows(representative, r), _row_major(term, B * r))
+    new = target + _gather_tokens(sums, representative)
+    if mode == "mlerp":
+        norms = _feature_norm(both)
+        pair = torch.maximum(norms[:, :r], norms[:, r:])
+        largest = norms.new_zeros((B, K)).scatter_reduce(1, plan.dst, pair, reduce="amax")
+        scale = largest.gather(1, plan.dst) / _feature_norm(new).clamp_min(1e-6)
+        new = new * scale.view(scale.shape + (1,) * (x.dim() - 2))
+    out = _gather_tokens(x, plan.kept)
+    _copy_destinations(out, plan, new.to(x.dtype), representative)
+    return out
 
 
 def _rescale_destinations(plan: MergePlan, out: torch.Tensor, both: torch.Tensor) -> None:
@@ -637,11 +693,7 @@ def _rescale_destinations(plan: MergePlan, out: torch.Tensor, both: torch.Tensor
     largest = largest.scatter_reduce(1, plan.dst, pair, reduce="amax")
     rows = _gather_tokens(out, plan.dst)
     scale = largest.gather(1, plan.dst) / _feature_norm(rows).clamp_min(1e-6)
-    # A destination that received several tokens appears several times, always with the same
-    # rescaled value, so the order of the writes does not matter. 2-d index_copy_ (serial).
-    rows = rows * scale.view(scale.shape + (1,) * (out.dim() - 2))
-    width = math.prod(out.shape[2:])
-    out.view(B * kept, width).index_copy_(0, _rows(plan.dst, kept), rows.view(B * plan.r, width))
+    _copy_destinations(out, plan, rows * scale.view(scale.shape + (1,) * (out.dim() - 2)), None)
 
 
 def merge_residuals(
