@@ -514,3 +514,79 @@ def test_search_images_caps_the_search_and_the_rest_join_the_check():
     assert unchecked.images == 24 and unchecked.heldout_images == 0
     with pytest.raises(ValueError, match="search_images: expected an int >= 1, got 0"):
         tome.tune(model, pixels, 1.5, search_images=0, **FAST)
+
+
+# -- speed: the thread count of the passes, progress lines ----------------------------------------
+
+
+def test_thread_picker_runs_the_faster_count_and_restores_torchs():
+    """'auto' times both counts, then runs the faster (trying the other now and then, a small
+    share of the time); torch's count is back after every pass, also after an error."""
+    import time
+
+    from tome.tools.tune.threads import ThreadPicker
+
+    torch.set_num_threads(2)  # the fixture's 1 is restored after the test
+    for slow, fast in ((2, 1), (1, 2)):
+        picker = ThreadPicker("auto")
+        seen = []
+
+        def work(slow=slow, seen=seen):
+            seen.append(torch.get_num_threads())
+            time.sleep(0.006 if seen[-1] == slow else 0.002)
+
+        for _ in range(120):
+            picker.run(work, work=1.0)
+            assert torch.get_num_threads() == 2
+        assert seen[:2] == [1, 2] and picker.best == fast
+        assert 1 <= seen[2:].count(slow) <= 8, seen
+        # tries of the slower count: about a twentieth of the time (the load may have changed)
+        assert picker.seconds[slow] < 0.4 * picker.seconds[fast]
+        assert picker.summary().endswith(f"the time per FLOP of {fast})"), picker.summary()
+    with pytest.raises(RuntimeError, match="boom"):
+        picker.run(lambda: (_ for _ in ()).throw(RuntimeError("boom")), work=1.0)
+    assert torch.get_num_threads() == 2
+    with pytest.raises(RuntimeError, match="boom"), picker.at_best():
+        assert torch.get_num_threads() == picker.best == 2
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == 2
+    fixed = ThreadPicker(1)
+    assert fixed.run(torch.get_num_threads, work=1.0) == 1 and torch.get_num_threads() == 2
+    for bad in (0, -1, 1.5, True, "fast"):
+        with pytest.raises(ValueError, match="threads: expected 'auto' or an int >= 1"):
+            ThreadPicker(bad)
+
+
+def test_thread_count_changes_no_output_nor_the_schedule():
+    """The patched model's outputs are bit-identical at 1 and 2 threads, so tune's choice does
+    not depend on the count it runs at; torch's count is restored."""
+    model, pixels = _timm(), _pixels(12)
+    tome.patch(model, [6, 4, 2, 1])
+    outs = {}
+    with torch.inference_mode():
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs[n] = model.forward_features(pixels)
+    tome.unpatch(model)
+    assert torch.equal(outs[1], outs[2])
+    torch.set_num_threads(2)
+    auto = tome.tune(model, pixels, 1.5, **FAST)
+    one = tome.tune(model, pixels, 1.5, threads=1, **FAST)
+    assert torch.get_num_threads() == 2
+    assert auto.schedule == one.schedule and auto.fidelity == one.fidelity
+    assert one.threads == "1 thread" and set(one.thread_seconds) == {"1"}
+    assert auto.threads and set(auto.thread_seconds) <= {"1", "2"}
+    with pytest.raises(ValueError, match="threads: expected 'auto' or an int >= 1, got 0"):
+        tome.tune(model, pixels, 1.5, threads=0, **FAST)
+
+
+def test_progress_prints_a_line_per_stage_on_stderr_unless_quiet(capsys):
+    model, pixels = _timm(), _pixels()
+    tome.tune(model, pixels, 1.5, **{**FAST, "progress": True})
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("tune: unmerged reference on 6 + 2 held-out images")
+    assert any(line.startswith("tune: ramps at 1.50x FLOP-ideal: start from the best ramp") for line in err)
+    assert any(line.startswith("tune: search: ") and "image passes" in line for line in err)
+    assert err[-1].startswith("tune: done in ") and "image passes at 1 thread" in err[-1]
+    tome.tune(model, pixels, 1.5, **FAST)
+    assert capsys.readouterr().err == ""

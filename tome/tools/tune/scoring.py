@@ -6,11 +6,13 @@ outputs, raced image by image.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from tome.tools.tune.threads import ThreadPicker
 
 __all__ = ["TIE", "Scorer", "TuneError", "calibration_pixels", "race_bounds", "restore_modes", "wrap_model"]
 
@@ -88,7 +90,15 @@ class Scorer:
     each image once."""
 
     def __init__(
-        self, wrapper, pixels: torch.Tensor, batch: int, patch_weight: float, bar, race: bool = True
+        self,
+        wrapper,
+        pixels: torch.Tensor,
+        batch: int,
+        patch_weight: float,
+        bar,
+        race: bool = True,
+        picker: ThreadPicker | None = None,
+        flops: Callable[[Sequence[int]], float] | None = None,
     ) -> None:
         self.wrapper, self.pixels, self.batch, self.patch_weight, self.bar = (
             wrapper,
@@ -97,6 +107,10 @@ class Scorer:
             patch_weight,
             bar,
         )
+        # The thread count of each pass (see :mod:`tome.tools.tune.threads`), and the FLOPs per
+        # image of a schedule, which it weighs a pass's time by.
+        self.picker = picker if picker is not None else ThreadPicker(torch.get_num_threads())
+        self.flops = flops
         self.n = len(pixels)
         # Where a race checks a candidate (see :meth:`beats`): a quarter-ish of the images first,
         # then twice as many each time, then all of them.
@@ -104,13 +118,22 @@ class Scorer:
         self.cache: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self.full: dict[tuple[int, ...], tuple[float, float, float, float]] = {}
         self.images_run = 0  # merged forward passes, per image (the search's cost)
-        self.ref_pooled, self.ref_patches = self._outputs(0, self.n)
+        self.ref_pooled, self.ref_patches = self._outputs(0, self.n, None)
         self.bar.update(self.n)
 
-    def _outputs(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _outputs(
+        self, start: int, stop: int, schedule: Sequence[int] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled and patch outputs of images ``start:stop`` (``schedule``: what the model
+        merges with now, None for no merging)."""
+        layers = len(self.wrapper.blocks)
+        per_image = self.flops(schedule or [0] * layers) if self.flops is not None else 1.0
         pooled, patches = [], []
         for first in range(start, stop, self.batch):
-            out = self.wrapper(self.pixels[first : min(first + self.batch, stop)], saliency=False)
+            chunk = self.pixels[first : min(first + self.batch, stop)]
+            out = self.picker.run(
+                lambda chunk=chunk: self.wrapper(chunk, saliency=False), len(chunk) * per_image
+            )
             pooled.append(out.pooled.float())
             patches.append(out.patches.float())
         return torch.cat(pooled), torch.cat(patches)
@@ -122,11 +145,12 @@ class Scorer:
         done = len(cls)
         if done < stop:
             self.wrapper.module.tome.r = list(schedule)
-            pooled, patches = self._outputs(done, stop)
-            cls = torch.cat([cls, F.cosine_similarity(pooled, self.ref_pooled[done:stop], dim=-1)])
-            patch = torch.cat(
-                [patch, F.cosine_similarity(patches, self.ref_patches[done:stop], dim=-1).mean(1)]
-            )
+            pooled, patches = self._outputs(done, stop, schedule)
+            with self.picker.at_best():  # small ops: at the passes' thread count
+                cls = torch.cat([cls, F.cosine_similarity(pooled, self.ref_pooled[done:stop], dim=-1)])
+                patch = torch.cat(
+                    [patch, F.cosine_similarity(patches, self.ref_patches[done:stop], dim=-1).mean(1)]
+                )
             self.cache[key] = (cls, patch)
             self.images_run += stop - done
             self.bar.update(stop - done)

@@ -21,6 +21,9 @@ The search, all forward passes under ``torch.inference_mode`` on a small calibra
    candidates are worse and cost a fraction of a pass; a winner is always scored on every
    image, so what is kept passes the same test as before (``race=False`` scores every
    candidate on every image). Each schedule's per-image scores are cached.
+   **Threads.** Each pass runs at torch's thread count or at 1, whichever did a FLOP faster
+   lately (``threads="auto"``, :mod:`tome.tools.tune.threads`): on a busy CPU, small passes
+   at 2 threads wait for each other at every op. Outputs, and so the result, do not change.
    **Held-out check.** The last ``holdout`` fraction of the images takes no part in the search
    (nor do images beyond the first ``search_images``, 32: they join the check);
    the searched schedule is kept only if it is at least as faithful on them as the schedule the
@@ -64,7 +67,9 @@ from tome.tools.tune.budget import (
     schedule_flops,
     schedule_tokens,
 )
+from tome.tools.tune.progress import Progress
 from tome.tools.tune.scoring import TIE, Scorer, TuneError, calibration_pixels, restore_modes, wrap_model
+from tome.tools.tune.threads import ThreadPicker, check_threads
 
 __all__ = ["MIN_IMAGES", "TIE", "TuneError", "TuneResult", "schedule_flops", "schedule_tokens", "tune"]
 
@@ -118,6 +123,8 @@ class TuneResult:
     choice: str = ""  # why this round's schedule was returned
     screened: int = 0  # schedules that dropped out of a race after a few images (see _Scorer.beats)
     images_run: int = 0  # forward passes of one image each, references and timing excluded: the cost
+    threads: str = ""  # the thread count the passes ran at (see tome.tools.tune.threads)
+    thread_seconds: dict = field(default_factory=dict)  # {"1": seconds of passes at 1 thread, ...}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -205,13 +212,6 @@ def _local_search(
     return best
 
 
-def _stage(bar, text: str) -> None:
-    """Name the stage on the progress bar (a no-op bar has no description)."""
-    describe = getattr(bar, "set_description_str", None)
-    if describe is not None:
-        describe(text)
-
-
 def _time(wrapper, schedule: list[int], size: int, reps: int, batch: int) -> float:
     """Measured speedup of ``schedule`` over merging switched off (r = 0 everywhere, the
     unmerged fast path), medians of interleaved runs on random pixels."""
@@ -274,6 +274,7 @@ def tune(
     progress: bool = True,
     race: bool = True,
     search_images: int = 32,
+    threads: int | str = "auto",
 ) -> TuneResult:
     """Find the per-layer merge schedule that reaches ``target_speedup`` with the best fidelity
     to the unmerged model on the calibration ``images``.
@@ -310,12 +311,18 @@ def tune(
         holdout: fraction of the images (the last ones) kept out of the search to check it
             (at least 2 images when > 0); 0 uses every image for the search, unchecked.
         batch: images per forward pass. reps: timed runs per setting (measured).
-        progress: a tqdm bar on stderr (off when not a TTY): images run, and the stage.
+        progress: a tqdm bar on stderr (on a TTY): images run, and the stage; and a line on
+            stderr as each stage ends (TTY or not). False: quiet.
         race: run each candidate on a few images first and drop it as soon as it does no better
             than the best so far (a winner is scored on every image); False scores every
             candidate on every image (slower; the same test for what is kept).
         search_images: the search runs on at most this many of the images; the others join
             the held-out check (with ``holdout=0``, the search runs on every image).
+        threads: torch's thread count for the search's forward passes: ``"auto"`` times them at
+            torch's own count and at 1 and runs them at the faster (on a busy CPU small passes
+            often run several times faster on one thread; :mod:`tome.tools.tune.threads`), or
+            an int. Set around each pass and restored after it (``torch.set_num_threads`` is
+            process-wide state); the timing of ``budget="measured"`` runs at torch's own count.
 
     Returns a :class:`TuneResult` (``.schedule``: one int per block).
 
@@ -356,6 +363,7 @@ def tune(
         if isinstance(value, bool) or not isinstance(value, kind) or not value >= low:
             what = "an int" if kind is int else "a number"
             raise ValueError(f"{name}: expected {what} >= {low}, got {value!r}")
+    check_threads(threads)
     if not isinstance(race, bool):
         raise TypeError(f"race: expected True or False, got {race!r}")
     if isinstance(holdout, bool) or not isinstance(holdout, int | float) or not 0 <= holdout < 1:
@@ -397,14 +405,19 @@ def tune(
     bar = progress_bar(
         (max_evals + 11 + extra) * len(pixels) + len(pixels) + 3 * held, progress, "tune", unit="image"
     )
+    says = Progress(bar, progress)
+    picker = ThreadPicker(threads)
     try:
         # The unmerged reference first (untouched model, or r = 0); then patch once and only
         # change r.
         if previous is not None:
             module.tome.r = 0
-        _stage(bar, "tune: unmerged reference")
-        scorer = Scorer(wrapper, pixels, batch, patch_weight, bar, race)
-        checker = Scorer(wrapper, heldout_pixels, batch, patch_weight, bar) if held else None
+        says.stage("tune: unmerged reference")
+        scorer = Scorer(wrapper, pixels, batch, patch_weight, bar, race, picker, flops)
+        checker = (
+            Scorer(wrapper, heldout_pixels, batch, patch_weight, bar, True, picker, flops) if held else None
+        )
+        says.line(f"tune: unmerged reference on {len(pixels)} + {held} held-out images: {says.lap():.1f} s")
         if previous is None:
             tome.patch(module, 0, **(patch_kwargs or {}))
         round_start = 0.0
@@ -418,7 +431,9 @@ def tune(
         for index in range(1 + (rounds if budget == "measured" else 0)):
             flop_target = min(flop_target, reachable)
             limit = flops.base / flop_target
-            _stage(bar, f"tune: round {index + 1}, ramps" if index else "tune: ramps")
+            where = f"tune: round {index + 1}, " if index else "tune: "
+            says.stage(f"{where}ramps")
+            ran = scorer.images_run
             ramp, label = _parametric(flops, limit, layers, scorer)
             start, start_label = ramp, f"the best ramp {label}"
             if best is not None:
@@ -428,14 +443,34 @@ def tune(
                     start, start_label = scaled, f"the round-{index} schedule rescaled to this target"
             # A correction round starts from a good schedule already: a shorter search.
             evals = max_evals if index == 0 else max(max_evals // 4, 8)
-            _stage(bar, f"tune: round {index + 1}, search" if index else "tune: search")
+            says.line(
+                f"{where}ramps at {flop_target:.2f}x FLOP-ideal: start from {start_label}, objective "
+                f"{scorer(start)[0]:.5f} ({scorer.images_run - ran} image passes, {says.lap():.1f} s)"
+            )
+            says.stage(f"{where}search")
+            ran, tried = scorer.images_run, len(scorer.cache)
             searched = _local_search(start, flops, limit, scorer, span=span, max_evals=evals, counter=counter)
+            moved = sum(a != b for a, b in zip(searched, start, strict=True))  # blocks changed
+            says.line(
+                f"{where}search: {len(scorer.cache) - tried} schedules tried, "
+                + (
+                    f"objective {scorer(searched)[0]:.5f} ({moved} blocks changed)"
+                    if moved
+                    else "no move kept"
+                )
+                + f" ({scorer.images_run - ran} image passes, {says.lap():.1f} s)"
+            )
             # The held-out check: a searched schedule that does worse than where it started on
             # images it never saw fitted noise (a tie keeps the search).
-            _stage(bar, "tune: held-out check")
+            says.stage("tune: held-out check")
             heldout_start = checker(start)[0] if checker is not None else None
             heldout_searched = checker(searched)[0] if checker is not None else None
             kept = checker is None or heldout_searched >= heldout_start - TIE
+            if checker is not None and searched != start:
+                says.line(
+                    f"{where}held-out check on {held} images: search {heldout_searched:.5f} vs start "
+                    f"{heldout_start:.5f}: {'search kept' if kept else 'start kept'} ({says.lap():.1f} s)"
+                )
             best = searched if kept else start
             round_start = scorer.cost
             history.append(
@@ -459,9 +494,14 @@ def tune(
             )
             if budget == "flops":
                 break
-            _stage(bar, f"tune: round {index + 1}, timing")
+            says.stage(f"tune: round {index + 1}, timing")
+            says.lap()
             measured = _time(wrapper, best, wrapper.img_size, reps, min(batch, len(pixels)))
             history[-1]["measured_speedup"] = measured
+            says.line(
+                f"{where}timing at {torch.get_num_threads()} threads: {measured:.2f}x measured vs "
+                f"{flops.speedup(best):.2f}x FLOP-ideal ({says.lap():.1f} s)"
+            )
             if abs(measured / target_speedup - 1) <= tolerance:
                 break
             # Bounded: on a busy machine timings can be far off; never trade fidelity for noise.
@@ -508,6 +548,11 @@ def tune(
             patch_weight=float(patch_weight),
             round=chosen["round"],
             choice=choice,
+            threads=picker.summary(),
+            thread_seconds={str(n): round(t, 3) for n, t in picker.seconds.items() if t > 0},
+        )
+        says.line(
+            f"tune: done in {result.seconds:.1f} s, {result.images_run} image passes at {result.threads}"
         )
     except BaseException:
         apply = False
