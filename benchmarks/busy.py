@@ -418,7 +418,8 @@ def strong_report(args) -> None:
     """timm ViT-S/14 (DINOv2 layout, random weights) at 224 px, 1 thread, CPU seconds of the
     calling thread (``time.thread_time``: steadier than wall time on a shared machine): tome
     (``mlerp``, the default, and ``mode="mean"``, the original's rule) and the plain reference
-    (``benchmarks/reference_tome.py``), each against the FLOP-ideal (FlopCounterMode)."""
+    (``benchmarks/reference_tome.py``), each against the FLOP-ideal (FlopCounterMode); "native":
+    the unpatched blocks run at the patched model's token counts, with no merging at all."""
     import timm
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -432,6 +433,29 @@ def strong_report(args) -> None:
     settings = [("unpatched", None, None)]
     for r in ((16, -1.0), (16, -0.75)):
         settings += [("tome mlerp", r, "mlerp"), ("tome mean", r, "mean"), ("reference", r, None)]
+        settings += [("native", r, None)]
+    # "native": the unpatched blocks' parts, each run on random tokens of the count the patched
+    # block's part sees (no matching, no merging, no proportional attention): what those sizes
+    # cost on this CPU, the bound any merging method at this schedule can reach.
+    counts = {}
+    for r in ((16, -1.0), (16, -0.75)):
+        tome.patch(model, r=r)
+        with torch.inference_mode():
+            model(x["x"][:1])
+        counts[r] = model.tome.tokens_per_layer
+        tome.unpatch(model)
+    width = model.embed_dim
+
+    def native(r) -> None:
+        g = torch.Generator().manual_seed(1)
+        model.patch_embed(x["x"])  # the same embedding as every other row
+        # tokens_per_layer: entering block 0, then after each block; a block merges between
+        # its attention (at the count entering it) and its MLP (at the count leaving it)
+        for i, block in enumerate(model.blocks):
+            h = torch.randn(args.batch, counts[r][i], width, generator=g)
+            h + block.ls1(block.attn(block.norm1(h)))
+            h = torch.randn(args.batch, counts[r][i + 1], width, generator=g)
+            h + block.ls2(block.mlp(block.norm2(h)))
 
     def configure_strong(kind: str, r, mode) -> None:
         tome.unpatch(model)
@@ -440,24 +464,32 @@ def strong_report(args) -> None:
             tome.patch(model, r=r, mode=mode)
         elif kind == "reference":
             reference_tome.apply(model, r, trace_source=False)
+        # "native" runs the unpatched blocks itself
 
     ideal, times = {}, {}
     base = None
+
+    def run(kind: str, r) -> None:
+        if kind == "native":
+            native(r)
+        else:
+            forward(model, x)
+
     for kind, r, mode in settings:
         configure_strong(kind, r, mode)
-        f = flops(model, forward, x)
+        f = flops(model, lambda m, i, kind=kind, r=r: run(kind, r), x)
         base = f if r is None else base
         ideal[(kind, r)] = base / f
         times[(kind, r)] = []
     with torch.inference_mode():
         for kind, r, mode in settings:
             configure_strong(kind, r, mode)
-            forward(model, x)
+            run(kind, r)
         for rep in range(args.reps):
             for kind, r, mode in settings:
                 configure_strong(kind, r, mode)
                 start = time.thread_time()
-                forward(model, x)
+                run(kind, r)
                 times[(kind, r)].append(time.thread_time() - start)
             print(f"  rep {rep + 1}/{args.reps}", file=sys.stderr, flush=True)
     configure_strong("unpatched", None, None)
