@@ -8,7 +8,7 @@ every patched setting once, in turn, so slow drifts hit all alike. The table sho
     python benchmarks/busy.py                       # all cases, batch 16, 5 reps: ~15 min on 2 cores
     python benchmarks/busy.py --cases timm,text --reps 3
     python benchmarks/busy.py --quick               # a smoke run: small inputs, 2 reps
-    python benchmarks/busy.py --parallel-step       # each setting also with the merge step as before
+    python benchmarks/busy.py --merge-step-ways     # each setting also with the merge step forced alone / shared
     python benchmarks/busy.py --profile --cases timm   # top ops of the patched forward, busy
     python benchmarks/busy.py --merge-step          # old vs new merge step: op counts, CPU time
     python benchmarks/busy.py --strong              # (16, -1.0), (16, -0.75): tome vs reference
@@ -164,33 +164,36 @@ def build(case: str, batch: int, quick: bool) -> tuple[str, torch.nn.Module, Cal
     raise ValueError(f"case: expected one of {', '.join(CASES)}, got {case!r}")
 
 
-# Where the merge step is put on the calling thread (tome/core/threads.py): --parallel-step
-# swaps these names for a no-op context, giving the merge step torch's thread count as before.
-_ONE_THREAD_USERS = (
-    "tome.runtime.handle",
-    "tome.adapters.common.text",
-    "tome.adapters.common.diffusion",
-    "tome.adapters.diffusers_dit",
-)
-PARALLEL = "parallel_step"  # a setting key: the merge step at torch's thread count
+# The merge step runs alone on the calling thread or on torch's threads, whichever is faster by
+# its own timings (tome/core/threads.py: StepThreads). --merge-step-ways adds, beside each setting,
+# the same with the way forced: "alone" always, or "shared" (torch's threads, as before).
+WAY = "merge_step"  # a setting key: "alone" or "shared"
+_ORIGINAL_PICK = None
 
 
-def _merge_step_threads(parallel: bool) -> None:
-    import importlib
+def _force_way(way: str | None) -> None:
+    global _ORIGINAL_PICK
+    from tome.core.threads import StepThreads
 
-    from tome.core import threads
+    if _ORIGINAL_PICK is None:
+        _ORIGINAL_PICK = StepThreads._pick
+    StepThreads._pick = _ORIGINAL_PICK if way is None else (lambda self, alone=(way == "alone"): alone)
 
-    chosen = (lambda like: contextlib.nullcontext()) if parallel else threads.calling_thread_only
-    for name in _ONE_THREAD_USERS:
-        importlib.import_module(name).calling_thread_only = chosen
+
+# Each setting's merge-step timings (StepThreads), carried over its re-patching: a patched model
+# in use keeps its handle, and so its timings, from call to call.
+_TIMINGS: dict[tuple[int, str], object] = {}
 
 
 def configure(model: torch.nn.Module, setting: dict | None) -> None:
     tome.unpatch(model)
+    label = _label(setting)
     setting = dict(setting or {})
-    _merge_step_threads(bool(setting.pop(PARALLEL, False)))
+    _force_way(setting.pop(WAY, None))
     if setting:
         tome.patch(model, **setting)
+        handle = model.tome
+        handle._threads = _TIMINGS.setdefault((id(model), label), handle._threads)
 
 
 def _cpu_attention_flops(query, key, value, *args, **kwargs) -> int:
@@ -212,8 +215,9 @@ def flops(model: torch.nn.Module, forward: Callable, inputs: dict) -> float:
 def _label(setting: dict | None) -> str:
     if setting is None:
         return "unpatched"
-    label = ", ".join(f"{k}={v}" for k, v in setting.items() if k != PARALLEL)
-    return label + (f", merge step at {torch.get_num_threads()} threads" if setting.get(PARALLEL) else "")
+    label = ", ".join(f"{k}={v}" for k, v in setting.items() if k != WAY)
+    ways = {"alone": ", merge step alone", "shared": f", merge step on {torch.get_num_threads()} threads"}
+    return label + ways.get(setting.get(WAY), "")
 
 
 # -- timing -------------------------------------------------------------------------------------
@@ -221,8 +225,12 @@ def _label(setting: dict | None) -> str:
 
 def run_case(case: str, args, spin: Spinner, log) -> list[str]:
     label, model, forward, inputs, settings = build(case, args.batch, args.quick)
-    if args.parallel_step:  # beside each setting: the same with the merge step as before
-        settings = [s for setting in settings for s in (setting, {**setting, PARALLEL: True})]
+    if args.merge_step_ways:  # beside each setting: the same with the merge step's way forced
+        settings = [
+            s
+            for setting in settings
+            for s in (setting, {**setting, WAY: "alone"}, {**setting, WAY: "shared"})
+        ]
     everything = [None, *settings]
     ideal = {}
     base_flops = None
@@ -518,10 +526,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: small inputs and models, 2 reps")
     parser.add_argument("--profile", action="store_true", help="top ops of the patched forward, busy")
     parser.add_argument(
-        "--parallel-step",
+        "--merge-step-ways",
         action="store_true",
-        help="beside each setting, the same with the merge step at torch's thread count (as before "
-        "tome/core/threads.py put it on the calling thread)",
+        help="beside each setting (the merge step picks its way by timing), the same with the merge "
+        "step always alone on the calling thread, and always on torch's threads (as before)",
     )
     parser.add_argument(
         "--merge-step", action="store_true", help="old vs new merge step: op counts, CPU time"

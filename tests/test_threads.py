@@ -1,16 +1,17 @@
-"""The merge step runs on the calling thread alone (tome/core/threads.py): a busy machine stalls
-every parallel region, and the merge step is many small ones."""
+"""The merge step runs on the calling thread alone where that is faster (tome/core/threads.py): a
+busy machine stalls every parallel region, and the merge step is many small ones."""
 
 from __future__ import annotations
 
 import threading
+from collections import deque
 
 import pytest
 import torch
 
 import tome
 from tome.core import merge as M
-from tome.core.threads import calling_thread_only, can_run_alone
+from tome.core.threads import RETRY_EVERY, StepThreads, calling_thread_only, can_run_alone
 
 
 @pytest.fixture
@@ -71,7 +72,42 @@ def _recording_merge(monkeypatch) -> list[int]:
     return counts
 
 
-def test_a_patched_vit_merges_on_one_thread(monkeypatch, two_threads):
+def _prefer(choice: StepThreads, alone: bool) -> None:
+    """Timings that make ``choice`` take one way for the next steps (no retry among them)."""
+    fast, slow = deque([1e-9] * 5), deque([1.0] * 5)
+    choice.timings = {True: fast if alone else slow, False: slow if alone else fast}
+    choice.steps = 1
+
+
+def test_the_faster_way_is_taken_and_the_other_retried():
+    choice = StepThreads()
+    x = torch.zeros(4, 8)
+    ways = []
+    for _ in range(4):  # each way twice first
+        with choice.step(x):
+            ways.append(choice.alone)
+    assert sorted(ways) == [False, False, True, True]
+    _prefer(choice, alone=False)
+    picked = []
+    for _ in range(RETRY_EVERY):
+        picked.append(choice._pick())
+    assert picked.count(True) == 1  # the slower way retried once every RETRY_EVERY steps
+
+
+def _both_ways(monkeypatch, model, run) -> None:
+    counts = _recording_merge(monkeypatch)
+    outputs = {}
+    for alone in (True, False):
+        counts.clear()
+        _prefer(model.tome._threads, alone)
+        with torch.no_grad():
+            outputs[alone] = run()
+        assert counts and set(counts) == ({1} if alone else {2})
+        assert torch.get_num_threads() == 2
+    assert torch.equal(outputs[True], outputs[False])  # the same result either way
+
+
+def test_a_patched_vit_merges_alone_or_on_all_threads_with_one_result(monkeypatch, two_threads):
     timm = pytest.importorskip("timm")
     model = timm.create_model(
         "vit_small_patch16_224",
@@ -83,14 +119,11 @@ def test_a_patched_vit_merges_on_one_thread(monkeypatch, two_threads):
         num_heads=2,
     ).eval()
     tome.patch(model, r=3)
-    counts = _recording_merge(monkeypatch)
-    with torch.no_grad():
-        model(torch.randn(2, 3, 32, 32))
-    assert counts and set(counts) == {1}
-    assert torch.get_num_threads() == 2
+    x = torch.randn(2, 3, 32, 32)
+    _both_ways(monkeypatch, model, lambda: model(x))
 
 
-def test_a_patched_unet_merges_on_one_thread(monkeypatch, two_threads):
+def test_a_patched_unet_merges_alone_or_on_all_threads_with_one_result(monkeypatch, two_threads):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
@@ -100,8 +133,27 @@ def test_a_patched_unet_merges_on_one_thread(monkeypatch, two_threads):
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     ).eval()  # fmt: skip
     tome.patch(unet, ratio=0.5)
-    counts = _recording_merge(monkeypatch)
+    inputs = (torch.randn(2, 4, 16, 16), torch.tensor(500), torch.randn(2, 7, 32))
+    _both_ways(monkeypatch, unet, lambda: unet(*inputs).sample)
+
+
+def test_copies_and_pickles_carry_no_timings():
+    import copy
+    import pickle
+
+    timm = pytest.importorskip("timm")
+    model = timm.create_model(
+        "vit_small_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+    ).eval()
+    tome.patch(model, r=2)
     with torch.no_grad():
-        unet(torch.randn(2, 4, 16, 16), torch.tensor(500), torch.randn(2, 7, 32))
-    assert counts and set(counts) == {1}
-    assert torch.get_num_threads() == 2
+        model(torch.randn(1, 3, 32, 32))
+    assert model.tome._threads.steps > 0
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert other.tome._threads.steps == 0

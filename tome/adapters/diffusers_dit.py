@@ -60,7 +60,6 @@ from tome.adapters.common.diffusion import (
     transformer_blocks,
 )
 from tome.core import merge as M
-from tome.core.threads import calling_thread_only
 from tome.runtime.registry import MERGE_OP_UNMERGE, Adapter
 
 __all__ = ["BLOCKS", "MODELS", "apply", "rotate"]
@@ -185,8 +184,11 @@ def _rope_attention_forward(module: nn.Module, handle: DiffusionHandle, *args, *
             rope = (cos[kept], sin[kept], cos[:text], sin[:text])
         else:  # single stream: the joint sequence; the plan keeps the text tokens in front
             rope = (cos[plan.kept], sin[plan.kept], None, None)
-    with calling_thread_only(hidden):
+    if torch.compiler.is_compiling():
         call["hidden_states"] = M.merge(plan, hidden, "mean")
+    else:
+        with handle._threads.follow(hidden):
+            call["hidden_states"] = M.merge(plan, hidden, "mean")
     previous = slot.rope
     slot.rope = rope
     try:

@@ -8,6 +8,14 @@ the merge step adds many small ones, so under load the merge step's stalls ate t
 (``benchmarks/busy.py``; docs/deployment.md). Alone on one thread, the merge step never waits for
 another.
 
+Alone is not always faster: on an idle machine the step's few large ops (the kept tokens' copy,
+the keys' mean over heads) run faster on all threads, and on a machine with many cores a step
+alone could cost more than its stalls. :class:`StepThreads` picks, per calling thread, by timing:
+the step runs alone or on torch's threads, whichever took fewer seconds per element on average
+over its last few steps (the mean, not the median: stalls are rare and long), and the other way
+is tried again every :data:`RETRY_EVERY` steps (the load changes). Both ways give the same result
+(tests/test_threads.py).
+
 How: OpenMP's thread count is a per-thread setting (``omp_set_num_threads`` changes the calling
 thread's only); it is set to 1 for the step and restored after it, also on error. Not with
 ``torch.set_num_threads``: that also sets the count every thread that starts using torch at that
@@ -30,11 +38,18 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import statistics
+import threading
+import time
+from collections import deque
 from collections.abc import Callable
 
 import torch
 
-__all__ = ["calling_thread_only", "can_run_alone"]
+__all__ = ["RETRY_EVERY", "StepThreads", "calling_thread_only", "can_run_alone"]
+
+RETRY_EVERY = 16  # steps between tries of the way not taken
+_KEPT = 5  # timings kept per way
 
 
 @functools.cache
@@ -85,3 +100,60 @@ class _OneThread:
 
     def __exit__(self, *exc: object) -> None:
         self.setter(self.threads)
+
+
+class StepThreads(threading.local):
+    """Per calling thread: whether merge steps run alone (:func:`calling_thread_only`) or on
+    torch's threads, picked by timing the steps. Each thread of a program picks for itself (its
+    own load, its own thread count). Kept by a handle as per-pass state: never copied or pickled.
+
+    >>> choice = StepThreads()
+    >>> x = torch.zeros(4, 8)
+    >>> for _ in range(6):
+    ...     with choice.step(x):
+    ...         _ = x + 1
+    >>> sorted(choice.timings)  # both ways tried
+    [False, True]
+    """
+
+    def __init__(self) -> None:
+        self.timings: dict[bool, deque] = {True: deque(maxlen=_KEPT), False: deque(maxlen=_KEPT)}
+        self.steps = 0
+        self.alone = True
+
+    def _pick(self) -> bool:
+        self.steps += 1
+        tried = self.timings
+        for way in (True, False):  # each way a few times first
+            if len(tried[way]) < 2:
+                return way
+        best = statistics.fmean(tried[True]) <= statistics.fmean(tried[False])
+        return (not best) if self.steps % RETRY_EVERY == 0 else best
+
+    def step(self, like: torch.Tensor) -> contextlib.AbstractContextManager:
+        """A context for one merge step on ``like`` (the tokens it merges), timed; a no-op
+        context where :func:`calling_thread_only` would be one."""
+        alone = calling_thread_only(like)
+        if isinstance(alone, contextlib.nullcontext):
+            return alone
+        self.alone = self._pick()
+        return _Timed(self, self.alone, alone if self.alone else contextlib.nullcontext(), like.numel())
+
+    def follow(self, like: torch.Tensor) -> contextlib.AbstractContextManager:
+        """A context for work of the step that runs outside :meth:`step` (the similarity
+        features, taken in the attention): the way this thread's latest step took, untimed."""
+        return calling_thread_only(like) if self.alone else contextlib.nullcontext()
+
+
+class _Timed:
+    def __init__(self, choice: StepThreads, way: bool, inner: contextlib.AbstractContextManager, work: int):
+        self.choice, self.way, self.inner, self.work = choice, way, inner, max(work, 1)
+
+    def __enter__(self) -> None:
+        self.inner.__enter__()
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        elapsed = time.perf_counter() - self.start
+        self.inner.__exit__(*exc)
+        self.choice.timings[self.way].append(elapsed / self.work)

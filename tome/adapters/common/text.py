@@ -12,7 +12,6 @@ import torch
 import torch.nn as nn
 
 from tome.core import merge as M
-from tome.core.threads import calling_thread_only
 from tome.runtime.handle import BlockCall, ToMeHandle
 from tome.runtime.options import Option, at_least, number_in
 
@@ -89,7 +88,9 @@ class TextHandle(ToMeHandle):
         (:attr:`unit_metric`): one float32 buffer, which matching reads without another copy."""
         if keys is None:
             return None
-        with calling_thread_only(hidden):  # part of the merge step (see ToMeHandle.merge_layer)
+        if torch.compiler.is_compiling():
+            return self._unit_metric(keys, hidden)
+        with self._threads.follow(hidden):  # part of the merge step (see ToMeHandle.merge_layer)
             return self._unit_metric(keys, hidden)
 
     def _unit_metric(self, keys: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
