@@ -94,6 +94,21 @@ def test_the_faster_way_is_taken_and_the_other_retried():
     assert picked.count(True) == 1  # the slower way retried once every RETRY_EVERY steps
 
 
+def _tiny_vit(depth: int, r: int) -> torch.nn.Module:
+    timm = pytest.importorskip("timm")
+    model = timm.create_model(
+        "vit_small_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=depth,
+        num_heads=2,
+    ).eval()
+    tome.patch(model, r=r)
+    return model
+
+
 def _both_ways(monkeypatch, model, run) -> None:
     counts = _recording_merge(monkeypatch)
     outputs = {}
@@ -108,17 +123,7 @@ def _both_ways(monkeypatch, model, run) -> None:
 
 
 def test_a_patched_vit_merges_alone_or_on_all_threads_with_one_result(monkeypatch, two_threads):
-    timm = pytest.importorskip("timm")
-    model = timm.create_model(
-        "vit_small_patch16_224",
-        pretrained=False,
-        img_size=32,
-        patch_size=8,
-        embed_dim=32,
-        depth=3,
-        num_heads=2,
-    ).eval()
-    tome.patch(model, r=3)
+    model = _tiny_vit(depth=3, r=3)
     x = torch.randn(2, 3, 32, 32)
     _both_ways(monkeypatch, model, lambda: model(x))
 
@@ -141,17 +146,7 @@ def test_copies_and_pickles_carry_no_timings():
     import copy
     import pickle
 
-    timm = pytest.importorskip("timm")
-    model = timm.create_model(
-        "vit_small_patch16_224",
-        pretrained=False,
-        img_size=32,
-        patch_size=8,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-    ).eval()
-    tome.patch(model, r=2)
+    model = _tiny_vit(depth=2, r=2)
     with torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
     assert model.tome._threads.steps > 0

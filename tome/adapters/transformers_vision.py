@@ -496,33 +496,25 @@ class VisionHandle(ToMeHandle):
         self.model_class = model_class
         super().__init__(num_layers, r, **settings)
 
-    def _merge_layer(self, call: BlockCall, x: torch.Tensor, metric: torch.Tensor | None) -> torch.Tensor:
-        """The body of :meth:`ToMeHandle.merge_layer`; with ``temporal`` on, the layers of the temporal phase
+    def _plan(
+        self, call: BlockCall, x: torch.Tensor, metric: torch.Tensor, r: int, bias: torch.Tensor | None
+    ) -> M.MergePlan:
+        """:meth:`ToMeHandle._plan`; with ``temporal`` on, the layers of the temporal phase
         (:func:`tome.core.temporal.in_temporal_phase`, decided on token counts alone) merge by
         :func:`tome.core.temporal.temporal_soft_matching`. A pass without the full grid (VideoMAE's
         ``bool_masked_pos``) or with padding merges by the default matching."""
         grid = self.video_grid
-        if self.temporal is False or grid is None or call.valid is not None or metric is None:
-            return super()._merge_layer(call, x, metric)
-        index, state = call.index, call.pass_state
-        r = self.layer_r(index, x.shape[1])
-        if not TM.in_temporal_phase(x.shape[1], r, call.history.num_original, grid):
-            return super()._merge_layer(call, x, metric)
-        state.deviations[index] = None
-        bias = None
-        if self.options.keep_outliers:
-            bias = M.outlier_bias(x, self.options.keep_outliers, self.protected)
+        if (
+            self.temporal is False
+            or grid is None
+            or call.valid is not None
+            or not TM.in_temporal_phase(x.shape[1], r, call.history.num_original, grid)
+        ):
+            return super()._plan(call, x, metric, r, bias)
         window = 3 if self.temporal == "window" else 1
-        plan = TM.temporal_soft_matching(
+        return TM.temporal_soft_matching(
             metric, r, call.history, grid, window, token_bias=bias, normalized=self.unit_metric
         )
-        history = M.advance(call.history, plan)
-        state.histories[index] = history
-        state.tokens[index + 1 : index + 2] = [history.num_tokens]
-        merged = M.merge(plan, x, self.options.mode)
-        if self._tracks_detail():
-            state.deviations[index] = (*M.merge_residuals(plan, x, merged), plan.index)
-        return merged
 
 
 def _video_grid(backbone: nn.Module) -> tuple[int, int, int]:

@@ -380,26 +380,7 @@ class ToMeHandle(PatchHandle):
             valid = call.valid
             ranked = x if valid is None else torch.where(valid[..., None], x, 0)
             bias = M.outlier_bias(ranked, self.options.keep_outliers, self.protected)
-        unit = self.unit_metric
-        if call.valid is None:
-            plan = M.bipartite_soft_matching(
-                metric, r, call.history, self.protected, token_bias=bias, normalized=unit
-            )
-        else:
-            # Padded batch: every row merges by its own tokens alone.
-            real = call.valid.sum(dim=1)
-            row_r = self.rows_removed(index, real).clamp_max(r)
-            ids = current_sequence_ids(call)
-            plan = M.masked_soft_matching(
-                metric,
-                r,
-                row_r,
-                call.history,
-                self.protected,
-                sequence_ids=ids,
-                token_bias=bias,
-                normalized=unit,
-            )
+        plan = self._plan(call, x, metric, r, bias)
         history = M.advance(call.history, plan)
         state.histories[index] = history
         state.tokens[index + 1 : index + 2] = [history.num_tokens]
@@ -407,6 +388,30 @@ class ToMeHandle(PatchHandle):
         if self._tracks_detail():
             state.deviations[index] = (*M.merge_residuals(plan, x, merged), plan.index)
         return merged
+
+    def _plan(
+        self, call: BlockCall, x: torch.Tensor, metric: torch.Tensor, r: int, bias: torch.Tensor | None
+    ) -> M.MergePlan:
+        """The merge plan of a block that removes ``r > 0`` tokens of ``x`` by ``metric``
+        (``bias``: the outlier bias, or ``None``); a family with its own matching overrides it."""
+        unit = self.unit_metric
+        if call.valid is None:
+            return M.bipartite_soft_matching(
+                metric, r, call.history, self.protected, token_bias=bias, normalized=unit
+            )
+        # Padded batch: every row merges by its own tokens alone.
+        real = call.valid.sum(dim=1)
+        row_r = self.rows_removed(call.index, real).clamp_max(r)
+        return M.masked_soft_matching(
+            metric,
+            r,
+            row_r,
+            call.history,
+            self.protected,
+            sequence_ids=current_sequence_ids(call),
+            token_bias=bias,
+            normalized=unit,
+        )
 
     def end_layer(self, call: BlockCall, x: torch.Tensor) -> torch.Tensor:
         """The output ``x`` of a block call, registered with its pass for the next block; after
