@@ -177,7 +177,7 @@ def _force_way(way: str | None) -> None:
 
     if _ORIGINAL_PICK is None:
         _ORIGINAL_PICK = StepThreads._pick
-    StepThreads._pick = _ORIGINAL_PICK if way is None else (lambda self, alone=(way == "alone"): alone)
+    StepThreads._pick = _ORIGINAL_PICK if way is None else (lambda self, ways, alone=(way == "alone"): alone)
 
 
 # Each setting's merge-step timings (StepThreads), carried over its re-patching: a patched model

@@ -72,13 +72,6 @@ def _recording_merge(monkeypatch) -> list[int]:
     return counts
 
 
-def _prefer(choice: StepThreads, alone: bool) -> None:
-    """Timings that make ``choice`` take one way for the next steps (no retry among them)."""
-    fast, slow = deque([1e-9] * 5), deque([1.0] * 5)
-    choice.timings = {True: fast if alone else slow, False: slow if alone else fast}
-    choice.steps = 1
-
-
 def test_the_faster_way_is_taken_and_the_other_retried():
     choice = StepThreads()
     x = torch.zeros(4, 8)
@@ -87,11 +80,14 @@ def test_the_faster_way_is_taken_and_the_other_retried():
         with choice.step(x):
             ways.append(choice.alone)
     assert sorted(ways) == [False, False, True, True]
-    _prefer(choice, alone=False)
-    picked = []
-    for _ in range(RETRY_EVERY):
-        picked.append(choice._pick())
-    assert picked.count(True) == 1  # the slower way retried once every RETRY_EVERY steps
+    with choice.step(torch.zeros(2, 8)):  # another shape: timed apart
+        pass
+    assert sorted(choice.shapes) == [(2, 8), (4, 8)]
+    kind = choice.shapes[(4, 8)]
+    kind.timings = {True: deque([1.0] * 5), False: deque([1e-9] * 5)}  # on all threads: faster
+    kind.steps = 0
+    picked = [kind.pick() for _ in range(RETRY_EVERY)]
+    assert picked.count(True) == 1 and picked[-1] is True  # the slower way, every RETRY_EVERY steps
 
 
 def _tiny_vit(depth: int, r: int) -> torch.nn.Module:
@@ -114,7 +110,7 @@ def _both_ways(monkeypatch, model, run) -> None:
     outputs = {}
     for alone in (True, False):
         counts.clear()
-        _prefer(model.tome._threads, alone)
+        monkeypatch.setattr(StepThreads, "_pick", lambda self, ways, alone=alone: alone)
         with torch.no_grad():
             outputs[alone] = run()
         assert counts and set(counts) == ({1} if alone else {2})
@@ -149,6 +145,6 @@ def test_copies_and_pickles_carry_no_timings():
     model = _tiny_vit(depth=2, r=2)
     with torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
-    assert model.tome._threads.steps > 0
+    assert model.tome._threads.shapes
     for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-        assert other.tome._threads.steps == 0
+        assert other.tome._threads.shapes == {}

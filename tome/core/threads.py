@@ -11,9 +11,9 @@ another.
 Alone is not always faster: on an idle machine the step's few large ops (the kept tokens' copy,
 the keys' mean over heads) run faster on all threads, and on a machine with many cores a step
 alone could cost more than its stalls. :class:`StepThreads` picks, per calling thread, by timing:
-the step runs alone or on torch's threads, whichever took fewer seconds per element on average
-over its last few steps (the mean, not the median: stalls are rare and long), and the other way
-is tried again every :data:`RETRY_EVERY` steps (the load changes). Both ways give the same result
+the step runs alone or on torch's threads, whichever took less time on average over the last few
+steps of the same shape (the mean, not the median: stalls are rare and long), and the other way
+is tried again every :data:`RETRY_EVERY` steps of that shape (the load changes). Both ways give the same result
 (tests/test_threads.py).
 
 How: OpenMP's thread count is a per-thread setting (``omp_set_num_threads`` changes the calling
@@ -102,26 +102,16 @@ class _OneThread:
         self.setter(self.threads)
 
 
-class StepThreads(threading.local):
-    """Per calling thread: whether merge steps run alone (:func:`calling_thread_only`) or on
-    torch's threads, picked by timing the steps. Each thread of a program picks for itself (its
-    own load, its own thread count). Kept by a handle as per-pass state: never copied or pickled.
+class _Ways:
+    """The timings of one kind of step (one input shape) each way, and its count of steps."""
 
-    >>> choice = StepThreads()
-    >>> x = torch.zeros(4, 8)
-    >>> for _ in range(6):
-    ...     with choice.step(x):
-    ...         _ = x + 1
-    >>> sorted(choice.timings)  # both ways tried
-    [False, True]
-    """
+    __slots__ = ("steps", "timings")
 
     def __init__(self) -> None:
         self.timings: dict[bool, deque] = {True: deque(maxlen=_KEPT), False: deque(maxlen=_KEPT)}
         self.steps = 0
-        self.alone = True
 
-    def _pick(self) -> bool:
+    def pick(self) -> bool:
         self.steps += 1
         tried = self.timings
         for way in (True, False):  # each way a few times first
@@ -130,14 +120,41 @@ class StepThreads(threading.local):
         best = statistics.fmean(tried[True]) <= statistics.fmean(tried[False])
         return (not best) if self.steps % RETRY_EVERY == 0 else best
 
+
+class StepThreads(threading.local):
+    """Per calling thread: whether merge steps run alone (:func:`calling_thread_only`) or on
+    torch's threads, picked by timing the steps, apart for every input shape (a model's blocks
+    see different token counts: like is compared with like). Each thread of a program picks for
+    itself (its own load, its own thread count). Kept by a handle as per-pass state: never copied
+    or pickled.
+
+    >>> choice = StepThreads()
+    >>> x = torch.zeros(4, 8)
+    >>> for _ in range(6):
+    ...     with choice.step(x):
+    ...         _ = x + 1
+    >>> [len(choice.shapes[(4, 8)].timings[way]) > 0 for way in (True, False)]  # both ways tried
+    [True, True]
+    """
+
+    def __init__(self) -> None:
+        self.shapes: dict[tuple[int, ...], _Ways] = {}
+        self.alone = True
+
+    def _pick(self, ways: _Ways) -> bool:
+        return ways.pick()
+
     def step(self, like: torch.Tensor) -> contextlib.AbstractContextManager:
         """A context for one merge step on ``like`` (the tokens it merges), timed; a no-op
         context where :func:`calling_thread_only` would be one."""
         alone = calling_thread_only(like)
         if isinstance(alone, contextlib.nullcontext):
             return alone
-        self.alone = self._pick()
-        return _Timed(self, self.alone, alone if self.alone else contextlib.nullcontext(), like.numel())
+        ways = self.shapes.get(tuple(like.shape))
+        if ways is None:
+            ways = self.shapes[tuple(like.shape)] = _Ways()
+        self.alone = self._pick(ways)
+        return _Timed(ways, self.alone, alone if self.alone else contextlib.nullcontext())
 
     def follow(self, like: torch.Tensor) -> contextlib.AbstractContextManager:
         """A context for work of the step that runs outside :meth:`step` (the similarity
@@ -146,8 +163,8 @@ class StepThreads(threading.local):
 
 
 class _Timed:
-    def __init__(self, choice: StepThreads, way: bool, inner: contextlib.AbstractContextManager, work: int):
-        self.choice, self.way, self.inner, self.work = choice, way, inner, max(work, 1)
+    def __init__(self, ways: _Ways, way: bool, inner: contextlib.AbstractContextManager):
+        self.ways, self.way, self.inner = ways, way, inner
 
     def __enter__(self) -> None:
         self.inner.__enter__()
@@ -156,4 +173,4 @@ class _Timed:
     def __exit__(self, *exc: object) -> None:
         elapsed = time.perf_counter() - self.start
         self.inner.__exit__(*exc)
-        self.choice.timings[self.way].append(elapsed / self.work)
+        self.ways.timings[self.way].append(elapsed)
