@@ -184,11 +184,8 @@ def _rope_attention_forward(module: nn.Module, handle: DiffusionHandle, *args, *
             rope = (cos[kept], sin[kept], cos[:text], sin[:text])
         else:  # single stream: the joint sequence; the plan keeps the text tokens in front
             rope = (cos[plan.kept], sin[plan.kept], None, None)
-    if torch.compiler.is_compiling():
+    with handle.merge_step_part(hidden):
         call["hidden_states"] = M.merge(plan, hidden, "mean")
-    else:
-        with handle._threads.follow(hidden):
-            call["hidden_states"] = M.merge(plan, hidden, "mean")
     previous = slot.rope
     slot.rope = rope
     try:

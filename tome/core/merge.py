@@ -671,14 +671,21 @@ def _merge_low_precision(plan: MergePlan, x: torch.Tensor, both: torch.Tensor, m
     _row_major(sums, B * r).index_add_(0, _rows(representative, r), _row_major(term, B * r))
     new = target + _gather_tokens(sums, representative)
     if mode == "mlerp":
-        norms = _feature_norm(both)
-        pair = torch.maximum(norms[:, :r], norms[:, r:])
-        largest = norms.new_zeros((B, K)).scatter_reduce(1, plan.dst, pair, reduce="amax")
-        scale = largest.gather(1, plan.dst) / _feature_norm(new).clamp_min(1e-6)
+        scale = _largest_norms(plan, both, K) / _feature_norm(new).clamp_min(1e-6)
         new = new * scale.view(scale.shape + (1,) * (x.dim() - 2))
     out = _gather_tokens(x, plan.kept)
     _copy_destinations(out, plan, new.to(x.dtype), representative)
     return out
+
+
+def _largest_norms(plan: MergePlan, both: torch.Tensor, kept: int) -> torch.Tensor:
+    """``(B, r)``: for every moved token, the largest feature norm among the tokens its
+    destination combines (``both``: :func:`_moved_and_targets`; one reduction over its ``2r``
+    rows), mlerp's target norm."""
+    norms = _feature_norm(both)
+    pair = torch.maximum(norms[:, : plan.r], norms[:, plan.r :])
+    largest = norms.new_zeros((norms.shape[0], kept)).scatter_reduce(1, plan.dst, pair, reduce="amax")
+    return largest.gather(1, plan.dst)
 
 
 def _rescale_destinations(plan: MergePlan, out: torch.Tensor, both: torch.Tensor) -> None:
@@ -686,13 +693,8 @@ def _rescale_destinations(plan: MergePlan, out: torch.Tensor, both: torch.Tensor
     largest norm among the tokens it combined (``both``: the moved tokens and their
     destinations' input rows, :func:`_moved_and_targets`). Only the ``r`` destination rows are
     touched: any other group is one token, already its own largest."""
-    B, kept = out.shape[:2]
-    norms = _feature_norm(both)  # one reduction over the 2r rows
-    largest = out.new_zeros((B, kept), dtype=norms.dtype)
-    pair = torch.maximum(norms[:, : plan.r], norms[:, plan.r :])
-    largest = largest.scatter_reduce(1, plan.dst, pair, reduce="amax")
     rows = _gather_tokens(out, plan.dst)
-    scale = largest.gather(1, plan.dst) / _feature_norm(rows).clamp_min(1e-6)
+    scale = _largest_norms(plan, both, out.shape[1]) / _feature_norm(rows).clamp_min(1e-6)
     _copy_destinations(out, plan, rows * scale.view(scale.shape + (1,) * (out.dim() - 2)), None)
 
 

@@ -19,8 +19,12 @@ patched, whatever its kind.
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
 import torch.nn as nn
 
+from tome.core.threads import StepThreads
 from tome.runtime.install import FORMAT, InstalledHook, InstalledMethod, check_format, refuse_script
 from tome.runtime.options import declared_options, set_options
 
@@ -40,7 +44,7 @@ class PatchHandle:
 
     # Attributes that belong to the calls running now (built by _init_transient): never copied,
     # pickled or shared with a copy. Each class names its own; those of its bases count too.
-    _transient: tuple[str, ...] = ()
+    _transient: tuple[str, ...] = ("_threads",)
 
     def __init__(self, num_layers: int, *, family: str = "", **options: object) -> None:
         declared = declared_options(type(self))
@@ -57,7 +61,22 @@ class PatchHandle:
 
     def _init_transient(self) -> None:
         """Build the per-call attributes named in ``_transient`` (after construction, unpickling
-        and unpatching)."""
+        and unpatching); a subclass that names more builds them after calling this."""
+        self._threads = StepThreads()  # per thread: merge steps alone or on torch's threads
+
+    # -- merge steps on the CPU ----------------------------------------------------------------
+
+    def merge_step(self, like: torch.Tensor) -> contextlib.AbstractContextManager:
+        """The context of one merge step on ``like`` (the tokens it merges): alone on the calling
+        thread or on torch's threads, whichever this thread's timings say is faster
+        (:class:`~tome.core.threads.StepThreads`); nothing while compiling (the compiled graph
+        has its own threading)."""
+        return contextlib.nullcontext() if torch.compiler.is_compiling() else self._threads.step(like)
+
+    def merge_step_part(self, like: torch.Tensor) -> contextlib.AbstractContextManager:
+        """The context of work of a merge step done outside :meth:`merge_step` (the similarity
+        features, the merge of a plan made earlier): the way this thread's latest step took."""
+        return contextlib.nullcontext() if torch.compiler.is_compiling() else self._threads.follow(like)
 
     # -- copies and pickles ------------------------------------------------------------------
 

@@ -38,7 +38,6 @@ import torch
 from tome.core import merge as M
 from tome.core.merge import MergeHistory
 from tome.core.schedule import Schedule, check_ratio, check_schedule, resolve_schedule
-from tome.core.threads import StepThreads
 from tome.runtime.base import PatchHandle
 from tome.runtime.merge_options import MERGE_MODES, METRICS, MergeOptions
 from tome.runtime.models import PatchedModels
@@ -103,7 +102,7 @@ class ToMeHandle(PatchHandle):
     # (:func:`tome.core.merge.unit_features`), so matching does not normalize it again.
     unit_metric: bool = False
     # Per-pass bookkeeping (see PatchHandle): built by _init_transient.
-    _transient = ("_registry", "_keys", "_last", "_tracing", "_traced_keys", "_warned_cap", "_threads")
+    _transient = ("_registry", "_keys", "_last", "_tracing", "_traced_keys", "_warned_cap")
 
     def __init__(
         self,
@@ -128,10 +127,10 @@ class ToMeHandle(PatchHandle):
             self.ratio = ratio
 
     def _init_transient(self) -> None:
+        super()._init_transient()
         # Per-pass bookkeeping: never copied, pickled or shared with a copy.
         self._registry = TokenRegistry()
         self._keys = _KeySlot()
-        self._threads = StepThreads()  # per thread: the merge step alone or on torch's threads
         self._last: PassState | None = None
         self._tracing: tuple[PassState, int] | None = None
         self._traced_keys: torch.Tensor | None = None
@@ -323,9 +322,7 @@ class ToMeHandle(PatchHandle):
 
     def similarity_features(self, keys: torch.Tensor) -> torch.Tensor:
         """The matching metric from per-head keys ``(B, N, heads, head_dim)``."""
-        if torch.compiler.is_compiling():
-            return self.options.similarity_features(keys)
-        with self._threads.follow(keys):  # part of the merge step (see merge_layer)
+        with self.merge_step_part(keys):
             return self.options.similarity_features(keys)
 
     def offer_keys(self, index: int, keys: torch.Tensor) -> None:
@@ -353,11 +350,9 @@ class ToMeHandle(PatchHandle):
         """Merge ``x`` (B, N, C) by the similarity of ``metric`` (B, N, D), from
         :meth:`similarity_features`; record the history in the call's pass. ``metric`` may be
         ``None`` where the block removes nothing (:meth:`wants_keys` is False)."""
-        if torch.compiler.is_compiling():  # the compiled graph has its own threading
-            return self._merge_layer(call, x, metric)
         # Many small ops: on the calling thread alone where that is faster (a busy machine
         # stalls every parallel region; tome/core/threads.py).
-        with self._threads.step(x):
+        with self.merge_step(x):
             return self._merge_layer(call, x, metric)
 
     def _merge_layer(self, call: BlockCall, x: torch.Tensor, metric: torch.Tensor | None) -> torch.Tensor:

@@ -30,7 +30,6 @@ from tome.adapters.common.classes import library_class
 from tome.core import merge as M
 from tome.core.merge import MergePlan
 from tome.core.merge2d import keep_prefix, random2d_matching
-from tome.core.threads import StepThreads
 from tome.runtime.base import PatchHandle
 from tome.runtime.options import Option, any_int, at_least, flag, one_of
 from tome.runtime.passes import TokenRegistry
@@ -226,7 +225,7 @@ class DiffusionHandle(PatchHandle):
         "False: merge only self-attention's keys and values (ToDo-style)",
     )
 
-    _transient = ("_slot", "_traced_slot", "_calls", "_grid_cache", "_latest", "_threads")
+    _transient = ("_slot", "_traced_slot", "_calls", "_grid_cache", "_latest")
 
     def __init__(self, blocks: list[str], **settings) -> None:
         # ratio is checked after the other options, as it always was
@@ -237,12 +236,12 @@ class DiffusionHandle(PatchHandle):
         self.blocks = list(blocks)
 
     def _init_transient(self) -> None:
+        super()._init_transient()
         self._slot = _CallSlot()
         self._traced_slot = _TracedSlot()
         self._calls = TokenRegistry()  # block input tensor -> its denoiser call (for recomputation)
         self._grid_cache: tuple | None = None  # Flux: (weakref to img_ids, its grid)
         self._latest: DenoiserCall | None = None  # the latest denoiser call that finished
-        self._threads = StepThreads()  # per thread: the merge step alone or on torch's threads
 
     @property
     def r(self) -> None:
@@ -303,11 +302,8 @@ class DiffusionHandle(PatchHandle):
             shared[0] += 1
             call.plans[index] = shared[1]
             return shared[1]
-        if torch.compiler.is_compiling():
+        with self.merge_step(hidden):  # small ops: alone where that is faster (a busy machine)
             current = self._match(index, hidden, call)
-        else:  # small ops: alone where that is faster (a busy machine stalls parallel regions)
-            with self._threads.step(hidden):
-                current = self._match(index, hidden, call)
         call.shared[N] = [1, current]
         call.plans[index] = current
         return current
@@ -452,11 +448,8 @@ def _run_op(module: nn.Module, forward, op: str, handle: DiffusionHandle, args, 
             "tome: a patched UNet cannot merge self-attention under an attention_mask over its "
             "tokens; set unet.tome.merge_attn = False (or ratio = 0) or unpatch the UNet"
         )
-    if torch.compiler.is_compiling():
+    with handle.merge_step_part(hidden):
         merged = M.merge(current.plan, hidden, "mean")
-    else:
-        with handle._threads.follow(hidden):
-            merged = M.merge(current.plan, hidden, "mean")
     if op == "attn1" and not handle.merge_queries and kwargs.get("encoder_hidden_states") is None:
         # ToDo-style: full-length queries attend to the merged tokens' keys and values, as in
         # cross-attention; the output is already full length.

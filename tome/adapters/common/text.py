@@ -88,9 +88,7 @@ class TextHandle(ToMeHandle):
         (:attr:`unit_metric`): one float32 buffer, which matching reads without another copy."""
         if keys is None:
             return None
-        if torch.compiler.is_compiling():
-            return self._unit_metric(keys, hidden)
-        with self._threads.follow(hidden):  # part of the merge step (see ToMeHandle.merge_layer)
+        with self.merge_step_part(hidden):
             return self._unit_metric(keys, hidden)
 
     def _unit_metric(self, keys: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

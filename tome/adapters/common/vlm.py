@@ -415,6 +415,7 @@ class VisualHandle(PatchHandle):
     )
 
     def _init_transient(self) -> None:
+        super()._init_transient()
         self._slot = _CallSlot()
 
     def __init__(self, **options: object) -> None:
