@@ -346,7 +346,9 @@ def ray_cluster():
     ray = pytest.importorskip("ray")
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR"
+    )  # a Ray of its own, as tome embed starts one
     yield ray
     ray.shutdown()
 
