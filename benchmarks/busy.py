@@ -9,6 +9,7 @@ every patched setting once, in turn, so slow drifts hit all alike. The table sho
     python benchmarks/busy.py --cases timm,text --reps 3
     python benchmarks/busy.py --quick               # a smoke run: small inputs, 2 reps
     python benchmarks/busy.py --merge-step-ways     # each setting also with the merge step forced alone / shared
+    python benchmarks/busy.py --native --cases timm # beside each setting: no merging, its token counts
     python benchmarks/busy.py --profile --cases timm   # top ops of the patched forward, busy
     python benchmarks/busy.py --merge-step          # old vs new merge step: op counts, CPU time
     python benchmarks/busy.py --strong              # (16, -1.0), (16, -0.75): tome vs reference
@@ -190,7 +191,7 @@ def configure(model: torch.nn.Module, setting: dict | None) -> None:
     label = _label(setting)
     setting = dict(setting or {})
     _force_way(setting.pop(WAY, None))
-    if setting:
+    if setting and not setting.get(NATIVE):
         tome.patch(model, **setting)
         handle = model.tome
         handle._threads = _TIMINGS.setdefault((id(model), label), handle._threads)
@@ -212,10 +213,44 @@ def flops(model: torch.nn.Module, forward: Callable, inputs: dict) -> float:
     return float(counter.get_total_flops())
 
 
+def token_counts(model: torch.nn.Module, r, x: torch.Tensor) -> list[int]:
+    """``model.tome.tokens_per_layer`` of a timm ViT patched at ``r`` (patched for one image, then
+    unpatched again)."""
+    tome.unpatch(model)
+    tome.patch(model, r=r)
+    with torch.inference_mode():
+        model(x[:1])
+    counts = list(model.tome.tokens_per_layer)
+    tome.unpatch(model)
+    return counts
+
+
+def native_forward(model: torch.nn.Module, x: torch.Tensor, counts: list[int]) -> None:
+    """The unpatched timm ViT's parts, each run on random tokens of the count the patched
+    block's part sees (``counts``: ``tokens_per_layer``): no matching, no merging, no
+    proportional attention. What those sizes cost on this CPU: the bound any merging method at
+    this schedule can reach."""
+    g = torch.Generator().manual_seed(1)
+    model.patch_embed(x)  # the same embedding as every other row
+    width = model.embed_dim
+    # tokens_per_layer: entering block 0, then after each block; a block merges between its
+    # attention (at the count entering it) and its MLP (at the count leaving it)
+    for i, block in enumerate(model.blocks):
+        h = torch.randn(x.shape[0], counts[i], width, generator=g)
+        h + block.ls1(block.attn(block.norm1(h)))
+        h = torch.randn(x.shape[0], counts[i + 1], width, generator=g)
+        h + block.ls2(block.mlp(block.norm2(h)))
+
+
+NATIVE = "native"  # a setting key (timm): run native_forward at that setting's token counts
+
+
 def _label(setting: dict | None) -> str:
     if setting is None:
         return "unpatched"
-    label = ", ".join(f"{k}={v}" for k, v in setting.items() if k != WAY)
+    label = ", ".join(f"{k}={v}" for k, v in setting.items() if k not in (WAY, NATIVE))
+    if setting.get(NATIVE):
+        return f"native at {label}'s token counts"
     ways = {"alone": ", merge step alone", "shared": f", merge step on {torch.get_num_threads()} threads"}
     return label + ways.get(setting.get(WAY), "")
 
@@ -231,19 +266,30 @@ def run_case(case: str, args, spin: Spinner, log) -> list[str]:
             for setting in settings
             for s in (setting, {**setting, WAY: "alone"}, {**setting, WAY: "shared"})
         ]
+    counts = {}
+    if args.native and case == "timm":  # beside each setting: the unpatched blocks at its counts
+        counts = {s["r"]: token_counts(model, s["r"], inputs["x"]) for s in settings if WAY not in s}
+        settings = settings + [{"r": r, NATIVE: True} for r in counts]
+
+    def run(setting: dict | None) -> None:
+        if setting and setting.get(NATIVE):
+            native_forward(model, inputs["x"], counts[setting["r"]])
+        else:
+            forward(model, inputs)
+
     everything = [None, *settings]
     ideal = {}
     base_flops = None
     for setting in everything:
         configure(model, setting)
-        f = flops(model, forward, inputs)
+        f = flops(model, lambda m, i, setting=setting: run(setting), inputs)
         base_flops = f if setting is None else base_flops
         ideal[_label(setting)] = base_flops / f
     times = {(phase, _label(s)): [] for phase in ("idle", "busy") for s in everything}
     with torch.inference_mode():
         for setting in everything:  # warm-up
             configure(model, setting)
-            forward(model, inputs)
+            run(setting)
         for rep in range(args.reps):
             for phase in ("idle", "busy"):
                 if phase == "busy":
@@ -252,7 +298,7 @@ def run_case(case: str, args, spin: Spinner, log) -> list[str]:
                     for setting in everything:
                         configure(model, setting)
                         start = time.perf_counter()
-                        forward(model, inputs)
+                        run(setting)
                         times[(phase, _label(setting))].append(time.perf_counter() - start)
                 finally:
                     if phase == "busy":
@@ -442,28 +488,10 @@ def strong_report(args) -> None:
     for r in ((16, -1.0), (16, -0.75)):
         settings += [("tome mlerp", r, "mlerp"), ("tome mean", r, "mean"), ("reference", r, None)]
         settings += [("native", r, None)]
-    # "native": the unpatched blocks' parts, each run on random tokens of the count the patched
-    # block's part sees (no matching, no merging, no proportional attention): what those sizes
-    # cost on this CPU, the bound any merging method at this schedule can reach.
-    counts = {}
-    for r in ((16, -1.0), (16, -0.75)):
-        tome.patch(model, r=r)
-        with torch.inference_mode():
-            model(x["x"][:1])
-        counts[r] = model.tome.tokens_per_layer
-        tome.unpatch(model)
-    width = model.embed_dim
+    counts = {r: token_counts(model, r, x["x"]) for r in ((16, -1.0), (16, -0.75))}
 
     def native(r) -> None:
-        g = torch.Generator().manual_seed(1)
-        model.patch_embed(x["x"])  # the same embedding as every other row
-        # tokens_per_layer: entering block 0, then after each block; a block merges between
-        # its attention (at the count entering it) and its MLP (at the count leaving it)
-        for i, block in enumerate(model.blocks):
-            h = torch.randn(args.batch, counts[r][i], width, generator=g)
-            h + block.ls1(block.attn(block.norm1(h)))
-            h = torch.randn(args.batch, counts[r][i + 1], width, generator=g)
-            h + block.ls2(block.mlp(block.norm2(h)))
+        native_forward(model, x["x"], counts[r])
 
     def configure_strong(kind: str, r, mode) -> None:
         tome.unpatch(model)
@@ -530,6 +558,11 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="beside each setting (the merge step picks its way by timing), the same with the merge "
         "step always alone on the calling thread, and always on torch's threads (as before)",
+    )
+    parser.add_argument(
+        "--native",
+        action="store_true",
+        help="timm: beside each setting, the unpatched blocks run at its token counts (no merging)",
     )
     parser.add_argument(
         "--merge-step", action="store_true", help="old vs new merge step: op counts, CPU time"

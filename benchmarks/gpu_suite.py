@@ -20,6 +20,9 @@ Without CUDA (and without ``--dry-run``) it stops at once, saying so. Random wei
   a Vicuna-7B language model), full depth (24 + 32 layers), bf16, batch 1: the prefill
   (``generate(max_new_tokens=1)``) unpatched and with ``tome.patch(llava, visual_tokens=64)``;
   FLOP-ideal from ``vlm.flops``.
+- ``flex``: proportional attention's two kernels, SDPA with a float mask and FlexAttention
+  (``attention_kernel="flex"``), on the timm ViT at 224 and 518 px in fp16 and bf16
+  (``benchmarks/attention_kernel.py``; its own table).
 - ``unet``: SD 1.5's ``UNet2DConditionModel`` (default config) at 512 px (64 x 64 latents),
   batch 2, fp16, 77 text tokens: one denoiser call unpatched and at ``ratio=0.5``, eager.
 
@@ -44,6 +47,7 @@ for path in (ROOT, ROOT / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+import attention_kernel  # noqa: E402
 import speed  # noqa: E402
 import vlm  # noqa: E402
 
@@ -279,12 +283,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--no-compile", action="store_true", help="eager only")
     parser.add_argument("--reps", type=int, default=None, help="timed rounds (default 10; dry run 1)")
-    parser.add_argument("--cases", default="vit,vlm,unet", help="comma-separated subset of vit, vlm, unet")
+    parser.add_argument(
+        "--cases", default="vit,flex,vlm,unet", help="comma-separated subset of vit, flex, vlm, unet"
+    )
     args = parser.parse_args(argv)
     cases = args.cases.split(",")
-    unknown = sorted(set(cases) - {"vit", "vlm", "unet"})
+    unknown = sorted(set(cases) - {"vit", "flex", "vlm", "unet"})
     if unknown:
-        parser.error(f"--cases: expected some of vit, vlm, unet, got {', '.join(unknown)}")
+        parser.error(f"--cases: expected some of vit, flex, vlm, unet, got {', '.join(unknown)}")
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit(
             "benchmarks/gpu_suite.py needs a CUDA device: torch.cuda.is_available() is False "
@@ -315,6 +321,14 @@ def main(argv: list[str] | None = None) -> None:
                 )
             if args.dry_run:
                 break  # one family suffices to check the wiring
+    flex_rows: list[str] = []
+    if "flex" in cases:
+        flex_cases = [(56, 2, 2)] if args.dry_run else [(224, 64, 16), (518, 16, 64)]
+        dtypes = (torch.float32,) if args.dry_run else (torch.float16, torch.bfloat16)
+        for size, batch, r in flex_cases:
+            for dtype in dtypes:
+                log(f"  attention kernels {size}px {str(dtype)[6:]} ({time.perf_counter() - START:.0f}s elapsed)")
+                flex_rows.append(attention_kernel.case(size, batch, r, dtype, device, args.reps, args.dry_run))
     if "vlm" in cases:
         rows += vlm_case(device, args, timer, log)
         if device.type == "cuda":
@@ -325,6 +339,11 @@ def main(argv: list[str] | None = None) -> None:
     print(HEADER)
     print("|" + "---|" * (HEADER.count("|") - 1))
     print("\n".join(rows))
+    if flex_rows:
+        print("\nProportional attention's kernels (timm ViT-S/14, eager):\n")
+        print(attention_kernel.HEADER)
+        print("|" + "---|" * (attention_kernel.HEADER.count("|") - 1))
+        print("\n".join(flex_rows))
     print(f"\n{time.perf_counter() - start:.0f}s in all")
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from tome.core.attention import key_bias_attention
 from tome.runtime.handle import BlockCall, ToMeHandle
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "pool",
     "run_eva_block",
     "run_vit_block",
+    "vit_attention",
 ]
 
 # the parts of timm.models.vision_transformer.Block
@@ -76,13 +78,41 @@ def run_vit_block(
     x: torch.Tensor,
     bias: torch.Tensor | None,
     is_causal: bool = False,
+    kernel: str = "sdpa",
 ) -> torch.Tensor:
-    """One timm ViT ``Block`` re-composed from its parts, merging after the attention residual."""
+    """One timm ViT ``Block`` re-composed from its parts, merging after the attention residual;
+    ``kernel``: how proportional attention runs (:func:`vit_attention`)."""
     handle.take_keys()  # nothing left over from an interrupted call in this thread
-    attn_out = block.attn(block.norm1(x), attn_mask=bias, is_causal=is_causal)
+    attn_out = vit_attention(block.attn, block.norm1(x), bias, is_causal, kernel)
     x = x + block.drop_path1(block.ls1(attn_out))
     x = handle.merge_layer(call, x, handle.take_keys())
     return handle.end_layer(call, x + block.drop_path2(block.ls2(block.mlp(block.norm2(x)))))
+
+
+def vit_attention(
+    attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, is_causal: bool, kernel: str
+) -> torch.Tensor:
+    """timm's ``Attention`` on ``x`` with the float mask ``bias``: its own forward, or, for
+    ``kernel="flex"`` and a per-key mask ``(B, 1, 1, N)`` (proportional attention, padding), its
+    parts with the attention itself run by :func:`tome.core.attention.key_bias_attention`'s
+    FlexAttention kernel (the bias added by a ``score_mod``: fused on CUDA, where SDPA with a
+    float mask cannot use FlashAttention)."""
+    per_key = bias is not None and bias.dim() == 4 and bias.shape[1] == 1 and bias.shape[2] == 1
+    if kernel == "sdpa" or not per_key or is_causal or not getattr(attn, "fused_attn", True):
+        return attn(x, attn_mask=bias, is_causal=is_causal)
+    B, N, _ = x.shape
+    gate = getattr(attn, "gate", None)
+    gate = gate(x).sigmoid() if gate is not None else None
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)  # k_norm's hook offers the keys, as in timm's forward
+    dropout_p = attn.attn_drop.p if attn.training else 0.0
+    out = key_bias_attention(q, k, v, bias[:, 0, 0, :], kernel=kernel, dropout_p=dropout_p)
+    out = out.transpose(1, 2).reshape(B, N, -1)
+    out = getattr(attn, "norm", nn.Identity())(out)
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out))
 
 
 def check_eva_block(index: int, block: nn.Module, num_prefix_tokens: int, where: str = "timm Eva") -> str:
