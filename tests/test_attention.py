@@ -158,3 +158,40 @@ def test_gpu_suite_dry_run_races_the_two_kernels(capsys):
     assert "Proportional attention's kernels" in out
     row = next(line for line in out.splitlines() if line.startswith("| 56 |"))
     assert float(row.split("|")[-2]) < 1e-4  # max diff between the kernels' outputs
+
+
+def _torchvision_vit() -> torch.nn.Module:
+    tv = pytest.importorskip("torchvision.models")
+    torch.manual_seed(0)
+    return tv.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=3, num_heads=2, hidden_dim=32, mlp_dim=64
+    ).eval()
+
+
+def _open_clip_vit() -> torch.nn.Module:
+    transformer = pytest.importorskip("open_clip.transformer")
+    torch.manual_seed(0)
+    return transformer.VisionTransformer(
+        image_size=32, patch_size=8, width=64, layers=3, heads=2, mlp_ratio=2.0, output_dim=16
+    ).eval()
+
+
+@pytest.mark.parametrize("build", [_torchvision_vit, _open_clip_vit], ids=["torchvision", "open_clip"])
+def test_nn_multihead_families_flex_kernel_equals_sdpa(build):
+    # torchvision and open_clip: tome runs their nn.MultiheadAttention itself (tome.adapters.common.mha)
+    x = torch.randn(2, 3, 32, 32)
+    sdpa = tome.patch(build(), r=3)
+    flex = tome.patch(build(), r=3, attention_kernel="flex")
+    with torch.no_grad():
+        expected, got = sdpa(x), flex(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert flex.tome.tokens_per_layer == sdpa.tome.tokens_per_layer
+    assert flex.tome.tokens_per_layer[-1] < flex.tome.tokens_per_layer[0]
+
+
+def test_families_without_the_kernel_option_name_those_that_take_it():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=64, image_size=32, patch_size=8)  # fmt: skip
+    with pytest.raises(TypeError, match="attention_kernel"):
+        tome.patch(transformers.ViTModel(config), r=2, attention_kernel="flex")

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from tome.adapters.common.classes import class_names
+from tome.adapters.common.kernel import KernelHandle, kernel_of
 from tome.adapters.common.mha import check_fused, self_attention
 from tome.runtime.handle import BlockCall, ToMeHandle
 from tome.runtime.registry import Adapter
@@ -125,7 +126,7 @@ def _block_forward(
         mask = mask.to(x.dtype)
         if mask.dim() == 3:
             mask = mask.view(x.shape[0], mha.num_heads, *mask.shape[-2:])
-    attn_out, keys = self_attention(mha, block.ln_1(x), mask)
+    attn_out, keys = self_attention(mha, block.ln_1(x), mask, kernel_of(handle, attn_mask))
     x = x + block.ls_1(attn_out)
     metric = handle.similarity_features(keys) if handle.wants_keys(index, x.shape[1]) else None
     x = handle.merge_layer(call, x, metric)
@@ -211,7 +212,7 @@ def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
     pools_tokens = (
         getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok"
     )
-    handle = ToMeHandle(
+    handle = KernelHandle(
         len(blocks),
         r,
         protected=1,  # the class token
@@ -237,4 +238,5 @@ ADAPTER = Adapter(
     apply=apply,
     merged="the image tower only (`encode_text` untouched); pooling size-weighted",
     tested_on="tiny random configs",
+    handle=KernelHandle,
 )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from tome.adapters.common.kernel import KernelHandle, kernel_of
 from tome.adapters.common.timm import VISION
 from tome.adapters.common.timm_blocks import (
     VIT_BLOCK_PARTS,
@@ -24,9 +25,7 @@ from tome.adapters.common.timm_blocks import (
     pool,
     run_vit_block,
 )
-from tome.core.attention import KERNELS
 from tome.runtime.handle import ToMeHandle
-from tome.runtime.options import Option, one_of
 from tome.runtime.registry import Adapter
 
 _ATTN_PARTS = ("qkv", "k_norm", "proj", "num_heads")
@@ -55,23 +54,7 @@ def _block_forward(
     is_causal: bool = False,
 ) -> torch.Tensor:
     call, bias = begin_block(handle, index, x, attn_mask, is_causal, "timm")
-    # A user's own mask runs through timm's forward as it is; only tome's per-key mask can go
-    # to the FlexAttention kernel.
-    # (getattr: a model patched and pickled before the option existed holds a plain ToMeHandle.)
-    kernel = getattr(handle, "attention_kernel", "sdpa") if attn_mask is None else "sdpa"
-    return run_vit_block(block, handle, call, x, bias, is_causal, kernel)
-
-
-class TimmVitHandle(ToMeHandle):
-    """The handle of a patched timm ``VisionTransformer``: :class:`ToMeHandle` plus the kernel
-    that runs proportional attention (a declared option: ``tome.patch`` keyword, settable here)."""
-
-    attention_kernel = Option(
-        "sdpa",
-        one_of(*KERNELS),
-        "the kernel of proportional attention: sdpa (a float mask) or flex (FlexAttention, log "
-        "size added by a score_mod: fused on CUDA, compiled on first use)",
-    )
+    return run_vit_block(block, handle, call, x, bias, is_causal, kernel_of(handle, attn_mask))
 
 
 def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
@@ -80,7 +63,7 @@ def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
         _check_block(index, block)
     if not hasattr(type(model), "pool"):
         raise TypeError("tome: this timm version's VisionTransformer has no pool(); please upgrade timm")
-    handle = TimmVitHandle(
+    handle = KernelHandle(
         len(blocks),
         r,
         protected=model.num_prefix_tokens,
@@ -96,6 +79,6 @@ ADAPTER = Adapter(
     apply=apply,
     merged="between attention and MLP in every `Block`; avg/attention pooling size-weighted",
     tested_on="tiny random configs (ViT, DeiT, DINOv2, registers, qk-norm); real DINOv2-S/14",
-    handle=TimmVitHandle,
+    handle=KernelHandle,
     vision=VISION,
 )

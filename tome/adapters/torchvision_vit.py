@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from tome.adapters.common.kernel import KernelHandle, kernel_of
 from tome.adapters.common.mha import check_fused, self_attention
 from tome.runtime.handle import ToMeHandle
 from tome.runtime.registry import Adapter, InputSizes, VisionInfo
@@ -33,7 +34,7 @@ def _block_forward(block: nn.Module, index: int, handle: ToMeHandle, input: torc
         raise ValueError(f"Expected (batch_size, seq_length, hidden_dim) got {tuple(input.shape)}")
     call = handle.begin_layer(index, input)
     bias = handle.attention_bias(call, input.dtype)
-    attn_out, keys = self_attention(block.self_attention, block.ln_1(input), bias)
+    attn_out, keys = self_attention(block.self_attention, block.ln_1(input), bias, kernel_of(handle, None))
     x = input + block.dropout(attn_out)
     metric = handle.similarity_features(keys) if handle.wants_keys(index, x.shape[1]) else None
     x = handle.merge_layer(call, x, metric)
@@ -59,7 +60,7 @@ def apply(model: nn.Module, *, r, **settings) -> ToMeHandle:
     blocks = list(layers)
     for index, block in enumerate(blocks):
         _check_block(index, block)
-    handle = ToMeHandle(
+    handle = KernelHandle(
         len(blocks),
         r,
         protected=1,  # the class token
@@ -94,6 +95,7 @@ ADAPTER = Adapter(
     apply=apply,
     merged="between attention and MLP in every `EncoderBlock`",
     tested_on="tiny random configs",
+    handle=KernelHandle,
     vision=VisionInfo(
         tokens=_tools_tokens,
         pool=lambda model, tokens: tokens[:, 0],

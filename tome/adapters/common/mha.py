@@ -22,6 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tome.adapters.common.kernel import is_key_bias
+from tome.core.attention import key_bias_attention
+
 
 def check_fused(mha: nn.Module, *, where: str, batch_first: bool = True) -> None:
     """Raise a ``TypeError`` naming ``where`` unless ``mha`` is an attention ``self_attention`` runs.
@@ -51,17 +54,21 @@ def check_fused(mha: nn.Module, *, where: str, batch_first: bool = True) -> None
 
 
 def self_attention(
-    mha: nn.MultiheadAttention, x: torch.Tensor, bias: torch.Tensor | None
+    mha: nn.MultiheadAttention, x: torch.Tensor, bias: torch.Tensor | None, kernel: str = "sdpa"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-attention of ``mha`` on ``x`` (B, N, C): ``(output, keys (B, N, heads, head_dim))``.
 
-    ``bias`` is an additive float mask broadcastable to (B, heads, N, N), or ``None``.
+    ``bias`` is an additive float mask broadcastable to (B, heads, N, N), or ``None``; a per-key
+    one ``(B, 1, 1, N)`` runs through ``kernel`` (:func:`tome.core.attention.key_bias_attention`).
     """
     B, N, C = x.shape
     heads = mha.num_heads
     qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
     q, k, v = qkv.view(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4).unbind(0)
     dropout_p = mha.dropout if mha.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+    if kernel != "sdpa" and is_key_bias(bias):
+        out = key_bias_attention(q, k, v, bias[:, 0, 0, :], kernel=kernel, dropout_p=dropout_p)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
     out = mha.out_proj(out.transpose(1, 2).reshape(B, N, C))
     return out, k.transpose(1, 2)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from tome.adapters.common.kernel import is_key_bias
 from tome.core.attention import key_bias_attention
 from tome.runtime.handle import BlockCall, ToMeHandle
 
@@ -97,8 +98,7 @@ def vit_attention(
     parts with the attention itself run by :func:`tome.core.attention.key_bias_attention`'s
     FlexAttention kernel (the bias added by a ``score_mod``: fused on CUDA, where SDPA with a
     float mask cannot use FlashAttention)."""
-    per_key = bias is not None and bias.dim() == 4 and bias.shape[1] == 1 and bias.shape[2] == 1
-    if kernel == "sdpa" or not per_key or is_causal or not getattr(attn, "fused_attn", True):
+    if kernel == "sdpa" or not is_key_bias(bias) or is_causal or not getattr(attn, "fused_attn", True):
         return attn(x, attn_mask=bias, is_causal=is_causal)
     B, N, _ = x.shape
     gate = getattr(attn, "gate", None)
