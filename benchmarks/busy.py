@@ -10,6 +10,7 @@ every patched setting once, in turn, so slow drifts hit all alike. The table sho
     python benchmarks/busy.py --quick               # a smoke run: small inputs, 2 reps
     python benchmarks/busy.py --merge-step-ways     # each setting also with the merge step forced alone / shared
     python benchmarks/busy.py --native --cases timm # beside each setting: no merging, its token counts
+    python benchmarks/busy.py --calls 4             # each setting 4 calls in a row per phase: a steady load
     python benchmarks/busy.py --profile --cases timm   # top ops of the patched forward, busy
     python benchmarks/busy.py --merge-step          # old vs new merge step: op counts, CPU time
     python benchmarks/busy.py --strong              # (16, -1.0), (16, -0.75): tome vs reference
@@ -297,9 +298,10 @@ def run_case(case: str, args, spin: Spinner, log) -> list[str]:
                 try:
                     for setting in everything:
                         configure(model, setting)
-                        start = time.perf_counter()
-                        run(setting)
-                        times[(phase, _label(setting))].append(time.perf_counter() - start)
+                        for _ in range(args.calls):  # --calls: a steady load over several calls
+                            start = time.perf_counter()
+                            run(setting)
+                            times[(phase, _label(setting))].append(time.perf_counter() - start)
                 finally:
                     if phase == "busy":
                         spin.pause()
@@ -560,6 +562,14 @@ def main(argv: list[str] | None = None) -> None:
         "step always alone on the calling thread, and always on torch's threads (as before)",
     )
     parser.add_argument(
+        "--calls",
+        type=int,
+        default=1,
+        help="calls of each setting in a row within a phase, each timed (default 1: the load "
+        "changes between every two calls of a setting; more: a steady load, as the merge step's "
+        "thread picker meets it in a service that shares its machine for long)",
+    )
+    parser.add_argument(
         "--native",
         action="store_true",
         help="timm: beside each setting, the unpatched blocks run at its token counts (no merging)",
@@ -602,7 +612,8 @@ def main(argv: list[str] | None = None) -> None:
                 rows += run_case(case, case_args, spin, log)
     if rows:
         print(
-            f"medians of {args.reps} interleaved repetitions; busy = a spinning process on the other core\n"
+            f"medians of {args.reps} interleaved repetitions x {args.calls} call(s) in a row per phase; "
+            "busy = a spinning process on the other core\n"
         )
         print(HEADER)
         print("|" + "---|" * (HEADER.count("|") - 1))

@@ -11,7 +11,13 @@ import torch
 
 import tome
 from tome.core import merge as M
-from tome.core.threads import RETRY_EVERY, StepThreads, calling_thread_only, can_run_alone
+from tome.core.threads import (
+    RETRY_EVERY,
+    StepThreads,
+    calling_thread_count,
+    calling_thread_only,
+    can_run_alone,
+)
 
 
 @pytest.fixture
@@ -58,6 +64,30 @@ def test_other_python_threads_keep_their_count(two_threads):
     worker.join()
     assert seen == [2]
     assert torch.get_num_threads() == 2
+
+
+def test_any_count_for_the_calling_thread_alone(two_threads):
+    # tome.tune's passes run at a picked count this way: a thread that starts using torch during
+    # a pass keeps torch's count (torch.set_num_threads would have given it the pass's for good).
+    seen: list[int] = []
+    inside, release = threading.Event(), threading.Event()
+
+    def other() -> None:
+        inside.wait()
+        seen.append(torch.get_num_threads())
+        release.set()
+
+    worker = threading.Thread(target=other)
+    worker.start()
+    with pytest.raises(RuntimeError, match="boom"), calling_thread_count(1):
+        assert torch.get_num_threads() == 1
+        inside.set()
+        release.wait(timeout=10)
+        raise RuntimeError("boom")
+    worker.join()
+    assert seen == [2] and torch.get_num_threads() == 2
+    with calling_thread_count(2):  # its own count: nothing to change
+        assert torch.get_num_threads() == 2
 
 
 def _recording_merge(monkeypatch) -> list[int]:

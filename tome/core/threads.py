@@ -23,7 +23,11 @@ moment takes for good (a thread pool growing beside a patched model would be stu
 Where torch runs on no OpenMP runtime this process can reach (checked once: the runtime must
 change what ``torch.get_num_threads()`` reports), nothing changes. Nothing changes either under
 ``torch.compile`` (the compiled graph has its own threading) or on an accelerator. Matrix products
-that torch hands to MKL keep MKL's own thread count.
+follow the count too (torch's x86 wheels: MKL and oneDNN run on the same OpenMP runtime; a fp32
+linear or bmm at 2 threads used 1 thread's CPU time inside: ``benchmarks/calling_thread.py``).
+
+:func:`calling_thread_count` sets any count the same way, for callers that pick a count for
+whole passes (:mod:`tome.tools.tune.threads`).
 
 >>> import torch
 >>> before = torch.get_num_threads()
@@ -46,7 +50,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["RETRY_EVERY", "StepThreads", "calling_thread_only", "can_run_alone"]
+__all__ = ["RETRY_EVERY", "StepThreads", "calling_thread_count", "calling_thread_only", "can_run_alone"]
 
 RETRY_EVERY = 16  # steps between tries of the way not taken
 _KEPT = 5  # timings kept per way
@@ -89,14 +93,42 @@ def calling_thread_only(like: torch.Tensor) -> contextlib.AbstractContextManager
     return contextlib.nullcontext() if setter is None else _OneThread(setter, threads)
 
 
-class _OneThread:
-    """Sets the calling thread's OpenMP thread count to 1; restores ``threads`` on exit."""
+def calling_thread_count(threads: int) -> contextlib.AbstractContextManager:
+    """A context that runs the enclosed CPU ops at ``threads`` threads: the calling thread's
+    OpenMP count, restored on exit (also on error); other threads, and threads that start using
+    torch meanwhile, keep theirs. Where no OpenMP runtime is reachable, ``torch.set_num_threads``
+    (restored likewise; there it is the only way)."""
+    own = torch.get_num_threads()
+    if threads == own:
+        return contextlib.nullcontext()
+    setter = _omp_set_num_threads()
+    if setter is None:
+        return _TorchThreads(threads, own)
+    return _OneThread(setter, own, threads)
 
-    def __init__(self, setter: Callable[[int], None], threads: int) -> None:
-        self.setter, self.threads = setter, threads
+
+class _TorchThreads:
+    """``torch.set_num_threads(threads)``; ``own`` restored on exit."""
+
+    def __init__(self, threads: int, own: int) -> None:
+        self.threads, self.own = threads, own
 
     def __enter__(self) -> None:
-        self.setter(1)
+        torch.set_num_threads(self.threads)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self.own)
+
+
+class _OneThread:
+    """Sets the calling thread's OpenMP thread count to ``inside`` (1 unless given); restores
+    ``threads`` on exit."""
+
+    def __init__(self, setter: Callable[[int], None], threads: int, inside: int = 1) -> None:
+        self.setter, self.threads, self.inside = setter, threads, inside
+
+    def __enter__(self) -> None:
+        self.setter(self.inside)
 
     def __exit__(self, *exc: object) -> None:
         self.setter(self.threads)

@@ -321,8 +321,8 @@ def tune(
         threads: torch's thread count for the search's forward passes: ``"auto"`` times them at
             torch's own count and at 1 and runs them at the faster (on a busy CPU small passes
             often run several times faster on one thread; :mod:`tome.tools.tune.threads`), or
-            an int. Set around each pass and restored after it (``torch.set_num_threads`` is
-            process-wide state); the timing of ``budget="measured"`` runs at torch's own count.
+            an int. Set for the calling thread around each pass and restored after it; the
+            timing of ``budget="measured"`` runs at torch's own count.
 
     Returns a :class:`TuneResult` (``.schedule``: one int per block).
 

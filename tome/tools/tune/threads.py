@@ -16,9 +16,11 @@ twentieth) of the time spent on such tries.
 A thread count changes no result here: the model's outputs were bit-identical at 1 and 2
 threads (``tests/test_tune.py``), so the schedule tune chooses does not depend on it.
 
-``torch.set_num_threads`` is torch's thread count for the calling thread's parallel regions
-(process-wide for most programs, which run torch from one thread): :meth:`ThreadPicker.run` sets
-it for one pass and restores it in a ``finally``, so nothing else sees a changed count.
+:meth:`ThreadPicker.run` sets the count of the calling thread alone
+(:func:`tome.core.threads.calling_thread_count`: its OpenMP count, which matrix products follow
+too) for one pass and restores it on exit, also on error: other threads, and threads that start
+using torch during a pass, keep theirs. (``torch.set_num_threads`` would also fix the count of a
+thread starting at that moment for good; it is used only where no OpenMP runtime is reachable.)
 
 >>> import torch
 >>> own = torch.get_num_threads()
@@ -36,6 +38,8 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import torch
+
+from tome.core.threads import calling_thread_count
 
 __all__ = ["ThreadPicker", "check_threads"]
 
@@ -100,12 +104,9 @@ class ThreadPicker:
         torch's thread count is restored afterwards, also on error."""
         threads = self.pick(work)
         best = self.best
-        torch.set_num_threads(threads)
         start = time.perf_counter()
-        try:
+        with calling_thread_count(threads):
             out = fn()
-        finally:
-            torch.set_num_threads(self.own)
         seconds = time.perf_counter() - start
         self.seconds[threads] += seconds
         if work > 0:
@@ -117,11 +118,8 @@ class ThreadPicker:
     def at_best(self) -> Iterator[None]:
         """Run the enclosed (small, untimed) work at :attr:`best`, e.g. scoring a pass's outputs:
         at torch's count on a busy machine it waits as the passes do. Restored on exit."""
-        torch.set_num_threads(self.best)
-        try:
+        with calling_thread_count(self.best):
             yield
-        finally:
-            torch.set_num_threads(self.own)
 
     def summary(self) -> str:
         """``"1 thread"``, or how long each count ran and how they compared lately, e.g.
