@@ -11,6 +11,7 @@ every patched setting once, in turn, so slow drifts hit all alike. The table sho
     python benchmarks/busy.py --merge-step-ways     # each setting also with the merge step forced alone / shared
     python benchmarks/busy.py --native --cases timm # beside each setting: no merging, its token counts
     python benchmarks/busy.py --calls 4             # each setting 4 calls in a row per phase: a steady load
+    python benchmarks/busy.py --step-timings        # each merge step's way and ms as the load comes and goes
     python benchmarks/busy.py --profile --cases timm   # top ops of the patched forward, busy
     python benchmarks/busy.py --merge-step          # old vs new merge step: op counts, CPU time
     python benchmarks/busy.py --strong              # (16, -1.0), (16, -0.75): tome vs reference
@@ -542,6 +543,43 @@ def strong_report(args) -> None:
               f"{ref / t:.3f}x |")  # fmt: skip
 
 
+def step_timings_report(args) -> None:
+    """Each merge step's way and milliseconds, forward by forward, as the load comes and goes:
+    timm ViT-S/14 (random) at 224 px, r=16, 4 idle forwards, 4 busy, then idle and busy in turn."""
+    import timm
+
+    from tome.core import threads
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch14_dinov2", img_size=224, pretrained=False).eval()
+    x = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    tome.patch(model, r=16)
+    steps: list[tuple[bool, float]] = []
+    timed_exit = threads._Timed.__exit__  # a diagnostic: reads the picker's own record
+
+    def recording_exit(self, *exc) -> None:
+        timed_exit(self, *exc)
+        steps.append((self.way, self.ways.timings[self.way][-1]))
+
+    threads._Timed.__exit__ = recording_exit
+    print(f"timm ViT-S/14 (random), 224 px, batch {args.batch}, r=16; A = alone, S = on torch's threads\n")
+    try:
+        with spinner() as spin, torch.inference_mode():
+            for phase in ["idle"] * 4 + ["busy"] * 4 + ["idle", "busy"] * 3:
+                if phase == "busy":
+                    spin.resume()
+                steps.clear()
+                start = time.perf_counter()
+                model(x)
+                seconds = time.perf_counter() - start
+                if phase == "busy":
+                    spin.pause()
+                ways = " ".join(f"{'A' if alone else 'S'}{1e3 * t:.1f}" for alone, t in steps)
+                print(f"{phase} forward {seconds:.2f} s, steps ms: {ways}")
+    finally:
+        threads._Timed.__exit__ = timed_exit
+
+
 # -- main ---------------------------------------------------------------------------------------
 
 
@@ -560,6 +598,11 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="beside each setting (the merge step picks its way by timing), the same with the merge "
         "step always alone on the calling thread, and always on torch's threads (as before)",
+    )
+    parser.add_argument(
+        "--step-timings",
+        action="store_true",
+        help="each merge step's way and time as the load comes and goes",
     )
     parser.add_argument(
         "--calls",
@@ -598,6 +641,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.merge_step:
         args.batch = args.batch or 16
         merge_step_report(args)
+        return
+    if args.step_timings:
+        args.batch = args.batch or 16
+        step_timings_report(args)
         return
     start = time.perf_counter()
     rows = []

@@ -13,7 +13,10 @@ import tome
 from tome.core import merge as M
 from tome.core.threads import (
     RETRY_EVERY,
+    STALL_MEMORY,
+    STALLED,
     StepThreads,
+    _Ways,
     calling_thread_count,
     calling_thread_only,
     can_run_alone,
@@ -118,6 +121,36 @@ def test_the_faster_way_is_taken_and_the_other_retried():
     kind.steps = 0
     picked = [kind.pick() for _ in range(RETRY_EVERY)]
     assert picked.count(True) == 1 and picked[-1] is True  # the slower way, every RETRY_EVERY steps
+
+
+def test_a_stalled_shared_step_sends_every_shape_alone_for_a_while():
+    # Load is the machine's: once a step on torch's threads stalls, every step of the thread runs
+    # alone for STALL_MEMORY steps (a stall costs far more than a step alone on an idle machine).
+    choice = StepThreads()
+    shapes = [torch.zeros(n, 8) for n in (4, 3, 2)]
+    for x in shapes:
+        kind = choice.shapes[tuple(x.shape)] = _Ways()
+        kind.timings = {True: deque([2.0] * 5), False: deque([1.0] * 5)}  # shared faster: taken
+    picks = []
+    for x in shapes:
+        with choice.step(x):
+            picks.append(choice.alone)
+    assert picks == [False, False, False] and choice.stalled_at is None
+    timed = choice.step(shapes[0])
+    assert not choice.alone
+    with timed:
+        timed.start -= 10 * STALLED  # far longer than its shape's mean: the load arrived
+    assert choice.stalled_at == choice.steps
+    picks = []
+    for i in range(STALL_MEMORY):
+        with choice.step(shapes[i % 3]):
+            picks.append(choice.alone)
+    assert all(picks)
+    for x in shapes:  # then the means decide again (shared is still the faster here)
+        choice.shapes[tuple(x.shape)].timings = {True: deque([2.0] * 5), False: deque([1.0] * 5)}
+        choice.shapes[tuple(x.shape)].steps = 1
+    with choice.step(shapes[1]):
+        assert not choice.alone
 
 
 def _tiny_vit(depth: int, r: int) -> torch.nn.Module:

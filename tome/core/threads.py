@@ -13,8 +13,16 @@ the keys' mean over heads) run faster on all threads, and on a machine with many
 alone could cost more than its stalls. :class:`StepThreads` picks, per calling thread, by timing:
 the step runs alone or on torch's threads, whichever took less time on average over the last few
 steps of the same shape (the mean, not the median: stalls are rare and long), and the other way
-is tried again every :data:`RETRY_EVERY` steps of that shape (the load changes). Both ways give the same result
-(tests/test_threads.py).
+is tried again every :data:`RETRY_EVERY` steps of that shape (the load changes).
+
+The two mistakes cost very differently. Idle, a step alone costs about a millisecond more than
+on both threads; under load a step on both threads stalls for 90-160 ms where alone it takes
+2-14 ms (ViT-S/14, 224 px, batch 16, 2 threads, a spinning process on the other core; per-step
+timings printed by ``python benchmarks/busy.py --step-timings``). So a load that arrives is
+answered at once and for a while: a step on torch's threads that takes :data:`STALLED` times its
+shape's recent mean sends every step of the thread, whatever its shape (load is the machine's,
+not one shape's), alone for the next :data:`STALL_MEMORY` steps; then the means decide again.
+Both ways give the same result (tests/test_threads.py).
 
 How: OpenMP's thread count is a per-thread setting (``omp_set_num_threads`` changes the calling
 thread's only); it is set to 1 for the step and restored after it, also on error. Not with
@@ -50,9 +58,18 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["RETRY_EVERY", "StepThreads", "calling_thread_count", "calling_thread_only", "can_run_alone"]
+__all__ = [
+    "RETRY_EVERY",
+    "STALLED",
+    "StepThreads",
+    "calling_thread_count",
+    "calling_thread_only",
+    "can_run_alone",
+]
 
 RETRY_EVERY = 16  # steps between tries of the way not taken
+STALLED = 2.0  # a shared step this many times its shape's recent mean: load arrived
+STALL_MEMORY = 8 * RETRY_EVERY  # steps of the thread that run alone after a stall
 _KEPT = 5  # timings kept per way
 
 
@@ -172,8 +189,13 @@ class StepThreads(threading.local):
     def __init__(self) -> None:
         self.shapes: dict[tuple[int, ...], _Ways] = {}
         self.alone = True
+        self.steps = 0  # merge steps of this thread, all shapes
+        self.stalled_at: int | None = None  # the step whose shared run stalled last
 
     def _pick(self, ways: _Ways) -> bool:
+        self.steps += 1
+        if self.stalled_at is not None and self.steps - self.stalled_at <= STALL_MEMORY:
+            return True
         return ways.pick()
 
     def step(self, like: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -186,7 +208,7 @@ class StepThreads(threading.local):
         if ways is None:
             ways = self.shapes[tuple(like.shape)] = _Ways()
         self.alone = self._pick(ways)
-        return _Timed(ways, self.alone, alone if self.alone else contextlib.nullcontext())
+        return _Timed(self, ways, self.alone, alone if self.alone else contextlib.nullcontext())
 
     def follow(self, like: torch.Tensor) -> contextlib.AbstractContextManager:
         """A context for work of the step that runs outside :meth:`step` (the similarity
@@ -195,8 +217,8 @@ class StepThreads(threading.local):
 
 
 class _Timed:
-    def __init__(self, ways: _Ways, way: bool, inner: contextlib.AbstractContextManager):
-        self.ways, self.way, self.inner = ways, way, inner
+    def __init__(self, owner: StepThreads, ways: _Ways, way: bool, inner: contextlib.AbstractContextManager):
+        self.owner, self.ways, self.way, self.inner = owner, ways, way, inner
 
     def __enter__(self) -> None:
         self.inner.__enter__()
@@ -205,4 +227,7 @@ class _Timed:
     def __exit__(self, *exc: object) -> None:
         elapsed = time.perf_counter() - self.start
         self.inner.__exit__(*exc)
+        shared = self.ways.timings[False]
+        if not self.way and len(shared) >= 2 and elapsed > STALLED * statistics.fmean(shared):
+            self.owner.stalled_at = self.owner.steps
         self.ways.timings[self.way].append(elapsed)
