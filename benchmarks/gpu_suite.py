@@ -327,8 +327,12 @@ def main(argv: list[str] | None = None) -> None:
         dtypes = (torch.float32,) if args.dry_run else (torch.float16, torch.bfloat16)
         for size, batch, r in flex_cases:
             for dtype in dtypes:
-                log(f"  attention kernels {size}px {str(dtype)[6:]} ({time.perf_counter() - START:.0f}s elapsed)")
-                flex_rows.append(attention_kernel.case(size, batch, r, dtype, device, args.reps, args.dry_run))
+                log(
+                    f"  attention kernels {size}px {str(dtype)[6:]} ({time.perf_counter() - START:.0f}s elapsed)"
+                )
+                flex_rows.append(
+                    attention_kernel.case(size, batch, r, dtype, device, args.reps, args.dry_run)
+                )
     if "vlm" in cases:
         rows += vlm_case(device, args, timer, log)
         if device.type == "cuda":

@@ -103,6 +103,121 @@ def test_blockwise_matching_compiles_fullgraph(monkeypatch):
     assert torch.equal(got[1], expected[1])
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_top_indices_equal_stable_sort(seed):
+    # topk where its values are strictly decreasing, the stable sort otherwise: the same
+    # indices with ties, repeated infinities, NaN and -0.0 / 0.0 alike
+    gen = torch.Generator().manual_seed(seed)
+    cases = [torch.randn(4, 40, generator=gen), torch.randint(-2, 3, (4, 40), generator=gen).float()]
+    special = torch.randn(4, 40, generator=gen)
+    special[0, 3], special[0, 9], special[1, 5], special[1, 6] = float("nan"), float("nan"), 0.0, -0.0
+    special[2, :10], special[3, ::3] = float("inf"), float("-inf")
+    cases.append(special)
+    for values in cases:
+        for k in (0, 1, 5, 39, 40):
+            expected = torch.sort(values, dim=-1, descending=True, stable=True).indices[:, :k]
+            assert torch.equal(M._top_indices(values, k), expected), k
+
+
+def test_chosen_rows_take_argmax_index_with_nan_and_infinite_scores():
+    # max(dim).indices stands for argmax: the first maximum, a NaN counting as the maximum
+    gen = torch.Generator().manual_seed(7)
+    keys = torch.randint(-1, 2, (3, 31, 4), generator=gen).float()  # ties
+    bias = torch.zeros(3, 31)
+    bias[0, 4], bias[1, 7], bias[2, 3] = float("nan"), float("inf"), float("-inf")
+    got = M._match(keys, 10, 1, None, -100, token_bias=bias)
+    a, b, _, _ = M._split_ab(keys, 1, None)
+    scores = a @ b.transpose(-1, -2) + bias[:, 1::2, None] + bias[:, None, 2::2]
+    order = torch.sort(scores.amax(-1), dim=-1, descending=True, stable=True).indices[:, :10]
+    assert torch.equal(got[0], order)
+    assert torch.equal(got[1], scores.argmax(-1).gather(1, order))
+
+
+def test_normalize_with_finite_keys_of_infinite_norm():
+    # finite entries whose norm overflows: the cheap finiteness check (the sum of the norms)
+    # falls back to the clean-up pass; the result is the plain formula's, zeros for that key
+    keys = torch.randn(2, 7, 4)
+    keys[0, 2] = 3e38
+    for dtype in (torch.float32, torch.bfloat16):
+        k = keys.to(dtype)
+        expected = (k.float() / k.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)).nan_to_num(
+            0.0, 0.0, 0.0
+        )
+        assert torch.equal(M._normalize(k), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("width", [3, 4, 8])
+def test_copy_destinations_as_words_equals_index_copy(dtype, width):
+    # rows of 2- and 4-byte entries are copied as int64 words where their bytes allow
+    gen = torch.Generator().manual_seed(1)
+    keys = _all_into_one()
+    plan = M.bipartite_soft_matching(keys, 10, None, 1)
+    out = torch.randn(2, 11, width, generator=gen).to(dtype)
+    rows = torch.randn(2, 10, width, generator=gen).to(dtype)
+    rows = rows.gather(1, torch.zeros(2, 10, width, dtype=torch.long))  # one value per destination
+    expected = out.clone()
+    expected.view(22, width).index_copy_(0, M._rows(plan.dst, 11), rows.reshape(20, width))
+    M._copy_destinations(out, plan, rows, None, M._rows(plan.dst, 11))
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("mode", ["mean", "mlerp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_equals_reference_step(mode, dtype):
+    # the merge step written out op by op as it was before its ops were shared and made in
+    # place (tome 2026-12-07): bit-identical results, with and without gradients
+    gen = torch.Generator().manual_seed(5)
+    keys = torch.randn(3, 41, 8, generator=gen)
+    plans, _ = chain(keys, [8, 6, 5])
+    for plan in plans:
+        x = torch.randn(3, plan.index.shape[1], 2, 6, generator=gen).to(dtype)
+        expected = _reference_merge(plan, x, mode)
+        with torch.no_grad():
+            assert torch.equal(M.merge(plan, x, mode), expected)
+        assert torch.equal(M.merge(plan, x.requires_grad_(), mode).detach(), expected)
+
+
+def _reference_merge(plan: M.MergePlan, x: torch.Tensor, mode: str) -> torch.Tensor:
+    B, N = x.shape[:2]
+    r, K = plan.r, N - plan.r
+    trail = (1,) * (x.dim() - 2)
+    flat = x.reshape(B * N, *x.shape[2:])
+    dst_in = plan.kept.gather(1, plan.dst)
+    src = torch.where(plan.in_sizes.gather(1, plan.src) == 0, dst_in, plan.src)
+    both = flat[M._rows(torch.cat([src, dst_in], 1), N)].view(B, 2 * r, *x.shape[2:]).float()
+    moved, target = both[:, :r], both[:, r:]
+    weight = plan.in_sizes.gather(1, plan.src) / plan.sizes.gather(1, plan.dst).clamp_min(1e-12)
+    term = (moved - target) * weight.view(weight.shape + trail)
+    norms = both.flatten(2).norm(dim=-1)
+    pair = torch.maximum(norms[:, :r], norms[:, r:])
+    largest = norms.new_zeros(B, K).scatter_reduce(1, plan.dst, pair, reduce="amax").gather(1, plan.dst)
+    if x.dtype == torch.float32:
+        out = flat[M._rows(plan.kept, N)].view(B, K, *x.shape[2:]).clone()
+        out.view(B * K, -1, 1).index_add_(0, M._rows(plan.dst, K), term.reshape(B * r, -1, 1))
+        if mode == "mlerp":
+            rows = out.view(B * K, *x.shape[2:])[M._rows(plan.dst, K)].view(B, r, *x.shape[2:])
+            scale = largest / rows.flatten(2).norm(dim=-1).clamp_min(1e-6)
+            out.view(B * K, -1)[M._rows(plan.dst, K)] = (rows * scale.view(scale.shape + trail)).reshape(
+                B * r, -1
+            )
+        return out
+    last = (
+        torch.zeros(B, K, dtype=torch.long)
+        .scatter_reduce(1, plan.dst, torch.arange(r).expand(B, r), reduce="amax")
+        .gather(1, plan.dst)
+    )
+    sums = torch.zeros_like(term)
+    sums.view(B * r, -1, 1).index_add_(0, M._rows(last, r), term.reshape(B * r, -1, 1))
+    new = target + sums.view(B * r, *x.shape[2:])[M._rows(last, r)].view(term.shape)
+    if mode == "mlerp":
+        scale = largest / new.flatten(2).norm(dim=-1).clamp_min(1e-6)
+        new = new * scale.view(scale.shape + trail)
+    out = flat[M._rows(plan.kept, N)].view(B, K, *x.shape[2:]).clone()
+    out.view(B * K, -1)[M._rows(plan.dst, K)] = new.to(x.dtype).reshape(B * r, -1)
+    return out
+
+
 # -- merging ------------------------------------------------------------------------------------
 
 
