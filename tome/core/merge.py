@@ -170,8 +170,14 @@ def _all_finite_on_cpu(values: torch.Tensor) -> bool:
     tensors of FLOP counting, which have no values)."""
     if values.device.type != "cpu" or torch.compiler.is_compiling():
         return False
+    return _holds(torch.isfinite(values).all())
+
+
+def _holds(condition: torch.Tensor) -> bool:
+    """The value of a 0-d bool CPU tensor; ``False`` for the fake tensors of FLOP counting,
+    which have no values."""
     try:
-        return bool(torch.isfinite(values).all())
+        return bool(condition)
     except RuntimeError:  # a fake tensor: data-dependent output
         return False
 
@@ -279,12 +285,12 @@ def _top_indices(values: torch.Tensor, k: int) -> torch.Tensor:
     the same indices whenever its values are strictly decreasing: then the ``k`` largest are
     unique and so is their order (a tie, a NaN or an infinity repeated makes a comparison
     false, and the stable sort runs instead). Compiled, exported or on an accelerator (that
-    check reads a value back) or traced: the stable sort."""
+    check reads a value back), traced, or on fake tensors (no values): the stable sort."""
     n = values.shape[-1]
     eager = not (torch.compiler.is_compiling() or torch.jit.is_tracing())
     if 0 < k < n and values.device.type == "cpu" and eager:
         top = torch.topk(values, k + 1, dim=-1)
-        if bool((top.values[:, :-1] > top.values[:, 1:]).all()):
+        if _holds((top.values[:, :-1] > top.values[:, 1:]).all()):
             return top.indices[:, :k]
     return _sort_descending(values).indices[:, :k]
 
