@@ -6,6 +6,7 @@ One command, one process; prints two markdown tables (docs/compiled.md)::
     python benchmarks/compiled.py                       # both parts, batch 16, 5 reps
     python benchmarks/compiled.py --quick               # a smoke run: batch 2, 1 rep, 224 px only
     python benchmarks/compiled.py --parts bf16 --reps 7 --threads 1
+    python benchmarks/compiled.py --parts bf16-compiled  # bf16, compiled: merging's share vs native
 
 Models: ViT-S/14 (DINOv2-S's layout: 384 wide, 12 blocks, 6 heads, LayerScale) in timm
 (``vit_small_patch14_dinov2``) and in transformers (``Dinov2Model``, SDPA attention), random
@@ -187,10 +188,72 @@ def bf16_part(family: str, batch: int, batch_518: int, reps: int, sizes: list[in
     return rows
 
 
+# -- 3. bf16, compiled: what merging adds beyond the blocks at the merged token counts ----------
+
+
+def bf16_compiled_part(batch: int, reps: int, log) -> list[str]:
+    """timm ViT-S/14 at 224 px, r=16, ``.to(bf16)``: the patched model and "native" (the
+    unpatched blocks' attention and MLP run on tokens of the counts the patched blocks see, no
+    matching or merging: ``benchmarks/busy.py``'s row), each eager and ``torch.compile``'d. The
+    merge step's share of the patched forward is estimated as 1 - native / patched: everything
+    merging adds (matching, merging, proportional attention) beyond the work at those counts."""
+    import busy
+
+    x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    patched = vit_s14("timm", 224).module.to(torch.bfloat16)
+    base = vit_s14("timm", 224).module.to(torch.bfloat16)
+    counts = busy.token_counts(vit_s14("timm", 224).module, 16, x.float())
+    tome.patch(patched, r=16)
+    g = torch.Generator().manual_seed(2)
+    width = base.embed_dim
+    tokens = [
+        (
+            torch.randn(batch, counts[i], width, generator=g),
+            torch.randn(batch, counts[i + 1], width, generator=g),
+        )
+        for i in range(len(base.blocks))
+    ]
+    tokens = [(a.to(torch.bfloat16), m.to(torch.bfloat16)) for a, m in tokens]
+
+    def native(x, tokens):
+        out = [base.patch_embed(x)]
+        for block, (a, m) in zip(base.blocks, tokens, strict=True):
+            out.append(a + block.ls1(block.attn(block.norm1(a))))
+            out.append(m + block.ls2(block.mlp(block.norm2(m))))
+        return out
+
+    compiled_patched, compiled_native = torch.compile(patched, fullgraph=True), torch.compile(native)
+    runs = {
+        ("eager", "ToMe r=16"): lambda: patched(x),
+        ("eager", "native"): lambda: native(x, tokens),
+        ("compiled", "ToMe r=16"): lambda: compiled_patched(x),
+        ("compiled", "native"): lambda: compiled_native(x, tokens),
+    }
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
+    with torch.inference_mode():
+        for key, run in runs.items():
+            log(f"  bf16 {key[0]} {key[1]}: warm-up {_timed(run):.1f}s")
+        for rep in range(reps):
+            for key, run in runs.items():
+                times[key].append(_timed(run))
+            log(f"    rep {rep + 1}/{reps}: " + ", ".join(f"{t[-1]:.3f}s" for t in times.values()))
+    rows = []
+    for mode in ("eager", "compiled"):
+        ours = statistics.median(times[(mode, "ToMe r=16")])
+        bound = statistics.median(times[(mode, "native")])
+        rows.append(
+            f"| ViT-S/14 timm | {mode} | {batch} | {counts[0]}→{counts[-1]} | {1e3 * ours:.1f} | "
+            f"{1e3 * bound:.1f} | {100 * (1 - bound / ours):.1f} |"
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: batch 2, 1 rep, 224 px only")
-    parser.add_argument("--parts", default="compile,bf16", help="comma-separated: compile, bf16")
+    parser.add_argument(
+        "--parts", default="compile,bf16", help="comma-separated: compile, bf16, bf16-compiled"
+    )
     parser.add_argument("--families", default="timm,transformers", help="comma-separated: timm, transformers")
     parser.add_argument("--batch", type=int, default=None, help="batch at 224 px (default 16; quick 2)")
     parser.add_argument("--batch-518", type=int, default=None, help="batch at 518 px (default 4; quick 1)")
@@ -199,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     parts, families = args.parts.split(","), args.families.split(",")
     for given, allowed, flag in (
-        (parts, ("compile", "bf16"), "--parts"),
+        (parts, ("compile", "bf16", "bf16-compiled"), "--parts"),
         (families, ("timm", "transformers"), "--families"),
     ):
         unknown = sorted(set(given) - set(allowed))
@@ -230,6 +293,12 @@ def main(argv: list[str] | None = None) -> None:
         print("merge step (matching + merging) share of an eager forward:\n")
         print("| model | px | batch | dtype | r | tokens | forward s | merge step % | merge step ms |")
         print("|---|---|---|---|---|---|---|---|---|")
+        print("\n".join(rows) + "\n")
+    if "bf16-compiled" in parts:
+        rows = bf16_compiled_part(batch, reps, log)
+        print("bf16 (.to), 224 px, r=16: the patched model against the blocks at its token counts:\n")
+        print("| model | mode | batch | tokens | ToMe ms | native ms | merging's share % |")
+        print("|---|---|---|---|---|---|---|")
         print("\n".join(rows) + "\n")
     print(f"{time.perf_counter() - start:.0f}s in all")
 
