@@ -633,7 +633,11 @@ def main(argv: list[str] | None = None) -> None:
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     threads = 1 if args.strong else args.threads
-    print(f"torch {torch.__version__}, {threads} threads, {os.cpu_count()} CPUs, load average {load:.2f}")
+    env = ", ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ)
+    print(
+        f"torch {torch.__version__}, {threads} threads, {os.cpu_count()} CPUs, load average {load:.2f}"
+        + (f", {env}" if env else "")
+    )
     if args.strong:
         args.batch = args.batch or 8
         strong_report(args)
