@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tome
+from tome.core import matching
 from tome.core import merge as M
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -81,7 +82,7 @@ def test_blockwise_matching_equals_whole_batch(monkeypatch):
     keys = torch.randint(-1, 2, (7, 41, 6), generator=gen).float()  # with ties
     ids = torch.randint(0, 2, (7, 41), generator=gen)
     whole = [M.bipartite_soft_matching(keys, 9, None, 1), M.bipartite_soft_matching(keys, 5, None, 1, ids)]
-    monkeypatch.setattr(M, "_CPU_SCORE_BLOCK_BYTES", 3 * 4 * 20 * 20)  # blocks of 3 samples
+    monkeypatch.setattr(matching, "_CPU_SCORE_BLOCK_BYTES", 3 * 4 * 20 * 20)  # blocks of 3 samples
     blocks = [M.bipartite_soft_matching(keys, 9, None, 1), M.bipartite_soft_matching(keys, 5, None, 1, ids)]
     for a, b in zip(whole, blocks, strict=True):
         for name in ("index", "kept", "src", "dst", "sizes"):
@@ -90,7 +91,7 @@ def test_blockwise_matching_equals_whole_batch(monkeypatch):
 
 def test_blockwise_matching_compiles_fullgraph(monkeypatch):
     torch._dynamo.reset()
-    monkeypatch.setattr(M, "_CPU_SCORE_BLOCK_BYTES", 2 * 4 * 16 * 16)
+    monkeypatch.setattr(matching, "_CPU_SCORE_BLOCK_BYTES", 2 * 4 * 16 * 16)
 
     def fn(keys, x):
         plan = M.bipartite_soft_matching(keys, 7, None, 1)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from tome.core import merge as M
+from tome.core import matching
 from tome.core.merge import MergePlan
 
 __all__ = [
@@ -151,21 +151,21 @@ def random2d_matching(
         return None
     with torch.no_grad():
         src, dst = grid_partition(h, w, sx, sy, generator, metric.device, key)
-        unit = M._normalize(metric)
+        unit = matching._normalize(metric)
         a, b = unit[:, src], unit[:, dst]
         # Samples are matched a few at a time on CPU: the scores stay in blocks that the
         # allocator reuses (see tome.core.merge).
         block = B
         if metric.device.type == "cpu":
-            block = max(1, M._CPU_SCORE_BLOCK_BYTES // max(1, 4 * a.shape[1] * b.shape[1]))
+            block = max(1, matching._CPU_SCORE_BLOCK_BYTES // max(1, 4 * a.shape[1] * b.shape[1]))
         parts = [
-            M._strongest_edges(a[i : i + block], b[i : i + block], None, None, -100, r)
+            matching._strongest_edges(a[i : i + block], b[i : i + block], None, None, -100, r)
             for i in range(0, B, block)
         ]
         a_local = torch.cat([p[0] for p in parts])
         b_local = torch.cat([p[1] for p in parts])
         sizes = torch.ones(B, N, device=metric.device)
-        return M._plan_from_sources(src[a_local], dst[b_local], sizes, N, r)
+        return matching._plan_from_sources(src[a_local], dst[b_local], sizes, N, r)
 
 
 def keep_prefix(plan: MergePlan, count: int) -> MergePlan:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import torch
 
+from tome.core import matching
 from tome.core import merge as M
 from tome.core.merge import MergeHistory, MergePlan
 
@@ -165,7 +166,7 @@ def temporal_soft_matching(
             f"{history.num_original} tokens"
         )
     if r == 0:
-        return M.bipartite_soft_matching(metric, 0, history)
+        return matching.bipartite_soft_matching(metric, 0, history)
     with torch.no_grad():
         a, partners = (t.to(device) for t in temporal_partners(grid, window))
         source = history.source
@@ -188,4 +189,4 @@ def temporal_soft_matching(
         order = torch.sort(best, dim=-1, descending=True, stable=True).indices[:, :r]
         src = current_a.gather(1, order)
         dst_in = current_p.gather(2, choice[..., None]).squeeze(-1).gather(1, order)
-        return M._plan_from_sources(src, dst_in, history.sizes, N, r)
+        return matching._plan_from_sources(src, dst_in, history.sizes, N, r)
