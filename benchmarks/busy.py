@@ -227,21 +227,31 @@ def token_counts(model: torch.nn.Module, r, x: torch.Tensor) -> list[int]:
     return counts
 
 
-def native_forward(model: torch.nn.Module, x: torch.Tensor, counts: list[int]) -> None:
-    """The unpatched timm ViT's parts, each run on random tokens of the count the patched
-    block's part sees (``counts``: ``tokens_per_layer``): no matching, no merging, no
-    proportional attention. What those sizes cost on this CPU: the bound any merging method at
-    this schedule can reach."""
+def native_tokens(model: torch.nn.Module, batch: int, counts: list[int]) -> list[tuple[torch.Tensor, ...]]:
+    """Random tokens for :func:`native_forward`, made once, outside the timing: per block, its
+    attention's input (the count entering it) and its MLP's (the count leaving it:
+    ``counts`` is ``tokens_per_layer``; a block merges between the two)."""
     g = torch.Generator().manual_seed(1)
-    model.patch_embed(x)  # the same embedding as every other row
     width = model.embed_dim
-    # tokens_per_layer: entering block 0, then after each block; a block merges between its
-    # attention (at the count entering it) and its MLP (at the count leaving it)
-    for i, block in enumerate(model.blocks):
-        h = torch.randn(x.shape[0], counts[i], width, generator=g)
-        h + block.ls1(block.attn(block.norm1(h)))
-        h = torch.randn(x.shape[0], counts[i + 1], width, generator=g)
-        h + block.ls2(block.mlp(block.norm2(h)))
+    return [
+        (
+            torch.randn(batch, counts[i], width, generator=g),
+            torch.randn(batch, counts[i + 1], width, generator=g),
+        )
+        for i in range(len(model.blocks))
+    ]
+
+
+def native_forward(model: torch.nn.Module, x: torch.Tensor, tokens: list[tuple[torch.Tensor, ...]]) -> list:
+    """The unpatched timm ViT's parts, each run on ``tokens`` (:func:`native_tokens`) of the
+    count the patched block's part sees: no matching, no merging, no proportional attention.
+    What those sizes cost on this CPU: the bound any merging method at this schedule can reach.
+    Returns every part's output (so that a compiled version keeps them)."""
+    out = [model.patch_embed(x)]  # the same embedding as every other row
+    for block, (a, m) in zip(model.blocks, tokens, strict=True):
+        out.append(a + block.ls1(block.attn(block.norm1(a))))
+        out.append(m + block.ls2(block.mlp(block.norm2(m))))
+    return out
 
 
 NATIVE = "native"  # a setting key (timm): run native_forward at that setting's token counts
@@ -268,14 +278,15 @@ def run_case(case: str, args, spin: Spinner, log) -> list[str]:
             for setting in settings
             for s in (setting, {**setting, WAY: "alone"}, {**setting, WAY: "shared"})
         ]
-    counts = {}
+    counts, tokens = {}, {}
     if args.native and case == "timm":  # beside each setting: the unpatched blocks at its counts
         counts = {s["r"]: token_counts(model, s["r"], inputs["x"]) for s in settings if WAY not in s}
+        tokens = {r: native_tokens(model, inputs["x"].shape[0], c) for r, c in counts.items()}
         settings = settings + [{"r": r, NATIVE: True} for r in counts]
 
     def run(setting: dict | None) -> None:
         if setting and setting.get(NATIVE):
-            native_forward(model, inputs["x"], counts[setting["r"]])
+            native_forward(model, inputs["x"], tokens[setting["r"]])
         else:
             forward(model, inputs)
 
@@ -492,9 +503,10 @@ def strong_report(args) -> None:
         settings += [("tome mlerp", r, "mlerp"), ("tome mean", r, "mean"), ("reference", r, None)]
         settings += [("native", r, None)]
     counts = {r: token_counts(model, r, x["x"]) for r in ((16, -1.0), (16, -0.75))}
+    tokens = {r: native_tokens(model, args.batch, c) for r, c in counts.items()}
 
     def native(r) -> None:
-        native_forward(model, x["x"], counts[r])
+        native_forward(model, x["x"], tokens[r])
 
     def configure_strong(kind: str, r, mode) -> None:
         tome.unpatch(model)

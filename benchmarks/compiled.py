@@ -204,30 +204,15 @@ def bf16_compiled_part(batch: int, reps: int, log) -> list[str]:
     base = vit_s14("timm", 224).module.to(torch.bfloat16)
     counts = busy.token_counts(vit_s14("timm", 224).module, 16, x.float())
     tome.patch(patched, r=16)
-    g = torch.Generator().manual_seed(2)
-    width = base.embed_dim
-    tokens = [
-        (
-            torch.randn(batch, counts[i], width, generator=g),
-            torch.randn(batch, counts[i + 1], width, generator=g),
-        )
-        for i in range(len(base.blocks))
-    ]
-    tokens = [(a.to(torch.bfloat16), m.to(torch.bfloat16)) for a, m in tokens]
-
-    def native(x, tokens):
-        out = [base.patch_embed(x)]
-        for block, (a, m) in zip(base.blocks, tokens, strict=True):
-            out.append(a + block.ls1(block.attn(block.norm1(a))))
-            out.append(m + block.ls2(block.mlp(block.norm2(m))))
-        return out
+    tokens = [tuple(t.to(torch.bfloat16) for t in pair) for pair in busy.native_tokens(base, batch, counts)]
+    native = busy.native_forward
 
     compiled_patched, compiled_native = torch.compile(patched, fullgraph=True), torch.compile(native)
     runs = {
         ("eager", "ToMe r=16"): lambda: patched(x),
-        ("eager", "native"): lambda: native(x, tokens),
+        ("eager", "native"): lambda: native(base, x, tokens),
         ("compiled", "ToMe r=16"): lambda: compiled_patched(x),
-        ("compiled", "native"): lambda: compiled_native(x, tokens),
+        ("compiled", "native"): lambda: compiled_native(base, x, tokens),
     }
     times: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
     with torch.inference_mode():
