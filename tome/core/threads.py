@@ -107,7 +107,7 @@ def calling_thread_only(like: torch.Tensor) -> contextlib.AbstractContextManager
         return contextlib.nullcontext()
     threads = torch.get_num_threads()
     setter = _omp_set_num_threads() if threads > 1 else None
-    return contextlib.nullcontext() if setter is None else _OneThread(setter, threads)
+    return contextlib.nullcontext() if setter is None else _ThreadCount(setter, 1, threads)
 
 
 def calling_thread_count(threads: int) -> contextlib.AbstractContextManager:
@@ -118,37 +118,21 @@ def calling_thread_count(threads: int) -> contextlib.AbstractContextManager:
     own = torch.get_num_threads()
     if threads == own:
         return contextlib.nullcontext()
-    setter = _omp_set_num_threads()
-    if setter is None:
-        return _TorchThreads(threads, own)
-    return _OneThread(setter, own, threads)
+    return _ThreadCount(_omp_set_num_threads() or torch.set_num_threads, threads, own)
 
 
-class _TorchThreads:
-    """``torch.set_num_threads(threads)``; ``own`` restored on exit."""
+class _ThreadCount:
+    """Sets a thread count with ``setter`` (the calling thread's ``omp_set_num_threads``, or
+    ``torch.set_num_threads``) to ``inside``; restores ``own`` on exit."""
 
-    def __init__(self, threads: int, own: int) -> None:
-        self.threads, self.own = threads, own
-
-    def __enter__(self) -> None:
-        torch.set_num_threads(self.threads)
-
-    def __exit__(self, *exc: object) -> None:
-        torch.set_num_threads(self.own)
-
-
-class _OneThread:
-    """Sets the calling thread's OpenMP thread count to ``inside`` (1 unless given); restores
-    ``threads`` on exit."""
-
-    def __init__(self, setter: Callable[[int], None], threads: int, inside: int = 1) -> None:
-        self.setter, self.threads, self.inside = setter, threads, inside
+    def __init__(self, setter: Callable[[int], None], inside: int, own: int) -> None:
+        self.setter, self.inside, self.own = setter, inside, own
 
     def __enter__(self) -> None:
         self.setter(self.inside)
 
     def __exit__(self, *exc: object) -> None:
-        self.setter(self.threads)
+        self.setter(self.own)
 
 
 class _Ways:
