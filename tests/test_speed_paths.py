@@ -52,9 +52,19 @@ def chain(keys: torch.Tensor, rs: list[int], protected: int = 1):
 # -- matching -----------------------------------------------------------------------------------
 
 
+# Small inputs take one path (fewer ops), large ones another: every test of the matching runs
+# both, by setting the size limits to nothing or to everything.
+@pytest.fixture(params=["small-input paths", "large-input paths"])
+def matching_paths(request, monkeypatch):
+    everything = request.param == "small-input paths"
+    monkeypatch.setattr(matching, "_ONE_PASS_SCORES", 2**62 if everything else -1)
+    monkeypatch.setattr(matching, "_SORT_AT_MOST", 2**62 if everything else -1)
+    return request.param
+
+
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("ties", [False, True])
-def test_strongest_edges_equal_plain_ranking(seed, ties):
+def test_strongest_edges_equal_plain_ranking(seed, ties, matching_paths):
     gen = torch.Generator().manual_seed(seed)
     B, N, D = 3, int(torch.randint(8, 60, (1,), generator=gen)), 5
     protected = seed % 3
@@ -68,7 +78,7 @@ def test_strongest_edges_equal_plain_ranking(seed, ties):
         assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
 
 
-def test_strongest_edges_with_sequence_ids_equal_plain():
+def test_strongest_edges_with_sequence_ids_equal_plain(matching_paths):
     gen = torch.Generator().manual_seed(3)
     keys = torch.randn(2, 25, 4, generator=gen)
     ids = torch.tensor([[0] * 13 + [1] * 12, [5] * 16 + [-100] * 9])
@@ -105,7 +115,7 @@ def test_blockwise_matching_compiles_fullgraph(monkeypatch):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_top_indices_equal_stable_sort(seed):
+def test_top_indices_equal_stable_sort(seed, matching_paths):
     # topk where its values are strictly decreasing, the stable sort otherwise: the same
     # indices with ties, repeated infinities, NaN and -0.0 / 0.0 alike
     gen = torch.Generator().manual_seed(seed)
@@ -120,7 +130,7 @@ def test_top_indices_equal_stable_sort(seed):
             assert torch.equal(M._top_indices(values, k), expected), k
 
 
-def test_chosen_rows_take_argmax_index_with_nan_and_infinite_scores():
+def test_chosen_rows_take_argmax_index_with_nan_and_infinite_scores(matching_paths):
     # max(dim).indices stands for argmax: the first maximum, a NaN counting as the maximum
     gen = torch.Generator().manual_seed(7)
     keys = torch.randint(-1, 2, (3, 31, 4), generator=gen).float()  # ties
@@ -132,6 +142,24 @@ def test_chosen_rows_take_argmax_index_with_nan_and_infinite_scores():
     order = torch.sort(scores.amax(-1), dim=-1, descending=True, stable=True).indices[:, :10]
     assert torch.equal(got[0], order)
     assert torch.equal(got[1], scores.argmax(-1).gather(1, order))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_kept_tokens_by_sort_equal_export_safe_scatter(seed, monkeypatch):
+    # eager CPU finds the kept tokens with a stable sort; compiling and exporting use a
+    # scatter into a spare slot: the same plans, with sizes > 1 and protected tokens
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randint(-1, 2, (4, 37, 5), generator=gen).float()  # with ties
+    history = M.MergeHistory(
+        torch.arange(37).expand(4, 37), torch.randint(1, 5, (4, 37), generator=gen).float()
+    )
+    for r in (1, 7, 18):
+        by_sort = M.bipartite_soft_matching(keys, r, history, 1)
+        monkeypatch.setattr(matching, "_eager", lambda: False)
+        by_scatter = M.bipartite_soft_matching(keys, r, history, 1)
+        monkeypatch.undo()
+        for name in ("index", "kept", "src", "dst", "sizes"):
+            assert torch.equal(getattr(by_sort, name), getattr(by_scatter, name)), (r, name)
 
 
 def test_normalize_with_finite_keys_of_infinite_norm():

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-from tome.core.merge import MergeHistory, MergePlan, _rows
+from tome.core.merge import MergeHistory, MergePlan, _l2, _rows
 
 __all__ = [
     "best_edges",
@@ -51,10 +51,10 @@ def _normalize(metric: torch.Tensor) -> torch.Tensor:
     if metric.requires_grad:
         # Same rule, with finite gradients (scores from best_edges may be backpropagated): a
         # non-finite key is replaced by zeros before any arithmetic touches it.
-        finite = torch.isfinite(metric.detach().norm(dim=-1, keepdim=True))
+        finite = torch.isfinite(_l2(metric.detach(), keepdim=True))
         metric = torch.where(finite, metric, 0.0)
-        return metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-    norm = metric.norm(dim=-1, keepdim=True)
+        return metric / _l2(metric, keepdim=True).clamp_min(1e-6)
+    norm = _l2(metric, keepdim=True)
     # A float32 copy made just above is divided in place (one allocation fewer).
     unit = metric.div_(norm.clamp_min(1e-6)) if converted else metric / norm.clamp_min(1e-6)
     # A finite norm means finite entries (and a finite quotient): the clean-up pass is needed
@@ -68,13 +68,17 @@ def _normalize(metric: torch.Tensor) -> torch.Tensor:
     return unit.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _all_finite_on_cpu(values: torch.Tensor) -> bool:
-    """Whether ``values`` is a CPU tensor whose entries are all finite, read eagerly; ``False``
-    when it cannot be read without a host sync or at all (compiling, an accelerator, the fake
-    tensors of FLOP counting, which have no values)."""
-    if values.device.type != "cpu" or torch.compiler.is_compiling():
+def _all_finite_on_cpu(total: torch.Tensor) -> bool:
+    """Whether the 0-d CPU tensor ``total`` is finite, read eagerly; ``False`` when it cannot
+    be read without a host sync or at all (compiling, an accelerator, the fake tensors of FLOP
+    counting, which have no values). One read of the value, checked in Python: an
+    ``isfinite(...).all()`` on the tensor is several more small ops."""
+    if total.device.type != "cpu" or torch.compiler.is_compiling():
         return False
-    return _holds(torch.isfinite(values).all())
+    try:
+        return math.isfinite(total.item())
+    except RuntimeError:  # a fake tensor: data-dependent output
+        return False
 
 
 def _holds(condition: torch.Tensor) -> bool:
@@ -109,8 +113,7 @@ def unit_features(parts: Sequence[torch.Tensor], weights: Sequence[float]) -> to
     with torch.no_grad():
         parts = [p.detach().float() for p in parts]
         scales = [
-            math.sqrt(w) / p.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-            for p, w in zip(parts, weights, strict=True)
+            math.sqrt(w) / _l2(p, keepdim=True).clamp_min(1e-6) for p, w in zip(parts, weights, strict=True)
         ]
         if torch.compiler.is_compiling():  # compilers fuse this; `out=` slices do not trace
             out = torch.cat([p * s for p, s in zip(parts, scales, strict=True)], dim=-1)
@@ -182,6 +185,11 @@ def _sort_descending(values: torch.Tensor) -> torch.return_types.sort:
     return torch.sort(values, dim=-1, descending=True, stable=True)
 
 
+# Up to this many values (all rows) a stable sort ranks them as fast as topk and its check
+# (measured after a large matrix product: ``python experiments/merge_step_cold.py``).
+_SORT_AT_MOST = 2048
+
+
 def _top_indices(values: torch.Tensor, k: int) -> torch.Tensor:
     """``_sort_descending(values).indices[:, :k]`` for a 2-d ``values``, cheaper where it can.
 
@@ -189,10 +197,12 @@ def _top_indices(values: torch.Tensor, k: int) -> torch.Tensor:
     the same indices whenever its values are strictly decreasing: then the ``k`` largest are
     unique and so is their order (a tie, a NaN or an infinity repeated makes a comparison
     false, and the stable sort runs instead). Compiled, exported or on an accelerator (that
-    check reads a value back), traced, or on fake tensors (no values): the stable sort."""
+    check reads a value back), traced, or on fake tensors (no values): the stable sort. So
+    for at most :data:`_SORT_AT_MOST` values: the sort is as fast, and one op where the
+    check takes four."""
     n = values.shape[-1]
     eager = not (torch.compiler.is_compiling() or torch.jit.is_tracing())
-    if 0 < k < n and values.device.type == "cpu" and eager:
+    if 0 < k < n and values.device.type == "cpu" and eager and values.numel() > _SORT_AT_MOST:
         top = torch.topk(values, k + 1, dim=-1)
         if _holds((top.values[:, :-1] > top.values[:, 1:]).all()):
             return top.indices[:, :k]
@@ -203,6 +213,11 @@ def _top_indices(values: torch.Tensor, k: int) -> torch.Tensor:
 # from the kernel on every call, and faulting them in costs more than the matrix product itself
 # (measured: 60 MB of scores at 1370 tokens, batch 32). Smaller blocks are reused.
 _CPU_SCORE_BLOCK_BYTES = 16 * 2**20
+# Up to this many scores, the best partner of every A token is found in the same pass as its
+# best score; above it, only for the r chosen tokens. After a large matrix product (the model's
+# own), the one pass was faster up to ViT-S at 224 px, batch 32 (128 x 127 scores per image) and
+# slower at 518 px, batch 4 (685 x 685): measured with ``python experiments/merge_step_cold.py``.
+_ONE_PASS_SCORES = 2**19
 
 
 def _strongest_edges(
@@ -224,11 +239,18 @@ def _strongest_edges(
     scores = _scores(a, b, ids_a, ids_b, mask_id)
     if bias is not None:
         scores = scores + bias[0][:, :, None] + bias[1][:, None, :]
+    # max(dim) returns argmax's index (the first maximum, a NaN counting as the maximum:
+    # documented, tested) at under half argmax's cost on CPU.
+    if scores.numel() <= _ONE_PASS_SCORES:
+        # Small: best scores and partners in one pass (fewer ops: after the model's large
+        # matrix products each op kind costs tens of microseconds to bring back into cache).
+        best, partner = scores.max(dim=-1)
+        a_index = _top_indices(best, r)
+        return a_index, partner.gather(1, a_index)
     a_index = _top_indices(scores.amax(dim=-1), r)
-    # The chosen rows by one index_select of whole rows (gather with an index expanded over
-    # |B| builds a (B, r, |B|) int64 index: ~8x slower on CPU). max(dim) returns argmax's
-    # index (the first maximum, a NaN counting as the maximum: documented, tested) at under
-    # half argmax's cost on CPU.
+    # Large: ranking needs the best scores only (amax, a fast reduction); the partners of the
+    # chosen rows by one index_select of whole rows (gather with an index expanded over |B|
+    # builds a (B, r, |B|) int64 index: ~8x slower on CPU).
     batch, rows, cols = scores.shape
     chosen = scores.reshape(batch * rows, cols).index_select(0, _rows(a_index, rows))
     return a_index, chosen.max(dim=-1).indices.view(batch, r)
@@ -327,15 +349,27 @@ def _plan_from_sources(
     keep.scatter_(1, src, False)
     position = keep.cumsum(1).sub_(1)  # merged position of every kept token, order preserved
     dst = position.gather(1, dst_in)
-    # kept[:, p] = the kept token at merged position p. Merged-away tokens write to a spare
-    # slot at the end, which is cut off: no boolean indexing, no data-dependent shape.
-    slot = torch.where(keep, position, N - r)
+    if device.type == "cpu" and _eager():
+        # kept = the kept tokens in order: a stable sort puts them first. One op where the
+        # scatter below takes four (each op kind costs tens of microseconds after the model's
+        # large matrix products have pushed it out of cache).
+        kept = keep.sort(dim=1, descending=True, stable=True).indices[:, : N - r]
+    else:
+        # kept[:, p] = the kept token at merged position p. Merged-away tokens write to a spare
+        # slot at the end, which is cut off: no boolean indexing, no data-dependent shape, no
+        # stable sort (ONNX has none).
+        slot = torch.where(keep, position, N - r)
+        arange = torch.arange(N, device=device).expand(B, N)
+        kept = torch.empty(B, N - r + 1, dtype=torch.long, device=device)
+        kept = kept.scatter_(1, slot, arange)[:, : N - r]
     index = position.scatter_(1, src, dst)  # in place: every tensor here is fresh
-    arange = torch.arange(N, device=device).expand(B, N)
-    kept = torch.empty(B, N - r + 1, dtype=torch.long, device=device)
-    kept = kept.scatter_(1, slot, arange)[:, : N - r]
     sizes = in_sizes.gather(1, kept).scatter_add_(1, dst, in_sizes.gather(1, src))
     return MergePlan(index, kept, src, dst, sizes, in_sizes)
+
+
+def _eager() -> bool:
+    """Running eagerly: not compiling, exporting or tracing (those keep the export-safe ops)."""
+    return not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing())
 
 
 def per_row_r(valid_tokens: torch.Tensor, protected: int, r: int | None, ratio: float | None) -> torch.Tensor:
@@ -453,7 +487,7 @@ def outlier_bias(x: torch.Tensor, k: int, protected: int = 0) -> torch.Tensor:
     al., "Vision Transformers Need Registers", ICLR 2024)."""
     B, N = x.shape[:2]
     with torch.no_grad():
-        norms = x[:, protected:].detach().float().flatten(2).norm(dim=-1)
+        norms = _l2(x[:, protected:].detach().float().flatten(2))
         k = min(k, N - protected)
         rank = _sort_descending(norms).indices.argsort(dim=-1)
         bias = torch.where(rank < k, -4.0, 0.0).to(torch.float32)

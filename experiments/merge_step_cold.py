@@ -1,0 +1,172 @@
+"""A merge step as a model runs it: right after a large matrix product, against a baseline.
+
+Inside a forward pass the merge step runs after the block's own matrix products, which push
+its code and data out of the CPU's caches. A step timed in a loop on its own ("hot") misses that:
+after a fp32 ``linear`` of MLP size, one step of ViT-S/14 at batch 1 took ~3x its hot time, a
+single tiny op ~50x (``python experiments/merge_step_cold.py --single-ops``), and every op kind
+the step uses pays again (ten different tiny ops cost ~0.4 ms there, ten of one kind ~0.15 ms).
+So on CPU the step's cost at small batches is mostly how many ops, and how many kinds of op, it
+runs.
+
+One step here is what ``ToMeHandle`` runs per block: the keys' mean over heads (keys as a
+strided view of a fused qkv output, as timm and transformers leave them), the matching
+(``bipartite_soft_matching``, ``protected=1``, sizes from an earlier merge), the merge (``mlerp``
+by default) and ``advance``. It prints, per case, the median time "cold" (each call right after
+the ``linear``) and "hot" (the same call again at once) for this checkout's ``tome.core`` and for
+a baseline copy of ``tome/core/merge.py`` + ``matching.py`` at a git revision, interleaved in
+every repetition, and checks that both give bit-identical results.
+
+    python experiments/merge_step_cold.py                          # baseline: git HEAD
+    python experiments/merge_step_cold.py --baseline 5d9c2c2 --reps 200
+    python experiments/merge_step_cold.py --threads 2 --mode mean
+    python experiments/merge_step_cold.py --single-ops             # the cache effect alone
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tome.core import matching as current_matching  # noqa: E402
+from tome.core import merge as current_merge  # noqa: E402
+
+# (batch, tokens, r): ViT-S/14 at 224 px (first, middle and last merging blocks of r=16), a
+# batch of 16, and 518 px at batch 4
+CASES = ((1, 257, 16), (1, 170, 16), (1, 81, 16), (16, 170, 16), (4, 1370, 64))
+HEADS, HEAD_DIM, WIDTH = 6, 64, 384
+
+
+def load_baseline(revision: str):
+    """``(matching, merge)`` modules of ``tome/core`` at a git revision, as a separate package."""
+    folder = Path(tempfile.mkdtemp()) / "tome_baseline_core"
+    folder.mkdir()
+    (folder / "__init__.py").write_text("")
+    for name in ("merge", "matching"):
+        shown = subprocess.run(
+            ["git", "-C", str(ROOT), "show", f"{revision}:tome/core/{name}.py"],
+            capture_output=True,
+            text=True,
+        )
+        if shown.returncode != 0:
+            continue  # before the matching had its own module
+        (folder / f"{name}.py").write_text(shown.stdout.replace("tome.core.", "tome_baseline_core."))
+    sys.path.insert(0, str(folder.parent))
+    merge = importlib.import_module("tome_baseline_core.merge")
+    try:
+        matching = importlib.import_module("tome_baseline_core.matching")
+    except ModuleNotFoundError:
+        matching = merge
+    return matching, merge
+
+
+def make_step(matching, merge, keys: torch.Tensor, x: torch.Tensor, sizes: torch.Tensor, r: int, mode: str):
+    history = merge.MergeHistory(torch.arange(x.shape[1]).expand(x.shape[:2]), sizes)
+
+    def step():
+        plan = matching.bipartite_soft_matching(keys.mean(dim=-2), r, history, 1)
+        return merge.merge(plan, x, mode), merge.advance(history, plan)
+
+    return step
+
+
+def timed(before: Callable[[], object], fn: Callable[[], object]) -> tuple[float, float]:
+    """Seconds of ``fn`` right after ``before``, then of ``fn`` again at once."""
+    before()
+    start = time.perf_counter()
+    fn()
+    cold = time.perf_counter() - start
+    start = time.perf_counter()
+    fn()
+    return cold, time.perf_counter() - start
+
+
+def single_ops(reps: int) -> None:
+    """The cache effect alone: tiny ops right after the large ``linear``, and after nothing."""
+    heavy = large_product()
+    tiny = torch.randn(4, 64)
+    index = torch.randint(0, 4, (4, 8))
+
+    def ten_kinds():
+        tiny.norm(dim=-1), tiny.add(1.0), tiny.mul(2.0), tiny.sub(tiny), torch.topk(tiny, 3)
+        torch.sort(tiny, stable=True), tiny.cumsum(-1), tiny.gather(1, index), tiny.amax(-1)
+        torch.where(tiny > 0, tiny, 0.0)
+
+    def ten_of_one():
+        for _ in range(10):
+            tiny.add(1.0)
+
+    print("| ops | after the linear ms | hot ms |\n|---|---|---|")
+    for label, fn in (
+        ("one add", lambda: tiny.add(1.0)),
+        ("ten of one kind", ten_of_one),
+        ("ten kinds", ten_kinds),
+    ):
+        runs = [timed(heavy, fn) for _ in range(reps)]
+        cold, hot = (statistics.median(t) * 1e3 for t in zip(*runs, strict=True))
+        print(f"| {label} | {cold:.3f} | {hot:.3f} |")
+
+
+def large_product() -> Callable[[], torch.Tensor]:
+    """A fp32 ``linear`` of ViT-S/14's MLP size at 224 px, batch 12 (2,352 x 384 -> 1,536)."""
+    inputs, weight = torch.randn(2352, WIDTH), torch.randn(4 * WIDTH, WIDTH)
+    return lambda: torch.nn.functional.linear(inputs, weight)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--baseline", default="HEAD", help="git revision of the baseline (default HEAD)")
+    parser.add_argument("--reps", type=int, default=150, help="interleaved repetitions (default 150)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--mode", default="mlerp", choices=("mean", "mlerp"))
+    parser.add_argument("--single-ops", action="store_true", help="only the cache effect on tiny ops")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), medians of {args.reps} interleaved runs\n")
+    with torch.inference_mode():
+        if args.single_ops:
+            single_ops(args.reps)
+            return
+        base_matching, base_merge = load_baseline(args.baseline)
+        heavy = large_product()
+        print(f"mode {args.mode}; baseline: tome/core at {args.baseline}\n")
+        print("| batch | tokens | r | baseline after the linear ms | this tree after the linear ms | "
+              "change | baseline hot ms | this tree hot ms |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
+        for batch, tokens, r in CASES:
+            gen = torch.Generator().manual_seed(0)
+            qkv = torch.randn(batch, tokens, 3, HEADS, HEAD_DIM, generator=gen)
+            keys = qkv[:, :, 1]  # (B, N, heads, head_dim), strided, as the key hooks see them
+            x = torch.randn(batch, tokens, WIDTH, generator=gen)
+            sizes = torch.randint(1, 4, (batch, tokens), generator=gen).float()
+            steps = {
+                "baseline": make_step(base_matching, base_merge, keys, x, sizes, r, args.mode),
+                "tree": make_step(current_matching, current_merge, keys, x, sizes, r, args.mode),
+            }
+            (out_a, hist_a), (out_b, hist_b) = steps["baseline"](), steps["tree"]()
+            same = torch.equal(out_a, out_b) and torch.equal(hist_a.source, hist_b.source)
+            if not (same and torch.equal(hist_a.sizes, hist_b.sizes)):
+                raise SystemExit(f"results differ at batch {batch}, {tokens} tokens, r={r}")
+            runs = {name: [] for name in steps}
+            for _ in range(args.reps):
+                for name, step in steps.items():
+                    runs[name].append(timed(heavy, step))
+            cold = {n: statistics.median(c for c, _ in v) * 1e3 for n, v in runs.items()}
+            hot = {n: statistics.median(h for _, h in v) * 1e3 for n, v in runs.items()}
+            change = cold["tree"] / cold["baseline"] - 1
+            print(f"| {batch} | {tokens} | {r} | {cold['baseline']:.3f} | {cold['tree']:.3f} | {change:+.0%} | "
+                  f"{hot['baseline']:.3f} | {hot['tree']:.3f} |", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
