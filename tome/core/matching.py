@@ -18,12 +18,13 @@ whose order is unique).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
 import torch
 
-from tome.core.merge import MergeHistory, MergePlan, _l2, _rows
+from tome.core.merge import MergeHistory, MergePlan, _as, _l2, _rows
 
 __all__ = [
     "best_edges",
@@ -47,7 +48,7 @@ def _normalize(metric: torch.Tensor) -> torch.Tensor:
     # is more similar, and never produces NaN. Similarities are computed in float32: half
     # precision would round close scores into ties.
     converted = metric.dtype != torch.float32
-    metric = metric.float()
+    metric = _as(metric, torch.float32)
     if metric.requires_grad:
         # Same rule, with finite gradients (scores from best_edges may be backpropagated): a
         # non-finite key is replaced by zeros before any arithmetic touches it.
@@ -331,11 +332,12 @@ def bipartite_soft_matching(
         empty = torch.empty(B, 0, dtype=torch.long, device=device)
         return MergePlan(index, index, empty, empty, in_sizes, in_sizes)
 
-    with torch.no_grad():
+    # (entered only where gradients are on: the context costs microseconds on every step)
+    with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
         # Stable ranking: equal scores merge in token order, so merges are deterministic.
         src_local, dst_local = _match(metric, r, protected, sequence_ids, mask_id, token_bias, normalized)
-        src = protected + 2 * src_local
-        dst_in = protected + 1 + 2 * dst_local
+        src = src_local * 2 + protected
+        dst_in = dst_local * 2 + (protected + 1)
         return _plan_from_sources(src, dst_in, in_sizes, N, r)
 
 
