@@ -20,6 +20,10 @@ every repetition, and checks that both give bit-identical results.
     python experiments/merge_step_cold.py --baseline 5d9c2c2 --reps 200
     python experiments/merge_step_cold.py --threads 2 --mode mean
     python experiments/merge_step_cold.py --single-ops             # the cache effect alone
+    python experiments/merge_step_cold.py --compiled               # this tree eager vs torch.compile'd
+
+``--compiled`` races this tree's step eager against the same step ``torch.compile``'d on its own
+(inductor, ``dynamic=True``, ``fullgraph=True``: one compilation for every token count).
 """
 
 from __future__ import annotations
@@ -118,6 +122,41 @@ def single_ops(reps: int) -> None:
         print(f"| {label} | {cold:.3f} | {hot:.3f} |")
 
 
+def compiled_report(reps: int, mode: str) -> None:
+    """This tree's step eager against the same function ``torch.compile``'d."""
+
+    def step(keys: torch.Tensor, x: torch.Tensor, sizes: torch.Tensor, source: torch.Tensor, r: int):
+        history = current_merge.MergeHistory(source, sizes)
+        plan = current_matching.bipartite_soft_matching(keys.mean(dim=-2), r, history, 1)
+        return current_merge.merge(plan, x, mode), current_merge.advance(history, plan)
+
+    compiled = torch.compile(step, dynamic=True, fullgraph=True)
+    heavy = large_product()
+    print(f"mode {mode}; compiled: inductor, dynamic shapes, fullgraph\n")
+    print("| batch | tokens | r | eager after the linear ms | compiled after the linear ms | "
+          "eager hot ms | compiled hot ms |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    for batch, tokens, r in CASES:
+        gen = torch.Generator().manual_seed(0)
+        keys = torch.randn(batch, tokens, 3, HEADS, HEAD_DIM, generator=gen)[:, :, 1]
+        x = torch.randn(batch, tokens, WIDTH, generator=gen)
+        sizes = torch.randint(1, 4, (batch, tokens), generator=gen).float()
+        source = torch.arange(tokens).expand(batch, tokens)
+        inputs = (keys, x, sizes, source, r)
+        steps = {
+            "eager": lambda inputs=inputs: step(*inputs),
+            "compiled": lambda inputs=inputs: compiled(*inputs),
+        }
+        torch.testing.assert_close(steps["eager"]()[0], steps["compiled"]()[0])  # also compiles
+        runs = {name: [] for name in steps}
+        for _ in range(reps):
+            for name, fn in steps.items():
+                runs[name].append(timed(heavy, fn))
+        cold = {n: statistics.median(c for c, _ in v) * 1e3 for n, v in runs.items()}
+        hot = {n: statistics.median(h for _, h in v) * 1e3 for n, v in runs.items()}
+        print(f"| {batch} | {tokens} | {r} | {cold['eager']:.3f} | {cold['compiled']:.3f} | "
+              f"{hot['eager']:.3f} | {hot['compiled']:.3f} |", flush=True)  # fmt: skip
+
+
 def large_product() -> Callable[[], torch.Tensor]:
     """A fp32 ``linear`` of ViT-S/14's MLP size at 224 px, batch 12 (2,352 x 384 -> 1,536)."""
     inputs, weight = torch.randn(2352, WIDTH), torch.randn(4 * WIDTH, WIDTH)
@@ -131,12 +170,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--mode", default="mlerp", choices=("mean", "mlerp"))
     parser.add_argument("--single-ops", action="store_true", help="only the cache effect on tiny ops")
+    parser.add_argument("--compiled", action="store_true", help="this tree's step eager vs torch.compile'd")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), medians of {args.reps} interleaved runs\n")
     with torch.inference_mode():
         if args.single_ops:
             single_ops(args.reps)
+            return
+        if args.compiled:
+            compiled_report(args.reps, args.mode)
             return
         base_matching, base_merge = load_baseline(args.baseline)
         heavy = large_product()
