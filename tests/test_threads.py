@@ -208,6 +208,87 @@ def test_copies_and_pickles_carry_no_timings():
     model = _tiny_vit(depth=2, r=2)
     with torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
-    assert model.tome._threads.shapes
+    assert model.tome._steps.shapes
     for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-        assert other.tome._threads.shapes == {}
+        assert other.tome._steps.shapes == {}
+
+
+# -- the thread count of whole passes (the ``threads`` option, tome/core/pass_threads.py) ---------
+
+
+def _counts_inside(model) -> list[int]:
+    """The thread count the model's second block runs at, one entry per pass."""
+    seen: list[int] = []
+    model.blocks[1].register_forward_hook(lambda module, args, output: seen.append(torch.get_num_threads()))
+    return seen
+
+
+def test_threads_option_runs_each_pass_at_its_count_and_restores_it(two_threads):
+    model = _tiny_vit(depth=3, r=3)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        seen = _counts_inside(model)
+        model.tome.threads = 1
+        got = model(x)
+    assert seen == [1] and torch.get_num_threads() == 2
+    assert torch.equal(got, expected)  # the same result at any count
+
+
+def test_threads_auto_tries_both_counts_per_input_shape(two_threads):
+    model = _tiny_vit(depth=3, r=3)
+    tome.patch(model, r=3, threads="auto")
+    seen = _counts_inside(model)
+    with torch.no_grad():
+        for batch in (2, 2, 2, 2, 1, 1):
+            model(torch.randn(batch, 3, 32, 32))
+    # each input shape: one thread first, then torch's own, then whichever was faster
+    assert seen[:2] == [1, 2] and seen[4:6] == [1, 2] and set(seen) <= {1, 2}
+    assert torch.get_num_threads() == 2
+    assert model.tome.patch_options()["threads"] == "auto"
+
+
+def test_threads_restored_when_the_forward_raises(two_threads):
+    model = _tiny_vit(depth=2, r=2)
+    model.tome.threads = 1
+    with pytest.raises(RuntimeError), torch.no_grad():
+        model(torch.randn(1, 5, 32, 32))  # wrong channel count: the patch embedding raises
+    assert torch.get_num_threads() == 2 and model.tome._passes.running == []
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "fast"])
+def test_threads_option_is_checked(bad):
+    model = _tiny_vit(depth=2, r=2)
+    with pytest.raises(ValueError, match="threads: expected None, 'auto' or an int >= 1"):
+        tome.patch(model, r=2, threads=bad)
+    with pytest.raises(ValueError, match="threads"):
+        model.tome.threads = bad
+
+
+def test_threads_option_travels_with_copies_and_unpatch_removes_its_hooks():
+    import copy
+    import pickle
+
+    model = _tiny_vit(depth=2, r=2)
+    tome.patch(model, r=2, threads=1)
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert other.tome.threads == 1 and other.tome._passes.running == []
+    tome.unpatch(model)
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    assert not model._forward_hooks_always_called
+
+
+def test_threads_option_compiles_fullgraph(two_threads):
+    # traced, the hooks do nothing (the compiled graph has its own threading)
+    model = _tiny_vit(depth=2, r=2)
+    tome.patch(model, r=2, threads="auto")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        torch._dynamo.reset()
+        got = torch.compile(model, fullgraph=True, backend="eager")(x)
+    torch.testing.assert_close(got, expected)
+    assert torch.get_num_threads() == 2
