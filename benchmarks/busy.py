@@ -15,7 +15,6 @@ every patched setting once, in turn, so slow drifts hit all alike. The table sho
     python benchmarks/busy.py --profile --cases timm   # top ops of the patched forward, busy
     python benchmarks/busy.py --merge-step          # old vs new merge step: op counts, CPU time
     python benchmarks/busy.py --strong              # (16, -1.0), (16, -0.75): tome vs reference
-    python benchmarks/busy.py --pass-threads        # beside each setting: threads="auto"; unpatched likewise
 
 Cases (``--cases``): ``timm`` (ViT-S/14 in DINOv2's layout, random weights, 224 px, r = 16 and
 (16, -0.75)), ``hf`` (transformers ``Dinov2Model``: the shared DINOv2-S in
@@ -27,11 +26,6 @@ Columns: FLOP-ideal = FLOPs of the unpatched forward / FLOPs of the patched one,
 ``torch.utils.flop_counter.FlopCounterMode`` (matrix products, convolutions, attention);
 speedup = unpatched seconds / patched seconds (wall clock, medians); efficiency = speedup /
 FLOP-ideal; busy/idle = busy speedup / idle speedup (1.0: merging loses nothing to the load).
-
-``--pass-threads`` adds, beside each setting, the same patched with ``threads="auto"`` (each
-forward pass at torch's count or at 1, whichever ran faster lately: ``tome.core.pass_threads``),
-and the unpatched model run through the same picker ("unpatched, threads auto"): how much of
-that setting's gain needs no merging at all. Their FLOP-ideal is their setting's.
 
 ``--merge-step`` compares the merge step of this tree with the one before the busy-machine
 change (copied below as ``_old_*``; results are bit-identical, checked): profiler events per
@@ -189,13 +183,9 @@ def _force_way(way: str | None) -> None:
     StepThreads._pick = _ORIGINAL_PICK if way is None else (lambda self, ways, alone=(way == "alone"): alone)
 
 
-# Each setting's merge-step timings (StepThreads) and pass thread pickers (PassThreads), carried
-# over its re-patching: a patched model in use keeps its handle, and so its timings, from call to
-# call.
+# Each setting's merge-step timings (StepThreads), carried over its re-patching: a patched model
+# in use keeps its handle, and so its timings, from call to call.
 _TIMINGS: dict[tuple[int, str], object] = {}
-_PASSES: dict[tuple[int, str], object] = {}
-UNPATCHED_AUTO = "unpatched_threads_auto"  # a setting key: the unpatched model through a picker
-_UNPATCHED_PICKERS: dict[int, object] = {}
 
 
 def configure(model: torch.nn.Module, setting: dict | None) -> None:
@@ -203,11 +193,10 @@ def configure(model: torch.nn.Module, setting: dict | None) -> None:
     label = _label(setting)
     setting = dict(setting or {})
     _force_way(setting.pop(WAY, None))
-    if setting and not setting.get(NATIVE) and not setting.get(UNPATCHED_AUTO):
+    if setting and not setting.get(NATIVE):
         tome.patch(model, **setting)
         handle = model.tome
-        handle._steps = _TIMINGS.setdefault((id(model), label), handle._steps)
-        handle._passes = _PASSES.setdefault((id(model), label), handle._passes)
+        handle._threads = _TIMINGS.setdefault((id(model), label), handle._threads)
 
 
 def _cpu_attention_flops(query, key, value, *args, **kwargs) -> int:
@@ -271,8 +260,6 @@ NATIVE = "native"  # a setting key (timm): run native_forward at that setting's 
 def _label(setting: dict | None) -> str:
     if setting is None:
         return "unpatched"
-    if setting.get(UNPATCHED_AUTO):
-        return "unpatched, threads=auto"
     label = ", ".join(f"{k}={v}" for k, v in setting.items() if k not in (WAY, NATIVE))
     if setting.get(NATIVE):
         return f"native at {label}'s token counts"
@@ -291,25 +278,15 @@ def run_case(case: str, args, spin: Spinner, log) -> list[str]:
             for setting in settings
             for s in (setting, {**setting, WAY: "alone"}, {**setting, WAY: "shared"})
         ]
-    if args.pass_threads:  # beside each setting: threads="auto"; and the unpatched model so
-        settings = settings + [{**s, "threads": "auto"} for s in settings if WAY not in s]
-        settings.append({UNPATCHED_AUTO: True})
     counts, tokens = {}, {}
     if args.native and case == "timm":  # beside each setting: the unpatched blocks at its counts
-        counts = {
-            s["r"]: token_counts(model, s["r"], inputs["x"]) for s in settings if "r" in s and WAY not in s
-        }
+        counts = {s["r"]: token_counts(model, s["r"], inputs["x"]) for s in settings if WAY not in s}
         tokens = {r: native_tokens(model, inputs["x"].shape[0], c) for r, c in counts.items()}
         settings = settings + [{"r": r, NATIVE: True} for r in counts]
 
     def run(setting: dict | None) -> None:
         if setting and setting.get(NATIVE):
             native_forward(model, inputs["x"], tokens[setting["r"]])
-        elif setting and setting.get(UNPATCHED_AUTO):
-            from tome.core.pass_threads import ThreadPicker
-
-            picker = _UNPATCHED_PICKERS.setdefault(id(model), ThreadPicker("auto"))
-            picker.run(lambda: forward(model, inputs), work=1.0)
         else:
             forward(model, inputs)
 
@@ -317,15 +294,9 @@ def run_case(case: str, args, spin: Spinner, log) -> list[str]:
     ideal = {}
     base_flops = None
     for setting in everything:
-        # threads="auto" rows: their setting's FLOPs (not counted again: that pass would be timed)
-        counted = None if setting is None or setting.get(UNPATCHED_AUTO) else setting
-        counted = {k: v for k, v in counted.items() if k != "threads"} if counted else counted
-        if _label(counted) in ideal:
-            ideal[_label(setting)] = ideal[_label(counted)]
-            continue
-        configure(model, counted)
-        f = flops(model, lambda m, i, setting=counted: run(setting), inputs)
-        base_flops = f if counted is None else base_flops
+        configure(model, setting)
+        f = flops(model, lambda m, i, setting=setting: run(setting), inputs)
+        base_flops = f if setting is None else base_flops
         ideal[_label(setting)] = base_flops / f
     times = {(phase, _label(s)): [] for phase in ("idle", "busy") for s in everything}
     with torch.inference_mode():
@@ -657,12 +628,6 @@ def main(argv: list[str] | None = None) -> None:
         "--native",
         action="store_true",
         help="timm: beside each setting, the unpatched blocks run at its token counts (no merging)",
-    )
-    parser.add_argument(
-        "--pass-threads",
-        action="store_true",
-        help='beside each setting, the same with threads="auto" (each pass at torch\'s count or 1, '
-        "whichever ran faster lately), and the unpatched model through the same picker",
     )
     parser.add_argument(
         "--merge-step", action="store_true", help="old vs new merge step: op counts, CPU time"

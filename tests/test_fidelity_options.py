@@ -91,7 +91,7 @@ def test_defaults_and_patch_options():
     assert model.tome.options == tome.MergeOptions()
     assert model.tome.patch_options() == {
         "r": 4, "prop_attn": True, "unmerge_output": False, "metric": "keys", "mode": "mlerp",
-        "unmerge_detail": False, "keep_outliers": 0, "attention_kernel": "sdpa", "threads": None,
+        "unmerge_detail": False, "keep_outliers": 0, "attention_kernel": "sdpa",
     }  # fmt: skip
     default = run(model, x)
     tome.patch(model, r=4, metric="keys", mode="mlerp", unmerge_detail=False, keep_outliers=0)

@@ -261,10 +261,10 @@ def test_the_handle_is_a_patch_handle_without_the_token_protocol():
     for token_only in ("begin_layer", "merge_layer", "history", "tokens_per_layer", "prop_attn", "options"):
         assert not hasattr(handle, token_only), token_only
     assert repr(handle).startswith(
-        "DiffusionHandle(family='diffusers', blocks=7, threads=None, ratio=0.5, max_downsample=1,"
+        "DiffusionHandle(family='diffusers', blocks=7, ratio=0.5, max_downsample=1,"
     )
     assert list(handle.patch_options()) == [
-        "threads", "ratio", "max_downsample", "sx", "sy", "use_rand", "merge_attn", "merge_crossattn", "merge_mlp",
+        "ratio", "max_downsample", "sx", "sy", "use_rand", "merge_attn", "merge_crossattn", "merge_mlp",
         "seed", "match_every", "merge_queries",
     ]  # fmt: skip
 

@@ -298,7 +298,6 @@ def test_the_options_and_bad_ones():
     model = tome.patch(tiny_qwen3(), visual_tokens=64)
     assert type(model.tome).__name__ == "VideoVisualHandle"
     assert model.tome.patch_options() == {
-        "threads": None,
         "visual_tokens": 64, "visual_ratio": None, "visual_prop_attn": True, "video_ratio": 0.75,
     }  # fmt: skip
     with pytest.raises(ValueError, match=r"visual_ratio: expected a number in \[0, 1\)"):

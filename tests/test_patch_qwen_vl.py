@@ -299,7 +299,6 @@ def test_the_options():
     model = tome.patch(tiny_qwen(), visual_tokens=64)
     assert type(model.tome).__name__ == "VideoVisualHandle"
     assert model.tome.patch_options() == {
-        "threads": None,
         "visual_tokens": 64, "visual_ratio": None, "visual_prop_attn": True, "video_ratio": 0.75
     }  # fmt: skip
     model.tome.visual_ratio = 0.5

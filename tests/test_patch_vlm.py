@@ -259,7 +259,6 @@ def test_the_options():
     model = tome.patch(tiny_llava(), visual_tokens=64)
     assert (model.tome.visual_tokens, model.tome.visual_ratio) == (64, None)
     assert model.tome.patch_options() == {
-        "threads": None,
         "visual_tokens": 64, "visual_ratio": None, "visual_prop_attn": True, "visual_dominant": None,
         "vision_r": None,
     }  # fmt: skip

@@ -24,21 +24,11 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from tome.core.pass_threads import PassThreads, check_threads
 from tome.core.threads import StepThreads
 from tome.runtime.install import FORMAT, InstalledHook, InstalledMethod, check_format, refuse_script
-from tome.runtime.options import Option, declared_options, set_options
+from tome.runtime.options import declared_options, set_options
 
-__all__ = ["PatchHandle", "pass_begins", "pass_ends"]
-
-
-def _thread_count(name: str, value: object) -> object:
-    if value is not None:
-        try:
-            check_threads(value)
-        except ValueError:
-            raise ValueError(f"{name}: expected None, 'auto' or an int >= 1, got {value!r}") from None
-    return value
+__all__ = ["PatchHandle"]
 
 
 class PatchHandle:
@@ -54,14 +44,7 @@ class PatchHandle:
 
     # Attributes that belong to the calls running now (built by _init_transient): never copied,
     # pickled or shared with a copy. Each class names its own; those of its bases count too.
-    _transient: tuple[str, ...] = ("_steps", "_passes")
-
-    threads = Option(
-        None,
-        _thread_count,
-        "thread count of each forward pass on the CPU: None (torch's own), an int, or 'auto' (torch's "
-        "own or 1, whichever ran a pass of that input shape faster lately: for busy machines)",
-    )
+    _transient: tuple[str, ...] = ("_threads",)
 
     def __init__(self, num_layers: int, *, family: str = "", **options: object) -> None:
         declared = declared_options(type(self))
@@ -79,8 +62,7 @@ class PatchHandle:
     def _init_transient(self) -> None:
         """Build the per-call attributes named in ``_transient`` (after construction, unpickling
         and unpatching); a subclass that names more builds them after calling this."""
-        self._steps = StepThreads()  # per thread: merge steps alone or on torch's threads
-        self._passes = PassThreads()  # per thread: the thread count of the running pass
+        self._threads = StepThreads()  # per thread: merge steps alone or on torch's threads
 
     # -- merge steps on the CPU ----------------------------------------------------------------
 
@@ -89,12 +71,12 @@ class PatchHandle:
         thread or on torch's threads, whichever this thread's timings say is faster
         (:class:`~tome.core.threads.StepThreads`); nothing while compiling (the compiled graph
         has its own threading)."""
-        return contextlib.nullcontext() if torch.compiler.is_compiling() else self._steps.step(like)
+        return contextlib.nullcontext() if torch.compiler.is_compiling() else self._threads.step(like)
 
     def merge_step_part(self, like: torch.Tensor) -> contextlib.AbstractContextManager:
         """The context of work of a merge step done outside :meth:`merge_step` (the similarity
         features, the merge of a plan made earlier): the way this thread's latest step took."""
-        return contextlib.nullcontext() if torch.compiler.is_compiling() else self._steps.follow(like)
+        return contextlib.nullcontext() if torch.compiler.is_compiling() else self._threads.follow(like)
 
     # -- copies and pickles ------------------------------------------------------------------
 
@@ -140,19 +122,11 @@ class PatchHandle:
         hook = module.register_forward_pre_hook(InstalledHook(function, *bound), with_kwargs=True)
         self._installed.append(("pre_hook", module, hook.id))
 
-    def install_hook(self, module: nn.Module, function, *bound: object, always_call: bool = False) -> None:
-        """Register the forward hook ``function(*bound, module, args, output)`` on ``module``
-        (``always_call``: also when the forward raises, with ``output`` ``None``); ``unpatch``
-        removes it."""
-        hook = module.register_forward_hook(InstalledHook(function, *bound), always_call=always_call)
+    def install_hook(self, module: nn.Module, function, *bound: object) -> None:
+        """Register the forward hook ``function(*bound, module, args, output)`` on ``module``;
+        ``unpatch`` removes it."""
+        hook = module.register_forward_hook(InstalledHook(function, *bound))
         self._installed.append(("hook", module, hook.id))
-
-    def install_pass_threads(self, model: nn.Module) -> None:
-        """The hooks that run each forward pass of ``model`` at the ``threads`` option's count
-        (:func:`pass_begins`, :func:`pass_ends`); they do nothing while ``threads`` is ``None``."""
-        with self.installing():
-            self.install_pre_hook(model, pass_begins, self)
-            self.install_hook(model, pass_ends, self, always_call=True)
 
     def _restore(self) -> None:
         while self._installed:
@@ -191,40 +165,3 @@ class _Installing:
     def __exit__(self, kind, value, traceback) -> None:
         if kind is not None:
             self.handle._restore()
-
-
-# -- the thread count of whole passes (the ``threads`` option) -------------------------------------
-
-
-def _traced() -> bool:
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-
-
-def _input_shapes(args: tuple, kwargs: dict) -> tuple | None:
-    """The shapes of a call's tensor arguments (the key of its pass's thread picker), or ``None``
-    when one of them is not on the CPU (thread counts are the CPU's business)."""
-    named = [(None, a) for a in args] + sorted(kwargs.items(), key=lambda item: item[0])
-    shapes = []
-    for name, value in named:
-        if isinstance(value, torch.Tensor):
-            if value.device.type != "cpu":
-                return None
-            shapes.append((name, tuple(value.shape)))
-    return tuple(shapes)
-
-
-def pass_begins(handle: PatchHandle, module: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook of a patched model: a pass begins at the ``threads`` option's count."""
-    threads = handle.threads
-    if threads is None or _traced():
-        return
-    key = _input_shapes(args, kwargs)
-    if key is not None:
-        handle._passes.begin(threads, key)
-
-
-def pass_ends(handle: PatchHandle, module: nn.Module, args: tuple, output: object) -> None:
-    """Forward hook of a patched model (also called when the forward raises): the pass's thread
-    count is restored."""
-    if not _traced():
-        handle._passes.end()

@@ -283,7 +283,6 @@ def _patch_one(model: nn.Module, r: Schedule, settings: dict) -> nn.Module:
             patch(model, **previous.patch_options())
         raise
     handle.family = adapter.library
-    handle.install_pass_threads(model)
     model.__dict__["tome"] = handle
     return model
 
