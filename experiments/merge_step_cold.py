@@ -21,6 +21,14 @@ every repetition, and checks that both give bit-identical results.
     python experiments/merge_step_cold.py --threads 2 --mode mean
     python experiments/merge_step_cold.py --single-ops             # the cache effect alone
     python experiments/merge_step_cold.py --compiled               # this tree eager vs torch.compile'd
+    python experiments/merge_step_cold.py --busy                   # 2 threads, the other core busy
+
+``--busy`` (2 threads, a spinning process on the other core, ``benchmarks/busy.py``'s spinner):
+this tree's step at batch 16 right after the linear, run on torch's threads ("shared"), alone
+as ``ToMeHandle`` runs it (``calling_thread_only``: the calling thread's OpenMP count) and after
+``torch.set_num_threads(1)`` (the process's count, MKL's included), in turn; idle and busy. Where
+"alone" is slower than ``set_num_threads(1)``, something in the step did not obey the calling
+thread's count (MKL's products do not, under load: ``benchmarks/calling_thread.py --busy``).
 
 ``--compiled`` races this tree's step eager against the same step ``torch.compile``'d on its own
 (inductor, ``dynamic=True``, ``fullgraph=True``: one compilation for every token count).
@@ -157,6 +165,54 @@ def compiled_report(reps: int, mode: str) -> None:
               f"{hot['eager']:.3f} | {hot['compiled']:.3f} |", flush=True)  # fmt: skip
 
 
+def busy_report(reps: int, mode: str) -> None:
+    """One step at batch 16 three ways (shared, alone, set_num_threads(1)), idle and busy."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from busy import spinner
+
+    from tome.core.threads import calling_thread_only
+
+    torch.set_num_threads(2)
+    batch, tokens, r = 16, 170, 16
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(batch, tokens, 3, HEADS, HEAD_DIM, generator=gen)[:, :, 1]
+    x = torch.randn(batch, tokens, WIDTH, generator=gen)
+    sizes = torch.randint(1, 4, (batch, tokens), generator=gen).float()
+    step = make_step(current_matching, current_merge, keys, x, sizes, r, mode)
+    heavy = large_product()
+
+    def alone():
+        with calling_thread_only(x):
+            step()
+
+    def one_thread():
+        torch.set_num_threads(1)
+        try:
+            step()
+        finally:
+            torch.set_num_threads(2)
+
+    ways = {"shared": step, "alone (calling thread's count)": alone, "torch.set_num_threads(1)": one_thread}
+    print(f"mode {mode}; batch {batch}, {tokens} tokens, r={r}; 2 threads; ms right after the linear\n")
+    print("| way | idle median | idle mean | busy median | busy mean |\n|---|---|---|---|---|")
+    found = {name: {} for name in ways}
+    with spinner() as spin:
+        for phase in ("idle", "busy"):
+            if phase == "busy":
+                spin.resume()
+            runs = {name: [] for name in ways}
+            for _ in range(reps):
+                for name, fn in ways.items():
+                    runs[name].append(timed(heavy, fn)[0])
+            for name, times in runs.items():
+                found[name][phase] = (statistics.median(times) * 1e3, statistics.fmean(times) * 1e3)
+            if phase == "busy":
+                spin.pause()
+    for name, cells in found.items():
+        (im, ia), (bm, ba) = cells["idle"], cells["busy"]
+        print(f"| {name} | {im:.2f} | {ia:.2f} | {bm:.2f} | {ba:.2f} |")
+
+
 def large_product() -> Callable[[], torch.Tensor]:
     """A fp32 ``linear`` of ViT-S/14's MLP size at 224 px, batch 12 (2,352 x 384 -> 1,536)."""
     inputs, weight = torch.randn(2352, WIDTH), torch.randn(4 * WIDTH, WIDTH)
@@ -171,7 +227,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", default="mlerp", choices=("mean", "mlerp"))
     parser.add_argument("--single-ops", action="store_true", help="only the cache effect on tiny ops")
     parser.add_argument("--compiled", action="store_true", help="this tree's step eager vs torch.compile'd")
+    parser.add_argument("--busy", action="store_true", help="2 threads, the other core busy: three ways")
     args = parser.parse_args(argv)
+    if args.busy:
+        args.threads = 2  # the busy report runs at 2 threads
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), medians of {args.reps} interleaved runs\n")
     with torch.inference_mode():
@@ -180,6 +239,9 @@ def main(argv: list[str] | None = None) -> None:
             return
         if args.compiled:
             compiled_report(args.reps, args.mode)
+            return
+        if args.busy:
+            busy_report(args.reps, args.mode)
             return
         base_matching, base_merge = load_baseline(args.baseline)
         heavy = large_product()
