@@ -93,6 +93,27 @@ def make_step(matching, merge, keys: torch.Tensor, x: torch.Tensor, sizes: torch
     return step
 
 
+def case_inputs(batch: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(keys, x, sizes)`` of one case: keys ``(B, N, heads, head_dim)`` as a strided view of a
+    fused qkv output (as the key hooks see them), tokens, and sizes from an earlier merge."""
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(batch, tokens, 3, HEADS, HEAD_DIM, generator=gen)[:, :, 1]
+    x = torch.randn(batch, tokens, WIDTH, generator=gen)
+    return keys, x, torch.randint(1, 4, (batch, tokens), generator=gen).float()
+
+
+def race(steps: dict[str, Callable[[], object]], before: Callable[[], object], reps: int):
+    """``(cold, hot)``: per step, the median ms right after ``before`` and at once again,
+    the steps interleaved in every repetition."""
+    runs = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, fn in steps.items():
+            runs[name].append(timed(before, fn))
+    cold = {n: statistics.median(c for c, _ in v) * 1e3 for n, v in runs.items()}
+    hot = {n: statistics.median(h for _, h in v) * 1e3 for n, v in runs.items()}
+    return cold, hot
+
+
 def timed(before: Callable[[], object], fn: Callable[[], object]) -> tuple[float, float]:
     """Seconds of ``fn`` right after ``before``, then of ``fn`` again at once."""
     before()
@@ -144,10 +165,7 @@ def compiled_report(reps: int, mode: str) -> None:
     print("| batch | tokens | r | eager after the linear ms | compiled after the linear ms | "
           "eager hot ms | compiled hot ms |\n|---|---|---|---|---|---|---|")  # fmt: skip
     for batch, tokens, r in CASES:
-        gen = torch.Generator().manual_seed(0)
-        keys = torch.randn(batch, tokens, 3, HEADS, HEAD_DIM, generator=gen)[:, :, 1]
-        x = torch.randn(batch, tokens, WIDTH, generator=gen)
-        sizes = torch.randint(1, 4, (batch, tokens), generator=gen).float()
+        keys, x, sizes = case_inputs(batch, tokens)
         source = torch.arange(tokens).expand(batch, tokens)
         inputs = (keys, x, sizes, source, r)
         steps = {
@@ -155,12 +173,7 @@ def compiled_report(reps: int, mode: str) -> None:
             "compiled": lambda inputs=inputs: compiled(*inputs),
         }
         torch.testing.assert_close(steps["eager"]()[0], steps["compiled"]()[0])  # also compiles
-        runs = {name: [] for name in steps}
-        for _ in range(reps):
-            for name, fn in steps.items():
-                runs[name].append(timed(heavy, fn))
-        cold = {n: statistics.median(c for c, _ in v) * 1e3 for n, v in runs.items()}
-        hot = {n: statistics.median(h for _, h in v) * 1e3 for n, v in runs.items()}
+        cold, hot = race(steps, heavy, reps)
         print(f"| {batch} | {tokens} | {r} | {cold['eager']:.3f} | {cold['compiled']:.3f} | "
               f"{hot['eager']:.3f} | {hot['compiled']:.3f} |", flush=True)  # fmt: skip
 
@@ -174,10 +187,7 @@ def busy_report(reps: int, mode: str) -> None:
 
     torch.set_num_threads(2)
     batch, tokens, r = 16, 170, 16
-    gen = torch.Generator().manual_seed(0)
-    keys = torch.randn(batch, tokens, 3, HEADS, HEAD_DIM, generator=gen)[:, :, 1]
-    x = torch.randn(batch, tokens, WIDTH, generator=gen)
-    sizes = torch.randint(1, 4, (batch, tokens), generator=gen).float()
+    keys, x, sizes = case_inputs(batch, tokens)
     step = make_step(current_matching, current_merge, keys, x, sizes, r, mode)
     heavy = large_product()
 
@@ -249,11 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         print("| batch | tokens | r | baseline after the linear ms | this tree after the linear ms | "
               "change | baseline hot ms | this tree hot ms |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
         for batch, tokens, r in CASES:
-            gen = torch.Generator().manual_seed(0)
-            qkv = torch.randn(batch, tokens, 3, HEADS, HEAD_DIM, generator=gen)
-            keys = qkv[:, :, 1]  # (B, N, heads, head_dim), strided, as the key hooks see them
-            x = torch.randn(batch, tokens, WIDTH, generator=gen)
-            sizes = torch.randint(1, 4, (batch, tokens), generator=gen).float()
+            keys, x, sizes = case_inputs(batch, tokens)
             steps = {
                 "baseline": make_step(base_matching, base_merge, keys, x, sizes, r, args.mode),
                 "tree": make_step(current_matching, current_merge, keys, x, sizes, r, args.mode),
@@ -262,12 +268,7 @@ def main(argv: list[str] | None = None) -> None:
             same = torch.equal(out_a, out_b) and torch.equal(hist_a.source, hist_b.source)
             if not (same and torch.equal(hist_a.sizes, hist_b.sizes)):
                 raise SystemExit(f"results differ at batch {batch}, {tokens} tokens, r={r}")
-            runs = {name: [] for name in steps}
-            for _ in range(args.reps):
-                for name, step in steps.items():
-                    runs[name].append(timed(heavy, step))
-            cold = {n: statistics.median(c for c, _ in v) * 1e3 for n, v in runs.items()}
-            hot = {n: statistics.median(h for _, h in v) * 1e3 for n, v in runs.items()}
+            cold, hot = race(steps, heavy, args.reps)
             change = cold["tree"] / cold["baseline"] - 1
             print(f"| {batch} | {tokens} | {r} | {cold['baseline']:.3f} | {cold['tree']:.3f} | {change:+.0%} | "
                   f"{hot['baseline']:.3f} | {hot['tree']:.3f} |", flush=True)  # fmt: skip

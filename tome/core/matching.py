@@ -202,8 +202,7 @@ def _top_indices(values: torch.Tensor, k: int) -> torch.Tensor:
     for at most :data:`_SORT_AT_MOST` values: the sort is as fast, and one op where the
     check takes four."""
     n = values.shape[-1]
-    eager = not (torch.compiler.is_compiling() or torch.jit.is_tracing())
-    if 0 < k < n and values.device.type == "cpu" and eager and values.numel() > _SORT_AT_MOST:
+    if 0 < k < n and values.device.type == "cpu" and _eager() and values.numel() > _SORT_AT_MOST:
         top = torch.topk(values, k + 1, dim=-1)
         if _holds((top.values[:, :-1] > top.values[:, 1:]).all()):
             return top.indices[:, :k]
@@ -232,9 +231,10 @@ def _strongest_edges(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``r`` strongest A->B edges of every sample: ``(a_index, b_index)``, both ``(B, r)``.
 
-    The same edges as ranking :func:`best_edges` (stable sort: equal scores in token order),
-    but the best B partner (``argmax``, a slow reduction) is found only for the ``r`` chosen A
-    tokens; ranking needs just the best scores (``amax``, a fast one). ``bias``: optional
+    The same edges as ranking :func:`best_edges` (stable sort: equal scores in token order).
+    Up to :data:`_ONE_PASS_SCORES` scores, every A token's best score and partner come from one
+    ``max`` pass; above it, the ranking reads the best scores alone (``amax``, a fast
+    reduction) and the partner is found only for the ``r`` chosen A tokens. ``bias``: optional
     ``(B, |A|)`` and ``(B, |B|)`` terms added to the scores of every A row and B column.
     """
     scores = _scores(a, b, ids_a, ids_b, mask_id)
@@ -271,12 +271,26 @@ def _match(
     if token_bias is not None:
         token_bias = token_bias[:, protected:].float()
         bias = (token_bias[:, ::2], token_bias[:, 1::2])
+    return _edges_in_blocks(a, b, r, ids_a, ids_b, mask_id, bias)
+
+
+def _edges_in_blocks(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    r: int,
+    ids_a: torch.Tensor | None = None,
+    ids_b: torch.Tensor | None = None,
+    mask_id: int = -100,
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_strongest_edges` of unit features ``a`` (B, |A|, D) and ``b`` (B, |B|, D), on CPU
+    a few samples at a time so that the score blocks stay below :data:`_CPU_SCORE_BLOCK_BYTES`
+    (samples are independent: exactly the same result)."""
     batch, block = a.shape[0], a.shape[0]
     if a.device.type == "cpu":
         block = max(1, _CPU_SCORE_BLOCK_BYTES // max(1, 4 * a.shape[1] * b.shape[1]))
     if block >= batch:
         return _strongest_edges(a, b, ids_a, ids_b, mask_id, r, bias)
-    # Samples are independent: match a few at a time (exactly the same result).
     parts = [
         _strongest_edges(
             a[i : i + block],

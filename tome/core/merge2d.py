@@ -152,18 +152,7 @@ def random2d_matching(
     with torch.no_grad():
         src, dst = grid_partition(h, w, sx, sy, generator, metric.device, key)
         unit = matching._normalize(metric)
-        a, b = unit[:, src], unit[:, dst]
-        # Samples are matched a few at a time on CPU: the scores stay in blocks that the
-        # allocator reuses (see tome.core.merge).
-        block = B
-        if metric.device.type == "cpu":
-            block = max(1, matching._CPU_SCORE_BLOCK_BYTES // max(1, 4 * a.shape[1] * b.shape[1]))
-        parts = [
-            matching._strongest_edges(a[i : i + block], b[i : i + block], None, None, -100, r)
-            for i in range(0, B, block)
-        ]
-        a_local = torch.cat([p[0] for p in parts])
-        b_local = torch.cat([p[1] for p in parts])
+        a_local, b_local = matching._edges_in_blocks(unit[:, src], unit[:, dst], r)
         sizes = torch.ones(B, N, device=metric.device)
         return matching._plan_from_sources(src[a_local], dst[b_local], sizes, N, r)
 

@@ -31,8 +31,10 @@ moment takes for good (a thread pool growing beside a patched model would be stu
 Where torch runs on no OpenMP runtime this process can reach (checked once: the runtime must
 change what ``torch.get_num_threads()`` reports), nothing changes. Nothing changes either under
 ``torch.compile`` (the compiled graph has its own threading) or on an accelerator. Matrix products
-follow the count too (torch's x86 wheels: MKL and oneDNN run on the same OpenMP runtime; a fp32
-linear or bmm at 2 threads used 1 thread's CPU time inside: ``benchmarks/calling_thread.py``).
+follow the count on an idle machine (a fp32 linear or bmm at 2 threads used 1 thread's CPU time
+inside: ``benchmarks/calling_thread.py``) but not under load: MKL keeps its own count there
+(``benchmarks/calling_thread.py --busy``), and a step alone then costs more than it would at a
+true single thread (``experiments/merge_step_cold.py --busy``; docs/deployment.md).
 
 :func:`calling_thread_count` sets any count the same way, for callers that pick a count for
 whole passes (:mod:`tome.tools.tune.threads`).
