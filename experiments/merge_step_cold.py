@@ -22,6 +22,7 @@ every repetition, and checks that both give bit-identical results.
     python experiments/merge_step_cold.py --single-ops             # the cache effect alone
     python experiments/merge_step_cold.py --compiled               # this tree eager vs torch.compile'd
     python experiments/merge_step_cold.py --busy                   # 2 threads, the other core busy
+    python experiments/merge_step_cold.py --thresholds             # the two size rules of matching
 
 ``--busy`` (2 threads, a spinning process on the other core, ``benchmarks/busy.py``'s spinner):
 this tree's step at batch 16 right after the linear, run on torch's threads ("shared"), alone
@@ -29,6 +30,12 @@ as ``ToMeHandle`` runs it (``calling_thread_only``: the calling thread's OpenMP 
 ``torch.set_num_threads(1)`` (the process's count, MKL's included), in turn; idle and busy. Where
 "alone" is slower than ``set_num_threads(1)``, something in the step did not obey the calling
 thread's count (MKL's products do not, under load: ``benchmarks/calling_thread.py --busy``).
+
+``--thresholds`` times the two ways of each size rule in ``tome.core.matching`` right after the
+linear, at score sizes on both sides of its threshold: ranking by a stable sort or by ``topk``
+and its check (``_SORT_AT_MOST`` values), and best partners in one ``max`` pass or for the
+chosen rows only (``_ONE_PASS_SCORES`` scores). The thresholds were set from such a sweep; the
+step's figures above come from other token counts.
 
 ``--compiled`` races this tree's step eager against the same step ``torch.compile``'d on its own
 (inductor, ``dynamic=True``, ``fullgraph=True``: one compilation for every token count).
@@ -223,6 +230,50 @@ def busy_report(reps: int, mode: str) -> None:
         print(f"| {name} | {im:.2f} | {ia:.2f} | {bm:.2f} | {ba:.2f} |")
 
 
+def thresholds_report(reps: int) -> None:
+    """Both ways of each size rule of the matching, right after the linear (medians, ms)."""
+    heavy = large_product()
+    matching = current_matching
+    print(
+        f"sort at most {matching._SORT_AT_MOST} values; one pass up to {matching._ONE_PASS_SCORES} scores\n"
+    )
+    print("| batch | A | B | values | scores | sort ms | topk ms | one pass ms | chosen rows ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for batch, rows, cols, r in ((1, 85, 84, 16), (1, 288, 287, 100), (16, 85, 84, 23), (16, 128, 127, 16),
+                                 (32, 128, 127, 16), (4, 685, 684, 64)):  # fmt: skip
+        gen = torch.Generator().manual_seed(0)
+        values, scores = (
+            torch.randn(batch, rows, generator=gen),
+            torch.randn(batch, rows, cols, generator=gen),
+        )
+
+        def topk(values=values, r=r):
+            top = torch.topk(values, r + 1, dim=-1)
+            return top.indices[:, :r] if bool((top.values[:, :-1] > top.values[:, 1:]).all()) else None
+
+        def one_pass(scores=scores, r=r):
+            best, partner = scores.max(dim=-1)
+            a_index = matching._sort_descending(best).indices[:, :r]
+            return a_index, partner.gather(1, a_index)
+
+        def chosen_rows(scores=scores, r=r):
+            a_index = matching._sort_descending(scores.amax(dim=-1)).indices[:, :r]
+            flat = scores.reshape(-1, scores.shape[-1]).index_select(
+                0, current_merge._rows(a_index, scores.shape[1])
+            )
+            return a_index, flat.max(dim=-1).indices.view(-1, r)
+
+        ways = {
+            "sort": lambda values=values, r=r: matching._sort_descending(values).indices[:, :r],
+            "topk": topk,
+            "one pass": one_pass,
+            "chosen rows": chosen_rows,
+        }
+        cold, _ = race(ways, heavy, reps)
+        print(f"| {batch} | {rows} | {cols} | {values.numel()} | {scores.numel()} | {cold['sort']:.3f} | "
+              f"{cold['topk']:.3f} | {cold['one pass']:.3f} | {cold['chosen rows']:.3f} |", flush=True)  # fmt: skip
+
+
 def large_product() -> Callable[[], torch.Tensor]:
     """A fp32 ``linear`` of ViT-S/14's MLP size at 224 px, batch 12 (2,352 x 384 -> 1,536)."""
     inputs, weight = torch.randn(2352, WIDTH), torch.randn(4 * WIDTH, WIDTH)
@@ -238,6 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--single-ops", action="store_true", help="only the cache effect on tiny ops")
     parser.add_argument("--compiled", action="store_true", help="this tree's step eager vs torch.compile'd")
     parser.add_argument("--busy", action="store_true", help="2 threads, the other core busy: three ways")
+    parser.add_argument("--thresholds", action="store_true", help="both ways of matching's two size rules")
     args = parser.parse_args(argv)
     if args.busy:
         args.threads = 2  # the busy report runs at 2 threads
@@ -252,6 +304,9 @@ def main(argv: list[str] | None = None) -> None:
             return
         if args.busy:
             busy_report(args.reps, args.mode)
+            return
+        if args.thresholds:
+            thresholds_report(args.reps)
             return
         base_matching, base_merge = load_baseline(args.baseline)
         heavy = large_product()

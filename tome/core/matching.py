@@ -187,7 +187,7 @@ def _sort_descending(values: torch.Tensor) -> torch.return_types.sort:
 
 
 # Up to this many values (all rows) a stable sort ranks them as fast as topk and its check
-# (measured after a large matrix product: ``python experiments/merge_step_cold.py``).
+# (timed right after a large matrix product: ``python experiments/merge_step_cold.py --thresholds``).
 _SORT_AT_MOST = 2048
 
 
@@ -216,7 +216,7 @@ _CPU_SCORE_BLOCK_BYTES = 16 * 2**20
 # Up to this many scores, the best partner of every A token is found in the same pass as its
 # best score; above it, only for the r chosen tokens. After a large matrix product (the model's
 # own), the one pass was faster up to ViT-S at 224 px, batch 32 (128 x 127 scores per image) and
-# slower at 518 px, batch 4 (685 x 685): measured with ``python experiments/merge_step_cold.py``.
+# slower at 518 px, batch 4 (685 x 685): ``python experiments/merge_step_cold.py --thresholds``.
 _ONE_PASS_SCORES = 2**19
 
 
